@@ -1,0 +1,1 @@
+//! The configuration model (filled in by the config work).

@@ -1,0 +1,1 @@
+//! The envelope (filled in by the wire work).

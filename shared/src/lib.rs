@@ -1,0 +1,22 @@
+//! # meshbridge shared core
+//!
+//! Everything the edge agent and the cloud hub must agree on, written as pure logic: no sockets and no
+//! clock reads (time is always a parameter), in the way quinn-proto sits under quinn. The async programs are
+//! thin shells that feed bytes and timestamps in and act on what comes out.
+//!
+//! # Layout
+//! - [`envelope`]: the unit of data that crosses the mesh, with everything an MQTT message must keep.
+//! - [`wire`]: the length-framed, versioned agent↔hub protocol and its total decoder.
+//! - [`topic`]: MQTT topic names and filters, wildcard matching and namespace mapping.
+//! - [`policy`]: pure policies, starting with the per-origin dedup window.
+//! - [`config`]: the serde config model of both programs, loading and `validate()`.
+//! - [`queue`]: the durable outbound queue (redb) and its in-memory model. The one module that touches the
+//!   disk, because the guarantee it gives (committed before acknowledged) is the product's core promise.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod envelope;
+pub mod policy;
+pub mod queue;
+pub mod topic;
+pub mod wire;

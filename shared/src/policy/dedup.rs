@@ -1,0 +1,1 @@
+//! Per-origin dedup window (filled in by the dedup work).

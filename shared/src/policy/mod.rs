@@ -1,0 +1,3 @@
+//! Pure policies.
+
+pub mod dedup;

@@ -1,0 +1,1 @@
+//! MQTT topic names, filters and namespaces (filled in by the topic work).

@@ -1,0 +1,1 @@
+//! The agent↔hub wire protocol (filled in by the wire work).

@@ -1,0 +1,1 @@
+//! Helpers for meshbridge end-to-end tests.
