@@ -1,1 +1,0 @@
-//! MQTT topic names, filters and namespaces (filled in by the topic work).
