@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::broker::BrokerConfig;
-use super::load::{load_file, load_text, resolve, ConfigError, Model};
+use super::load::{lenient, load_file, load_text, resolve, ConfigError, Model};
 use super::units::{ByteSize, HostPort};
 use super::validate::{check_site_name, check_topic_filter, FieldError, Problem, Report};
 
@@ -22,11 +22,12 @@ pub const FRAME_OVERHEAD: ByteSize = ByteSize::kib(64);
 pub struct AgentConfig {
     /// Site name, for logs and the default MQTT client id. Informational: the hub identifies the site by the
     /// agent's TLS client certificate, never by this value.
+    #[serde(deserialize_with = "lenient::string")]
     pub site: String,
     /// Directory for the durable queue and the last-good pushed config; relative to the config file.
     pub data_dir: PathBuf,
     /// Default `tracing` env-filter directive, used when `RUST_LOG` is not set.
-    #[serde(default = "default_log")]
+    #[serde(default = "default_log", deserialize_with = "lenient::string")]
     pub log: String,
     /// The site broker the agent wraps or joins.
     pub broker: BrokerConfig,
@@ -46,6 +47,7 @@ pub struct UplinkConfig {
     /// Hub address as `host:port` (UDP); resolved at every reconnect.
     pub hub: HostPort,
     /// Name the hub's certificate must carry (DNS name or IP address).
+    #[serde(deserialize_with = "lenient::string")]
     pub server_name: String,
     /// PEM CA bundle the hub's certificate must chain to; relative to the config file.
     pub ca: PathBuf,
@@ -199,6 +201,7 @@ impl AgentConfig {
                 },
             );
         }
+        report.path("data_dir", &self.data_dir);
         report.text("log", &self.log);
         self.broker.validate("broker", &mut report);
         self.uplink.validate(&mut report);
@@ -239,6 +242,9 @@ impl AgentConfig {
 impl UplinkConfig {
     fn validate(&self, report: &mut Report) {
         report.text("uplink.server_name", &self.server_name);
+        report.path("uplink.ca", &self.ca);
+        report.path("uplink.cert", &self.cert);
+        report.path("uplink.key", &self.key);
         report.int_range(
             "uplink.batch_max_messages",
             self.batch_max_messages.into(),

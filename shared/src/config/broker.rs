@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::load::resolve;
+use super::load::{lenient, resolve};
 use super::units::{ByteSize, HostPort, Secret};
 use super::validate::Report;
 
@@ -29,7 +29,11 @@ pub struct EmbeddedBroker {
     #[serde(default = "default_embedded_listen")]
     pub listen: SocketAddr,
     /// Username clients must present; set together with `password` or not at all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub username: Option<String>,
     /// Password clients must present; set together with `username` or not at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,10 +58,18 @@ pub struct ExternalBroker {
     pub address: HostPort,
     /// MQTT client id. Defaults to `meshbridge-<site>` on the agent and `meshbridge-hub` on the hub (filled in at
     /// load time); it must be stable because the broker keeps the persistent session under it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub client_id: Option<String>,
     /// Username to authenticate with; set together with `password` or not at all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub username: Option<String>,
     /// Password to authenticate with; set together with `username` or not at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,6 +163,10 @@ impl BrokerConfig {
                 if let Some(username) = &embedded.username {
                     report.text(&format!("{prefix}username"), username);
                 }
+                if let Some(tls) = &embedded.tls {
+                    report.path(&format!("{prefix}tls.cert"), &tls.cert);
+                    report.path(&format!("{prefix}tls.key"), &tls.key);
+                }
                 report.size_range(
                     &format!("{prefix}max_payload"),
                     embedded.max_payload,
@@ -177,6 +193,12 @@ impl BrokerConfig {
                     report.text(&format!("{prefix}username"), username);
                 }
                 if let Some(tls) = &external.tls {
+                    report.path(&format!("{prefix}tls.ca"), &tls.ca);
+                    for (name, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+                        if let Some(path) = path {
+                            report.path(&format!("{prefix}tls.{name}"), path);
+                        }
+                    }
                     report.pair(
                         &format!("{prefix}tls."),
                         ("cert", tls.cert.is_some()),

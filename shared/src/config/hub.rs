@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::agent::FRAME_OVERHEAD;
 use super::broker::BrokerConfig;
-use super::load::{load_file, load_text, resolve, ConfigError, Model};
+use super::load::{lenient, load_file, load_text, resolve, ConfigError, Model};
 use super::units::ByteSize;
 use super::validate::{
     check_namespace_template, check_site_name, expand_namespace, level_prefix, FieldError, Problem,
@@ -21,7 +21,7 @@ pub struct HubConfig {
     /// Directory for the hub's own state (per-site queues, config versions); relative to the config file.
     pub data_dir: PathBuf,
     /// Default `tracing` env-filter directive, used when `RUST_LOG` is not set.
-    #[serde(default = "default_log")]
+    #[serde(default = "default_log", deserialize_with = "lenient::string")]
     pub log: String,
     /// Where agents connect.
     pub listen: ListenConfig,
@@ -106,6 +106,7 @@ impl Default for LimitsConfig {
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
     /// Site name; must equal the site name in the agent's client certificate. One topic level.
+    #[serde(deserialize_with = "lenient::string")]
     pub name: String,
     /// Namespace template under which the site's messages are published; `{site}` expands to `name`. Expanded
     /// namespaces of two sites must not overlap (neither may be a level-prefix of the other), or one site could
@@ -152,7 +153,11 @@ impl HubConfig {
     /// Reports every problem in the config, each with its key path.
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut report = Report::default();
+        report.path("data_dir", &self.data_dir);
         report.text("log", &self.log);
+        report.path("tls.ca", &self.tls.ca);
+        report.path("tls.cert", &self.tls.cert);
+        report.path("tls.key", &self.tls.key);
         report.int_range(
             "listen.max_connections",
             self.listen.max_connections.into(),

@@ -172,9 +172,68 @@ fn finish<T: Model>(
 }
 
 /// Makes `path` absolute against `base` if it is relative. Lexical only (no `canonicalize`): the file need not
-/// exist yet, and symlinks are the operator's business.
+/// exist yet, and symlinks are the operator's business. An empty path is left empty so that `validate()`
+/// reports it instead of silently turning it into the config directory.
 pub(crate) fn resolve(base: &Path, path: &mut PathBuf) {
-    if path.is_relative() {
+    if path.is_relative() && !path.as_os_str().is_empty() {
         *path = base.join(&*path);
+    }
+}
+
+/// Deserializers for string fields that accept numbers and booleans as their text.
+///
+/// figment parses environment values, so `MESHBRIDGE_SITE=42` arrives as the integer 42 and a plain `String`
+/// field would refuse it. Fields an operator may plausibly override with a number-looking value (names,
+/// usernames, passwords) go through these. A float is rendered by Rust's `Display` (`1e5` becomes `100000`),
+/// so such values should be quoted in TOML instead.
+pub(crate) mod lenient {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Visitor};
+
+    struct TextVisitor;
+
+    impl Visitor<'_> for TextVisitor {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+
+        fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+
+    /// A `String` that may also be written as a number or boolean.
+    pub(crate) fn string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+        deserializer.deserialize_any(TextVisitor)
+    }
+
+    /// An `Option<String>` field (with `#[serde(default)]`) that may also be written as a number or boolean.
+    pub(crate) fn opt_string<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<String>, D::Error> {
+        string(deserializer).map(Some)
     }
 }

@@ -339,6 +339,10 @@ fn env_overrides_file_values() {
         ("MESHBRIDGE_UPLINK__KEEP_ALIVE", "2s"),
         ("MESHBRIDGE_QUEUE__MAX_BYTES", "2GiB"),
         ("MESHBRIDGE_LOG", "debug"),
+        // figment parses values, so these arrive as numbers and must still land in string fields.
+        ("MESHBRIDGE_SITE", "42"),
+        ("MESHBRIDGE_BROKER__USERNAME", "1001"),
+        ("MESHBRIDGE_BROKER__PASSWORD", "123456"),
     ];
     for (name, value) in vars {
         std::env::set_var(name, value);
@@ -360,6 +364,12 @@ fn env_overrides_file_values() {
     assert_eq!(agent.uplink.keep_alive, Duration::from_secs(2));
     assert_eq!(agent.queue.max_bytes, ByteSize::gib(2));
     assert_eq!(agent.log, "debug");
+    assert_eq!(agent.site, "42");
+    let BrokerConfig::Embedded(broker) = &agent.broker else {
+        panic!("expected embedded")
+    };
+    assert_eq!(broker.username.as_deref(), Some("1001"));
+    assert_eq!(broker.password.as_ref().map(Secret::expose), Some("123456"));
     assert_eq!(
         agent.uplink.batch_max_bytes,
         ByteSize::mib(2),
@@ -521,7 +531,7 @@ fn validate_table_on_single_changes() {
             &["broker.keep_alive: must be between 1s and 18h 12m 15s, got 19h"],
         ),
         ("password = \"s3cret\"\n", "", &["broker.username: is set but `broker.password` is not: set both or neither"]),
-        ("client_id", "client_id", &[]),
+        ("keep_alive = \"1m\"", "keep_alive = \"1s\"", &[]),
         ("namespace = \"acme/plant10/{site}\"", "namespace = \"acme/plant1\"", &[
             "sites[2].namespace: `acme/plant1` overlaps sites[0].namespace (`acme/plant1/line1`)",
             "sites[2].namespace: `acme/plant1` overlaps sites[1].namespace (`acme/plant1/line2`)",
@@ -532,6 +542,8 @@ fn validate_table_on_single_changes() {
         ]),
         ("name = \"press\"", "name = \"pr#ss\"", &["sites[2].name: invalid site name `pr#ss`: it contains a wildcard (`+` or `#`)"]),
         ("window = 8192", "window = 2000000", &["dedup.window: must be between 1 and 1048576, got 2000000"]),
+        ("data_dir = \"../state/hub\"", "data_dir = \"\"", &["data_dir: must not be empty"]),
+        ("{ ca = \"../certs/cloud-ca.pem\" }", "{ ca = \"\" }", &["broker.tls.ca: must not be empty"]),
     ];
     for (from, to, expected) in table {
         let text = good.replacen(from, to, 1);

@@ -306,9 +306,16 @@ impl fmt::Display for HostPort {
 
 /// A secret string (a broker password) whose `Debug` output is redacted, so that logging a config at startup
 /// cannot leak it. It serializes in clear because the agent persists its last-good config to disk.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    /// Accepts numbers as text too: `MESHBRIDGE_BROKER__PASSWORD=123456` arrives as an integer.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        super::load::lenient::string(deserializer).map(Self)
+    }
+}
 
 impl Secret {
     /// Wraps a secret value.

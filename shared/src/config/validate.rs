@@ -253,6 +253,13 @@ impl Report {
         }
     }
 
+    /// Checks that a path setting is not empty.
+    pub(crate) fn path(&mut self, key: &str, value: &std::path::Path) {
+        if value.as_os_str().is_empty() {
+            self.push(key, Problem::Empty);
+        }
+    }
+
     /// Reports a value set without its companion (`username` without `password`), in either direction.
     pub(crate) fn pair(
         &mut self,
