@@ -1,1 +1,0 @@
-//! The configuration model (filled in by the config work).

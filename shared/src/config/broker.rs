@@ -1,0 +1,217 @@
+//! The MQTT broker section shared by the edge agent (its site broker) and the cloud hub (its cloud broker).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::load::{lenient, resolve};
+use super::units::{ByteSize, HostPort, Secret};
+use super::validate::Report;
+
+/// Which broker a program talks to, and how. A closed set dispatched by `match`: adding a kind means adding a
+/// variant and handling it everywhere, which the compiler then enforces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum BrokerConfig {
+    /// Run an MQTT broker inside the process (rumqttd) that local clients connect to.
+    Embedded(EmbeddedBroker),
+    /// Join an existing broker (Mosquitto, EMQX, ...) as an MQTT client.
+    External(ExternalBroker),
+}
+
+/// An in-process broker that listens for MQTT clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedBroker {
+    /// Client-facing MQTT address. Defaults to loopback so that a fresh install exposes nothing.
+    #[serde(default = "default_embedded_listen")]
+    pub listen: SocketAddr,
+    /// Username clients must present; set together with `password` or not at all.
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub username: Option<String>,
+    /// Password clients must present; set together with `username` or not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// Serve MQTT over TLS with this certificate instead of plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+    /// Largest PUBLISH payload accepted from a client. Kept at or below the hub's `limits.max_message_size`
+    /// so that nothing is accepted locally that the hub would later refuse.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: ByteSize,
+    /// Most concurrent client connections; protects the agent's memory from a misbehaving client fleet.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+/// An existing broker joined as a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalBroker {
+    /// Broker address as `host:port`; resolved at every (re)connect.
+    pub address: HostPort,
+    /// MQTT client id. Defaults to `meshbridge-<site>` on the agent and `meshbridge-hub` on the hub (filled in at
+    /// load time); it must be stable because the broker keeps the persistent session under it.
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_id: Option<String>,
+    /// Username to authenticate with; set together with `password` or not at all.
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub username: Option<String>,
+    /// Password to authenticate with; set together with `username` or not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// Connect over TLS, verifying the broker against `ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClientTls>,
+    /// MQTT keep-alive interval. MQTT counts it in whole seconds (1 to 65535); 0 would disable the broker's
+    /// liveness check, which rumqttd refuses and which hides dead links, so it is rejected here.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+}
+
+/// Certificate and key a listener presents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// PEM certificate chain, leaf first; relative paths are resolved against the config file's directory.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`; relative to the config file's directory.
+    pub key: PathBuf,
+}
+
+/// TLS settings for connecting to a broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// PEM CA bundle the broker's certificate must chain to; relative to the config file's directory.
+    pub ca: PathBuf,
+    /// Optional client certificate for brokers that require mutual TLS; set together with `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Private key of `cert`; set together with `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+fn default_embedded_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1883))
+}
+
+fn default_max_payload() -> ByteSize {
+    ByteSize::kib(256)
+}
+
+fn default_max_connections() -> u32 {
+    1024
+}
+
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// MQTT's Remaining Length limit, the largest payload any broker can carry.
+const MQTT_MAX_PACKET: ByteSize = ByteSize(268_435_455);
+
+impl BrokerConfig {
+    /// Resolves relative TLS paths against `base` and fills the default client id.
+    pub(crate) fn normalize(&mut self, base: &std::path::Path, default_client_id: &str) {
+        match self {
+            Self::Embedded(embedded) => {
+                if let Some(tls) = &mut embedded.tls {
+                    resolve(base, &mut tls.cert);
+                    resolve(base, &mut tls.key);
+                }
+            }
+            Self::External(external) => {
+                if external.client_id.is_none() {
+                    external.client_id = Some(default_client_id.to_owned());
+                }
+                if let Some(tls) = &mut external.tls {
+                    resolve(base, &mut tls.ca);
+                    for path in [&mut tls.cert, &mut tls.key].into_iter().flatten() {
+                        resolve(base, path);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the section; `key` is the section's own path (`broker`).
+    pub(crate) fn validate(&self, key: &str, report: &mut Report) {
+        let prefix = format!("{key}.");
+        match self {
+            Self::Embedded(embedded) => {
+                report.pair(
+                    &prefix,
+                    ("username", embedded.username.is_some()),
+                    ("password", embedded.password.is_some()),
+                );
+                if let Some(username) = &embedded.username {
+                    report.text(&format!("{prefix}username"), username);
+                }
+                if let Some(tls) = &embedded.tls {
+                    report.path(&format!("{prefix}tls.cert"), &tls.cert);
+                    report.path(&format!("{prefix}tls.key"), &tls.key);
+                }
+                report.size_range(
+                    &format!("{prefix}max_payload"),
+                    embedded.max_payload,
+                    ByteSize(1),
+                    MQTT_MAX_PACKET,
+                );
+                report.int_range(
+                    &format!("{prefix}max_connections"),
+                    embedded.max_connections.into(),
+                    1,
+                    1_000_000,
+                );
+            }
+            Self::External(external) => {
+                if let Some(client_id) = &external.client_id {
+                    report.text(&format!("{prefix}client_id"), client_id);
+                }
+                report.pair(
+                    &prefix,
+                    ("username", external.username.is_some()),
+                    ("password", external.password.is_some()),
+                );
+                if let Some(username) = &external.username {
+                    report.text(&format!("{prefix}username"), username);
+                }
+                if let Some(tls) = &external.tls {
+                    report.path(&format!("{prefix}tls.ca"), &tls.ca);
+                    for (name, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+                        if let Some(path) = path {
+                            report.path(&format!("{prefix}tls.{name}"), path);
+                        }
+                    }
+                    report.pair(
+                        &format!("{prefix}tls."),
+                        ("cert", tls.cert.is_some()),
+                        ("key", tls.key.is_some()),
+                    );
+                }
+                report.duration_range(
+                    &format!("{prefix}keep_alive"),
+                    external.keep_alive,
+                    Duration::from_secs(1),
+                    Duration::from_secs(u64::from(u16::MAX)),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! The cloud hub's config: where it listens, which sites it accepts, and where their messages are published.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::agent::FRAME_OVERHEAD;
+use super::broker::BrokerConfig;
+use super::load::{lenient, load_file, load_text, resolve, ConfigError, Model};
+use super::units::ByteSize;
+use super::validate::{
+    check_namespace_template, check_site_name, expand_namespace, level_prefix, FieldError, Problem,
+    Report, TopicTextError,
+};
+
+/// The whole cloud-hub config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// Directory for the hub's own state (per-site queues, config versions); relative to the config file.
+    pub data_dir: PathBuf,
+    /// Default `tracing` env-filter directive, used when `RUST_LOG` is not set.
+    #[serde(default = "default_log", deserialize_with = "lenient::string")]
+    pub log: String,
+    /// Where agents connect.
+    pub listen: ListenConfig,
+    /// The hub's certificate and the CA that agent certificates must chain to.
+    pub tls: HubTls,
+    /// The cloud broker messages are published into.
+    pub broker: BrokerConfig,
+    /// Duplicate suppression for messages resent after a reconnect.
+    #[serde(default)]
+    pub dedup: DedupConfig,
+    /// Size limits enforced on what agents send.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The sites allowed to connect. An agent whose certificate names no site here is refused.
+    pub sites: Vec<SiteConfig>,
+}
+
+/// The QUIC listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// UDP address of the QUIC endpoint.
+    pub quic: SocketAddr,
+    /// Most concurrent agent connections; further handshakes are refused to protect the hub.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+/// The hub's mutual-TLS material.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubTls {
+    /// PEM CA bundle that agent client certificates must chain to; relative to the config file.
+    pub ca: PathBuf,
+    /// PEM certificate chain the hub presents; relative to the config file.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`; relative to the config file.
+    pub key: PathBuf,
+}
+
+/// Duplicate suppression.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Per-origin window of sequence numbers remembered to drop duplicates arriving out of order; memory is
+    /// proportional to it times the number of origins.
+    #[serde(default = "default_dedup_window")]
+    pub window: u32,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            window: default_dedup_window(),
+        }
+    }
+}
+
+/// Limits on agent traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame accepted from an agent; agents' `uplink.max_frame_size` should not exceed it.
+    #[serde(default = "default_max_frame_size")]
+    pub max_frame_size: ByteSize,
+    /// Largest single message payload accepted; larger ones are rejected and counted.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_size: default_max_frame_size(),
+            max_message_size: default_max_message_size(),
+        }
+    }
+}
+
+/// One site allowed to connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Site name; must equal the site name in the agent's client certificate. One topic level.
+    #[serde(deserialize_with = "lenient::string")]
+    pub name: String,
+    /// Namespace template under which the site's messages are published; `{site}` expands to `name`. Expanded
+    /// namespaces of two sites must not overlap (neither may be a level-prefix of the other), or one site could
+    /// publish into the other's tree.
+    pub namespace: String,
+}
+
+impl SiteConfig {
+    /// The expanded namespace (`acme/plant1/line1`). Always `Ok` on a validated config.
+    pub fn expanded_namespace(&self) -> Result<String, TopicTextError> {
+        expand_namespace(&self.namespace, &self.name)
+    }
+}
+
+fn default_log() -> String {
+    "info".to_owned()
+}
+fn default_max_connections() -> u32 {
+    1024
+}
+fn default_dedup_window() -> u32 {
+    4096
+}
+fn default_max_frame_size() -> ByteSize {
+    ByteSize::mib(8)
+}
+fn default_max_message_size() -> ByteSize {
+    ByteSize::kib(256)
+}
+
+/// Loads and validates a hub config file, with `MESHBRIDGE_*` environment overrides; relative paths in it are
+/// resolved against the file's directory.
+pub fn load_hub(path: &Path) -> Result<HubConfig, ConfigError> {
+    load_file(path)
+}
+
+impl HubConfig {
+    /// Parses and validates hub config text, resolving relative paths against `base_dir`, without environment
+    /// overrides.
+    pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        load_text(text, base_dir)
+    }
+
+    /// Reports every problem in the config, each with its key path.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut report = Report::default();
+        report.path("data_dir", &self.data_dir);
+        report.text("log", &self.log);
+        report.path("tls.ca", &self.tls.ca);
+        report.path("tls.cert", &self.tls.cert);
+        report.path("tls.key", &self.tls.key);
+        report.int_range(
+            "listen.max_connections",
+            self.listen.max_connections.into(),
+            1,
+            1_000_000,
+        );
+        self.broker.validate("broker", &mut report);
+        report.int_range("dedup.window", self.dedup.window.into(), 1, 1_048_576);
+        report.size_range(
+            "limits.max_frame_size",
+            self.limits.max_frame_size,
+            ByteSize(0),
+            ByteSize::gib(1),
+        );
+        report.size_range(
+            "limits.max_message_size",
+            self.limits.max_message_size,
+            ByteSize(1),
+            ByteSize::mib(256),
+        );
+        let needed = ByteSize(
+            self.limits
+                .max_message_size
+                .0
+                .saturating_add(FRAME_OVERHEAD.0),
+        );
+        if self.limits.max_frame_size < needed {
+            report.push(
+                "limits.max_frame_size",
+                Problem::SizeTooSmall {
+                    value: self.limits.max_frame_size,
+                    needed,
+                    reason: format!("limits.max_message_size + {FRAME_OVERHEAD} overhead"),
+                },
+            );
+        }
+        self.validate_sites(&mut report);
+        report.finish()
+    }
+
+    fn validate_sites(&self, report: &mut Report) {
+        if self.sites.is_empty() {
+            report.push("sites", Problem::Empty);
+        }
+        // (index, expanded namespace) of every site whose template is valid, for the overlap check.
+        let mut expanded: Vec<(usize, String)> = Vec::with_capacity(self.sites.len());
+        for (i, site) in self.sites.iter().enumerate() {
+            let key = format!("sites[{i}]");
+            if let Err(reason) = check_site_name(&site.name) {
+                report.push(
+                    format!("{key}.name"),
+                    Problem::InvalidSiteName {
+                        name: site.name.clone(),
+                        reason,
+                    },
+                );
+                // Without a usable name the namespace cannot be expanded; still check the template itself.
+                if let Err(reason) = check_namespace_template(&site.namespace) {
+                    report.push(
+                        format!("{key}.namespace"),
+                        Problem::InvalidNamespace {
+                            template: site.namespace.clone(),
+                            reason,
+                        },
+                    );
+                }
+                continue;
+            }
+            if let Some(first) = self.sites[..i].iter().position(|s| s.name == site.name) {
+                report.push(
+                    format!("{key}.name"),
+                    Problem::Duplicate {
+                        first: format!("sites[{first}].name"),
+                    },
+                );
+            }
+            match site.expanded_namespace() {
+                Err(reason) => report.push(
+                    format!("{key}.namespace"),
+                    Problem::InvalidNamespace {
+                        template: site.namespace.clone(),
+                        reason,
+                    },
+                ),
+                Ok(namespace) => {
+                    for (j, other) in &expanded {
+                        let other_key = format!("sites[{j}].namespace");
+                        if *other == namespace {
+                            report.push(
+                                format!("{key}.namespace"),
+                                Problem::Duplicate { first: other_key },
+                            );
+                        } else if level_prefix(other, &namespace) || level_prefix(&namespace, other)
+                        {
+                            report.push(
+                                format!("{key}.namespace"),
+                                Problem::NamespaceOverlap {
+                                    namespace: namespace.clone(),
+                                    other: other_key,
+                                    other_namespace: other.clone(),
+                                },
+                            );
+                        }
+                    }
+                    expanded.push((i, namespace));
+                }
+            }
+        }
+    }
+}
+
+impl Model for HubConfig {
+    fn normalize(&mut self, base: &Path) {
+        resolve(base, &mut self.data_dir);
+        resolve(base, &mut self.tls.ca);
+        resolve(base, &mut self.tls.cert);
+        resolve(base, &mut self.tls.key);
+        self.broker.normalize(base, "meshbridge-hub");
+    }
+
+    fn check(&self) -> Result<(), Vec<FieldError>> {
+        self.validate()
+    }
+}
