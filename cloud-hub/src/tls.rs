@@ -1,0 +1,442 @@
+//! The hub's side of mutual TLS over QUIC, and how a site's identity is read from its certificate.
+//!
+//! Trust model: a client must present a certificate chaining to our private CA (see [`crate::pki`]); the site it
+//! speaks for is the certificate's single Common Name, validated as a [`SiteId`]. Nothing the agent says later
+//! (for example in a `Hello` frame) can change that identity.
+//!
+//! Crypto provider: configs are built with [`provider`] (ring) passed explicitly through
+//! `builder_with_provider`, so no process-wide default provider has to be installed and the "could not
+//! determine the process-level CryptoProvider" panic cannot happen, whatever else is linked in.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{NoInitialCipherSuite, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::RootCertStore;
+use x509_parser::prelude::{FromDer, X509Certificate, X509Error};
+
+use crate::pki::{SiteId, SiteNameError};
+
+/// ALPN protocol id of the meshbridge agent↔hub protocol, version 1. A peer offering anything else is refused
+/// during the handshake, before any frame is parsed.
+pub const ALPN: &[u8] = b"meshbridge/1";
+
+/// The one rustls crypto provider meshbridge uses (ring), for passing to `builder_with_provider`.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Errors building the hub's TLS configuration or reading a peer's identity.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate or key file could not be read.
+    #[error("cannot read {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A certificate or key file is not valid PEM (or has no object of the expected kind).
+    #[error("cannot parse {what} from {path}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What was expected in it ("certificate", "private key").
+        what: &'static str,
+        /// The PEM parser's error.
+        #[source]
+        source: pem::Error,
+    },
+    /// A certificate file holds no certificate at all.
+    #[error("no certificate in {path}")]
+    NoCertificates {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A CA certificate was rejected as a trust anchor.
+    #[error("unusable CA certificate in {path}")]
+    BadCaCertificate {
+        /// The CA file.
+        path: PathBuf,
+        /// Why rustls rejected it.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The client-certificate verifier could not be built (for example, no trust anchors).
+    #[error("cannot build the client certificate verifier")]
+    Verifier(#[from] VerifierBuilderError),
+    /// rustls refused the configuration: protocol versions, or the certificate does not match the key.
+    #[error("invalid TLS configuration")]
+    Rustls(#[source] rustls::Error),
+    /// The rustls configuration has no cipher suite usable for QUIC's initial packets.
+    #[error("TLS configuration unusable for QUIC")]
+    NoInitialCipherSuite(#[from] NoInitialCipherSuite),
+    /// The idle timeout does not fit in a QUIC varint of milliseconds.
+    #[error("idle timeout {idle_timeout:?} is too large for QUIC")]
+    IdleTimeoutTooLarge {
+        /// The rejected value.
+        idle_timeout: Duration,
+    },
+    /// The connection carries no peer identity (handshake not complete, or the peer sent no certificate).
+    #[error("peer presented no certificate")]
+    NoPeerCertificate,
+    /// The peer identity is not a rustls certificate chain (a different QUIC crypto backend).
+    #[error("peer identity is not a certificate chain")]
+    UnexpectedIdentityType,
+    /// The leaf certificate is not parseable X.509.
+    #[error("cannot parse the peer's certificate")]
+    CertificateParse(#[source] X509Error),
+    /// The leaf certificate's subject has no Common Name.
+    #[error("peer certificate has no Common Name")]
+    NoCommonName,
+    /// The subject has several Common Names; picking one would let a CA mistake choose the identity.
+    #[error("peer certificate has {count} Common Names, expected exactly one")]
+    MultipleCommonNames {
+        /// How many CNs the subject has.
+        count: usize,
+    },
+    /// The Common Name is not a UTF-8 string type.
+    #[error("peer certificate Common Name is not a string")]
+    CommonNameNotString(#[source] X509Error),
+    /// The Common Name is not a valid site name.
+    #[error("peer certificate Common Name {name:?} is not a valid site name")]
+    InvalidSiteName {
+        /// The Common Name as found.
+        name: String,
+        /// Which rule it broke.
+        #[source]
+        source: SiteNameError,
+    },
+}
+
+/// QUIC transport knobs for the hub's side of each agent connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTransport {
+    /// Close a connection after this long without any packet from the agent.
+    pub idle_timeout: Duration,
+    /// Send a keep-alive after this long without traffic (`None`: rely on the agent's keep-alives).
+    pub keep_alive_interval: Option<Duration>,
+    /// Per-stream flow-control window in bytes. The agent pushes its whole backlog on one stream after a
+    /// reconnect, so this bounds throughput to `window / RTT`: several MiB keeps a WAN link busy.
+    pub stream_receive_window: u32,
+    /// Connection-wide flow-control window in bytes (all streams of one agent).
+    pub receive_window: u32,
+    /// Bytes the hub may have in flight towards one agent (config pushes, acks).
+    pub send_window: u64,
+    /// How many bidirectional streams an agent may have open at once.
+    pub max_concurrent_bidi_streams: u32,
+    /// How many unidirectional streams an agent may have open at once.
+    pub max_concurrent_uni_streams: u32,
+}
+
+impl Default for ServerTransport {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: None,
+            stream_receive_window: 8 << 20,
+            receive_window: 16 << 20,
+            send_window: 8 << 20,
+            max_concurrent_bidi_streams: 16,
+            max_concurrent_uni_streams: 16,
+        }
+    }
+}
+
+impl ServerTransport {
+    fn to_quinn(&self) -> Result<TransportConfig, TlsError> {
+        let idle = IdleTimeout::try_from(self.idle_timeout).map_err(|_| {
+            TlsError::IdleTimeoutTooLarge {
+                idle_timeout: self.idle_timeout,
+            }
+        })?;
+        let mut t = TransportConfig::default();
+        t.max_idle_timeout(Some(idle))
+            .keep_alive_interval(self.keep_alive_interval)
+            .stream_receive_window(VarInt::from_u32(self.stream_receive_window))
+            .receive_window(VarInt::from_u32(self.receive_window))
+            .send_window(self.send_window)
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(self.max_concurrent_uni_streams));
+        Ok(t)
+    }
+}
+
+/// Builds the hub's QUIC server configuration: TLS 1.3 only, client certificate **required** and verified against
+/// the CA in `ca`, ALPN [`ALPN`], server certificate/key from `cert`/`key` (PEM).
+pub fn server_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    transport: &ServerTransport,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let roots = load_roots(ca)?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let chain = load_certs(cert)?;
+    let key = load_key(key)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Rustls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(TlsError::Rustls)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport.to_quinn()?));
+    Ok(config)
+}
+
+/// The site a connection speaks for, from its verified client certificate.
+///
+/// Only meaningful on connections accepted with [`server_config`], where the verifier has already checked the
+/// chain, validity and client-auth usage before the connection is handed out.
+pub fn site_identity(conn: &quinn::Connection) -> Result<SiteId, TlsError> {
+    let identity = conn.peer_identity().ok_or(TlsError::NoPeerCertificate)?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| TlsError::UnexpectedIdentityType)?;
+    site_identity_from_chain(&chain)
+}
+
+/// [`site_identity`] on an already extracted chain (leaf first): the leaf's single Common Name as a [`SiteId`].
+pub fn site_identity_from_chain(chain: &[CertificateDer<'_>]) -> Result<SiteId, TlsError> {
+    let leaf = chain.first().ok_or(TlsError::NoPeerCertificate)?;
+    let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| {
+        TlsError::CertificateParse(match e {
+            x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e,
+            x509_parser::nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
+        })
+    })?;
+    let mut cns = cert.subject().iter_common_name();
+    let cn = cns.next().ok_or(TlsError::NoCommonName)?;
+    let extra = cns.count();
+    if extra > 0 {
+        return Err(TlsError::MultipleCommonNames { count: extra + 1 });
+    }
+    let name = cn.as_str().map_err(TlsError::CommonNameNotString)?;
+    SiteId::new(name).map_err(|source| TlsError::InvalidSiteName {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificates {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|source| TlsError::Pem {
+        path: path.to_owned(),
+        what: "private key",
+        source,
+    })
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|source| TlsError::BadCaCertificate {
+                path: path.to_owned(),
+                source,
+            })?;
+    }
+    Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, Validity};
+    use rcgen::{CertificateParams, DistinguishedName, DnType, DnValue};
+    use time::OffsetDateTime;
+
+    fn der_of(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).expect("rcgen emits valid PEM")
+    }
+
+    fn cert_with_subject(ca: &Ca, dn: DistinguishedName) -> CertificateDer<'static> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn;
+        let validity = Validity::starting_at(OffsetDateTime::now_utc(), Duration::from_secs(3600))
+            .expect("window");
+        der_of(&ca.issue_custom(params, validity).expect("issue").cert_pem)
+    }
+
+    fn dn(entries: &[(DnType, DnValue)]) -> DistinguishedName {
+        let mut dn = DistinguishedName::new();
+        for (ty, value) in entries {
+            dn.push(ty.clone(), value.clone());
+        }
+        dn
+    }
+
+    #[test]
+    fn identity_from_leaf_common_name() {
+        let validity = Validity::starting_at(OffsetDateTime::now_utc(), Duration::from_secs(3600))
+            .expect("window");
+        let ca = Ca::generate("test CA", validity).expect("ca");
+        // rcgen keys DN entries by type, so a second CN needs the CN OID spelled as a custom type.
+        let cn_oid = DnType::CustomDnType(vec![2, 5, 4, 3]);
+        let utf8 = |s: &str| DnValue::Utf8String(s.to_owned());
+        type Check = fn(&Result<SiteId, TlsError>) -> bool;
+        let cases: Vec<(&str, DistinguishedName, Check)> = vec![
+            (
+                "plain CN",
+                dn(&[(DnType::CommonName, utf8("line1"))]),
+                |r| matches!(r, Ok(id) if id == "line1"),
+            ),
+            (
+                "CN with organisation",
+                dn(&[
+                    (DnType::OrganizationName, utf8("acme")),
+                    (DnType::CommonName, utf8("plant-1.line_2")),
+                ]),
+                |r| matches!(r, Ok(id) if id == "plant-1.line_2"),
+            ),
+            (
+                "printable string CN",
+                dn(&[(
+                    DnType::CommonName,
+                    DnValue::PrintableString("line3".try_into().expect("printable")),
+                )]),
+                |r| matches!(r, Ok(id) if id == "line3"),
+            ),
+            (
+                "no CN",
+                dn(&[(DnType::OrganizationName, utf8("acme"))]),
+                |r| matches!(r, Err(TlsError::NoCommonName)),
+            ),
+            ("empty subject", DistinguishedName::new(), |r| {
+                matches!(r, Err(TlsError::NoCommonName))
+            }),
+            (
+                "two CNs",
+                dn(&[(DnType::CommonName, utf8("line1")), (cn_oid, utf8("line2"))]),
+                |r| matches!(r, Err(TlsError::MultipleCommonNames { count: 2 })),
+            ),
+            (
+                "CN with slash",
+                dn(&[(DnType::CommonName, utf8("a/b"))]),
+                |r| {
+                    matches!(
+                        r,
+                        Err(TlsError::InvalidSiteName {
+                            source: SiteNameError::InvalidChar { ch: '/', .. },
+                            ..
+                        })
+                    )
+                },
+            ),
+            ("empty CN", dn(&[(DnType::CommonName, utf8(""))]), |r| {
+                matches!(
+                    r,
+                    Err(TlsError::InvalidSiteName {
+                        source: SiteNameError::Empty,
+                        ..
+                    })
+                )
+            }),
+        ];
+        for (label, subject, check) in cases {
+            let got = site_identity_from_chain(&[cert_with_subject(&ca, subject)]);
+            assert!(check(&got), "{label}: got {got:?}");
+        }
+    }
+
+    #[test]
+    fn identity_errors_without_a_parseable_leaf() {
+        assert!(matches!(
+            site_identity_from_chain(&[]),
+            Err(TlsError::NoPeerCertificate)
+        ));
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        assert!(matches!(
+            site_identity_from_chain(&[garbage]),
+            Err(TlsError::CertificateParse(_))
+        ));
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = crate::pki::init(dir.path(), &[]).expect("init");
+        let missing = dir.path().join("missing.pem");
+        let not_pem = dir.path().join("not.pem");
+        fs::write(&not_pem, b"hello").expect("write");
+        let t = ServerTransport::default();
+        let err =
+            server_config(&missing, &paths.hub_cert, &paths.hub_key, &t).expect_err("missing CA");
+        assert!(
+            matches!(err, TlsError::Io { ref path, .. } if *path == missing),
+            "{err:?}"
+        );
+        let err = server_config(&not_pem, &paths.hub_cert, &paths.hub_key, &t)
+            .expect_err("no cert in CA file");
+        assert!(
+            matches!(err, TlsError::NoCertificates { ref path } if *path == not_pem),
+            "{err:?}"
+        );
+        let err = server_config(&paths.ca_cert, &paths.hub_cert, &not_pem, &t).expect_err("no key");
+        assert!(
+            matches!(
+                err,
+                TlsError::Pem {
+                    what: "private key",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Hub certificate with the CA's key: rustls notices the mismatch.
+        let err = server_config(&paths.ca_cert, &paths.hub_cert, &paths.ca_key, &t)
+            .expect_err("key mismatch");
+        assert!(matches!(err, TlsError::Rustls(_)), "{err:?}");
+        let huge = ServerTransport {
+            idle_timeout: Duration::from_secs(u64::MAX),
+            ..ServerTransport::default()
+        };
+        let err = server_config(&paths.ca_cert, &paths.hub_cert, &paths.hub_key, &huge)
+            .expect_err("idle");
+        assert!(
+            matches!(err, TlsError::IdleTimeoutTooLarge { .. }),
+            "{err:?}"
+        );
+        server_config(&paths.ca_cert, &paths.hub_cert, &paths.hub_key, &t).expect("valid config");
+    }
+}
