@@ -372,7 +372,7 @@ impl From<GoAwayCode> for u16 {
 
 /// Why an agent refused a pushed config.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("config rejected ({reason:?}): {detail}")]
+#[error("config rejected ({reason}): {detail}")]
 pub struct ConfigRejection {
     /// Machine-readable class of failure.
     pub reason: ConfigRejectReason,
@@ -411,6 +411,17 @@ impl ConfigRejectReason {
             2 => Self::Stale,
             3 => Self::ApplyFailed,
             other => Self::Unknown(other),
+        }
+    }
+}
+
+impl fmt::Display for ConfigRejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Invalid => f.write_str("invalid"),
+            Self::Stale => f.write_str("stale version"),
+            Self::ApplyFailed => f.write_str("apply failed"),
+            Self::Unknown(code) => write!(f, "unknown reason {code}"),
         }
     }
 }
