@@ -1,1 +1,3 @@
 //! edge-agent
+
+pub mod broker;
