@@ -544,3 +544,84 @@ async fn mqtt_3_1_is_refused_and_keep_alive_zero_is_accepted() -> Result<()> {
     })
     .await?
 }
+
+#[tokio::test]
+async fn v4_qos2_pubrec_waits_for_the_commit() -> Result<()> {
+    timeout(Duration::from_secs(30), async {
+        let mut h = Harness::start().await?;
+        let (client, mut events, task) = v4_client("pub-qos2", h.front_addr, 10);
+        v4_wait(&mut events, |p| {
+            matches!(p, rumqttc::Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+
+        client
+            .publish("sel/q2", rumqttc::QoS::ExactlyOnce, false, "once")
+            .await?;
+        let request = h.next_commit().await?;
+        ensure!(request.messages[0].publish.qos == shared::mqtt::QoS::ExactlyOnce);
+        let early = timeout(
+            HOLD,
+            v4_wait(&mut events, |p| {
+                matches!(p, rumqttc::Packet::PubRec(_)).then_some(())
+            }),
+        )
+        .await;
+        ensure!(early.is_err(), "PUBREC arrived before the commit finished");
+        request
+            .done
+            .send(Ok(()))
+            .map_err(|_| anyhow::anyhow!("front dropped the request"))?;
+        v4_wait(&mut events, |p| {
+            matches!(p, rumqttc::Packet::PubRec(_)).then_some(())
+        })
+        .await?;
+        v4_wait(&mut events, |p| {
+            matches!(p, rumqttc::Packet::PubComp(_)).then_some(())
+        })
+        .await?;
+
+        task.abort();
+        h.stop().await
+    })
+    .await?
+}
+
+#[tokio::test]
+async fn v5_topic_aliases_are_resolved_in_captures() -> Result<()> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    timeout(Duration::from_secs(30), async {
+        let mut h = Harness::start().await?;
+        let (client, mut events, task) = v5_client("pub-alias", h.front_addr);
+        v5_wait(&mut events, |p| {
+            matches!(p, Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+
+        let with_alias = || PublishProperties {
+            topic_alias: Some(3),
+            ..PublishProperties::default()
+        };
+        client
+            .publish_with_properties("sel/aliased", QoS::AtMostOnce, false, "1", with_alias())
+            .await?;
+        client
+            .publish_with_properties("", QoS::AtMostOnce, false, "2", with_alias())
+            .await?;
+        let mut captured = Vec::new();
+        while captured.len() < 2 {
+            let request = h.next_commit().await?;
+            captured.extend(request.messages.into_iter().map(|m| m.publish));
+        }
+        for (publish, payload) in captured.iter().zip(["1", "2"]) {
+            ensure!(publish.topic == "sel/aliased", "topic {:?}", publish.topic);
+            ensure!(publish.properties.topic_alias.is_none(), "alias cleared");
+            ensure!(&publish.payload[..] == payload.as_bytes());
+        }
+
+        task.abort();
+        h.stop().await
+    })
+    .await?
+}

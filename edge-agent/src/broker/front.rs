@@ -674,26 +674,25 @@ impl BrokerToClient {
     fn register(&mut self, registration: Registration) {
         let id = self.next_batch;
         self.next_batch += 1;
+        let refs = registration.waits.len();
+        let batch = Batch {
+            done: registration.done,
+            outcome: None,
+            refs,
+        };
+        self.batches.insert(id, batch);
         for &packet_id in &registration.waits {
             if let Some(older) = self.waiting.insert(packet_id, id) {
-                // The client reused a packet id before its ack: the newer batch covers it.
+                // The client reused a packet id before its ack (possibly within this batch): the
+                // newest registration covers it, the older one no longer expects that ack.
                 self.unref(older);
             }
         }
-        let refs = registration.waits.len();
-        self.batches.insert(
-            id,
-            Batch {
-                done: registration.done,
-                outcome: None,
-                refs,
-            },
-        );
     }
 
     fn unref(&mut self, batch: u64) {
         if let Some(b) = self.batches.get_mut(&batch) {
-            b.refs -= 1;
+            b.refs = b.refs.saturating_sub(1);
             if b.refs == 0 {
                 self.batches.remove(&batch);
             }
