@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod envelope;
+pub mod mqtt;
 pub mod policy;
 pub mod queue;
 pub mod topic;

@@ -1,0 +1,310 @@
+//! The embedded edge broker: rumqttd 0.20 running in-process, reachable only through the front.
+//!
+//! rumqttd's `Broker::start` spawns one OS thread and runtime per listener, blocks, has no stop API and
+//! returns `Ok` even when a listener failed to bind. So we use its lower-level parts instead: the router
+//! (`Router::new(..).spawn()`, one OS thread) and one `Server` task per listener on *our* tokio runtime,
+//! which we can abort. Both listeners are internal, on ephemeral `127.0.0.1` ports: clients reach them
+//! through the front ([`super::front`]), which needs one listener per protocol (rumqttd picks the
+//! protocol per listener, not per connection).
+//!
+//! Limits that cannot be lifted:
+//! - The router thread cannot be stopped (rumqttd has no shutdown at all). [`EmbeddedBroker::stop`]
+//!   stops the listeners; connections already accepted run as tasks rumqttd spawned on our runtime and end
+//!   when their socket closes (the front closes them) or when the runtime shuts down.
+//! - rumqttd binds the address itself, so the ephemeral port is reserved by binding and releasing it;
+//!   another process could take it in between. [`EmbeddedBroker::start`] therefore probes every listener
+//!   with a real MQTT CONNECT and retries with a new port when the bind or the probe fails.
+//!
+//! Logs: every normal client disconnect makes rumqttd log `ERROR router-drop error=Recv(Disconnected)`
+//! (target `rumqttd::server::broker`), which is noise, not a fault. Add [`QUIET_RUMQTTD_LOGS`] to the
+//! `tracing_subscriber::EnvFilter` directives to hide it (that also hides rumqttd's other per-connection
+//! errors, which the front reports itself).
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::Protocol;
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use shared::mqtt::{self, ProtocolVersion};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::front::Upstreams;
+
+/// `EnvFilter` directives that silence rumqttd's per-connection noise (`router-drop` on every normal
+/// disconnect) and its router chatter, e.g. `EnvFilter::new(format!("info,{QUIET_RUMQTTD_LOGS}"))`.
+pub const QUIET_RUMQTTD_LOGS: &str = "rumqttd::server::broker=off,rumqttd::router=warn";
+
+/// How often a listener is tried on a fresh port before giving up.
+const START_ATTEMPTS: u32 = 3;
+/// How long one listener may take to answer the probe CONNECT.
+const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Limits of the embedded broker. The defaults are generous: the broker is only reachable through the
+/// front, which enforces the packet size limit first.
+#[derive(Debug, Clone)]
+pub struct EmbeddedSettings {
+    /// Largest packet a client may send (rumqttd's `max_payload_size`, checked on the whole packet).
+    pub max_packet_size: usize,
+    /// Most concurrent connections the router accepts.
+    pub max_connections: usize,
+    /// Most unacknowledged outgoing QoS 1/2 packets per connection.
+    pub max_inflight_count: usize,
+    /// How long a new connection may take to send CONNECT (rumqttd caps it at 65.535 s).
+    pub connect_timeout: Duration,
+    /// Size of one in-memory log segment per topic (bounds the offline backlog with the next field).
+    pub max_segment_size: usize,
+    /// Number of segments kept per topic; the oldest is dropped silently beyond it.
+    pub max_segment_count: usize,
+}
+
+impl Default for EmbeddedSettings {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 1024 * 1024,
+            max_connections: 10_000,
+            max_inflight_count: 1_000,
+            connect_timeout: Duration::from_secs(30),
+            max_segment_size: 100 * 1024 * 1024,
+            max_segment_count: 10,
+        }
+    }
+}
+
+/// Why the embedded broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    /// No ephemeral loopback port could be reserved for a listener.
+    #[error("could not reserve a loopback port")]
+    ReservePort {
+        /// The bind error.
+        #[source]
+        source: io::Error,
+    },
+    /// A listener did not answer an MQTT CONNECT on any of its attempts (bind failed or the port was
+    /// taken by someone else); the cause of each attempt is logged at warn.
+    #[error("the {version:?} listener did not start after {attempts} attempts")]
+    ListenerNotReady {
+        /// Protocol of the listener.
+        version: ProtocolVersion,
+        /// Attempts made, each on a fresh port.
+        attempts: u32,
+    },
+}
+
+/// A running embedded broker: the internal listener addresses and the listener tasks.
+///
+/// Dropping it stops the listeners too (see the module docs for what cannot be stopped).
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    /// The internal MQTT 3.1.1 listener.
+    pub v4_addr: SocketAddr,
+    /// The internal MQTT 5.0 listener.
+    pub v5_addr: SocketAddr,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl EmbeddedBroker {
+    /// Starts the router and both listeners on the current tokio runtime and returns once both answer an
+    /// MQTT CONNECT.
+    ///
+    /// # Errors
+    /// [`EmbeddedError`] when a port cannot be reserved or a listener never comes up.
+    pub async fn start(settings: &EmbeddedSettings) -> Result<Self, EmbeddedError> {
+        let router_config = RouterConfig {
+            max_connections: settings.max_connections,
+            max_outgoing_packet_count: 200,
+            max_segment_size: settings.max_segment_size,
+            max_segment_count: settings.max_segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: rumqttd::Strategy::default(),
+        };
+        // The router id is only meaningful in rumqttd's (unfinished) cluster mode.
+        let router_tx = Router::new(0, router_config).spawn();
+        let mut listeners = Vec::with_capacity(2);
+        // rumqttd does not export the router handle's type, so each listener gets a constructor closure.
+        let v4 = |s| Server::new(s, router_tx.clone(), V4);
+        let v5 = |s| Server::new(s, router_tx.clone(), V5);
+        let (v4_addr, v4_task) = start_listener(v4, ProtocolVersion::V3_1_1, settings).await?;
+        listeners.push(v4_task);
+        let (v5_addr, v5_task) = match start_listener(v5, ProtocolVersion::V5, settings).await {
+            Ok(started) => started,
+            Err(e) => {
+                listeners.iter().for_each(JoinHandle::abort);
+                return Err(e);
+            }
+        };
+        listeners.push(v5_task);
+        Ok(Self {
+            v4_addr,
+            v5_addr,
+            listeners,
+        })
+    }
+
+    /// The listener addresses in the form the front takes.
+    #[must_use]
+    pub const fn upstreams(&self) -> Upstreams {
+        Upstreams {
+            v4: self.v4_addr,
+            v5: self.v5_addr,
+        }
+    }
+
+    /// Stops accepting connections and waits for the listener tasks to end.
+    pub async fn stop(mut self) {
+        for task in std::mem::take(&mut self.listeners) {
+            task.abort();
+            // A cancelled JoinError is the expected outcome of abort.
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        self.listeners.iter().for_each(JoinHandle::abort);
+    }
+}
+
+fn reserve_port() -> Result<SocketAddr, EmbeddedError> {
+    let listener = StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|source| EmbeddedError::ReservePort { source })?;
+    listener
+        .local_addr()
+        .map_err(|source| EmbeddedError::ReservePort { source })
+}
+
+fn server_settings(
+    name: String,
+    listen: SocketAddr,
+    settings: &EmbeddedSettings,
+) -> ServerSettings {
+    let connection_timeout_ms =
+        u16::try_from(settings.connect_timeout.as_millis()).unwrap_or(u16::MAX);
+    ServerSettings {
+        name,
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms,
+            max_payload_size: settings.max_packet_size,
+            max_inflight_count: settings.max_inflight_count,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    }
+}
+
+async fn start_listener<P>(
+    new_server: impl Fn(ServerSettings) -> Server<P>,
+    version: ProtocolVersion,
+    settings: &EmbeddedSettings,
+) -> Result<(SocketAddr, JoinHandle<()>), EmbeddedError>
+where
+    P: Protocol + Clone + Send + Sync + 'static,
+{
+    for attempt in 1..=START_ATTEMPTS {
+        let addr = reserve_port()?;
+        let name = format!("meshbridge-internal-{}", version.level());
+        let mut server = new_server(server_settings(name, addr, settings));
+        let task = tokio::spawn(async move {
+            if let Err(error) = server.start(LinkType::Remote).await {
+                warn!(?error, %addr, "embedded broker listener ended");
+            }
+        });
+        match probe(addr, version, &task).await {
+            Ok(()) => {
+                debug!(%addr, ?version, "embedded broker listener ready");
+                return Ok((addr, task));
+            }
+            Err(error) => {
+                warn!(%error, %addr, attempt, ?version, "embedded broker listener not ready; retrying");
+                task.abort();
+            }
+        }
+    }
+    Err(EmbeddedError::ListenerNotReady {
+        version,
+        attempts: START_ATTEMPTS,
+    })
+}
+
+/// Connects to `addr`, sends a CONNECT for `version` and expects a successful CONNACK, so we know our
+/// rumqttd listener (not some other process that took the port) is there.
+async fn probe(
+    addr: SocketAddr,
+    version: ProtocolVersion,
+    task: &JoinHandle<()>,
+) -> io::Result<()> {
+    tokio::time::timeout(PROBE_DEADLINE, async {
+        let mut stream = loop {
+            if task.is_finished() {
+                return Err(io::Error::other("listener task ended (bind failed?)"));
+            }
+            match TcpStream::connect(addr).await {
+                Ok(stream) => break stream,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        stream
+            .write_all(&probe_connect(version, addr.port()))
+            .await?;
+        let mut buf = BytesMut::with_capacity(64);
+        let len = loop {
+            match mqtt::frame_len(&buf, 1024) {
+                Ok(len) => break len,
+                Err(mqtt::DecodeError::Incomplete) => {
+                    if stream.read_buf(&mut buf).await? == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            }
+        };
+        // CONNACK: 0x20, length, session-present flags, return/reason code (0 = accepted).
+        if len < 4 || buf[0] != 0x20 || buf[3] != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "probe CONNECT was not accepted",
+            ));
+        }
+        stream.write_all(&[0xe0, 0x00]).await?; // DISCONNECT
+        if task.is_finished() {
+            return Err(io::Error::other("listener task ended"));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+/// A clean-session CONNECT with client id `meshbridge-probe-<port>` and keep-alive 10 s.
+fn probe_connect(version: ProtocolVersion, port: u16) -> Vec<u8> {
+    let id = format!("meshbridge-probe-{port}");
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', version.level(), 0x02, 0, 10];
+    if version.has_properties() {
+        body.push(0); // empty property block
+    }
+    let id_len = u16::try_from(id.len()).expect("invariant: probe client id is short");
+    body.extend_from_slice(&id_len.to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut packet = vec![
+        0x10,
+        u8::try_from(body.len()).expect("invariant: probe CONNECT < 128 bytes"),
+    ];
+    packet.extend_from_slice(&body);
+    packet
+}

@@ -1,0 +1,766 @@
+//! The MQTT-aware front on the client port: a byte relay to the embedded broker that makes a
+//! publisher's PUBACK/PUBREC mean "committed to disk".
+//!
+//! rumqttd acknowledges a QoS 1/2 PUBLISH as soon as it holds it in memory, with no hook. If the agent
+//! died between that ack and our queue commit, an acknowledged message would be lost. So clients
+//! connect here instead, and per connection the front:
+//!
+//! 1. reads the CONNECT and opens a connection to the internal listener of the client's protocol
+//!    (3.1.1 or 5.0); MQTT 3.1 and unknown levels are refused with CONNACK code 1, because rumqttd does
+//!    not speak them. A keep-alive of 0 (allowed by MQTT, rejected by rumqttd) is rewritten to 65,535 s,
+//!    the longest MQTT can express;
+//! 2. relays client→broker bytes at once (the broker gets no extra latency), splitting them into
+//!    packets on the way. Every PUBLISH whose (alias-resolved) topic the `select` predicate accepts is
+//!    captured; the captures of one read form ONE [`CommitRequest`] (natural batching: a busy client
+//!    gets big batches, an idle one gets low latency). QoS 0 captures are committed too, but there is
+//!    no ack to hold;
+//! 3. relays broker→client bytes, but holds the broker's PUBACK (QoS 1) / PUBREC (QoS 2) for a captured
+//!    packet id until its commit finished. Then it releases the ack (success), or on a rejected commit
+//!    sends a v5 client a PUBACK/PUBREC with reason 0x97 (quota exceeded) instead and closes a 3.1.1
+//!    connection (3.1.1 has no negative ack: the client retransmits after reconnecting).
+//!
+//! Ordering: only acks are held; other broker→client packets (deliveries to the client as a
+//! subscriber, SUBACK, PINGRESP) pass at once. Acks leave in the order the broker sent them: once one
+//! is held, every later PUBACK/PUBREC queues behind it, even one that needed no commit, because MQTT
+//! requires QoS 1 acks in PUBLISH order (3.1.1 §4.6, 5.0 §4.6). Commits of one connection are
+//! awaited in that order as well.
+//!
+//! Ack matching is race-free without locks: both directions of a connection run in one task, and the
+//! client→broker side registers the packet ids of a batch before it writes the batch's bytes to the
+//! broker, so a broker ack can never be read before its registration is visible.
+//!
+//! Closing: either side closing closes the other; a gone commit pipeline (agent shutting down) or the
+//! `shutdown` token closes every connection. Held acks are then dropped unsent, so clients retransmit.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use shared::mqtt::{
+    self, Ack, AliasError, Connect, DecodeError, FixedHeader, PacketType, ProtocolVersion, Publish,
+    QoS, TopicAliases, CONNACK_UNACCEPTABLE_PROTOCOL, REASON_QUOTA_EXCEEDED,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+/// Read buffers grow in steps of this size; one read can then carry many small packets (a batch).
+const READ_CHUNK: usize = 16 * 1024;
+/// After the client closed, how long the broker side may take to finish (flush its last packets).
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Keep-alive written instead of 0, which rumqttd rejects.
+const KEEP_ALIVE_INSTEAD_OF_ZERO: u16 = u16::MAX;
+
+/// The embedded broker's internal listeners, one per protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstreams {
+    /// MQTT 3.1.1 listener.
+    pub v4: SocketAddr,
+    /// MQTT 5.0 listener.
+    pub v5: SocketAddr,
+}
+
+/// Limits of the front.
+#[derive(Debug, Clone)]
+pub struct FrontOptions {
+    /// Largest packet accepted in either direction; a larger one closes the connection. Should not
+    /// exceed the broker's own limit, so the front rejects first and says why.
+    pub max_packet_size: usize,
+    /// How long a new connection may take to send its CONNECT (idle sockets must not pile up).
+    pub connect_timeout: Duration,
+}
+
+impl Default for FrontOptions {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One PUBLISH the uplink routes selected, as the front saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    /// The message: topic alias-resolved (the `topic_alias` property cleared), payload zero-copy,
+    /// QoS, retain and v5 properties as sent by the client.
+    pub publish: Publish,
+}
+
+/// Why the commit pipeline refused a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CommitRejected {
+    /// The durable queue is full and its overflow policy is `block`.
+    #[error("the outbound queue is full")]
+    QueueFull,
+    /// The disk is full.
+    #[error("the storage is full")]
+    StorageFull,
+    /// The storage failed otherwise (the pipeline logged the cause).
+    #[error("the storage failed")]
+    StorageFailed,
+}
+
+/// A batch of captured messages to commit durably; the front holds the batch's acks until `done`
+/// is answered. Dropping `done` unanswered means the pipeline is gone: the connection is closed.
+#[derive(Debug)]
+pub struct CommitRequest {
+    /// The captured messages, in the order the client sent them.
+    pub messages: Vec<Captured>,
+    /// Answer once the messages are on disk (`Ok`) or will not be (`Err`).
+    pub done: oneshot::Sender<Result<(), CommitRejected>>,
+}
+
+/// Why the front, or one of its connections, ended. Connection errors are logged by the connection
+/// task; only [`FrontError::Accept`] is returned by [`serve`].
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    /// Accepting connections kept failing through the whole back-off (about two minutes).
+    #[error("accepting client connections failed")]
+    Accept {
+        /// The last accept error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading from or writing to the client failed.
+    #[error("client connection failed")]
+    ClientIo {
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The broker's internal listener could not be reached.
+    #[error("cannot connect to the broker at {addr}")]
+    UpstreamConnect {
+        /// The internal listener.
+        addr: SocketAddr,
+        /// The connect error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading from or writing to the broker failed.
+    #[error("broker connection failed")]
+    UpstreamIo {
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The client sent no complete CONNECT within [`FrontOptions::connect_timeout`].
+    #[error("no CONNECT within {after:?}")]
+    ConnectTimeout {
+        /// The timeout that elapsed.
+        after: Duration,
+    },
+    /// The client closed before sending a complete CONNECT.
+    #[error("client closed before CONNECT")]
+    ClosedBeforeConnect,
+    /// The first packet was not a CONNECT.
+    #[error("first packet was {found:?}, not CONNECT")]
+    NotConnect {
+        /// The packet type received.
+        found: PacketType,
+    },
+    /// The client asked for a protocol level the broker does not speak (MQTT 3.1 or unknown); it was
+    /// refused with CONNACK code 1.
+    #[error("unsupported MQTT protocol level {level}")]
+    UnsupportedProtocol {
+        /// The CONNECT protocol level.
+        level: u8,
+    },
+    /// The client sent bytes that are not valid MQTT.
+    #[error("malformed packet from the client")]
+    ClientDecode {
+        /// What was wrong.
+        #[source]
+        source: DecodeError,
+    },
+    /// The broker sent bytes that are not valid MQTT.
+    #[error("malformed packet from the broker")]
+    UpstreamDecode {
+        /// What was wrong.
+        #[source]
+        source: DecodeError,
+    },
+    /// The client misused a v5 topic alias (a protocol error).
+    #[error("topic alias protocol error")]
+    TopicAlias {
+        /// What was wrong.
+        #[source]
+        source: AliasError,
+    },
+    /// The commit pipeline is gone (agent shutting down) or dropped a request unanswered.
+    #[error("the commit pipeline is closed")]
+    CommitPipelineClosed,
+    /// A 3.1.1 client's message could not be committed; 3.1.1 has no negative ack, so the connection is
+    /// closed and the client retransmits after reconnecting.
+    #[error("commit of packet {packet_id} rejected; closing the 3.1.1 connection")]
+    CommitRejected {
+        /// The packet id whose ack was withheld.
+        packet_id: u16,
+        /// Why the commit was refused.
+        #[source]
+        source: CommitRejected,
+    },
+}
+
+/// The topic predicate of the uplink routes: `true` captures the PUBLISH.
+pub type Select = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// What every connection task shares.
+struct Shared {
+    upstreams: Upstreams,
+    select: Select,
+    commits: mpsc::Sender<CommitRequest>,
+    options: FrontOptions,
+}
+
+/// Accepts MQTT clients on `listener` and relays each to the broker listener of its protocol, capturing
+/// the PUBLISH packets `select` accepts into [`CommitRequest`]s on `commits` (see the module docs).
+///
+/// Runs until `shutdown` is cancelled, then closes every connection and returns once their tasks ended.
+///
+/// # Errors
+/// [`FrontError::Accept`] if accepting keeps failing through an exponential back-off (1 s to 64 s, as
+/// mini-redis does); transient errors such as a full file table are retried.
+pub async fn serve(
+    listener: TcpListener,
+    upstreams: Upstreams,
+    select: Select,
+    commits: mpsc::Sender<CommitRequest>,
+    options: FrontOptions,
+    shutdown: CancellationToken,
+) -> Result<(), FrontError> {
+    let shared = Arc::new(Shared {
+        upstreams,
+        select,
+        commits,
+        options,
+    });
+    let connections = shutdown.child_token();
+    let tracker = TaskTracker::new();
+    let result = accept_loop(&listener, &shared, &connections, &tracker).await;
+    connections.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result
+}
+
+async fn accept_loop(
+    listener: &TcpListener,
+    shared: &Arc<Shared>,
+    connections: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<(), FrontError> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let accepted = tokio::select! {
+            () = connections.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_secs(1);
+                let span = tracing::info_span!("front", %peer, client_id = tracing::field::Empty);
+                let shared = Arc::clone(shared);
+                let token = connections.child_token();
+                tracker.spawn(
+                    async move {
+                        match connection(stream, &shared, &token).await {
+                            Ok(()) => debug!("connection closed"),
+                            Err(error) => log_connection_end(&error),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(source) => {
+                if backoff > Duration::from_secs(64) {
+                    return Err(FrontError::Accept { source });
+                }
+                warn!(cause = %source, retry_in = ?backoff, "accepting a client failed");
+                tokio::select! {
+                    () = connections.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff *= 2;
+            }
+        }
+    }
+}
+
+/// Logs why a connection ended, once, at a level that says whether an operator must act.
+fn log_connection_end(error: &FrontError) {
+    match error {
+        FrontError::CommitRejected { .. } => warn!(cause = %error, "closing connection"),
+        FrontError::ClientDecode { source } => {
+            warn!(cause = %source, "closing connection: malformed packet from client");
+        }
+        FrontError::TopicAlias { source } => {
+            warn!(cause = %source, "closing connection: topic alias misuse");
+        }
+        FrontError::UpstreamConnect { .. } | FrontError::UpstreamDecode { .. } => {
+            tracing::error!(cause = %error, "closing connection: broker side failed");
+        }
+        FrontError::CommitPipelineClosed => info!("closing connection: commit pipeline closed"),
+        _ => info!(cause = %error, "connection ended"),
+    }
+}
+
+async fn connection(
+    mut client: TcpStream,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Result<(), FrontError> {
+    let max = shared.options.max_packet_size;
+    let mut from_client = BytesMut::with_capacity(READ_CHUNK);
+    let connect_len = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        read = tokio::time::timeout(
+            shared.options.connect_timeout,
+            read_frame(&mut client, &mut from_client, max),
+        ) => read.map_err(|_| FrontError::ConnectTimeout { after: shared.options.connect_timeout })??,
+    };
+    let header = FixedHeader::parse(&from_client, max)
+        .map_err(|source| FrontError::ClientDecode { source })?;
+    if header.packet_type != PacketType::Connect {
+        return Err(FrontError::NotConnect {
+            found: header.packet_type,
+        });
+    }
+    let connect = Connect::decode(&from_client[..connect_len])
+        .map_err(|source| FrontError::ClientDecode { source })?;
+    tracing::Span::current().record("client_id", connect.client_id.as_str());
+    let (version, upstream_addr) = match connect.version() {
+        Some(ProtocolVersion::V3_1_1) => (ProtocolVersion::V3_1_1, shared.upstreams.v4),
+        Some(ProtocolVersion::V5) => (ProtocolVersion::V5, shared.upstreams.v5),
+        Some(ProtocolVersion::V3_1) | None => {
+            let mut refusal = BytesMut::with_capacity(4);
+            mqtt::encode_connack_refusal(
+                ProtocolVersion::V3_1,
+                CONNACK_UNACCEPTABLE_PROTOCOL,
+                &mut refusal,
+            );
+            client
+                .write_all(&refusal)
+                .await
+                .map_err(|source| FrontError::ClientIo { source })?;
+            // Best effort: the connection is being refused anyway.
+            let _ = client.shutdown().await;
+            return Err(FrontError::UnsupportedProtocol {
+                level: connect.protocol_level,
+            });
+        }
+    };
+    if connect.keep_alive == 0 {
+        // Fixed header, protocol name (2-byte length + name), level, flags, then the keep-alive.
+        let at = header.header_len + 2 + connect.protocol_name.len() + 2;
+        from_client[at..at + 2].copy_from_slice(&KEEP_ALIVE_INSTEAD_OF_ZERO.to_be_bytes());
+    }
+    let upstream =
+        TcpStream::connect(upstream_addr)
+            .await
+            .map_err(|source| FrontError::UpstreamConnect {
+                addr: upstream_addr,
+                source,
+            })?;
+    // Both are best effort: MQTT packets are small and latency matters more than segment count.
+    let _ = upstream.set_nodelay(true);
+    let _ = client.set_nodelay(true);
+    debug!(?version, upstream = %upstream_addr, "relaying");
+
+    let (client_rd, client_wr) = client.into_split();
+    let (upstream_rd, upstream_wr) = upstream.into_split();
+    let (registrations_tx, registrations_rx) = mpsc::unbounded_channel();
+    let up = ClientToBroker {
+        shared,
+        version,
+        aliases: TopicAliases::new(),
+        registrations: registrations_tx,
+    }
+    .run(client_rd, upstream_wr, from_client);
+    let down = BrokerToClient::new(version, max).run(upstream_rd, client_wr, registrations_rx);
+    tokio::pin!(up, down);
+    tokio::select! {
+        () = shutdown.cancelled() => Ok(()),
+        result = &mut down => result,
+        result = &mut up => {
+            result?;
+            // The client closed cleanly: let the broker flush what it still sends, briefly.
+            match tokio::time::timeout(CLOSE_GRACE, down).await {
+                Ok(result) => result,
+                Err(_) => Ok(()),
+            }
+        }
+    }
+}
+
+/// Reads into `buf` until it starts with one complete packet; returns that packet's length.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<usize, FrontError> {
+    loop {
+        match mqtt::frame_len(buf, max) {
+            Ok(len) => return Ok(len),
+            Err(DecodeError::Incomplete) => {}
+            Err(source) => return Err(FrontError::ClientDecode { source }),
+        }
+        buf.reserve(READ_CHUNK);
+        let n = reader
+            .read_buf(buf)
+            .await
+            .map_err(|source| FrontError::ClientIo { source })?;
+        if n == 0 {
+            return Err(FrontError::ClosedBeforeConnect);
+        }
+    }
+}
+
+/// Length of the complete packets at the start of `buf` (0 if none is complete yet).
+fn complete_prefix(buf: &[u8], max: usize) -> Result<usize, DecodeError> {
+    let mut at = 0;
+    loop {
+        match FixedHeader::parse(&buf[at..], max) {
+            Ok(h) if buf.len() - at >= h.frame_len() => at += h.frame_len(),
+            Ok(_) | Err(DecodeError::Incomplete) => return Ok(at),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Iterates over the packets of a chunk made of complete packets, as (offset, header, zero-copy frame).
+fn frames(chunk: &Bytes) -> impl Iterator<Item = (usize, FixedHeader, Bytes)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        // The chunk was validated by `complete_prefix`, so parsing again cannot fail.
+        let header = FixedHeader::parse(&chunk[at..], usize::MAX).ok()?;
+        let start = at;
+        let frame = chunk.slice(start..start + header.frame_len());
+        at += header.frame_len();
+        Some((start, header, frame))
+    })
+}
+
+/// The packet ids of one commit batch whose broker acks must wait for `done`.
+struct Registration {
+    waits: Vec<u16>,
+    done: oneshot::Receiver<Result<(), CommitRejected>>,
+}
+
+/// The client→broker half: relays bytes, captures selected PUBLISHes, sends commit batches.
+struct ClientToBroker<'a> {
+    shared: &'a Shared,
+    version: ProtocolVersion,
+    aliases: TopicAliases,
+    registrations: mpsc::UnboundedSender<Registration>,
+}
+
+impl ClientToBroker<'_> {
+    /// Returns `Ok` when the client closed its side.
+    async fn run<R, W>(
+        mut self,
+        mut client: R,
+        mut upstream: W,
+        mut buf: BytesMut,
+    ) -> Result<(), FrontError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let max = self.shared.options.max_packet_size;
+        loop {
+            let complete =
+                complete_prefix(&buf, max).map_err(|source| FrontError::ClientDecode { source })?;
+            if complete > 0 {
+                let chunk = buf.split_to(complete).freeze();
+                self.relay(chunk, &mut upstream).await?;
+            }
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            let n = client
+                .read_buf(&mut buf)
+                .await
+                .map_err(|source| FrontError::ClientIo { source })?;
+            if n == 0 {
+                // Half-close towards the broker so it sees the end of the stream after the last packet.
+                let _ = upstream.shutdown().await;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Forwards one chunk of complete packets and commits the selected PUBLISHes among them as one batch.
+    async fn relay<W: AsyncWrite + Unpin>(
+        &mut self,
+        chunk: Bytes,
+        upstream: &mut W,
+    ) -> Result<(), FrontError> {
+        let mut messages = Vec::new();
+        let mut waits = Vec::new();
+        for (_, header, frame) in frames(&chunk) {
+            if header.packet_type != PacketType::Publish {
+                continue;
+            }
+            let mut publish = Publish::decode(&frame, self.version)
+                .map_err(|source| FrontError::ClientDecode { source })?;
+            if self.version == ProtocolVersion::V5 {
+                self.aliases
+                    .resolve(&mut publish)
+                    .map_err(|source| FrontError::TopicAlias { source })?;
+            }
+            if !(self.shared.select)(&publish.topic) {
+                continue;
+            }
+            if let (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) =
+                (publish.qos, publish.packet_id)
+            {
+                waits.push(id);
+            }
+            messages.push(Captured { publish });
+        }
+        let done = if messages.is_empty() {
+            None
+        } else {
+            let (done_tx, done_rx) = oneshot::channel();
+            if !waits.is_empty() {
+                // Registered before the bytes reach the broker: its ack cannot overtake this.
+                // A send error means the broker half ended; the connection is closing anyway.
+                let _ = self.registrations.send(Registration {
+                    waits,
+                    done: done_rx,
+                });
+            }
+            Some(done_tx)
+        };
+        upstream
+            .write_all(&chunk)
+            .await
+            .map_err(|source| FrontError::UpstreamIo { source })?;
+        if let Some(done) = done {
+            debug!(messages = messages.len(), "commit batch");
+            self.shared
+                .commits
+                .send(CommitRequest { messages, done })
+                .await
+                .map_err(|_| FrontError::CommitPipelineClosed)?;
+        }
+        Ok(())
+    }
+}
+
+/// A broker ack waiting to be sent to the client.
+struct HeldAck {
+    /// The commit batch it waits on; `None` if it only waits behind earlier held acks.
+    batch: Option<u64>,
+    ack: Ack,
+    frame: Bytes,
+}
+
+/// A commit batch the broker→client half waits on.
+struct Batch {
+    done: oneshot::Receiver<Result<(), CommitRejected>>,
+    outcome: Option<Result<(), CommitRejected>>,
+    /// Held or expected acks that still refer to this batch; it is forgotten at 0.
+    refs: usize,
+}
+
+/// The broker→client half: relays bytes, holding acks of uncommitted packets.
+struct BrokerToClient {
+    version: ProtocolVersion,
+    max: usize,
+    /// Packet id → batch, for captured packets whose broker ack has not arrived yet.
+    waiting: HashMap<u16, u64>,
+    batches: HashMap<u64, Batch>,
+    next_batch: u64,
+    held: VecDeque<HeldAck>,
+    out: BytesMut,
+}
+
+impl BrokerToClient {
+    fn new(version: ProtocolVersion, max: usize) -> Self {
+        Self {
+            version,
+            max,
+            waiting: HashMap::new(),
+            batches: HashMap::new(),
+            next_batch: 0,
+            held: VecDeque::new(),
+            out: BytesMut::new(),
+        }
+    }
+
+    /// Returns `Ok` when the broker closed its side.
+    async fn run<R, W>(
+        mut self,
+        mut upstream: R,
+        mut client: W,
+        mut registrations: mpsc::UnboundedReceiver<Registration>,
+    ) -> Result<(), FrontError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut registrations_open = true;
+        loop {
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            let front_batch = self.held.front().and_then(|h| h.batch).filter(|b| {
+                self.batches
+                    .get(b)
+                    .is_some_and(|batch| batch.outcome.is_none())
+            });
+            let batches = &mut self.batches;
+            let wait_front = async {
+                match front_batch.and_then(|b| batches.get_mut(&b)) {
+                    Some(batch) => (&mut batch.done).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = upstream.read_buf(&mut buf) => {
+                    let n = read.map_err(|source| FrontError::UpstreamIo { source })?;
+                    if n == 0 {
+                        let _ = client.shutdown().await;
+                        return Ok(());
+                    }
+                    // Every registration sent before the bytes we just read is visible now.
+                    while let Ok(registration) = registrations.try_recv() {
+                        self.register(registration);
+                    }
+                    let complete = complete_prefix(&buf, self.max)
+                        .map_err(|source| FrontError::UpstreamDecode { source })?;
+                    if complete > 0 {
+                        let chunk = buf.split_to(complete).freeze();
+                        if let Some(direct) = self.route(chunk)? {
+                            client.write_all(&direct).await.map_err(|source| FrontError::ClientIo { source })?;
+                        }
+                    }
+                }
+                registration = registrations.recv(), if registrations_open => match registration {
+                    Some(registration) => self.register(registration),
+                    None => registrations_open = false,
+                },
+                outcome = wait_front => {
+                    let b = front_batch.expect("invariant: wait_front only resolves for a front batch");
+                    let outcome = outcome.map_err(|_| FrontError::CommitPipelineClosed)?;
+                    if let Some(batch) = self.batches.get_mut(&b) {
+                        batch.outcome = Some(outcome);
+                    }
+                }
+            }
+            // Acks released before a rejection still go out (they were committed).
+            let released = self.release();
+            if !self.out.is_empty() {
+                client
+                    .write_all(&self.out)
+                    .await
+                    .map_err(|source| FrontError::ClientIo { source })?;
+                self.out.clear();
+            }
+            released?;
+        }
+    }
+
+    fn register(&mut self, registration: Registration) {
+        let id = self.next_batch;
+        self.next_batch += 1;
+        let refs = registration.waits.len();
+        let batch = Batch {
+            done: registration.done,
+            outcome: None,
+            refs,
+        };
+        self.batches.insert(id, batch);
+        for &packet_id in &registration.waits {
+            if let Some(older) = self.waiting.insert(packet_id, id) {
+                // The client reused a packet id before its ack (possibly within this batch): the
+                // newest registration covers it, the older one no longer expects that ack.
+                self.unref(older);
+            }
+        }
+    }
+
+    fn unref(&mut self, batch: u64) {
+        if let Some(b) = self.batches.get_mut(&batch) {
+            b.refs = b.refs.saturating_sub(1);
+            if b.refs == 0 {
+                self.batches.remove(&batch);
+            }
+        }
+    }
+
+    /// Sorts a chunk of broker packets into held acks and pass-through bytes. Returns the chunk itself
+    /// when nothing is held (the common case: no copy), else copies pass-through packets to `out`.
+    fn route(&mut self, chunk: Bytes) -> Result<Option<Bytes>, FrontError> {
+        let mut held_any = false;
+        for (start, header, frame) in frames(&chunk) {
+            let is_ack = matches!(header.packet_type, PacketType::Puback | PacketType::Pubrec);
+            if is_ack {
+                let ack = Ack::decode(&frame, self.version)
+                    .map_err(|source| FrontError::UpstreamDecode { source })?;
+                let batch = self.waiting.remove(&ack.packet_id);
+                if batch.is_some() || !self.held.is_empty() {
+                    if !held_any {
+                        // Packets before this one in the chunk pass unchanged.
+                        held_any = true;
+                        self.out.extend_from_slice(&chunk[..start]);
+                    }
+                    self.held.push_back(HeldAck { batch, ack, frame });
+                    continue;
+                }
+            }
+            if held_any {
+                self.out.extend_from_slice(&frame);
+            }
+        }
+        Ok((!held_any).then_some(chunk))
+    }
+
+    /// Moves held acks whose commits finished, in order, to `out`.
+    fn release(&mut self) -> Result<(), FrontError> {
+        while let Some(front) = self.held.front() {
+            let outcome = match front.batch {
+                None => Ok(()),
+                Some(b) => match self.batches.get(&b).and_then(|batch| batch.outcome) {
+                    Some(outcome) => outcome,
+                    None => return Ok(()),
+                },
+            };
+            let HeldAck { batch, ack, frame } =
+                self.held.pop_front().expect("invariant: front() was Some");
+            if let Some(b) = batch {
+                self.unref(b);
+            }
+            match outcome {
+                Ok(()) => self.out.extend_from_slice(&frame),
+                Err(source) if self.version == ProtocolVersion::V5 => {
+                    warn!(packet_id = ack.packet_id, cause = %source, "commit rejected; answering quota exceeded");
+                    mqtt::encode_ack(
+                        ack.kind,
+                        ack.packet_id,
+                        REASON_QUOTA_EXCEEDED,
+                        self.version,
+                        &mut self.out,
+                    );
+                }
+                Err(source) => {
+                    return Err(FrontError::CommitRejected {
+                        packet_id: ack.packet_id,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}

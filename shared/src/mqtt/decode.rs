@@ -1,0 +1,420 @@
+//! Splitting a byte stream into MQTT packets and decoding the packets the front needs.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{
+    Ack, AckKind, Connect, DecodeError, PacketType, ProtocolVersion, Publish, PublishProperties,
+    QoS,
+};
+
+/// The fixed header of an MQTT packet: first byte plus remaining-length varint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedHeader {
+    /// Packet type from the 4 high bits.
+    pub packet_type: PacketType,
+    /// The 4 low bits of the first byte (PUBLISH: DUP, QoS, RETAIN).
+    pub flags: u8,
+    /// Bytes taken by the fixed header itself (2 to 5).
+    pub header_len: usize,
+    /// Bytes that follow the fixed header.
+    pub remaining_len: usize,
+}
+
+impl FixedHeader {
+    /// Decodes the fixed header at the start of `buf`, without needing the body.
+    ///
+    /// `max_packet_size` bounds the whole packet (header included), so a peer cannot make the caller
+    /// buffer more than that before the check fails: the size is known once the varint is read.
+    ///
+    /// # Errors
+    /// [`DecodeError::Incomplete`] if `buf` ends inside the fixed header; [`DecodeError::PacketTooLarge`],
+    /// [`DecodeError::RemainingLengthTooLong`], [`DecodeError::ReservedPacketType`],
+    /// [`DecodeError::InvalidFlags`] or [`DecodeError::InvalidQoS`] for malformed headers.
+    pub fn parse(buf: &[u8], max_packet_size: usize) -> Result<Self, DecodeError> {
+        let &byte = buf.first().ok_or(DecodeError::Incomplete)?;
+        let packet_type =
+            PacketType::from_code(byte >> 4).ok_or(DecodeError::ReservedPacketType { byte })?;
+        let flags = byte & 0x0f;
+        check_flags(packet_type, flags)?;
+
+        let mut remaining_len = 0usize;
+        let mut shift = 0u32;
+        let mut pos = 1;
+        loop {
+            if pos > 4 {
+                return Err(DecodeError::RemainingLengthTooLong);
+            }
+            let &b = buf.get(pos).ok_or(DecodeError::Incomplete)?;
+            remaining_len |= usize::from(b & 0x7f) << shift;
+            pos += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let size = pos + remaining_len;
+        if size > max_packet_size {
+            return Err(DecodeError::PacketTooLarge {
+                size,
+                max: max_packet_size,
+            });
+        }
+        Ok(Self {
+            packet_type,
+            flags,
+            header_len: pos,
+            remaining_len,
+        })
+    }
+
+    /// Total packet length: fixed header plus remaining length.
+    #[must_use]
+    pub const fn frame_len(&self) -> usize {
+        self.header_len + self.remaining_len
+    }
+}
+
+fn check_flags(packet_type: PacketType, flags: u8) -> Result<(), DecodeError> {
+    let ok = match packet_type {
+        PacketType::Publish => {
+            if (flags >> 1) & 0b11 == 0b11 {
+                return Err(DecodeError::InvalidQoS);
+            }
+            true
+        }
+        PacketType::Pubrel | PacketType::Subscribe | PacketType::Unsubscribe => flags == 0b0010,
+        _ => flags == 0,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(DecodeError::InvalidFlags { packet_type, flags })
+    }
+}
+
+/// Length of the complete packet at the start of `buf`.
+///
+/// # Errors
+/// [`DecodeError::Incomplete`] unless the whole packet is in `buf`; otherwise as [`FixedHeader::parse`].
+pub fn frame_len(buf: &[u8], max_packet_size: usize) -> Result<usize, DecodeError> {
+    let header = FixedHeader::parse(buf, max_packet_size)?;
+    if buf.len() < header.frame_len() {
+        return Err(DecodeError::Incomplete);
+    }
+    Ok(header.frame_len())
+}
+
+/// Removes the complete packet at the start of `buf` and returns it with its header. Zero-copy: the
+/// returned bytes share `buf`'s allocation. `buf` is untouched on error.
+///
+/// # Errors
+/// As [`frame_len`].
+pub fn split_frame(
+    buf: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<(FixedHeader, Bytes), DecodeError> {
+    let header = FixedHeader::parse(buf, max_packet_size)?;
+    if buf.len() < header.frame_len() {
+        return Err(DecodeError::Incomplete);
+    }
+    Ok((header, buf.split_to(header.frame_len()).freeze()))
+}
+
+/// Checks that `frame` starts with a complete packet of type `expected`; returns its header.
+fn expect_frame(frame: &[u8], expected: PacketType) -> Result<FixedHeader, DecodeError> {
+    let header = FixedHeader::parse(frame, usize::MAX)?;
+    if frame.len() < header.frame_len() {
+        return Err(DecodeError::Incomplete);
+    }
+    if header.packet_type != expected {
+        return Err(DecodeError::UnexpectedPacket {
+            expected,
+            found: header.packet_type,
+        });
+    }
+    Ok(header)
+}
+
+/// A bounds-checked cursor over a packet body. Every read names its field for errors.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    const fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    const fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, field: &'static str) -> Result<Range<usize>, DecodeError> {
+        if self.remaining() < n {
+            return Err(DecodeError::Truncated { field });
+        }
+        let range = self.pos..self.pos + n;
+        self.pos += n;
+        Ok(range)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        let r = self.take(1, field)?;
+        Ok(self.buf[r.start])
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+        let r = self.take(2, field)?;
+        Ok(u16::from_be_bytes([
+            self.buf[r.start],
+            self.buf[r.start + 1],
+        ]))
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        let r = self.take(4, field)?;
+        let b = &self.buf[r];
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// Length-prefixed binary data; returns its range in the body.
+    fn binary(&mut self, field: &'static str) -> Result<Range<usize>, DecodeError> {
+        let len = self.u16(field)?;
+        self.take(usize::from(len), field)
+    }
+
+    /// Length-prefixed UTF-8 string without U+0000.
+    fn string(&mut self, field: &'static str) -> Result<&'a str, DecodeError> {
+        let r = self.binary(field)?;
+        let s =
+            std::str::from_utf8(&self.buf[r]).map_err(|_| DecodeError::InvalidUtf8 { field })?;
+        if s.contains('\0') {
+            return Err(DecodeError::ForbiddenCharacter { field });
+        }
+        Ok(s)
+    }
+
+    /// Variable-byte integer (at most 4 bytes).
+    fn varint(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        let mut value = 0u32;
+        for i in 0..4 {
+            let b = self.u8(field)?;
+            value |= u32::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(DecodeError::VarIntTooLong { field })
+    }
+
+    /// Skips a v5 property block (length varint + properties) without decoding it.
+    fn skip_properties(&mut self) -> Result<(), DecodeError> {
+        let len = self.varint("property length")?;
+        let len = usize::try_from(len).map_err(|_| DecodeError::Truncated {
+            field: "properties",
+        })?;
+        self.take(len, "properties").map(drop)
+    }
+}
+
+impl Connect {
+    /// Decodes the CONNECT at the start of `frame` (fixed header included). Reads the fields up to the
+    /// client id; will, username and password are left for the broker.
+    ///
+    /// # Errors
+    /// [`DecodeError::Incomplete`] if `frame` holds less than the whole packet,
+    /// [`DecodeError::UnexpectedPacket`] for another packet type, or a malformed-field variant.
+    pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
+        let header = expect_frame(frame, PacketType::Connect)?;
+        let mut r = Reader::new(&frame[header.header_len..header.frame_len()]);
+        let protocol_name = r.string("protocol name")?;
+        if protocol_name != "MQTT" && protocol_name != "MQIsdp" {
+            return Err(DecodeError::UnknownProtocolName {
+                name: protocol_name.to_owned(),
+            });
+        }
+        let protocol_level = r.u8("protocol level")?;
+        let flags = r.u8("connect flags")?;
+        let keep_alive = r.u16("keep alive")?;
+        if protocol_level == ProtocolVersion::V5.level() {
+            r.skip_properties()?;
+        }
+        let client_id = r.string("client id")?;
+        Ok(Self {
+            protocol_name: protocol_name.to_owned(),
+            protocol_level,
+            client_id: client_id.to_owned(),
+            keep_alive,
+            clean_start: flags & 0b10 != 0,
+        })
+    }
+}
+
+impl Publish {
+    /// Decodes the PUBLISH at the start of `frame` (fixed header included) as sent with protocol
+    /// `version`. The payload and correlation data are slices of `frame` (zero-copy). The topic is not
+    /// alias-resolved: see [`super::TopicAliases`].
+    ///
+    /// # Errors
+    /// [`DecodeError::Incomplete`] if `frame` holds less than the whole packet,
+    /// [`DecodeError::UnexpectedPacket`] for another packet type, or a malformed-field variant.
+    pub fn decode(frame: &Bytes, version: ProtocolVersion) -> Result<Self, DecodeError> {
+        let header = expect_frame(frame, PacketType::Publish)?;
+        let body = frame.slice(header.header_len..header.frame_len());
+        let mut r = Reader::new(&body);
+        let qos = QoS::from_code((header.flags >> 1) & 0b11).ok_or(DecodeError::InvalidQoS)?;
+        let topic = r.string("topic name")?;
+        if topic.contains(['+', '#']) {
+            return Err(DecodeError::ForbiddenCharacter {
+                field: "topic name",
+            });
+        }
+        let topic = topic.to_owned();
+        let packet_id = if qos == QoS::AtMostOnce {
+            None
+        } else {
+            match r.u16("packet identifier")? {
+                0 => return Err(DecodeError::ZeroPacketId),
+                id => Some(id),
+            }
+        };
+        let properties = if version.has_properties() {
+            let len = r.varint("property length")?;
+            let len = usize::try_from(len).map_err(|_| DecodeError::Truncated {
+                field: "properties",
+            })?;
+            let range = r.take(len, "properties")?;
+            decode_publish_properties(&body.slice(range))?
+        } else {
+            PublishProperties::default()
+        };
+        Ok(Self {
+            dup: header.flags & 0b1000 != 0,
+            qos,
+            retain: header.flags & 0b0001 != 0,
+            topic,
+            packet_id,
+            properties,
+            payload: body.slice(r.pos..),
+        })
+    }
+}
+
+fn set_once<T>(slot: &mut Option<T>, id: u8, value: T) -> Result<(), DecodeError> {
+    if slot.is_some() {
+        return Err(DecodeError::DuplicateProperty { id });
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn decode_publish_properties(block: &Bytes) -> Result<PublishProperties, DecodeError> {
+    let mut props = PublishProperties::default();
+    let mut r = Reader::new(block);
+    while r.remaining() > 0 {
+        let id = r.u8("property identifier")?;
+        match id {
+            0x01 => {
+                let v = r.u8("payload format indicator")?;
+                if v > 1 {
+                    return Err(DecodeError::InvalidPropertyValue { id });
+                }
+                set_once(&mut props.payload_format_indicator, id, v)?;
+            }
+            0x02 => {
+                let v = r.u32("message expiry interval")?;
+                set_once(&mut props.message_expiry_interval, id, v)?;
+            }
+            0x03 => {
+                let v = r.string("content type")?.to_owned();
+                set_once(&mut props.content_type, id, v)?;
+            }
+            0x08 => {
+                let v = r.string("response topic")?;
+                if v.contains(['+', '#']) {
+                    return Err(DecodeError::ForbiddenCharacter {
+                        field: "response topic",
+                    });
+                }
+                set_once(&mut props.response_topic, id, v.to_owned())?;
+            }
+            0x09 => {
+                let range = r.binary("correlation data")?;
+                set_once(&mut props.correlation_data, id, block.slice(range))?;
+            }
+            0x0B => {
+                let v = r.varint("subscription identifier")?;
+                if v == 0 {
+                    return Err(DecodeError::InvalidPropertyValue { id });
+                }
+                props.subscription_identifiers.push(v);
+            }
+            0x23 => {
+                let v = r.u16("topic alias")?;
+                if v == 0 {
+                    return Err(DecodeError::InvalidPropertyValue { id });
+                }
+                set_once(&mut props.topic_alias, id, v)?;
+            }
+            0x26 => {
+                let name = r.string("user property name")?.to_owned();
+                let value = r.string("user property value")?.to_owned();
+                props.user_properties.push((name, value));
+            }
+            _ => return Err(DecodeError::InvalidProperty { id }),
+        }
+    }
+    Ok(props)
+}
+
+impl Ack {
+    /// Decodes the PUBACK or PUBREC at the start of `frame` (fixed header included). v5 reason
+    /// strings and user properties are skipped: the front only matches packet ids.
+    ///
+    /// # Errors
+    /// [`DecodeError::Incomplete`] if `frame` holds less than the whole packet,
+    /// [`DecodeError::UnexpectedPacket`] if it is neither PUBACK nor PUBREC, or a malformed-field variant.
+    pub fn decode(frame: &[u8], version: ProtocolVersion) -> Result<Self, DecodeError> {
+        let header = FixedHeader::parse(frame, usize::MAX)?;
+        let kind = match header.packet_type {
+            PacketType::Puback => AckKind::Puback,
+            PacketType::Pubrec => AckKind::Pubrec,
+            found => {
+                return Err(DecodeError::UnexpectedPacket {
+                    expected: PacketType::Puback,
+                    found,
+                })
+            }
+        };
+        if frame.len() < header.frame_len() {
+            return Err(DecodeError::Incomplete);
+        }
+        let mut r = Reader::new(&frame[header.header_len..header.frame_len()]);
+        let packet_id = r.u16("packet identifier")?;
+        if packet_id == 0 {
+            return Err(DecodeError::ZeroPacketId);
+        }
+        let mut reason = 0;
+        if version.has_properties() {
+            if r.remaining() > 0 {
+                reason = r.u8("reason code")?;
+            }
+            if r.remaining() > 0 {
+                r.skip_properties()?;
+            }
+        }
+        if r.remaining() > 0 {
+            return Err(DecodeError::TrailingBytes {
+                extra: r.remaining(),
+            });
+        }
+        Ok(Self {
+            kind,
+            packet_id,
+            reason,
+        })
+    }
+}

@@ -1,0 +1,169 @@
+//! Encoders for the packets the front writes itself (acks, CONNACK refusals) and for PUBLISH, which
+//! the cloud side and the round-trip property tests need.
+
+use bytes::{BufMut, BytesMut};
+
+use super::{
+    AckKind, EncodeError, ProtocolVersion, Publish, PublishProperties, QoS, MAX_REMAINING_LENGTH,
+};
+
+/// Bytes a variable-byte integer of `value` takes.
+const fn varint_len(value: usize) -> usize {
+    match value {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// Writes `value` (at most [`MAX_REMAINING_LENGTH`]) as a variable-byte integer.
+fn put_varint(out: &mut BytesMut, mut value: usize) {
+    loop {
+        // Truncation intended: the low 7 bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let mut byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if value == 0 {
+            return;
+        }
+    }
+}
+
+fn check_len(field: &'static str, len: usize) -> Result<u16, EncodeError> {
+    u16::try_from(len).map_err(|_| EncodeError::FieldTooLong { field, len })
+}
+
+fn put_binary(out: &mut BytesMut, field: &'static str, bytes: &[u8]) -> Result<(), EncodeError> {
+    out.put_u16(check_len(field, bytes.len())?);
+    out.put_slice(bytes);
+    Ok(())
+}
+
+fn encode_publish_properties(
+    props: &PublishProperties,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    if let Some(v) = props.payload_format_indicator {
+        out.put_u8(0x01);
+        out.put_u8(v);
+    }
+    if let Some(v) = props.message_expiry_interval {
+        out.put_u8(0x02);
+        out.put_u32(v);
+    }
+    if let Some(v) = &props.content_type {
+        out.put_u8(0x03);
+        put_binary(out, "content type", v.as_bytes())?;
+    }
+    if let Some(v) = &props.response_topic {
+        out.put_u8(0x08);
+        put_binary(out, "response topic", v.as_bytes())?;
+    }
+    if let Some(v) = &props.correlation_data {
+        out.put_u8(0x09);
+        put_binary(out, "correlation data", v)?;
+    }
+    for &id in &props.subscription_identifiers {
+        if id == 0 || id as usize > MAX_REMAINING_LENGTH {
+            return Err(EncodeError::SubscriptionIdentifierOutOfRange { value: id });
+        }
+        out.put_u8(0x0B);
+        put_varint(out, id as usize);
+    }
+    if let Some(v) = props.topic_alias {
+        out.put_u8(0x23);
+        out.put_u16(v);
+    }
+    for (name, value) in &props.user_properties {
+        out.put_u8(0x26);
+        put_binary(out, "user property name", name.as_bytes())?;
+        put_binary(out, "user property value", value.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Appends `publish` encoded for protocol `version` to `out`. Properties are written only for v5.
+///
+/// # Errors
+/// [`EncodeError`] when a field does not fit MQTT's limits or the packet id does not match the QoS.
+/// `out` may then hold a partial packet: truncate it back if it is reused.
+pub fn encode_publish(
+    publish: &Publish,
+    version: ProtocolVersion,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    match (publish.qos, publish.packet_id) {
+        (QoS::AtMostOnce, None) => {}
+        (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) if id != 0 => {}
+        (qos, packet_id) => return Err(EncodeError::PacketIdMismatch { qos, packet_id }),
+    }
+    let topic_len = check_len("topic name", publish.topic.len())?;
+    let mut props = BytesMut::new();
+    if version.has_properties() {
+        encode_publish_properties(&publish.properties, &mut props)?;
+    }
+    let props_len = if version.has_properties() {
+        varint_len(props.len()) + props.len()
+    } else {
+        0
+    };
+    let id_len = if publish.packet_id.is_some() { 2 } else { 0 };
+    let remaining = 2 + publish.topic.len() + id_len + props_len + publish.payload.len();
+    if remaining > MAX_REMAINING_LENGTH {
+        return Err(EncodeError::PacketTooLarge { len: remaining });
+    }
+    let flags =
+        (u8::from(publish.dup) << 3) | ((publish.qos as u8) << 1) | u8::from(publish.retain);
+    out.reserve(1 + varint_len(remaining) + remaining);
+    out.put_u8(0x30 | flags);
+    put_varint(out, remaining);
+    out.put_u16(topic_len);
+    out.put_slice(publish.topic.as_bytes());
+    if let Some(id) = publish.packet_id {
+        out.put_u16(id);
+    }
+    if version.has_properties() {
+        put_varint(out, props.len());
+        out.put_slice(&props);
+    }
+    out.put_slice(&publish.payload);
+    Ok(())
+}
+
+/// Appends a PUBACK or PUBREC for `packet_id` to `out`.
+///
+/// For v5 a non-zero `reason` is written (e.g. [`super::REASON_QUOTA_EXCEEDED`]); success is written in
+/// the short 2-byte form. Before v5 there is no reason code on the wire and `reason` is ignored, which
+/// is why the front closes a 3.1.1 connection instead of reporting a failed commit.
+pub fn encode_ack(
+    kind: AckKind,
+    packet_id: u16,
+    reason: u8,
+    version: ProtocolVersion,
+    out: &mut BytesMut,
+) {
+    let first = (kind.packet_type() as u8) << 4;
+    if version.has_properties() && reason != 0 {
+        out.put_slice(&[first, 3]);
+        out.put_u16(packet_id);
+        out.put_u8(reason);
+    } else {
+        out.put_slice(&[first, 2]);
+        out.put_u16(packet_id);
+    }
+}
+
+/// Appends a CONNACK refusing the connection with return/reason `code` to `out`, in the format a client
+/// of `version` expects (3.1 and 3.1.1: 2-byte body; 5.0: with an empty property block).
+pub fn encode_connack_refusal(version: ProtocolVersion, code: u8, out: &mut BytesMut) {
+    if version.has_properties() {
+        out.put_slice(&[0x20, 3, 0, code, 0]);
+    } else {
+        out.put_slice(&[0x20, 2, 0, code]);
+    }
+}
