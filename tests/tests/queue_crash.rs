@@ -25,7 +25,9 @@ fn every_acknowledged_append_survives_sigkill() {
     let mut max_acked = 0u64;
     let mut recoveries = 0;
     for round in 0..KILLS {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut child = Command::new(env!("CARGO_BIN_EXE_queue-writer"))
             .arg(&path)
             .arg((seed >> 1).to_string())
@@ -45,7 +47,9 @@ fn every_acknowledged_append_survives_sigkill() {
         });
         // Let it make progress first (opening after a crash includes recovery), then kill it at a random
         // moment: 5 to 200 ms after its first acknowledged append.
-        let first = rx.recv_timeout(Duration::from_secs(30)).expect("writer made no progress");
+        let first = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("writer made no progress");
         let mut lines = vec![first];
         let deadline = Instant::now() + Duration::from_millis(5 + (seed >> 33) % 195);
         while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -76,12 +80,30 @@ fn every_acknowledged_append_survives_sigkill() {
             "round {round}: acknowledged seq {max_appended} missing (next_seq {})",
             s.next_seq
         );
-        assert!(s.acked <= max_acked, "round {round}: watermark {} beyond any ack {max_acked}", s.acked);
+        assert!(
+            s.acked <= max_acked,
+            "round {round}: watermark {} beyond any ack {max_acked}",
+            s.acked
+        );
         let all = q.read(0, usize::MAX, usize::MAX).expect("read back");
-        assert_eq!(all.first().map(|e| e.seq), Some(s.acked + 1), "round {round}: first stored seq");
+        assert_eq!(
+            all.first().map(|e| e.seq),
+            Some(s.acked + 1),
+            "round {round}: first stored seq"
+        );
         for (i, e) in all.iter().enumerate() {
-            assert_eq!(e.seq, s.acked + 1 + i as u64, "round {round}: gap or reorder at {}", e.seq);
-            assert_eq!(e.body.as_ref(), crash_body(e.seq).as_slice(), "round {round}: body of {}", e.seq);
+            assert_eq!(
+                e.seq,
+                s.acked + 1 + i as u64,
+                "round {round}: gap or reorder at {}",
+                e.seq
+            );
+            assert_eq!(
+                e.body.as_ref(),
+                crash_body(e.seq).as_slice(),
+                "round {round}: body of {}",
+                e.seq
+            );
         }
         assert!(all.last().map_or(0, |e| e.seq) >= max_appended);
     }

@@ -53,6 +53,14 @@ impl Queue for MemQueue {
         now_ms: u64,
     ) -> Result<AppendOutcome, QueueError> {
         let mut inner = self.lock();
+        if bodies.is_empty() {
+            let next = inner.ledger.next_seq;
+            return Ok(AppendOutcome {
+                first_seq: next,
+                last_seq: next - 1,
+                dropped: 0,
+            });
+        }
         let cost = batch_cost(bodies);
         let removal = inner.ledger.make_room(cost, &self.limits)?;
         let acked = inner.ledger.acked;

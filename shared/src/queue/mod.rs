@@ -177,7 +177,8 @@ pub enum QueueError {
 /// Methods take `&self`: the agent appends from its ingest task while the uplink task reads and acks.
 /// Time is always a parameter (unix milliseconds), never read from a clock.
 pub trait Queue {
-    /// Appends `bodies` as one batch, all or nothing, and returns once the batch is durable.
+    /// Appends `bodies` as one batch, all or nothing, and returns once the batch is durable. An empty batch
+    /// stores nothing, costs nothing and always succeeds.
     fn append<B: AsRef<[u8]>>(
         &self,
         bodies: &[B],

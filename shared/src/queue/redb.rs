@@ -63,15 +63,15 @@ pub struct RedbQueue {
     writer: Mutex<Writer>,
     /// The watermark as of the last commit, for readers (who do not take the writer lock).
     acked: AtomicU64,
+    /// Set when a write transaction failed: redb's handle then refuses every operation (`PreviousIo`) and
+    /// the ledger may be ahead of the disk, so both are reloaded before the next operation, read or write.
+    poisoned: AtomicBool,
     repaired_on_open: bool,
 }
 
 #[derive(Debug)]
 struct Writer {
     ledger: Ledger,
-    /// Set when a write transaction failed: redb's handle is then unusable and the ledger may be ahead of
-    /// the disk, so both are reloaded before the next operation.
-    poisoned: bool,
     /// Reused record buffer, so an append does not allocate.
     scratch: Vec<u8>,
 }
@@ -90,9 +90,9 @@ impl RedbQueue {
             db: RwLock::new(Some(Arc::new(db))),
             writer: Mutex::new(Writer {
                 ledger,
-                poisoned: false,
                 scratch: Vec::new(),
             }),
+            poisoned: AtomicBool::new(false),
             repaired_on_open: repaired,
         })
     }
@@ -131,7 +131,7 @@ impl RedbQueue {
 
     /// Reopens the file after a failed write and reloads the ledger from what is committed.
     fn recover(&self, w: &mut Writer) -> Result<(), QueueError> {
-        if !w.poisoned {
+        if !self.poisoned.load(Ordering::Acquire) {
             return Ok(());
         }
         let db = {
@@ -148,7 +148,7 @@ impl RedbQueue {
         let (ledger, _) = load(&self.path, &db)?;
         self.acked.store(ledger.acked, Ordering::Release);
         w.ledger = ledger;
-        w.poisoned = false;
+        self.poisoned.store(false, Ordering::Release);
         tracing::info!(path = %self.path.display(), "queue reopened after a failed write");
         Ok(())
     }
@@ -177,7 +177,7 @@ impl RedbQueue {
             Ok(())
         })();
         result.map_err(|e| {
-            w.poisoned = true;
+            self.poisoned.store(true, Ordering::Release);
             self.error(e)
         })
     }
@@ -408,6 +408,10 @@ impl Queue for RedbQueue {
         let mut out = Vec::new();
         if max_messages == 0 {
             return Ok(out);
+        }
+        if self.poisoned.load(Ordering::Acquire) {
+            let mut w = self.lock();
+            self.recover(&mut w)?;
         }
         let start = from.max(self.acked.load(Ordering::Acquire) + 1);
         let db = self.db()?;
