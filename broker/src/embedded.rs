@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::front::Upstreams;
+use crate::front::Upstreams;
 
 /// `EnvFilter` directives that silence rumqttd's per-connection noise (`router-drop` on every normal
 /// disconnect) and its router chatter, e.g. `EnvFilter::new(format!("info,{QUIET_RUMQTTD_LOGS}"))`.

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use edge_agent::broker::embedded::{EmbeddedBroker, EmbeddedSettings};
-use edge_agent::broker::front::{self, CommitRejected, CommitRequest, FrontError, FrontOptions};
+use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
+use meshbridge_broker::front::{self, CommitRejected, CommitRequest, FrontError, FrontOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
