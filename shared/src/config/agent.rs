@@ -95,7 +95,8 @@ pub struct QueueConfig {
     /// Messages older than this are dropped unsent (and counted): data that old is assumed worthless.
     #[serde(default = "default_queue_max_age", with = "humantime_serde")]
     pub max_age: Duration,
-    /// What to do when the queue is full.
+    /// What to do when the queue is full: `block` stops acknowledging publishers (nothing is lost, producers
+    /// may stall); `drop-oldest` drops the oldest queued messages to make room (counted, never silent).
     #[serde(default)]
     pub full_policy: FullPolicy,
 }
@@ -110,16 +111,8 @@ impl Default for QueueConfig {
     }
 }
 
-/// Behaviour of a full queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FullPolicy {
-    /// Stop acknowledging the site broker, pushing back on publishers: nothing is lost, producers may stall.
-    #[default]
-    Block,
-    /// Drop the oldest queued messages to make room: producers never stall, old data is lost (and counted).
-    DropOldest,
-}
+/// Behaviour of a full queue: the queue's own policy type, so config and queue cannot drift apart.
+pub use crate::queue::FullPolicy;
 
 /// One uplink route: local messages matching `filter` are queued and sent to the hub.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,5 +324,16 @@ impl Model for AgentConfig {
 
     fn check(&self) -> Result<(), Vec<FieldError>> {
         self.validate()
+    }
+}
+
+impl QueueConfig {
+    /// The queue limits this config describes.
+    pub fn limits(&self) -> crate::queue::QueueLimits {
+        crate::queue::QueueLimits {
+            max_bytes: self.max_bytes.0,
+            max_age: Some(self.max_age),
+            full_policy: self.full_policy,
+        }
     }
 }
