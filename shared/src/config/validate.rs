@@ -12,6 +12,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::units::ByteSize;
+use crate::topic::{validate_site_name, Namespace, SiteNameProblem, TopicError, TopicFilter};
 
 /// One problem found by `validate()`: the key it concerns and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -293,99 +294,56 @@ impl Report {
     }
 }
 
-const MQTT_MAX_STRING: usize = 65_535;
-
-fn check_common(text: &str) -> Result<(), TopicTextError> {
-    if text.is_empty() {
-        Err(TopicTextError::Empty)
-    } else if text.len() > MQTT_MAX_STRING {
-        Err(TopicTextError::TooLong { len: text.len() })
-    } else if text.contains('\0') {
-        Err(TopicTextError::ContainsNul)
-    } else {
-        Ok(())
+impl From<TopicError> for TopicTextError {
+    fn from(e: TopicError) -> Self {
+        match e {
+            TopicError::Empty => Self::Empty,
+            TopicError::TooLong { len, .. } => Self::TooLong { len },
+            TopicError::ContainsNul { .. } => Self::ContainsNul,
+            TopicError::WildcardInName { .. } => Self::Wildcard,
+            TopicError::MisplacedWildcard { wildcard: '#', .. } => {
+                Self::MisplacedMultiLevelWildcard
+            }
+            TopicError::MisplacedWildcard { .. } => Self::MisplacedSingleLevelWildcard,
+            TopicError::NamespaceStartsWithDollar => Self::Reserved,
+            TopicError::EmptyNamespaceLevel { .. } => Self::EmptyLevel,
+            TopicError::InvalidSiteName { problem, .. } => match problem {
+                SiteNameProblem::Empty => Self::Empty,
+                SiteNameProblem::ForbiddenChar { ch: '/', .. } => Self::Slash,
+                SiteNameProblem::ForbiddenChar { ch: '\0', .. } => Self::ContainsNul,
+                SiteNameProblem::ForbiddenChar { ch: '{' | '}', .. } => Self::UnbalancedBrace,
+                SiteNameProblem::ForbiddenChar { .. } => Self::Wildcard,
+            },
+            TopicError::UnknownPlaceholder { name } => Self::UnknownPlaceholder { name },
+            TopicError::UnclosedPlaceholder { .. } | TopicError::UnmatchedBrace { .. } => {
+                Self::UnbalancedBrace
+            }
+        }
     }
 }
 
-/// Checks an MQTT topic filter: non-empty, at most 65535 bytes, no NUL, `#` only alone in the last level and
-/// `+` only alone in its level.
-///
-/// Stand-in until `shared::topic::TopicFilter` exists; replace the body with its parser then.
+/// Checks an MQTT topic filter by [`TopicFilter`]'s rules: non-empty, at most 65535 bytes, no NUL, `#` only
+/// alone in the last level and `+` only alone in its level.
 pub fn check_topic_filter(filter: &str) -> Result<(), TopicTextError> {
-    check_common(filter)?;
-    let mut levels = filter.split('/').peekable();
-    while let Some(level) = levels.next() {
-        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
-            return Err(TopicTextError::MisplacedMultiLevelWildcard);
-        }
-        if level.contains('+') && level != "+" {
-            return Err(TopicTextError::MisplacedSingleLevelWildcard);
-        }
-    }
-    Ok(())
+    TopicFilter::parse(filter).map(drop).map_err(Into::into)
 }
 
 /// Checks a site name: it becomes exactly one topic level when `{site}` is expanded, so it must be non-empty
-/// and free of `/`, wildcards and NUL.
+/// and free of `/`, wildcards, braces and NUL.
 pub fn check_site_name(name: &str) -> Result<(), TopicTextError> {
-    check_common(name)?;
-    if name.contains('/') {
-        Err(TopicTextError::Slash)
-    } else if name.contains(['+', '#']) {
-        Err(TopicTextError::Wildcard)
-    } else {
-        Ok(())
-    }
+    validate_site_name(name).map_err(Into::into)
 }
 
 /// The one placeholder a namespace template may contain.
 pub const SITE_PLACEHOLDER: &str = "{site}";
 
-/// Expands a namespace template (`acme/plant1/{site}`) for one site, checking the template on the way.
-///
-/// Every `{site}` is replaced by `site`; any other `{name}` or an unbalanced brace is an error. The result is then
-/// checked as a namespace: non-empty levels, no wildcards, no leading `$`. Stand-in until `shared::topic` owns
-/// namespaces; its `Namespace` parser should take over the final check.
+/// Expands a namespace template (`acme/plant1/{site}`) for one site with [`Namespace::from_template`]: every
+/// `{site}` is replaced by `site`, any other placeholder or an unbalanced brace is an error, and the result must
+/// be a namespace (non-empty levels, no wildcards, no leading `$`).
 pub fn expand_namespace(template: &str, site: &str) -> Result<String, TopicTextError> {
-    let mut out = String::with_capacity(template.len() + site.len());
-    let mut rest = template;
-    while let Some(open) = rest.find(['{', '}']) {
-        out.push_str(&rest[..open]);
-        if rest[open..].starts_with('}') {
-            return Err(TopicTextError::UnbalancedBrace);
-        }
-        let after = &rest[open + 1..];
-        let close = after.find('}').ok_or(TopicTextError::UnbalancedBrace)?;
-        let name = &after[..close];
-        if name.contains('{') {
-            return Err(TopicTextError::UnbalancedBrace);
-        }
-        if name != "site" {
-            return Err(TopicTextError::UnknownPlaceholder {
-                name: name.to_owned(),
-            });
-        }
-        out.push_str(site);
-        rest = &after[close + 1..];
-    }
-    out.push_str(rest);
-    check_namespace(&out)?;
-    Ok(out)
-}
-
-/// Checks an expanded namespace: a topic name prefix under which a site's messages are published.
-fn check_namespace(namespace: &str) -> Result<(), TopicTextError> {
-    check_common(namespace)?;
-    if namespace.contains(['+', '#']) {
-        return Err(TopicTextError::Wildcard);
-    }
-    if namespace.starts_with('$') {
-        return Err(TopicTextError::Reserved);
-    }
-    if namespace.split('/').any(str::is_empty) {
-        return Err(TopicTextError::EmptyLevel);
-    }
-    Ok(())
+    Ok(Namespace::from_template(template, site)?
+        .as_str()
+        .to_owned())
 }
 
 /// Checks a namespace template independently of any site name, by expanding it with a neutral level.
@@ -461,7 +419,12 @@ mod tests {
             ),
             ("acme/{site", Err(TopicTextError::UnbalancedBrace)),
             ("acme/site}", Err(TopicTextError::UnbalancedBrace)),
-            ("acme/{{site}}", Err(TopicTextError::UnbalancedBrace)),
+            (
+                "acme/{{site}}",
+                Err(TopicTextError::UnknownPlaceholder {
+                    name: "{site".to_owned(),
+                }),
+            ),
             ("acme/\0/{site}", Err(TopicTextError::ContainsNul)),
         ];
         for (template, expected) in table {
