@@ -543,7 +543,13 @@ impl Session<'_> {
                     continue;
                 }
                 seqs.push(env.seq);
-                if let Some(message) = self.map(env, &mut drops) {
+                if let Some(message) = to_message(
+                    env,
+                    &self.site.name,
+                    &self.site.namespace,
+                    self.hub.max_message_size,
+                    &mut drops,
+                ) {
                     out.push(message);
                 }
             }
@@ -570,58 +576,6 @@ impl Session<'_> {
         }
         let done = self.hub.publisher.submit(out).await;
         Some(Pending { seqs, upto, done })
-    }
-
-    /// The cloud message for one entry, or `None` if it must be dropped (counted in `drops`).
-    fn map(&self, env: Envelope, drops: &mut Drops) -> Option<OutMessage> {
-        if env.origin != self.site.name {
-            drops.foreign_origin += 1;
-        }
-        if env.payload.len() > self.hub.max_message_size {
-            drops.too_large += 1;
-            return None;
-        }
-        let topic = match TopicName::parse(&env.topic).and_then(|t| self.site.namespace.apply(&t)) {
-            Ok(topic) => topic.into_string(),
-            Err(error) => {
-                drops.bad_topic += 1;
-                debug!(seq = env.seq, topic = %env.topic, cause = %error, "invalid topic dropped");
-                return None;
-            }
-        };
-        let mut user = env.properties.user;
-        user.reserve(3);
-        if let Some(trace) = env.trace {
-            user.push(("traceparent".to_owned(), trace.traceparent));
-            if let Some(state) = trace.tracestate {
-                user.push(("tracestate".to_owned(), state));
-            }
-        }
-        user.push((
-            MESHBRIDGE_ID.to_owned(),
-            format!("{}/{}", self.site.name, env.seq),
-        ));
-        let properties = PublishProperties {
-            payload_format_indicator: env.properties.payload_format_utf8.then_some(1),
-            message_expiry_interval: env.properties.message_expiry,
-            topic_alias: None,
-            response_topic: env.properties.response_topic,
-            correlation_data: env.properties.correlation_data,
-            user_properties: user,
-            subscription_identifiers: Vec::new(),
-            content_type: env.properties.content_type,
-        };
-        Some(OutMessage {
-            topic,
-            qos: match env.qos {
-                QoS::AtMostOnce => MqttQoS::AtMostOnce,
-                QoS::AtLeastOnce => MqttQoS::AtLeastOnce,
-                QoS::ExactlyOnce => MqttQoS::ExactlyOnce,
-            },
-            retain: env.retain,
-            payload: env.payload,
-            properties,
-        })
     }
 
     /// Acknowledges batches in order; `None` when the reader ended and everything was drained.
@@ -719,5 +673,201 @@ impl Session<'_> {
         send.write_all(out)
             .await
             .map_err(|e| End::PeerGone(SessionError::Write(e)))
+    }
+}
+
+/// The cloud PUBLISH for one entry of `site`, or `None` if it must be dropped (counted in `drops`).
+///
+/// The topic goes under the site's namespace whatever the entry's `origin` says; QoS, retain, payload and the
+/// MQTT 5 properties are kept; the trace context becomes `traceparent`/`tracestate` user properties and
+/// `meshbridge-id = <site>/<seq>` is appended.
+fn to_message(
+    env: Envelope,
+    site: &str,
+    namespace: &Namespace,
+    max_message_size: usize,
+    drops: &mut Drops,
+) -> Option<OutMessage> {
+    if env.origin != site {
+        drops.foreign_origin += 1;
+    }
+    if env.payload.len() > max_message_size {
+        drops.too_large += 1;
+        return None;
+    }
+    let topic = match TopicName::parse(&env.topic).and_then(|t| namespace.apply(&t)) {
+        Ok(topic) => topic.into_string(),
+        Err(error) => {
+            drops.bad_topic += 1;
+            debug!(seq = env.seq, topic = %env.topic, cause = %error, "invalid topic dropped");
+            return None;
+        }
+    };
+    let mut user = env.properties.user;
+    user.reserve(3);
+    if let Some(trace) = env.trace {
+        user.push(("traceparent".to_owned(), trace.traceparent));
+        if let Some(state) = trace.tracestate {
+            user.push(("tracestate".to_owned(), state));
+        }
+    }
+    user.push((MESHBRIDGE_ID.to_owned(), format!("{site}/{}", env.seq)));
+    let properties = PublishProperties {
+        payload_format_indicator: env.properties.payload_format_utf8.then_some(1),
+        message_expiry_interval: env.properties.message_expiry,
+        topic_alias: None,
+        response_topic: env.properties.response_topic,
+        correlation_data: env.properties.correlation_data,
+        user_properties: user,
+        subscription_identifiers: Vec::new(),
+        content_type: env.properties.content_type,
+    };
+    Some(OutMessage {
+        topic,
+        qos: match env.qos {
+            QoS::AtMostOnce => MqttQoS::AtMostOnce,
+            QoS::AtLeastOnce => MqttQoS::AtLeastOnce,
+            QoS::ExactlyOnce => MqttQoS::ExactlyOnce,
+        },
+        retain: env.retain,
+        payload: env.payload,
+        properties,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use shared::envelope::{Properties, TraceContext};
+
+    fn env(origin: &str, topic: &str, payload: &'static [u8], qos: QoS, retain: bool) -> Envelope {
+        Envelope {
+            origin: origin.to_owned(),
+            seq: 17,
+            topic: topic.to_owned(),
+            payload: Bytes::from_static(payload),
+            qos,
+            retain,
+            properties: Properties::default(),
+            trace: None,
+            enqueued_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn entries_map_into_the_site_namespace() {
+        let ns = Namespace::parse("acme/plant1/line1").expect("namespace");
+        // (entry, expected topic or None if dropped, expected qos, retain)
+        let cases: Vec<(Envelope, Option<&str>, MqttQoS, bool)> = vec![
+            (
+                env("line1", "t/a", b"x", QoS::AtMostOnce, false),
+                Some("acme/plant1/line1/t/a"),
+                MqttQoS::AtMostOnce,
+                false,
+            ),
+            (
+                env("line1", "t/b", b"x", QoS::AtLeastOnce, true),
+                Some("acme/plant1/line1/t/b"),
+                MqttQoS::AtLeastOnce,
+                true,
+            ),
+            (
+                env("line1", "t/c", b"x", QoS::ExactlyOnce, false),
+                Some("acme/plant1/line1/t/c"),
+                MqttQoS::ExactlyOnce,
+                false,
+            ),
+            // Another origin in the body changes nothing.
+            (
+                env("line2", "t/d", b"x", QoS::AtLeastOnce, false),
+                Some("acme/plant1/line1/t/d"),
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+            (
+                env("line1", "$SYS/x", b"x", QoS::AtLeastOnce, false),
+                Some("acme/plant1/line1/$SYS/x"),
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+            // Dropped: wildcard topic, empty topic, payload over the limit (8 bytes here).
+            (
+                env("line1", "t/+", b"x", QoS::AtLeastOnce, false),
+                None,
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+            (
+                env("line1", "", b"x", QoS::AtLeastOnce, false),
+                None,
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+            (
+                env("line1", "t/e", b"123456789", QoS::AtLeastOnce, false),
+                None,
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+        ];
+        let mut drops = Drops::default();
+        for (entry, want_topic, want_qos, want_retain) in cases {
+            let label = format!("{:?}", entry.topic);
+            let got = to_message(entry, "line1", &ns, 8, &mut drops);
+            match (got, want_topic) {
+                (Some(m), Some(topic)) => {
+                    assert_eq!(m.topic, topic, "{label}");
+                    assert_eq!(m.qos, want_qos, "{label}");
+                    assert_eq!(m.retain, want_retain, "{label}");
+                    assert_eq!(
+                        m.properties.user_properties,
+                        vec![(MESHBRIDGE_ID.to_owned(), "line1/17".to_owned())],
+                        "{label}"
+                    );
+                }
+                (None, None) => {}
+                (got, want) => panic!("{label}: got {got:?}, want {want:?}"),
+            }
+        }
+        assert_eq!(drops.foreign_origin, 1);
+        assert_eq!(drops.bad_topic, 2);
+        assert_eq!(drops.too_large, 1);
+    }
+
+    #[test]
+    fn properties_and_trace_are_kept() {
+        let ns = Namespace::parse("acme").expect("namespace");
+        let mut entry = env("s", "t", b"p", QoS::AtLeastOnce, false);
+        entry.properties = Properties {
+            user: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+            content_type: Some("ct".into()),
+            response_topic: Some("rt".into()),
+            correlation_data: Some(Bytes::from_static(b"cd")),
+            message_expiry: Some(60),
+            payload_format_utf8: true,
+        };
+        entry.trace = Some(TraceContext {
+            traceparent: "tp".into(),
+            tracestate: None,
+        });
+        let m = to_message(entry, "s", &ns, 1024, &mut Drops::default()).expect("published");
+        let p = m.properties;
+        assert_eq!(
+            p.user_properties,
+            vec![
+                ("a".to_owned(), "1".to_owned()),
+                ("a".to_owned(), "2".to_owned()),
+                ("traceparent".to_owned(), "tp".to_owned()),
+                (MESHBRIDGE_ID.to_owned(), "s/17".to_owned()),
+            ]
+        );
+        assert_eq!(p.content_type.as_deref(), Some("ct"));
+        assert_eq!(p.response_topic.as_deref(), Some("rt"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"cd"[..]));
+        assert_eq!(p.message_expiry_interval, Some(60));
+        assert_eq!(p.payload_format_indicator, Some(1));
+        assert_eq!(p.topic_alias, None);
+        assert_eq!(&m.payload[..], b"p");
     }
 }
