@@ -83,10 +83,16 @@ fn main() -> ExitCode {
     let cfg = match shared::config::load_hub(&config) {
         Ok(cfg) => cfg,
         Err(error) => {
-            eprintln!("error: {error}");
+            // Invalid configs list every problem in the error's own text; a cause is printed only when it
+            // adds something that text does not already say.
+            let text = error.to_string();
+            eprintln!("error: {text}");
             let mut source = error.source();
             while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    eprintln!("  caused by: {cause_text}");
+                }
                 source = cause.source();
             }
             return ExitCode::from(2);
