@@ -1,5 +1,242 @@
 //! cloud-hub: accepts agents over QUIC + mutual TLS, identifies each site by its client certificate, and publishes
 //! their messages into the cloud broker under the site's namespace.
+//!
+//! # Layout
+//! - [`run`]: starts everything from a [`HubConfig`] and serves until the shutdown token is cancelled.
+//! - `accept`: the QUIC accept loop with the connection cap.
+//! - `agent_conn`: one agent connection (handshake checks, Hello/Welcome, the batch → publish → ack pipeline).
+//! - `publisher`: the MQTT 5 client into the cloud broker, with one completion per batch.
+//! - `cloud_broker`: the embedded cloud broker (rumqttd + front) or the external broker's client options.
+//! - [`store`]: dedup state persisted in redb (`data_dir/hub.redb`).
+//! - [`pki`], [`tls`]: the private CA, certificates, and the QUIC server's TLS.
+//!
+//! # Guarantees
+//! An `Ack{upto}` is sent only after every message of the batch was accepted by the cloud broker (PUBACK for
+//! QoS 1, PUBCOMP for QoS 2, written for QoS 0) *and* the site's dedup state recording those seqs was committed.
+//! So a restarted hub drops every replay of something it acknowledged, and nothing acknowledged is missing from
+//! the broker (as far as the broker itself keeps it: the embedded rumqttd keeps nothing on disk).
 
+mod accept;
+mod agent_conn;
+mod cloud_broker;
+mod error;
 pub mod pki;
+mod publisher;
+pub mod store;
 pub mod tls;
+
+use std::collections::HashMap;
+use std::fs;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::Endpoint;
+use shared::config::{BrokerConfig, HubConfig};
+use shared::policy::dedup::Dedup;
+use shared::topic::Namespace;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use agent_conn::MESHBRIDGE_ID;
+pub use error::{BrokerTlsError, HubError};
+pub use publisher::PublishError;
+
+use agent_conn::{Hub, Site, Stops};
+use cloud_broker::RunningEmbedded;
+use publisher::Publisher;
+use store::DedupStore;
+
+/// How long the hub waits for its own client to connect to the embedded cloud broker at startup.
+const EMBEDDED_CONNECT_WAIT: Duration = Duration::from_secs(10);
+/// How long it waits for an external cloud broker before serving anyway (batches then fail until it is up).
+const EXTERNAL_CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// After shutdown starts, how long connections may spend draining in-flight batches.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs the hub until `shutdown` is cancelled, then shuts down gracefully: stops accepting, lets each
+/// connection finish its in-flight batches (acks and dedup persisted, bounded by a deadline), sends
+/// `GoAway{ShuttingDown}`, disconnects from the cloud broker and waits for the QUIC endpoint to go idle.
+///
+/// Logs `info!` "ready" (fields `quic`, `broker`) once agents can connect and, with an embedded cloud broker,
+/// once its MQTT port accepts clients.
+///
+/// # Errors
+/// [`HubError`] when something needed at startup is unusable (data dir, dedup store, TLS files, ports, the
+/// embedded broker), or when the embedded broker's client port fails while running.
+pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), HubError> {
+    fs::create_dir_all(&cfg.data_dir).map_err(|source| HubError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let data_dir = cfg.data_dir.clone();
+    let (store, mut restored) = tokio::task::spawn_blocking(move || DedupStore::open(&data_dir))
+        .await
+        .map_err(|e| HubError::Store(store::StoreError::Join(e)))??;
+
+    let mut sites = HashMap::with_capacity(cfg.sites.len());
+    for site in &cfg.sites {
+        let namespace =
+            Namespace::from_template(&site.namespace, &site.name).map_err(|source| {
+                HubError::Namespace {
+                    site: site.name.clone(),
+                    source,
+                }
+            })?;
+        let dedup = match restored.remove(&site.name) {
+            Some(dedup) => dedup,
+            None => Dedup::new(cfg.dedup.window).map_err(HubError::DedupWindow)?,
+        };
+        if dedup.window_size() != cfg.dedup.window {
+            info!(
+                site = %site.name,
+                stored = dedup.window_size(),
+                configured = cfg.dedup.window,
+                "keeping the stored dedup window size for this site"
+            );
+        }
+        sites.insert(
+            site.name.clone(),
+            Arc::new(Site {
+                name: site.name.clone(),
+                namespace,
+                dedup: Mutex::new(dedup),
+            }),
+        );
+    }
+    for forgotten in restored.keys() {
+        info!(site = %forgotten, "stored dedup state of a site no longer configured is kept but unused");
+    }
+
+    let server_config = tls::server_config(
+        &cfg.tls.ca,
+        &cfg.tls.cert,
+        &cfg.tls.key,
+        &tls::ServerTransport::default(),
+    )?;
+    let max_message_size = cfg.limits.max_message_size.as_usize();
+
+    let tracker = TaskTracker::new();
+    let publisher_stop = CancellationToken::new();
+    let (mut embedded, options) = match &cfg.broker {
+        BrokerConfig::Embedded(embedded) => {
+            let running = RunningEmbedded::start(embedded, max_message_size).await?;
+            let options = running.publisher_options();
+            (Some(running), options)
+        }
+        BrokerConfig::External(external) => (None, cloud_broker::external_options(external)?),
+    };
+    let publisher = Publisher::spawn(options, &tracker, publisher_stop.clone());
+    let served = serve(
+        &cfg,
+        server_config,
+        &publisher,
+        store,
+        sites,
+        embedded.as_mut(),
+        &shutdown,
+    )
+    .await;
+
+    publisher_stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let stopped = match embedded {
+        Some(embedded) => embedded.stop().await,
+        None => Ok(()),
+    };
+    info!("stopped");
+    served.and(stopped)
+}
+
+/// Waits for the cloud broker, binds the QUIC endpoint, accepts agents until shutdown, then drains.
+async fn serve(
+    cfg: &HubConfig,
+    server_config: quinn::ServerConfig,
+    publisher: &Publisher,
+    store: DedupStore,
+    sites: HashMap<String, Arc<Site>>,
+    mut embedded: Option<&mut RunningEmbedded>,
+    shutdown: &CancellationToken,
+) -> Result<(), HubError> {
+    match &embedded {
+        Some(_) => {
+            if !publisher.wait_connected(EMBEDDED_CONNECT_WAIT).await {
+                return Err(HubError::BrokerNotReady {
+                    waited: EMBEDDED_CONNECT_WAIT,
+                });
+            }
+        }
+        None => {
+            if !publisher.wait_connected(EXTERNAL_CONNECT_WAIT).await {
+                warn!(
+                    waited = ?EXTERNAL_CONNECT_WAIT,
+                    "the external cloud broker is not reachable yet; agents are refused (Overloaded) until it is"
+                );
+            }
+        }
+    }
+
+    let endpoint =
+        Endpoint::server(server_config, cfg.listen.quic).map_err(|source| HubError::QuicBind {
+            addr: cfg.listen.quic,
+            source,
+        })?;
+    let quic = endpoint.local_addr().map_err(|source| HubError::QuicBind {
+        addr: cfg.listen.quic,
+        source,
+    })?;
+    let hub = Arc::new(Hub::new(
+        sites,
+        publisher.clone(),
+        store,
+        cfg.limits.max_frame_size.as_usize(),
+        cfg.limits.max_message_size.as_usize(),
+    ));
+    let broker = match (&embedded, &cfg.broker) {
+        (Some(e), _) => format!("mqtt://{}", e.listen),
+        (None, BrokerConfig::External(x)) => format!("external {}", x.address),
+        (None, BrokerConfig::Embedded(e)) => format!("mqtt://{}", e.listen),
+    };
+    info!(%quic, %broker, sites = cfg.sites.len(), "ready");
+
+    let stops = Stops {
+        shutdown: shutdown.child_token(),
+        hard: CancellationToken::new(),
+    };
+    let connections = TaskTracker::new();
+    let max_connections = usize::try_from(cfg.listen.max_connections).unwrap_or(usize::MAX);
+    let accepting = accept::accept_loop(&endpoint, &hub, max_connections, &stops, &connections);
+    let result = match embedded.as_mut() {
+        Some(embedded) => {
+            tokio::select! {
+                () = accepting => Ok(()),
+                front = embedded.front_task() => match front {
+                    Ok(Err(error)) => Err(HubError::Front(error)),
+                    // Ended without error (only on its own stop) or panicked: nothing to add.
+                    Ok(Ok(())) | Err(_) => Ok(()),
+                },
+            }
+        }
+        None => {
+            accepting.await;
+            Ok(())
+        }
+    };
+
+    // Shutdown: no new agents; every connection drains, then says GoAway.
+    endpoint.set_server_config(None);
+    stops.shutdown.cancel();
+    connections.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, connections.wait())
+        .await
+        .is_err()
+    {
+        warn!(deadline = ?DRAIN_DEADLINE, "agent connections did not drain in time; abandoning in-flight batches");
+        stops.hard.cancel();
+        connections.wait().await;
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"hub stopped");
+    endpoint.wait_idle().await;
+    result
+}

@@ -1,1 +1,190 @@
-fn main() {}
+//! The `cloud-hub` program: runs the hub from a config file, or manages the development PKI.
+
+use std::error::Error as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cloud_hub::pki;
+use meshbridge_broker::embedded::QUIET_RUMQTTD_LOGS;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// meshbridge cloud hub: accepts edge agents over QUIC + mutual TLS and publishes their messages into the cloud
+/// broker under each site's namespace.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Hub config file (same as `cloud-hub run --config FILE`).
+    #[arg(long, global = false)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the hub.
+    Run {
+        /// Hub config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage the private CA and certificates.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create a new CA and the hub certificate in DIR (refuses if a CA is already there).
+    Init {
+        /// Directory for ca.pem, ca.key, hub.pem, hub.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS name or IP address the hub certificate is valid for (repeatable; default: hub.meshbridge.local,
+        /// localhost, 127.0.0.1).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Issue a client certificate for site NAME, signed by the CA in DIR.
+    IssueSite {
+        /// Site name (becomes the certificate's Common Name: the site's identity at the hub).
+        name: String,
+        /// Directory holding the CA; the certificate is written there as site-NAME.pem / site-NAME.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match (cli.command, cli.config) {
+        (Some(Command::Pki { command }), None) => return report(pki_command(command)),
+        (Some(Command::Run { config }), None) | (None, Some(config)) => config,
+        (Some(_), Some(_)) => {
+            eprintln!(
+                "error: give --config either before or after `run`, not with another command"
+            );
+            return ExitCode::from(2);
+        }
+        (None, None) => {
+            eprintln!("error: missing --config FILE (or a subcommand; see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match shared::config::load_hub(&config) {
+        Ok(cfg) => cfg,
+        Err(error) => {
+            // Invalid configs list every problem in the error's own text; a cause is printed only when it
+            // adds something that text does not already say.
+            let text = error.to_string();
+            eprintln!("error: {text}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    eprintln!("  caused by: {cause_text}");
+                }
+                source = cause.source();
+            }
+            return ExitCode::from(2);
+        }
+    };
+    report(run_hub(cfg))
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pki_command(command: PkiCommand) -> anyhow::Result<()> {
+    match command {
+        PkiCommand::Init { dir, names } => {
+            let paths = pki::init(&dir, &names)
+                .with_context(|| format!("initialising the PKI in {}", dir.display()))?;
+            println!(
+                "CA:  {} ({})",
+                paths.ca_cert.display(),
+                paths.ca_key.display()
+            );
+            println!(
+                "hub: {} ({})",
+                paths.hub_cert.display(),
+                paths.hub_key.display()
+            );
+        }
+        PkiCommand::IssueSite { name, dir, days } => {
+            let lifetime = Duration::from_secs(days.saturating_mul(24 * 3600));
+            let paths = pki::issue_site(&dir, &name, lifetime).with_context(|| {
+                format!(
+                    "issuing a certificate for site {name:?} from {}",
+                    dir.display()
+                )
+            })?;
+            println!(
+                "site {name}: {} ({})",
+                paths.cert.display(),
+                paths.key.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run_hub(cfg: shared::config::HubConfig) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives),
+        _ => EnvFilter::try_new(format!("{},{QUIET_RUMQTTD_LOGS}", cfg.log)),
+    }
+    .context("invalid log filter")?;
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+        let result = cloud_hub::run(cfg, shutdown).await;
+        signals.abort();
+        result.context("cloud-hub failed")
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C (SIGINT).
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(cause = %error, "cannot listen for SIGTERM; only Ctrl-C stops the hub");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received; shutting down"),
+        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,873 @@
+//! One agent connection: handshake checks, `Hello`/`Welcome`, then batches → dedup → namespace → publish →
+//! persist dedup → `Ack`, pipelined and in order.
+//!
+//! The connection runs two futures in one task, joined:
+//! - the *reader* decodes frames, filters each `Batch` through the site's dedup window, maps topics into the
+//!   site's namespace and hands the batch to the publisher without waiting for the broker, so batch N+1 is
+//!   being published while batch N waits for its PUBACKs;
+//! - the *acker* takes the batches in arrival order, waits for each one's broker completion, groups every
+//!   batch already complete behind it, marks their seqs in the dedup window, commits the site's dedup state
+//!   once for the group, and only then writes their `Ack`s.
+//!
+//! Identity is the client certificate's ([`crate::tls::site_identity`]); the `origin` inside entry bodies
+//! and the `agent_name` in `Hello` are never trusted (they are only logged when they disagree).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::QoS as MqttQoS;
+use shared::envelope::{Envelope, QoS};
+use shared::policy::dedup::Dedup;
+use shared::topic::{Namespace, TopicName};
+use shared::wire::{self, Capabilities, DecodeError, Frame, GoAwayCode, SUPPORTED};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::publisher::{OutMessage, PublishError, Publisher};
+use crate::store::DedupStore;
+use crate::tls;
+
+/// How long an agent may take to open its stream and send `Hello` after the handshake.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one batch may wait for the cloud broker before the agent connection is closed (`Overloaded`).
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection waits for the one it replaces to finish its in-flight batches.
+const REPLACE_WAIT: Duration = Duration::from_secs(5);
+/// How long a `GoAway` gets to reach the agent before the connection is closed.
+const GOAWAY_LINGER: Duration = Duration::from_secs(1);
+/// Batches read but not yet acknowledged, per connection; beyond it the reader stops (QUIC flow control).
+const MAX_PENDING_BATCHES: usize = 64;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 64 * 1024;
+/// The user property naming a message's `(site, seq)`, so consumers can drop the rare duplicate.
+pub const MESHBRIDGE_ID: &str = "meshbridge-id";
+
+/// A configured site: its namespace and its dedup state, shared by its successive connections.
+#[derive(Debug)]
+pub(crate) struct Site {
+    pub(crate) name: String,
+    pub(crate) namespace: Namespace,
+    /// A [`Dedup`] holding only this site, so its snapshot is the site's row in the store.
+    pub(crate) dedup: Mutex<Dedup>,
+}
+
+/// The live connection of a site, as seen by a connection that replaces it.
+#[derive(Debug)]
+struct Live {
+    id: u64,
+    /// Cancelled to make the connection go away with `Replaced`.
+    replaced: CancellationToken,
+    /// Cancelled by the connection when its task is done (acks and dedup persisted).
+    finished: CancellationToken,
+}
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    pub(crate) sites: HashMap<String, Arc<Site>>,
+    pub(crate) publisher: Publisher,
+    pub(crate) store: DedupStore,
+    pub(crate) max_frame_size: usize,
+    pub(crate) max_message_size: usize,
+    live: Mutex<HashMap<String, Live>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    pub(crate) fn new(
+        sites: HashMap<String, Arc<Site>>,
+        publisher: Publisher,
+        store: DedupStore,
+        max_frame_size: usize,
+        max_message_size: usize,
+    ) -> Self {
+        Self {
+            sites,
+            publisher,
+            store,
+            max_frame_size,
+            max_message_size,
+            live: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Tokens that end a connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Stops {
+    /// Hub shutdown: drain, then `GoAway{ShuttingDown}`.
+    pub(crate) shutdown: CancellationToken,
+    /// Past the drain deadline: stop waiting for the broker.
+    pub(crate) hard: CancellationToken,
+}
+
+/// Serves one accepted (not yet handshaken) connection to its end. Logs its own errors.
+pub(crate) async fn serve(hub: Arc<Hub>, incoming: quinn::Incoming, stops: Stops) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(error) => {
+            warn!(%remote, cause = %error, "agent handshake failed");
+            return;
+        }
+    };
+    let span = tracing::info_span!("agent", site = tracing::field::Empty, %remote);
+    serve_connection(hub, conn, stops, span.clone())
+        .instrument(span)
+        .await;
+}
+
+async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: tracing::Span) {
+    let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let hello = read_frame(&mut recv, &mut buf, hub.max_frame_size).await?;
+        Ok::<_, SessionError>((send, recv, buf, hello))
+    })
+    .await;
+    let (mut send, recv, buf, hello) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(error)) => {
+            info!(cause = %error, "agent left before Hello");
+            conn.close(code(GoAwayCode::ProtocolError), b"no Hello");
+            return;
+        }
+        Err(_) => {
+            warn!(timeout = ?HELLO_TIMEOUT, "agent sent no Hello in time");
+            conn.close(code(GoAwayCode::ProtocolError), b"no Hello in time");
+            return;
+        }
+    };
+    let Some(Frame::Hello {
+        versions,
+        capabilities,
+        agent_name,
+        incarnation,
+        last_acked,
+        ..
+    }) = hello
+    else {
+        let what = hello.map_or("end of stream", |f| f.frame_type().name());
+        warn!(frame = what, "agent did not start with Hello");
+        go_away(
+            &mut send,
+            &conn,
+            GoAwayCode::ProtocolError,
+            &format!("expected Hello, got {what}"),
+        )
+        .await;
+        return;
+    };
+
+    // Identity: the certificate only.
+    let site = match tls::site_identity(&conn) {
+        Ok(site) => site,
+        Err(error) => {
+            error!(cause = %error, "agent certificate names no usable site");
+            go_away(
+                &mut send,
+                &conn,
+                GoAwayCode::Unauthorized,
+                &format!("unusable client certificate: {error}"),
+            )
+            .await;
+            return;
+        }
+    };
+    span.record("site", site.as_str());
+    let Some(site) = hub.sites.get(site.as_str()).cloned() else {
+        let reason = format!("site {site} is not configured on this hub");
+        error!(agent_name = %agent_name, "refusing agent: {reason}");
+        go_away(&mut send, &conn, GoAwayCode::Unauthorized, &reason).await;
+        return;
+    };
+    if agent_name != site.name {
+        warn!(agent_name = %agent_name, "agent's configured name differs from its certificate; the certificate wins");
+    }
+    let version = match wire::negotiate(versions, SUPPORTED) {
+        Ok(version) => version,
+        Err(mismatch) => {
+            error!(cause = %mismatch, "refusing agent: incompatible protocol version");
+            go_away(
+                &mut send,
+                &conn,
+                GoAwayCode::IncompatibleVersion,
+                &mismatch.to_string(),
+            )
+            .await;
+            return;
+        }
+    };
+
+    // One live connection per site: the newest wins, after the old one finished what it had in flight.
+    let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
+    let replaced = CancellationToken::new();
+    let finished = CancellationToken::new();
+    let _finished_guard = finished.clone().drop_guard();
+    let old = hub
+        .live
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(
+            site.name.clone(),
+            Live {
+                id,
+                replaced: replaced.clone(),
+                finished,
+            },
+        );
+    if let Some(old) = old {
+        warn!(
+            old_connection = old.id,
+            "site connected again; replacing its existing connection"
+        );
+        old.replaced.cancel();
+        if tokio::time::timeout(REPLACE_WAIT, old.finished.cancelled())
+            .await
+            .is_err()
+        {
+            warn!(waited = ?REPLACE_WAIT, "replaced connection did not finish in time; serving the new one anyway");
+        }
+    }
+
+    let hub_high_water = {
+        let dedup = site.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+        match dedup.high_water(&site.name) {
+            Some((known, hw)) if known == incarnation => hw,
+            _ => 0,
+        }
+    };
+    let welcome = Frame::Welcome {
+        version,
+        capabilities: capabilities.intersection(Capabilities::EMPTY),
+        max_frame_size: u32::try_from(hub.max_frame_size).unwrap_or(u32::MAX),
+        hub_high_water,
+        config_version: 0,
+    };
+    let mut out = BytesMut::new();
+    let sent = match welcome.encode(&mut out) {
+        Ok(()) => send.write_all(&out).await.map_err(SessionError::from),
+        Err(e) => Err(SessionError::Encode(e)),
+    };
+    if let Err(error) = sent {
+        info!(cause = %error, "agent left before Welcome");
+    } else {
+        info!(
+            connection = id,
+            version,
+            incarnation,
+            agent_last_acked = last_acked,
+            hub_high_water,
+            "agent connected"
+        );
+        let session = Session {
+            hub: &hub,
+            site: &site,
+            incarnation,
+            stops: &stops,
+            replaced: &replaced,
+            failed: CancellationToken::new(),
+        };
+        let end = session.run(recv, buf, &mut send).await;
+        let (code, reason) = match &end {
+            End::Stopped if replaced.is_cancelled() => (
+                GoAwayCode::Replaced,
+                "another connection for this site took over".to_owned(),
+            ),
+            End::Stopped => (
+                GoAwayCode::ShuttingDown,
+                "the hub is shutting down".to_owned(),
+            ),
+            End::PeerGone(error) => {
+                info!(cause = %error, "agent disconnected");
+                (GoAwayCode::Normal, String::new())
+            }
+            End::PeerGoAway { code, reason } => {
+                info!(?code, %reason, "agent said GoAway");
+                (GoAwayCode::Normal, String::new())
+            }
+            End::Protocol(error) => {
+                warn!(cause = %error, "agent broke the protocol; closing");
+                (GoAwayCode::ProtocolError, error.to_string())
+            }
+            End::Publish(error) => {
+                warn!(cause = %error, "cloud broker did not accept a batch; closing the agent connection so it resends");
+                (GoAwayCode::Overloaded, format!("cloud broker: {error}"))
+            }
+            End::PublishTimeout => {
+                warn!(timeout = ?PUBLISH_TIMEOUT, "cloud broker did not acknowledge a batch in time; closing the agent connection");
+                (
+                    GoAwayCode::Overloaded,
+                    "cloud broker did not acknowledge in time".to_owned(),
+                )
+            }
+            End::Store(error) => {
+                error!(cause = %error, "cannot persist dedup state; closing the agent connection without acking");
+                (GoAwayCode::Overloaded, "hub storage failed".to_owned())
+            }
+        };
+        match end {
+            End::PeerGone(_) | End::PeerGoAway { .. } => conn.close(VarInt::from_u32(0), b""),
+            _ => go_away(&mut send, &conn, code, &reason).await,
+        }
+    }
+
+    let mut live = hub.live.lock().unwrap_or_else(PoisonError::into_inner);
+    if live.get(&site.name).is_some_and(|l| l.id == id) {
+        live.remove(&site.name);
+    }
+}
+
+/// The QUIC application close code for a GoAway code (the same number).
+fn code(code: GoAwayCode) -> VarInt {
+    VarInt::from_u32(code.code().into())
+}
+
+/// Sends `GoAway` as the stream's last frame, gives it a moment to arrive, then closes the connection with the
+/// same code.
+async fn go_away(send: &mut SendStream, conn: &Connection, goaway: GoAwayCode, reason: &str) {
+    let mut buf = BytesMut::new();
+    // A reason can only be too long for its u16 prefix; then send none rather than no GoAway.
+    let frame = |reason: &str| Frame::GoAway {
+        code: goaway,
+        reason: reason.to_owned(),
+    };
+    if frame(reason).encode(&mut buf).is_err() {
+        let _ = frame("").encode(&mut buf);
+    }
+    if send.write_all(&buf).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(GOAWAY_LINGER, async {
+            tokio::select! {
+                _ = send.stopped() => {}
+                _ = conn.closed() => {}
+            }
+        })
+        .await;
+    }
+    conn.close(code(goaway), reason.as_bytes());
+}
+
+/// Reads until one whole frame is decoded; `Ok(None)` when the peer finished the stream cleanly.
+///
+/// Cancel-safe: bytes already read stay in `buf`.
+async fn read_frame(
+    recv: &mut RecvStream,
+    buf: &mut BytesMut,
+    max_frame_size: usize,
+) -> Result<Option<Frame>, SessionError> {
+    loop {
+        if let Some(frame) = wire::decode(buf, max_frame_size)? {
+            return Ok(Some(frame));
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let n = recv.read_buf(buf).await?;
+        if n == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(SessionError::Decode(DecodeError::Incomplete));
+        }
+    }
+}
+
+/// Errors inside a session (logged by the connection, never returned from `run`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    /// The QUIC connection failed or was closed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Reading the stream failed.
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// Reading the stream failed (through the tokio `AsyncRead` adapter).
+    #[error("read: {0}")]
+    Io(#[from] std::io::Error),
+    /// Writing the stream failed.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The agent sent bytes that are not a frame.
+    #[error("bad frame: {0}")]
+    Decode(#[from] DecodeError),
+    /// A frame could not be encoded.
+    #[error("encode: {0}")]
+    Encode(#[from] wire::EncodeError),
+    /// The agent finished its stream (a clean end of the session from its side).
+    #[error("the agent finished its stream")]
+    Finished,
+    /// A frame that is not allowed after `Hello`.
+    #[error("unexpected {frame} frame")]
+    Unexpected {
+        /// Its type name.
+        frame: &'static str,
+    },
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// Shutdown or replacement; in-flight batches were drained.
+    Stopped,
+    /// The stream or connection ended under us.
+    PeerGone(SessionError),
+    /// The agent sent `GoAway`.
+    PeerGoAway { code: GoAwayCode, reason: String },
+    /// The agent broke the protocol.
+    Protocol(SessionError),
+    /// The cloud broker refused or lost a batch.
+    Publish(PublishError),
+    /// The cloud broker did not answer in time.
+    PublishTimeout,
+    /// The dedup state could not be committed.
+    Store(crate::store::StoreError),
+}
+
+/// A batch on its way through the pipeline.
+#[derive(Debug)]
+struct Pending {
+    /// Every seq of the batch (published, duplicate or dropped): all are marked and acknowledged.
+    seqs: Vec<u64>,
+    /// Last seq of the batch: the `Ack` value.
+    upto: u64,
+    done: oneshot::Receiver<Result<(), PublishError>>,
+}
+
+/// What the reader hands the acker, in stream order.
+#[derive(Debug)]
+enum Item {
+    Batch(Pending),
+    Pong(u64),
+}
+
+struct Session<'a> {
+    hub: &'a Hub,
+    site: &'a Site,
+    incarnation: u64,
+    stops: &'a Stops,
+    replaced: &'a CancellationToken,
+    /// Cancelled by the acker when it gives up, to stop the reader.
+    failed: CancellationToken,
+}
+
+/// Per-batch counters of messages not published.
+#[derive(Debug, Default)]
+struct Drops {
+    duplicates: usize,
+    too_large: usize,
+    bad_topic: usize,
+    foreign_origin: usize,
+}
+
+impl Session<'_> {
+    async fn run(&self, recv: RecvStream, buf: BytesMut, send: &mut SendStream) -> End {
+        let (tx, rx) = mpsc::channel(MAX_PENDING_BATCHES);
+        let (reader_end, acker_end) =
+            tokio::join!(self.reader(recv, buf, tx), self.acker(rx, send));
+        // The acker's failure is the root cause when both ended badly.
+        match acker_end {
+            Some(end) => end,
+            None => reader_end,
+        }
+    }
+
+    async fn reader(&self, mut recv: RecvStream, mut buf: BytesMut, tx: mpsc::Sender<Item>) -> End {
+        loop {
+            let step = async {
+                let frame = read_frame(&mut recv, &mut buf, self.hub.max_frame_size).await;
+                match frame {
+                    Ok(Some(Frame::Batch { entries })) => {
+                        if let Some(pending) = self.submit(entries).await {
+                            // The acker only drops its receiver after failing; its End wins then.
+                            let _ = tx.send(Item::Batch(pending)).await;
+                        }
+                        None
+                    }
+                    Ok(Some(Frame::Ping { nonce })) => {
+                        let _ = tx.send(Item::Pong(nonce)).await;
+                        None
+                    }
+                    Ok(Some(Frame::Pong { .. })) => None,
+                    Ok(Some(Frame::GoAway { code, reason })) => {
+                        Some(End::PeerGoAway { code, reason })
+                    }
+                    Ok(Some(other)) => Some(End::Protocol(SessionError::Unexpected {
+                        frame: other.frame_type().name(),
+                    })),
+                    Ok(None) => Some(End::PeerGone(SessionError::Finished)),
+                    Err(e @ SessionError::Decode(_)) => Some(End::Protocol(e)),
+                    Err(e) => Some(End::PeerGone(e)),
+                }
+            };
+            let end = tokio::select! {
+                biased;
+                () = self.stops.shutdown.cancelled() => Some(End::Stopped),
+                () = self.replaced.cancelled() => Some(End::Stopped),
+                () = self.failed.cancelled() => Some(End::Stopped),
+                end = step => end,
+            };
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    }
+
+    /// Filters, maps and hands one batch to the publisher; `None` for an empty batch.
+    async fn submit(&self, entries: Vec<Envelope>) -> Option<Pending> {
+        let upto = entries.last()?.seq;
+        let mut seqs = Vec::with_capacity(entries.len());
+        let mut out = Vec::with_capacity(entries.len());
+        let mut drops = Drops::default();
+        {
+            let dedup = self
+                .site
+                .dedup
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let window = match dedup.high_water(&self.site.name) {
+                Some((known, _)) if known == self.incarnation => dedup.window(&self.site.name),
+                _ => None,
+            };
+            for env in entries {
+                if window.is_some_and(|w| w.is_seen(env.seq)) {
+                    drops.duplicates += 1;
+                    debug!(seq = env.seq, "duplicate dropped");
+                    continue;
+                }
+                seqs.push(env.seq);
+                if let Some(message) = to_message(
+                    env,
+                    &self.site.name,
+                    &self.site.namespace,
+                    self.hub.max_message_size,
+                    &mut drops,
+                ) {
+                    out.push(message);
+                }
+            }
+        }
+        if drops.foreign_origin > 0 {
+            warn!(
+                count = drops.foreign_origin,
+                "entries claimed another origin; published under this site's namespace"
+            );
+        }
+        if drops.too_large > 0 || drops.bad_topic > 0 {
+            warn!(
+                too_large = drops.too_large,
+                invalid_topic = drops.bad_topic,
+                limit = self.hub.max_message_size,
+                "messages dropped (acknowledged so the agent's queue does not wedge)"
+            );
+        }
+        if drops.duplicates > 0 {
+            debug!(
+                count = drops.duplicates,
+                upto, "replayed messages dropped by dedup"
+            );
+        }
+        let done = self.hub.publisher.submit(out).await;
+        Some(Pending { seqs, upto, done })
+    }
+
+    /// Acknowledges batches in order; `None` when the reader ended and everything was drained.
+    async fn acker(&self, mut rx: mpsc::Receiver<Item>, send: &mut SendStream) -> Option<End> {
+        let end = self.ack_loop(&mut rx, send).await;
+        if end.is_some() {
+            self.failed.cancel();
+        }
+        end
+    }
+
+    async fn ack_loop(&self, rx: &mut mpsc::Receiver<Item>, send: &mut SendStream) -> Option<End> {
+        let mut next: Option<Item> = None;
+        let mut out = BytesMut::with_capacity(256);
+        loop {
+            let item = match next.take() {
+                Some(item) => item,
+                None => rx.recv().await?,
+            };
+            let mut group = match item {
+                Item::Pong(nonce) => {
+                    if let Err(end) = self.write(send, &mut out, &[Frame::Pong { nonce }]).await {
+                        return Some(end);
+                    }
+                    continue;
+                }
+                Item::Batch(pending) => {
+                    let waited = tokio::select! {
+                        () = self.stops.hard.cancelled() => return Some(End::PublishTimeout),
+                        waited = tokio::time::timeout(PUBLISH_TIMEOUT, pending.done) => waited,
+                    };
+                    match waited {
+                        Err(_) => return Some(End::PublishTimeout),
+                        Ok(Err(_)) => return Some(End::Publish(PublishError::Stopped)),
+                        Ok(Ok(Err(error))) => return Some(End::Publish(error)),
+                        Ok(Ok(Ok(()))) => vec![(pending.seqs, pending.upto)],
+                    }
+                }
+            };
+            // Group every batch already complete behind it: one dedup commit for all of them.
+            while let Ok(item) = rx.try_recv() {
+                match item {
+                    Item::Batch(mut pending) => match pending.done.try_recv() {
+                        Ok(Ok(())) => group.push((pending.seqs, pending.upto)),
+                        Ok(Err(error)) => return Some(End::Publish(error)),
+                        Err(oneshot::error::TryRecvError::Closed) => {
+                            return Some(End::Publish(PublishError::Stopped))
+                        }
+                        Err(oneshot::error::TryRecvError::Empty) => {
+                            next = Some(Item::Batch(pending));
+                            break;
+                        }
+                    },
+                    pong @ Item::Pong(_) => {
+                        next = Some(pong);
+                        break;
+                    }
+                }
+            }
+            let snapshot = {
+                let mut dedup = self
+                    .site
+                    .dedup
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                for (seqs, _) in &group {
+                    for &seq in seqs {
+                        let _ = dedup.observe(&self.site.name, self.incarnation, seq);
+                    }
+                }
+                dedup.snapshot().encode()
+            };
+            if let Err(error) = self.hub.store.save(self.site.name.clone(), snapshot).await {
+                return Some(End::Store(error));
+            }
+            let acks: Vec<Frame> = group.iter().map(|&(_, upto)| Frame::Ack { upto }).collect();
+            if let Err(end) = self.write(send, &mut out, &acks).await {
+                return Some(end);
+            }
+        }
+    }
+
+    async fn write(
+        &self,
+        send: &mut SendStream,
+        out: &mut BytesMut,
+        frames: &[Frame],
+    ) -> Result<(), End> {
+        out.clear();
+        for frame in frames {
+            frame
+                .encode(out)
+                .map_err(|e| End::Protocol(SessionError::Encode(e)))?;
+        }
+        send.write_all(out)
+            .await
+            .map_err(|e| End::PeerGone(SessionError::Write(e)))
+    }
+}
+
+/// The cloud PUBLISH for one entry of `site`, or `None` if it must be dropped (counted in `drops`).
+///
+/// The topic goes under the site's namespace whatever the entry's `origin` says; QoS, retain, payload and the
+/// MQTT 5 properties are kept; the trace context becomes `traceparent`/`tracestate` user properties and
+/// `meshbridge-id = <site>/<seq>` is appended.
+fn to_message(
+    env: Envelope,
+    site: &str,
+    namespace: &Namespace,
+    max_message_size: usize,
+    drops: &mut Drops,
+) -> Option<OutMessage> {
+    if env.origin != site {
+        drops.foreign_origin += 1;
+    }
+    if env.payload.len() > max_message_size {
+        drops.too_large += 1;
+        return None;
+    }
+    let topic = match TopicName::parse(&env.topic).and_then(|t| namespace.apply(&t)) {
+        Ok(topic) => topic.into_string(),
+        Err(error) => {
+            drops.bad_topic += 1;
+            debug!(seq = env.seq, topic = %env.topic, cause = %error, "invalid topic dropped");
+            return None;
+        }
+    };
+    let mut user = env.properties.user;
+    user.reserve(3);
+    if let Some(trace) = env.trace {
+        user.push(("traceparent".to_owned(), trace.traceparent));
+        if let Some(state) = trace.tracestate {
+            user.push(("tracestate".to_owned(), state));
+        }
+    }
+    user.push((MESHBRIDGE_ID.to_owned(), format!("{site}/{}", env.seq)));
+    let properties = PublishProperties {
+        payload_format_indicator: env.properties.payload_format_utf8.then_some(1),
+        message_expiry_interval: env.properties.message_expiry,
+        topic_alias: None,
+        response_topic: env.properties.response_topic,
+        correlation_data: env.properties.correlation_data,
+        user_properties: user,
+        subscription_identifiers: Vec::new(),
+        content_type: env.properties.content_type,
+    };
+    Some(OutMessage {
+        topic,
+        qos: match env.qos {
+            QoS::AtMostOnce => MqttQoS::AtMostOnce,
+            QoS::AtLeastOnce => MqttQoS::AtLeastOnce,
+            QoS::ExactlyOnce => MqttQoS::ExactlyOnce,
+        },
+        retain: env.retain,
+        payload: env.payload,
+        properties,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use shared::envelope::{Properties, TraceContext};
+
+    fn env(origin: &str, topic: &str, payload: &'static [u8], qos: QoS, retain: bool) -> Envelope {
+        Envelope {
+            origin: origin.to_owned(),
+            seq: 17,
+            topic: topic.to_owned(),
+            payload: Bytes::from_static(payload),
+            qos,
+            retain,
+            properties: Properties::default(),
+            trace: None,
+            enqueued_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn entries_map_into_the_site_namespace() {
+        let ns = Namespace::parse("acme/plant1/line1").expect("namespace");
+        // (entry, expected topic or None if dropped, expected qos, retain)
+        let cases: Vec<(Envelope, Option<&str>, MqttQoS, bool)> = vec![
+            (
+                env("line1", "t/a", b"x", QoS::AtMostOnce, false),
+                Some("acme/plant1/line1/t/a"),
+                MqttQoS::AtMostOnce,
+                false,
+            ),
+            (
+                env("line1", "t/b", b"x", QoS::AtLeastOnce, true),
+                Some("acme/plant1/line1/t/b"),
+                MqttQoS::AtLeastOnce,
+                true,
+            ),
+            (
+                env("line1", "t/c", b"x", QoS::ExactlyOnce, false),
+                Some("acme/plant1/line1/t/c"),
+                MqttQoS::ExactlyOnce,
+                false,
+            ),
+            // Another origin in the body changes nothing.
+            (
+                env("line2", "t/d", b"x", QoS::AtLeastOnce, false),
+                Some("acme/plant1/line1/t/d"),
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+            (
+                env("line1", "$SYS/x", b"x", QoS::AtLeastOnce, false),
+                Some("acme/plant1/line1/$SYS/x"),
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+            // Dropped: wildcard topic, empty topic, payload over the limit (8 bytes here).
+            (
+                env("line1", "t/+", b"x", QoS::AtLeastOnce, false),
+                None,
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+            (
+                env("line1", "", b"x", QoS::AtLeastOnce, false),
+                None,
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+            (
+                env("line1", "t/e", b"123456789", QoS::AtLeastOnce, false),
+                None,
+                MqttQoS::AtLeastOnce,
+                false,
+            ),
+        ];
+        let mut drops = Drops::default();
+        for (entry, want_topic, want_qos, want_retain) in cases {
+            let label = format!("{:?}", entry.topic);
+            let got = to_message(entry, "line1", &ns, 8, &mut drops);
+            match (got, want_topic) {
+                (Some(m), Some(topic)) => {
+                    assert_eq!(m.topic, topic, "{label}");
+                    assert_eq!(m.qos, want_qos, "{label}");
+                    assert_eq!(m.retain, want_retain, "{label}");
+                    assert_eq!(
+                        m.properties.user_properties,
+                        vec![(MESHBRIDGE_ID.to_owned(), "line1/17".to_owned())],
+                        "{label}"
+                    );
+                }
+                (None, None) => {}
+                (got, want) => panic!("{label}: got {got:?}, want {want:?}"),
+            }
+        }
+        assert_eq!(drops.foreign_origin, 1);
+        assert_eq!(drops.bad_topic, 2);
+        assert_eq!(drops.too_large, 1);
+    }
+
+    #[test]
+    fn properties_and_trace_are_kept() {
+        let ns = Namespace::parse("acme").expect("namespace");
+        let mut entry = env("s", "t", b"p", QoS::AtLeastOnce, false);
+        entry.properties = Properties {
+            user: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+            content_type: Some("ct".into()),
+            response_topic: Some("rt".into()),
+            correlation_data: Some(Bytes::from_static(b"cd")),
+            message_expiry: Some(60),
+            payload_format_utf8: true,
+        };
+        entry.trace = Some(TraceContext {
+            traceparent: "tp".into(),
+            tracestate: None,
+        });
+        let m = to_message(entry, "s", &ns, 1024, &mut Drops::default()).expect("published");
+        let p = m.properties;
+        assert_eq!(
+            p.user_properties,
+            vec![
+                ("a".to_owned(), "1".to_owned()),
+                ("a".to_owned(), "2".to_owned()),
+                ("traceparent".to_owned(), "tp".to_owned()),
+                (MESHBRIDGE_ID.to_owned(), "s/17".to_owned()),
+            ]
+        );
+        assert_eq!(p.content_type.as_deref(), Some("ct"));
+        assert_eq!(p.response_topic.as_deref(), Some("rt"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"cd"[..]));
+        assert_eq!(p.message_expiry_interval, Some(60));
+        assert_eq!(p.payload_format_indicator, Some(1));
+        assert_eq!(p.topic_alias, None);
+        assert_eq!(&m.payload[..], b"p");
+    }
+}

@@ -1,0 +1,201 @@
+//! The cloud broker the hub publishes into: embedded rumqttd behind the pass-through front, or an external
+//! broker joined as an MQTT 5 client.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
+use meshbridge_broker::front::{self, CommitRequest, FrontError, FrontOptions};
+use rumqttc::v5::MqttOptions;
+use rumqttc::{TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::RootCertStore;
+use shared::config::{EmbeddedBroker as EmbeddedConfig, ExternalBroker};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{BrokerTlsError, HubError};
+use crate::publisher::base_options;
+
+/// Client id of the hub's publisher on the embedded broker.
+const EMBEDDED_CLIENT_ID: &str = "meshbridge-hub";
+/// Keep-alive towards the embedded broker (loopback: only detects a wedged router).
+const EMBEDDED_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Room for the topic and properties on top of the largest payload.
+const PACKET_OVERHEAD: usize = 64 * 1024;
+
+/// A running embedded cloud broker and its client-facing front.
+#[derive(Debug)]
+pub(crate) struct RunningEmbedded {
+    /// The address clients connect to (`broker.listen`, with the real port if it was 0).
+    pub(crate) listen: SocketAddr,
+    broker: EmbeddedBroker,
+    front: JoinHandle<Result<(), FrontError>>,
+    front_stop: CancellationToken,
+    /// Never receives anything (`select` is always false) but must stay open for the front.
+    _commits: mpsc::Receiver<CommitRequest>,
+}
+
+impl RunningEmbedded {
+    /// Starts rumqttd and the front on `cfg.listen`; `max_message_size` is the hub's payload limit.
+    pub(crate) async fn start(
+        cfg: &EmbeddedConfig,
+        max_message_size: usize,
+    ) -> Result<Self, HubError> {
+        if cfg.tls.is_some() {
+            return Err(HubError::EmbeddedTlsUnsupported);
+        }
+        if cfg.username.is_some() || cfg.password.is_some() {
+            return Err(HubError::EmbeddedAuthUnsupported);
+        }
+        let max_packet_size = cfg
+            .max_payload
+            .as_usize()
+            .max(max_message_size)
+            .saturating_add(PACKET_OVERHEAD);
+        let settings = EmbeddedSettings {
+            max_packet_size,
+            max_connections: usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
+            ..EmbeddedSettings::default()
+        };
+        let broker = EmbeddedBroker::start(&settings).await?;
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| HubError::BrokerBind {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let listen = listener
+            .local_addr()
+            .map_err(|source| HubError::BrokerBind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let (commits_tx, commits) = mpsc::channel(1);
+        let front_stop = CancellationToken::new();
+        let options = FrontOptions {
+            max_packet_size,
+            ..FrontOptions::default()
+        };
+        // Pure pass-through: the cloud side has nothing to commit, the front only shares the port between
+        // MQTT 3.1.1 and 5 clients.
+        let front = tokio::spawn(front::serve(
+            listener,
+            broker.upstreams(),
+            Arc::new(|_: &str| false),
+            commits_tx,
+            options,
+            front_stop.clone(),
+        ));
+        Ok(Self {
+            listen,
+            broker,
+            front,
+            front_stop,
+            _commits: commits,
+        })
+    }
+
+    /// Client options for the hub's publisher (straight to the internal v5 listener).
+    pub(crate) fn publisher_options(&self) -> MqttOptions {
+        let addr = self.broker.v5_addr;
+        base_options(
+            EMBEDDED_CLIENT_ID,
+            &addr.ip().to_string(),
+            addr.port(),
+            EMBEDDED_KEEP_ALIVE,
+        )
+    }
+
+    /// The front's task, to notice it failing.
+    pub(crate) fn front_task(&mut self) -> &mut JoinHandle<Result<(), FrontError>> {
+        &mut self.front
+    }
+
+    /// Stops the front and the listeners (rumqttd's router thread cannot be stopped).
+    pub(crate) async fn stop(self) -> Result<(), HubError> {
+        self.front_stop.cancel();
+        let front = if self.front.is_finished() {
+            // Its result was already taken by the caller's select; nothing more to report.
+            Ok(())
+        } else {
+            match self.front.await {
+                Ok(result) => result.map_err(HubError::from),
+                Err(_) => Ok(()),
+            }
+        };
+        self.broker.stop().await;
+        front
+    }
+}
+
+/// Client options for an external cloud broker: address, client id, credentials and TLS from the config.
+pub(crate) fn external_options(cfg: &ExternalBroker) -> Result<MqttOptions, HubError> {
+    let client_id = cfg.client_id.as_deref().unwrap_or(EMBEDDED_CLIENT_ID);
+    let mut options = base_options(
+        client_id,
+        cfg.address.host(),
+        cfg.address.port(),
+        cfg.keep_alive,
+    );
+    if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+        options.set_credentials(user.clone(), password.expose().to_owned());
+    }
+    if let Some(tls) = &cfg.tls {
+        let roots = load_roots(&tls.ca)?;
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(HubError::BrokerTls)?
+            .with_root_certificates(roots);
+        let config = match (&tls.cert, &tls.key) {
+            (Some(cert), Some(key)) => builder
+                .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+                .map_err(HubError::BrokerTls)?,
+            _ => builder.with_no_client_auth(),
+        };
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(config),
+        )));
+    }
+    Ok(options)
+}
+
+fn tls_file_error(path: &Path, source: impl Into<BrokerTlsError>) -> HubError {
+    HubError::BrokerTlsFile {
+        path: path.to_owned(),
+        source: source.into(),
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, HubError> {
+    let bytes = fs::read(path).map_err(|e| tls_file_error(path, e))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(tls_file_error(path, BrokerTlsError::NoCertificate));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, HubError> {
+    let bytes = fs::read(path).map_err(|e| tls_file_error(path, e))?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| tls_file_error(path, e))
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, HubError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| tls_file_error(path, BrokerTlsError::BadCa(e)))?;
+    }
+    Ok(roots)
+}

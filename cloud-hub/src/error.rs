@@ -1,0 +1,113 @@
+//! The hub's error type: everything that can make [`crate::run`] fail.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use meshbridge_broker::embedded::EmbeddedError;
+use meshbridge_broker::front::FrontError;
+use shared::policy::dedup::DedupError;
+use shared::topic::TopicError;
+
+use crate::store::StoreError;
+use crate::tls::TlsError;
+
+/// Why the hub could not start, or stopped with a fault.
+///
+/// Per-agent problems (a refused handshake, an unknown site, a cloud broker hiccup) are not here: they end one
+/// agent connection, are logged by its task, and the hub keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// `data_dir` could not be created.
+    #[error("cannot create the data directory {path}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The dedup database could not be opened or loaded.
+    #[error("cannot open the dedup store")]
+    Store(#[from] StoreError),
+    /// The QUIC server's TLS material is unusable.
+    #[error("cannot build the QUIC server configuration")]
+    Tls(#[from] TlsError),
+    /// The QUIC endpoint could not bind its UDP address.
+    #[error("cannot listen for agents on UDP {addr}")]
+    QuicBind {
+        /// `listen.quic`.
+        addr: SocketAddr,
+        /// The bind error.
+        #[source]
+        source: io::Error,
+    },
+    /// A configured site has a namespace that does not expand (only on a config that skipped validation).
+    #[error("site {site:?} has an invalid namespace")]
+    Namespace {
+        /// The site name.
+        site: String,
+        /// Why the namespace is invalid.
+        #[source]
+        source: TopicError,
+    },
+    /// `dedup.window` is out of range (only on a config that skipped validation).
+    #[error("invalid dedup window")]
+    DedupWindow(#[source] DedupError),
+    /// The embedded cloud broker did not start.
+    #[error("the embedded cloud broker did not start")]
+    EmbeddedBroker(#[from] EmbeddedError),
+    /// The embedded cloud broker's client port could not be bound.
+    #[error("cannot listen for MQTT clients on {addr}")]
+    BrokerBind {
+        /// `broker.listen`.
+        addr: SocketAddr,
+        /// The bind error.
+        #[source]
+        source: io::Error,
+    },
+    /// The embedded cloud broker's client port stopped accepting connections.
+    #[error("the cloud broker's client port failed")]
+    Front(#[from] FrontError),
+    /// The hub's own client could not connect to the embedded cloud broker.
+    #[error("the hub could not connect to its embedded cloud broker within {waited:?}")]
+    BrokerNotReady {
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+    /// A TLS file for the external cloud broker could not be read or used.
+    #[error("cannot use TLS file {path} for the cloud broker")]
+    BrokerTlsFile {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong with it.
+        #[source]
+        source: BrokerTlsError,
+    },
+    /// The TLS configuration for the external cloud broker was refused by rustls.
+    #[error("invalid TLS configuration for the cloud broker")]
+    BrokerTls(#[source] rustls::Error),
+    /// The embedded broker has TLS configured, which the hub's embedded cloud broker does not serve yet.
+    #[error("broker.tls is not supported for the hub's embedded cloud broker; use an external broker for TLS")]
+    EmbeddedTlsUnsupported,
+    /// The embedded broker has credentials configured, which the hub's embedded cloud broker does not check yet.
+    #[error("broker.username/password are not supported for the hub's embedded cloud broker")]
+    EmbeddedAuthUnsupported,
+}
+
+/// What went wrong with one TLS file of the external cloud broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerTlsError {
+    /// The file could not be read.
+    #[error("unreadable")]
+    Io(#[from] io::Error),
+    /// The file is not PEM of the expected kind.
+    #[error("not valid PEM")]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    /// The file holds no certificate.
+    #[error("no certificate in it")]
+    NoCertificate,
+    /// A CA certificate was rejected as a trust anchor.
+    #[error("unusable CA certificate")]
+    BadCa(#[source] rustls::Error),
+}
