@@ -39,6 +39,8 @@ use tracing::{debug, error, info, warn, Instrument};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the end of shutdown waits for the endpoint to finish closing.
 const IDLE_WAIT: Duration = Duration::from_secs(3);
+/// How long the closing `GoAway` may take to be acknowledged before the connection is closed anyway.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 /// Largest read from the stream at once.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -433,8 +435,11 @@ impl Session<'_> {
                     }
                     .encode(&mut out)?;
                     send.write_all(&out).await?;
-                    // The stream may already be reset by the hub; closing follows either way.
-                    let _ = send.finish();
+                    // Closing the connection discards unsent stream data, so give the GoAway a moment to
+                    // be delivered (the stream may already be reset by the hub: closing follows either way).
+                    if send.finish().is_ok() {
+                        let _ = tokio::time::timeout(GOAWAY_GRACE, send.stopped()).await;
+                    }
                     return Ok(());
                 }
             }
