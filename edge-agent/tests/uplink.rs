@@ -179,15 +179,18 @@ async fn unacked_batches_are_resent_after_reconnect() -> Result<()> {
     init_logs();
     let dir = tempfile::tempdir()?;
     let pki = Pki::create(dir.path())?;
-    let state = FakeHub::new_state(AckMode::DropFirstAfter(100), 0);
-    let hub = FakeHub::start(&pki, 0, Arc::clone(&state)).await?;
+    let hub_port = free_udp_port()?;
     let mqtt = free_tcp_port()?;
     let data = dir.path().join("data");
-    let text = agent_toml(&data, &pki, hub.addr.port(), &embedded_broker(mqtt));
+    let text = agent_toml(&data, &pki, hub_port, &embedded_broker(mqtt));
     let agent = Agent::start(&text, dir.path(), mqtt).await?;
+    // Queue a backlog first, so the first connection fills its window with full batches.
     let n = 300;
     let acked = Arc::new(Mutex::new(HashSet::new()));
     tokio::time::timeout(LONG, publish_tracked(mqtt, "p", n, Arc::clone(&acked))).await??;
+    // The hub takes at least 100 entries on the first connection, acks none, and drops the connection.
+    let state = FakeHub::new_state(AckMode::DropFirstAfter(100), 0);
+    let hub = FakeHub::start(&pki, hub_port, Arc::clone(&state)).await?;
     wait_until("a second connection delivering everything", LONG, || {
         let s = state.lock().expect("lock");
         s.per_connection.len() >= 2 && s.per_connection.last().is_some_and(|c| c.last() == Some(&(n as u64)))
