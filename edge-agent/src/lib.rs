@@ -88,9 +88,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         keep_alive_interval: Some(cfg.uplink.keep_alive),
         ..tls::ClientTransport::default()
     };
-    let client_config =
-        tls::client_config(&cfg.uplink.ca, &cfg.uplink.cert, &cfg.uplink.key, &transport)
-            .map_err(AgentError::UplinkTls)?;
+    let client_config = tls::client_config(
+        &cfg.uplink.ca,
+        &cfg.uplink.cert,
+        &cfg.uplink.key,
+        &transport,
+    )
+    .map_err(AgentError::UplinkTls)?;
     let site: Arc<str> = Arc::from(cfg.site.as_str());
     let appended = Arc::new(Notify::new());
     let ingest = Ingest {
@@ -125,11 +129,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     housekeeping_stop.cancel();
     tracker.wait().await;
     let stats = queue.stats();
-    info!(
-        depth = stats.depth,
-        acked = stats.acked,
-        "stopped"
-    );
+    info!(depth = stats.depth, acked = stats.acked, "stopped");
     local?;
     uplink_joined.map_err(|source| AgentError::TaskPanicked {
         task: "uplink",

@@ -39,11 +39,12 @@ impl Routes {
         let routes = routes
             .iter()
             .map(|route| {
-                let filter =
-                    TopicFilter::parse(&route.filter).map_err(|source| AgentError::InvalidRoute {
+                let filter = TopicFilter::parse(&route.filter).map_err(|source| {
+                    AgentError::InvalidRoute {
                         filter: route.filter.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 let qos_cap = route.qos.and_then(|q| QoS::try_from(q).ok());
                 Ok((
                     filter,
@@ -119,7 +120,10 @@ mod tests {
             let shared = TopicFilter::parse(filter)
                 .expect("valid filter")
                 .matches(&TopicName::parse(topic).expect("valid name"));
-            assert_eq!(shared, expected, "shared::topic disagrees: {filter} vs {topic}");
+            assert_eq!(
+                shared, expected,
+                "shared::topic disagrees: {filter} vs {topic}"
+            );
         }
     }
 

@@ -34,7 +34,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
-
 /// How long the hub may take to answer `Hello` with `Welcome`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the end of shutdown waits for the endpoint to finish closing.
@@ -124,7 +123,9 @@ pub(crate) enum UplinkError {
         sent: u64,
     },
     /// A stored message does not fit a single frame of the hub's maximum size, so it can never be sent.
-    #[error("message {seq} ({len} bytes) does not fit the hub's frame limit of {max_frame_size} bytes")]
+    #[error(
+        "message {seq} ({len} bytes) does not fit the hub's frame limit of {max_frame_size} bytes"
+    )]
     EntryTooLarge {
         /// Its seq.
         seq: u64,
@@ -236,7 +237,10 @@ impl Uplink {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
         if let Some(endpoint) = &self.endpoint {
-            if endpoint.local_addr().is_ok_and(|l| l.is_ipv4() == addr.is_ipv4()) {
+            if endpoint
+                .local_addr()
+                .is_ok_and(|l| l.is_ipv4() == addr.is_ipv4())
+            {
                 return Ok(endpoint.clone());
             }
         }
@@ -388,7 +392,10 @@ impl Session<'_> {
         self.welcomed = true;
         if hub_high_water > stats.acked {
             let skipped = blocking(queue, move |q| q.ack_upto(hub_high_water)).await?;
-            debug!(hub_high_water, skipped, "hub already has these; acknowledged locally");
+            debug!(
+                hub_high_water,
+                skipped, "hub already has these; acknowledged locally"
+            );
         }
         let stats = queue.stats();
         info!(
@@ -612,7 +619,9 @@ mod tests {
         let mut seqs = Vec::new();
         while let Some(frame) = wire::decode(&mut out, limit).expect("valid frames") {
             match frame {
-                Frame::Batch { entries } => seqs.push(entries.iter().map(|e| e.seq).collect::<Vec<_>>()),
+                Frame::Batch { entries } => {
+                    seqs.push(entries.iter().map(|e| e.seq).collect::<Vec<_>>())
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -622,7 +631,14 @@ mod tests {
         let err = encode_batches(&entries, &mut BytesMut::new(), 50, &mut inflight)
             .expect_err("an entry larger than a frame cannot be sent");
         assert!(
-            matches!(err, UplinkError::EntryTooLarge { seq: 1, max_frame_size: 50, .. }),
+            matches!(
+                err,
+                UplinkError::EntryTooLarge {
+                    seq: 1,
+                    max_frame_size: 50,
+                    ..
+                }
+            ),
             "{err:?}"
         );
     }

@@ -55,7 +55,10 @@ impl AgentProcess {
 
     async fn wait_ready(&self) -> Result<()> {
         let ready = Arc::clone(&self.ready);
-        wait_until("the agent's ready line", LONG, move || ready.load(Ordering::SeqCst)).await
+        wait_until("the agent's ready line", LONG, move || {
+            ready.load(Ordering::SeqCst)
+        })
+        .await
     }
 
     async fn kill9(mut self) -> Result<()> {
@@ -165,7 +168,11 @@ async fn kill9_embedded_loses_no_acknowledged_message() -> Result<()> {
     .await?;
     agent.terminate().await?;
     let remaining = queued_indexes(&data.join(edge_agent::QUEUE_FILE))?;
-    assert!(remaining.is_empty(), "{} messages left in the queue", remaining.len());
+    assert!(
+        remaining.is_empty(),
+        "{} messages left in the queue",
+        remaining.len()
+    );
     hub.stop().await;
     Ok(())
 }
@@ -211,7 +218,10 @@ async fn external_mosquitto_delivers_all_across_kill9() -> Result<()> {
     let broker = format!(
         "kind = \"external\"\naddress = \"127.0.0.1:{port}\"\nclient_id = \"meshbridge-test-line1\""
     );
-    let config = write_config(dir.path(), &agent_toml(&data, &pki, hub.addr.port(), &broker))?;
+    let config = write_config(
+        dir.path(),
+        &agent_toml(&data, &pki, hub.addr.port(), &broker),
+    )?;
     let agent = AgentProcess::spawn(&config)?;
     agent.wait_ready().await?;
     // The subscription request follows the CONNACK; give it a moment to be in place.

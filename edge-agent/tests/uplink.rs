@@ -65,13 +65,22 @@ async fn publish_reaches_hub_with_everything_kept_and_in_order() -> Result<()> {
     let properties = PublishProperties {
         user_properties: vec![
             ("k".into(), "v".into()),
-            ("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            (
+                "traceparent".into(),
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            ),
         ],
         content_type: Some("text/plain".into()),
         ..PublishProperties::default()
     };
     client
-        .publish_with_properties("telemetry/robot5/temp", MqttQoS::AtLeastOnce, true, "21.5", properties)
+        .publish_with_properties(
+            "telemetry/robot5/temp",
+            MqttQoS::AtLeastOnce,
+            true,
+            "21.5",
+            properties,
+        )
         .await?;
     client
         .publish("status/not-routed", MqttQoS::AtLeastOnce, false, "x")
@@ -79,14 +88,19 @@ async fn publish_reaches_hub_with_everything_kept_and_in_order() -> Result<()> {
     let mut acks = 0;
     tokio::time::timeout(LONG, async {
         while acks < 2 {
-            if let Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) = eventloop.poll().await? {
+            if let Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) =
+                eventloop.poll().await?
+            {
                 acks += 1;
             }
         }
         anyhow::Ok(())
     })
     .await??;
-    wait_until("the first message at the hub", LONG, || !hub.received_seqs().is_empty()).await?;
+    wait_until("the first message at the hub", LONG, || {
+        !hub.received_seqs().is_empty()
+    })
+    .await?;
     {
         let s = state.lock().expect("lock");
         let e = &s.received[0];
@@ -110,7 +124,10 @@ async fn publish_reaches_hub_with_everything_kept_and_in_order() -> Result<()> {
     let acked = Arc::new(Mutex::new(HashSet::new()));
     let n = 300;
     tokio::time::timeout(LONG, publish_tracked(mqtt, "bulk", n, Arc::clone(&acked))).await??;
-    wait_until("all messages at the hub", LONG, || hub.received_seqs().len() == n + 1).await?;
+    wait_until("all messages at the hub", LONG, || {
+        hub.received_seqs().len() == n + 1
+    })
+    .await?;
     {
         let s = state.lock().expect("lock");
         let seqs: Vec<u64> = s.received.iter().map(|e| e.seq).collect();
@@ -123,9 +140,16 @@ async fn publish_reaches_hub_with_everything_kept_and_in_order() -> Result<()> {
         }
     }
     agent.shutdown().await?;
-    assert!(state.lock().expect("lock").saw_goaway_normal, "clean shutdown says GoAway Normal");
+    assert!(
+        state.lock().expect("lock").saw_goaway_normal,
+        "clean shutdown says GoAway Normal"
+    );
     let queue = RedbQueue::open(queue_file(&data), Default::default())?;
-    assert_eq!(queue.stats().depth, 0, "everything acked by the hub is deleted");
+    assert_eq!(
+        queue.stats().depth,
+        0,
+        "everything acked by the hub is deleted"
+    );
     assert_eq!(queue.stats().acked, n as u64 + 1);
     hub.stop().await;
     Ok(())
@@ -150,7 +174,10 @@ async fn hub_down_queues_then_delivers_in_order_and_high_water_skips() -> Result
     {
         let queue = RedbQueue::open(queue_file(&data), Default::default())?;
         let stats = queue.stats();
-        assert_eq!(stats.depth, n as u64, "every acknowledged message is queued");
+        assert_eq!(
+            stats.depth, n as u64,
+            "every acknowledged message is queued"
+        );
         assert_eq!(stats.acked, 0);
         let entries = queue.read(1, n, usize::MAX)?;
         assert_eq!(entries.len(), n);
@@ -160,13 +187,22 @@ async fn hub_down_queues_then_delivers_in_order_and_high_water_skips() -> Result
     let state = FakeHub::new_state(AckMode::All, 50);
     let hub = FakeHub::start(&pki, hub_port, Arc::clone(&state)).await?;
     let agent = Agent::start(&text, dir.path(), mqtt).await?;
-    wait_until("the backlog at the hub", LONG, || hub.received_seqs().len() == n - 50).await?;
+    wait_until("the backlog at the hub", LONG, || {
+        hub.received_seqs().len() == n - 50
+    })
+    .await?;
     assert_eq!(hub.received_seqs(), (51..=n as u64).collect::<Vec<_>>());
     // Live traffic after the backlog continues the sequence with no gap.
     let more = Arc::new(Mutex::new(HashSet::new()));
     tokio::time::timeout(LONG, publish_tracked(mqtt, "p2", 20, Arc::clone(&more))).await??;
-    wait_until("live messages at the hub", LONG, || hub.received_seqs().len() == n - 50 + 20).await?;
-    assert_eq!(hub.received_seqs(), (51..=n as u64 + 20).collect::<Vec<_>>());
+    wait_until("live messages at the hub", LONG, || {
+        hub.received_seqs().len() == n - 50 + 20
+    })
+    .await?;
+    assert_eq!(
+        hub.received_seqs(),
+        (51..=n as u64 + 20).collect::<Vec<_>>()
+    );
     agent.shutdown().await?;
     let queue = RedbQueue::open(queue_file(&data), Default::default())?;
     assert_eq!(queue.stats().depth, 0);
@@ -193,16 +229,31 @@ async fn unacked_batches_are_resent_after_reconnect() -> Result<()> {
     let hub = FakeHub::start(&pki, hub_port, Arc::clone(&state)).await?;
     wait_until("a second connection delivering everything", LONG, || {
         let s = state.lock().expect("lock");
-        s.per_connection.len() >= 2 && s.per_connection.last().is_some_and(|c| c.last() == Some(&(n as u64)))
+        s.per_connection.len() >= 2
+            && s.per_connection
+                .last()
+                .is_some_and(|c| c.last() == Some(&(n as u64)))
     })
     .await?;
     {
         let s = state.lock().expect("lock");
         let first = &s.per_connection[0];
-        assert!(first.len() >= 100, "first connection got {} entries", first.len());
+        assert!(
+            first.len() >= 100,
+            "first connection got {} entries",
+            first.len()
+        );
         let second = &s.per_connection[1];
-        assert_eq!(second.first(), Some(&1), "nothing was acked: resend starts at 1");
-        assert_eq!(second, &(1..=n as u64).collect::<Vec<_>>(), "second connection: all, in order");
+        assert_eq!(
+            second.first(),
+            Some(&1),
+            "nothing was acked: resend starts at 1"
+        );
+        assert_eq!(
+            second,
+            &(1..=n as u64).collect::<Vec<_>>(),
+            "second connection: all, in order"
+        );
         assert_eq!(s.hellos[1].1, 0, "second Hello: last_acked still 0");
     }
     agent.shutdown().await?;
@@ -221,7 +272,10 @@ async fn embedded_broker_credentials_are_enforced() -> Result<()> {
     let hub = FakeHub::start(&pki, 0, Arc::clone(&state)).await?;
     let mqtt = free_tcp_port()?;
     let data = dir.path().join("data");
-    let broker = format!("{}\nusername = \"site\"\npassword = \"s3cret\"", embedded_broker(mqtt));
+    let broker = format!(
+        "{}\nusername = \"site\"\npassword = \"s3cret\"",
+        embedded_broker(mqtt)
+    );
     let text = agent_toml(&data, &pki, hub.addr.port(), &broker);
     let agent = Agent::start(&text, dir.path(), mqtt).await?;
 
@@ -240,10 +294,16 @@ async fn embedded_broker_credentials_are_enforced() -> Result<()> {
         let outcome = tokio::time::timeout(LONG, eventloop.poll()).await?;
         match (outcome, accepted) {
             (Ok(Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(ack))), true) => {
-                assert_eq!(ack.code, rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success);
+                assert_eq!(
+                    ack.code,
+                    rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success
+                );
             }
             (Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)), false) => {
-                assert_eq!(code, rumqttc::v5::mqttbytes::v5::ConnectReturnCode::BadUserNamePassword);
+                assert_eq!(
+                    code,
+                    rumqttc::v5::mqttbytes::v5::ConnectReturnCode::BadUserNamePassword
+                );
             }
             (other, accepted) => panic!("{credentials:?} (accepted: {accepted}): {other:?}"),
         }

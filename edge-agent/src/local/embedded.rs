@@ -28,7 +28,8 @@ pub(crate) async fn run(
     if cfg.tls.is_some() {
         return Err(AgentError::Unsupported {
             key: "broker.tls",
-            reason: "the embedded broker serves plain MQTT only in this version; remove broker.tls or \
+            reason:
+                "the embedded broker serves plain MQTT only in this version; remove broker.tls or \
                      terminate TLS in front of the agent (e.g. stunnel)",
         });
     }

@@ -163,7 +163,10 @@ fn subscribe(client: &AsyncClient, ingest: &Ingest) {
         .routes
         .filters()
         .map(|f| Filter::new(f, MqttQoS::AtLeastOnce))
-        .chain(std::iter::once(Filter::new(DROPPED_TOPIC, MqttQoS::AtMostOnce)))
+        .chain(std::iter::once(Filter::new(
+            DROPPED_TOPIC,
+            MqttQoS::AtMostOnce,
+        )))
         .collect();
     if let Err(cause) = client.try_subscribe_many(filters) {
         warn!(%cause, "cannot subscribe to the route filters");

@@ -62,7 +62,9 @@ impl Pki {
 
         let site_key = KeyPair::generate()?;
         let mut site_params = CertificateParams::default();
-        site_params.distinguished_name.push(DnType::CommonName, SITE);
+        site_params
+            .distinguished_name
+            .push(DnType::CommonName, SITE);
         site_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let site_cert = site_params.signed_by(&site_key, &issuer)?;
 
@@ -92,8 +94,8 @@ impl Pki {
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()?;
-        let chain = CertificateDer::pem_file_iter(&self.hub_cert)?
-            .collect::<Result<Vec<_>, _>>()?;
+        let chain =
+            CertificateDer::pem_file_iter(&self.hub_cert)?.collect::<Result<Vec<_>, _>>()?;
         let key = PrivateKeyDer::from_pem_file(&self.hub_key)?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -138,7 +140,9 @@ pub struct FakeHub {
 
 /// A UDP port that was free a moment ago, for a hub started later.
 pub fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }
 
 /// A TCP port that was free a moment ago, for `broker.listen`.
@@ -342,7 +346,11 @@ pub fn parse_config(text: &str, base: &Path) -> Result<shared::config::AgentConf
 }
 
 /// Waits until `cond` holds, polling; fails after `timeout`.
-pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+pub async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !cond() {
         if Instant::now() > deadline {
