@@ -74,6 +74,11 @@ pub struct FrontOptions {
     pub max_packet_size: usize,
     /// How long a new connection may take to send its CONNECT (idle sockets must not pile up).
     pub connect_timeout: Duration,
+    /// Username and password every client must present in CONNECT; `None` lets anyone in. A client
+    /// without them, or with others, is refused with CONNACK "not authorized" (3.1.1 code 5) / "bad user
+    /// name or password" (5.0 reason 0x86) before anything reaches the broker. rumqttd's own static
+    /// logins are not used because the front must answer before it has picked a broker listener.
+    pub credentials: Option<(String, String)>,
 }
 
 impl Default for FrontOptions {
@@ -81,6 +86,7 @@ impl Default for FrontOptions {
         Self {
             max_packet_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
+            credentials: None,
         }
     }
 }
@@ -173,6 +179,9 @@ pub enum FrontError {
         /// The CONNECT protocol level.
         level: u8,
     },
+    /// The client's CONNECT did not carry the configured username and password; it was refused.
+    #[error("client refused: wrong or missing username/password")]
+    NotAuthorized,
     /// The client sent bytes that are not valid MQTT.
     #[error("malformed packet from the client")]
     ClientDecode {
@@ -357,6 +366,27 @@ async fn connection(
             });
         }
     };
+    if let Some((username, password)) = &shared.options.credentials {
+        let presented =
+            connect_credentials(&from_client[..connect_len], header.header_len, version);
+        let ok = presented
+            .is_some_and(|(u, p)| u == Some(username.as_bytes()) && p == Some(password.as_bytes()));
+        if !ok {
+            let code = match version {
+                ProtocolVersion::V5 => CONNACK_V5_BAD_CREDENTIALS,
+                _ => CONNACK_V3_NOT_AUTHORIZED,
+            };
+            let mut refusal = BytesMut::with_capacity(5);
+            mqtt::encode_connack_refusal(version, code, &mut refusal);
+            client
+                .write_all(&refusal)
+                .await
+                .map_err(|source| FrontError::ClientIo { source })?;
+            // Best effort: the connection is being refused anyway.
+            let _ = client.shutdown().await;
+            return Err(FrontError::NotAuthorized);
+        }
+    }
     if connect.keep_alive == 0 {
         // Fixed header, protocol name (2-byte length + name), level, flags, then the keep-alive.
         let at = header.header_len + 2 + connect.protocol_name.len() + 2;
@@ -398,6 +428,70 @@ async fn connection(
             }
         }
     }
+}
+
+/// CONNACK return code "not authorized" (MQTT 3.1.1 §3.2.2.3).
+const CONNACK_V3_NOT_AUTHORIZED: u8 = 5;
+/// CONNACK reason code "bad user name or password" (MQTT 5.0 §3.2.2.2).
+const CONNACK_V5_BAD_CREDENTIALS: u8 = 0x86;
+
+/// The username and password a CONNECT carries, each `None` when absent.
+type Credentials<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
+/// The username and password fields of a whole CONNECT `frame` whose fixed header is `header_len`
+/// bytes, each `None` when its flag is clear; `None` overall if the packet is malformed. Walks the
+/// variable header and payload in order (MQTT 3.1.1 §3.1, 5.0 §3.1): protocol name, level, flags,
+/// keep-alive, [v5 properties], client id, [will: [v5 properties], topic, payload], username, password.
+fn connect_credentials(
+    frame: &[u8],
+    header_len: usize,
+    version: ProtocolVersion,
+) -> Option<Credentials<'_>> {
+    let mut at = header_len;
+    let varint = |at: &mut usize| -> Option<usize> {
+        let mut value = 0usize;
+        for shift in [0, 7, 14, 21] {
+            let byte = *frame.get(*at)?;
+            *at += 1;
+            value |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    };
+    let field = |at: &mut usize| -> Option<&[u8]> {
+        let len = usize::from(u16::from_be_bytes([*frame.get(*at)?, *frame.get(*at + 1)?]));
+        let field = frame.get(*at + 2..*at + 2 + len)?;
+        *at += 2 + len;
+        Some(field)
+    };
+    let has_properties = version == ProtocolVersion::V5;
+    field(&mut at)?; // protocol name
+    let flags = *frame.get(at + 1)?; // after the level byte
+    at += 4; // level, flags, keep-alive
+    if has_properties {
+        at += varint(&mut at)?;
+    }
+    field(&mut at)?; // client id
+    if flags & 0x04 != 0 {
+        if has_properties {
+            at += varint(&mut at)?;
+        }
+        field(&mut at)?; // will topic
+        field(&mut at)?; // will payload
+    }
+    let username = if flags & 0x80 != 0 {
+        Some(field(&mut at)?)
+    } else {
+        None
+    };
+    let password = if flags & 0x40 != 0 {
+        Some(field(&mut at)?)
+    } else {
+        None
+    };
+    Some((username, password))
 }
 
 /// Reads into `buf` until it starts with one complete packet; returns that packet's length.
@@ -762,5 +856,95 @@ impl BrokerToClient {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CONNECT with the given will (topic, payload) and credentials, built by hand.
+    fn connect(
+        version: ProtocolVersion,
+        will: Option<(&str, &str)>,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> Vec<u8> {
+        let field = |out: &mut Vec<u8>, bytes: &[u8]| {
+            out.extend_from_slice(&u16::try_from(bytes.len()).expect("short").to_be_bytes());
+            out.extend_from_slice(bytes);
+        };
+        let mut flags = 0x02;
+        if will.is_some() {
+            flags |= 0x04;
+        }
+        if username.is_some() {
+            flags |= 0x80;
+        }
+        if password.is_some() {
+            flags |= 0x40;
+        }
+        let mut body = Vec::new();
+        field(&mut body, b"MQTT");
+        body.extend_from_slice(&[version.level(), flags, 0, 30]);
+        let v5 = version == ProtocolVersion::V5;
+        if v5 {
+            body.extend_from_slice(&[5, 0x11, 0, 0, 0, 10]); // session expiry interval
+        }
+        field(&mut body, b"client-1");
+        if let Some((topic, payload)) = will {
+            if v5 {
+                body.push(0);
+            }
+            field(&mut body, topic.as_bytes());
+            field(&mut body, payload.as_bytes());
+        }
+        if let Some(u) = username {
+            field(&mut body, u.as_bytes());
+        }
+        if let Some(p) = password {
+            field(&mut body, p.as_bytes());
+        }
+        let mut packet = vec![0x10, u8::try_from(body.len()).expect("under 128 bytes")];
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    #[test]
+    fn credentials_are_found_after_properties_and_will() {
+        type Case = (
+            ProtocolVersion,
+            Option<(&'static str, &'static str)>,
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            (ProtocolVersion::V3_1_1, None, None, None),
+            (ProtocolVersion::V3_1_1, None, Some("site"), Some("pw")),
+            (
+                ProtocolVersion::V3_1_1,
+                Some(("will/t", "bye")),
+                Some("site"),
+                Some("pw"),
+            ),
+            (ProtocolVersion::V3_1_1, None, Some("only-user"), None),
+            (ProtocolVersion::V5, None, Some("site"), Some("pw")),
+            (ProtocolVersion::V5, Some(("w", "x")), Some("u"), Some("")),
+            (ProtocolVersion::V5, Some(("w", "x")), None, None),
+        ];
+        for &(version, will, username, password) in cases {
+            let packet = connect(version, will, username, password);
+            let got = connect_credentials(&packet, 2, version);
+            assert_eq!(
+                got,
+                Some((username.map(str::as_bytes), password.map(str::as_bytes))),
+                "{version:?} will={will:?}"
+            );
+            assert_eq!(
+                connect_credentials(&packet[..packet.len() - 1], 2, version),
+                None,
+                "a truncated packet is refused"
+            );
+        }
     }
 }

@@ -1,4 +1,175 @@
-//! edge-agent: wraps a site's MQTT broker, queues selected messages durably and streams them to the cloud hub over
-//! QUIC + mutual TLS.
+//! edge-agent: wraps a site's MQTT broker, queues selected messages durably and streams them to the cloud hub
+//! over QUIC + mutual TLS.
+//!
+//! # Layout
+//! - [`run`]: wires the pieces together and owns shutdown.
+//! - `local`: where messages come in: the embedded broker behind the ack-holding front, or an external
+//!   broker joined with manual acks.
+//! - `ingest`: group commit into the durable queue; publishers/brokers are acknowledged only after it.
+//! - `uplink`: the QUIC link to the hub, reading the queue forward with a window of unacknowledged
+//!   batches, reconnecting with backoff.
+//! - [`tls`]: rustls configurations (uplink mTLS, external broker TLS).
+//!
+//! # Data flow and guarantees
+//! publisher → (front | external client) → ingest → `RedbQueue::append` (durable) → ack to the publisher or
+//! broker → uplink reads the queue → hub → `Ack{upto}` → `RedbQueue::ack_upto` (deleted). A message is deleted
+//! only once the hub has it; an acknowledged message survives `kill -9` of the agent.
 
+pub mod error;
 pub mod tls;
+
+mod ingest;
+mod local;
+mod routes;
+mod uplink;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::config::{AgentConfig, BrokerConfig};
+use shared::queue::{Queue, QueueStats, RedbQueue};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+pub use error::AgentError;
+
+use crate::ingest::{now_ms, Ingest};
+use crate::routes::Routes;
+use crate::uplink::Uplink;
+
+/// File name of the durable queue inside `data_dir`.
+pub const QUEUE_FILE: &str = "queue.redb";
+
+/// How often old messages are expired (`queue.max_age`) and the queue's state is logged at debug.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs the agent until `shutdown` is cancelled, then shuts down in order: stop taking messages, finish
+/// the commits already taken, wait (up to `uplink.shutdown_timeout`) for in-flight batches to be
+/// acknowledged, close the link.
+///
+/// Logs one `info!` line with the message `ready` once MQTT clients can connect (embedded mode: fields
+/// `listen`, `site`, `mode = "embedded"`; external mode: after the first connection to the broker, fields
+/// `broker`, `site`, `mode = "external"`).
+///
+/// # Errors
+/// [`AgentError`] when something needed cannot be set up (data directory, queue, TLS files, listen address)
+/// or the local broker side fails for good. An unreachable or refusing hub is not an error: the agent keeps
+/// queueing and retrying.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| AgentError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let path = cfg.data_dir.join(QUEUE_FILE);
+    let limits = cfg.queue.limits();
+    let queue = tokio::task::spawn_blocking(move || RedbQueue::open(path, limits))
+        .await
+        .map_err(|source| AgentError::TaskPanicked {
+            task: "queue open",
+            source,
+        })?
+        .map_err(AgentError::OpenQueue)?;
+    let queue = Arc::new(queue);
+    let stats = queue.stats();
+    info!(
+        path = %queue.path().display(),
+        incarnation = queue.incarnation(),
+        depth = stats.depth,
+        acked = stats.acked,
+        next_seq = stats.next_seq,
+        repaired = queue.repaired_on_open(),
+        "queue opened"
+    );
+    let routes = Arc::new(Routes::new(&cfg.routes)?);
+    let transport = tls::ClientTransport {
+        idle_timeout: cfg.uplink.idle_timeout,
+        keep_alive_interval: Some(cfg.uplink.keep_alive),
+        ..tls::ClientTransport::default()
+    };
+    let client_config = tls::client_config(
+        &cfg.uplink.ca,
+        &cfg.uplink.cert,
+        &cfg.uplink.key,
+        &transport,
+    )
+    .map_err(AgentError::UplinkTls)?;
+    let site: Arc<str> = Arc::from(cfg.site.as_str());
+    let appended = Arc::new(Notify::new());
+    let ingest = Ingest {
+        queue: Arc::clone(&queue),
+        routes,
+        site: Arc::clone(&site),
+        appended: Arc::clone(&appended),
+    };
+
+    let tracker = TaskTracker::new();
+    // The uplink outlives the local side: it is stopped only after the last commit, so it can drain.
+    let uplink_stop = CancellationToken::new();
+    let housekeeping_stop = CancellationToken::new();
+    let uplink = Uplink::new(
+        cfg.uplink.clone(),
+        site,
+        Arc::clone(&queue),
+        appended,
+        client_config,
+    );
+    let uplink_task = tracker.spawn(uplink.run(uplink_stop.clone()));
+    tracker.spawn(housekeeping(Arc::clone(&queue), housekeeping_stop.clone()));
+    tracker.close();
+
+    let local = match &cfg.broker {
+        BrokerConfig::Embedded(embedded) => local::embedded::run(embedded, ingest, shutdown).await,
+        BrokerConfig::External(external) => local::external::run(external, ingest, shutdown).await,
+    };
+    debug!("local side stopped; draining the uplink");
+    uplink_stop.cancel();
+    let uplink_joined = uplink_task.await;
+    housekeeping_stop.cancel();
+    tracker.wait().await;
+    let stats = queue.stats();
+    info!(depth = stats.depth, acked = stats.acked, "stopped");
+    local?;
+    uplink_joined.map_err(|source| AgentError::TaskPanicked {
+        task: "uplink",
+        source,
+    })
+}
+
+/// Expires messages older than `queue.max_age` and logs the queue's state, every
+/// [`HOUSEKEEPING_INTERVAL`].
+async fn housekeeping(queue: Arc<RedbQueue>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let q = Arc::clone(&queue);
+        match tokio::task::spawn_blocking(move || q.expire(now_ms())).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(expired)) => warn!(
+                expired,
+                "dropped queued messages older than queue.max_age (never delivered)"
+            ),
+            Ok(Err(cause)) => warn!(%cause, "expiring old messages failed"),
+            Err(cause) => warn!(%cause, "expiry task panicked"),
+        }
+        log_stats(&queue.stats());
+    }
+}
+
+fn log_stats(stats: &QueueStats) {
+    debug!(
+        depth = stats.depth,
+        bytes = stats.bytes,
+        file_bytes = stats.file_bytes,
+        oldest_age = ?stats.oldest_age(now_ms()),
+        acked = stats.acked,
+        dropped = stats.dropped,
+        expired = stats.expired,
+        "queue"
+    );
+}

@@ -148,6 +148,26 @@ pub fn client_config(
     Ok(config)
 }
 
+/// Builds a rustls client configuration for MQTT over TLS to an external broker: the broker verified against
+/// the CA in `ca`, and optionally a client certificate/key for brokers that require mutual TLS. TLS 1.2 is
+/// allowed here (unlike the uplink), since site brokers often still run it.
+pub fn mqtt_client_config(
+    ca: &Path,
+    client_auth: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let roots = load_roots(ca)?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .with_root_certificates(roots);
+    match client_auth {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(TlsError::Rustls),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     fs::read(path).map_err(|source| TlsError::Io {
         path: path.to_owned(),

@@ -1,0 +1,80 @@
+//! The agent's error type: why [`crate::run`] could not start or had to stop.
+//!
+//! Only failures the agent cannot ride out end up here. A hub that is down, refuses us or drops the link is
+//! *not* an error of `run`: the uplink logs it and reconnects with backoff, because store-and-forward is the
+//! whole point (see [`crate::uplink`]).
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use meshbridge_broker::embedded::EmbeddedError;
+use meshbridge_broker::front::FrontError;
+use shared::queue::QueueError;
+use shared::topic::TopicError;
+
+use crate::tls::TlsError;
+
+/// Why the agent could not start or stopped with a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// `data_dir` could not be created.
+    #[error("cannot create the data directory {}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The durable queue could not be opened (corrupt file, unknown format, I/O error).
+    #[error("cannot open the queue")]
+    OpenQueue(#[source] QueueError),
+    /// A route filter is not a valid MQTT topic filter (config validation should have caught it).
+    #[error("route filter {filter:?} is invalid")]
+    InvalidRoute {
+        /// The filter as configured.
+        filter: String,
+        /// What is wrong with it.
+        #[source]
+        source: TopicError,
+    },
+    /// The uplink's TLS material (CA, site certificate, key) is unusable; see the source for which file.
+    #[error("uplink TLS configuration")]
+    UplinkTls(#[source] TlsError),
+    /// The external broker's TLS material is unusable.
+    #[error("external broker TLS configuration")]
+    BrokerTls(#[source] TlsError),
+    /// The embedded broker's client port could not be bound.
+    #[error("cannot listen for MQTT clients on {addr}")]
+    Listen {
+        /// `broker.listen`.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The embedded broker (rumqttd) did not start.
+    #[error("the embedded broker did not start")]
+    EmbeddedBroker(#[from] EmbeddedError),
+    /// The MQTT front stopped accepting clients.
+    #[error("the MQTT front failed")]
+    Front(#[from] FrontError),
+    /// A config setting this build does not implement yet; refused rather than silently ignored.
+    #[error("{key} is not supported yet: {reason}")]
+    Unsupported {
+        /// The config key.
+        key: &'static str,
+        /// What to do instead.
+        reason: &'static str,
+    },
+    /// One of the agent's tasks panicked.
+    #[error("the {task} task panicked")]
+    TaskPanicked {
+        /// Which task.
+        task: &'static str,
+        /// The join error carrying the panic.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}

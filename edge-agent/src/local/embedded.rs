@@ -1,0 +1,85 @@
+//! Embedded mode: rumqttd on internal listeners, the front on `broker.listen`, and the group-commit loop.
+
+use std::sync::Arc;
+
+use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
+use meshbridge_broker::front::{self, FrontOptions, Select};
+use shared::config::EmbeddedBroker as EmbeddedConfig;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::error::AgentError;
+use crate::ingest::Ingest;
+
+/// Room in a packet beyond the payload: topic, properties, headers. The front and rumqttd check whole
+/// packets, while the config bounds the payload.
+const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
+/// Commit requests the front may queue while a commit runs (each is one client read, many messages).
+const COMMIT_CHANNEL: usize = 1024;
+
+/// Serves MQTT clients until `shutdown`, then returns after every commit taken has been answered.
+pub(crate) async fn run(
+    cfg: &EmbeddedConfig,
+    ingest: Ingest,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    if cfg.tls.is_some() {
+        return Err(AgentError::Unsupported {
+            key: "broker.tls",
+            reason:
+                "the embedded broker serves plain MQTT only in this version; remove broker.tls or \
+                     terminate TLS in front of the agent (e.g. stunnel)",
+        });
+    }
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let listen = listener.local_addr().map_err(|source| AgentError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let max_packet_size = cfg.max_payload.as_usize().saturating_add(PACKET_OVERHEAD);
+    let settings = EmbeddedSettings {
+        max_packet_size,
+        max_connections: usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
+        ..EmbeddedSettings::default()
+    };
+    let broker = EmbeddedBroker::start(&settings).await?;
+    let options = FrontOptions {
+        max_packet_size,
+        credentials: cfg
+            .username
+            .as_ref()
+            .zip(cfg.password.as_ref())
+            .map(|(u, p)| (u.clone(), p.expose().to_owned())),
+        ..FrontOptions::default()
+    };
+    let (commits_tx, commits_rx) = mpsc::channel(COMMIT_CHANNEL);
+    let routes = Arc::clone(&ingest.routes);
+    let select: Select = Arc::new(move |topic: &str| routes.decide(topic).is_some());
+    let site = Arc::clone(&ingest.site);
+    // Ends by itself once the front (the only sender) is gone, after answering every request it took.
+    let commits = tokio::spawn(ingest.run_front_commits(commits_rx));
+    info!(%listen, internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, %site, mode = "embedded", "ready");
+    let served = front::serve(
+        listener,
+        broker.upstreams(),
+        select,
+        commits_tx,
+        options,
+        shutdown,
+    )
+    .await;
+    let joined = commits.await;
+    broker.stop().await;
+    joined.map_err(|source| AgentError::TaskPanicked {
+        task: "commit",
+        source,
+    })?;
+    served.map_err(AgentError::from)
+}

@@ -1,0 +1,311 @@
+//! External mode: join an existing broker (e.g. Mosquitto) as an MQTT 5 client.
+//!
+//! - Persistent session (clean start off, session expiry at its maximum) under the fixed
+//!   `broker.client_id`, so the broker keeps queueing for the agent while it is down or restarting.
+//! - Manual acks: a PUBLISH is acknowledged to the broker only after the durable queue committed it, so a
+//!   crash before the commit makes the broker redeliver it (at-least-once).
+//! - Subscribes QoS 1 to every route filter when the broker has no session for us (first start, or the
+//!   broker lost it); with a session the subscriptions are the broker's to keep, and resubscribing would
+//!   replay retained messages.
+//! - A full queue stops acknowledging and retries the commit with a short backoff; nothing is dropped:
+//!   the broker holds the messages meanwhile (up to its own queue limit, hence the warning below).
+//! - The broker may drop messages it queued for the session: Mosquitto's default `max_queued_messages
+//!   1000` does. The agent warns once at startup, and watches `$SYS/broker/publish/messages/dropped`,
+//!   warning whenever it increases.
+//!
+//! The EventLoop is polled by this task alone and never blocked: commits and acks run in the ingest task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
+use rumqttc::v5::mqttbytes::QoS as MqttQoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use shared::config::ExternalBroker;
+use shared::envelope::{Properties, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::error::AgentError;
+use crate::ingest::{full_queue_backoff, log_commit_error, Group, Ingest, MAX_GROUP_MESSAGES};
+use crate::tls;
+
+/// Mosquitto's counter of messages it dropped (for any client): the one hint a broker gives that it shed
+/// queued QoS 1 messages.
+pub(crate) const DROPPED_TOPIC: &str = "$SYS/broker/publish/messages/dropped";
+/// Capacity of rumqttc's request channel (acks and subscriptions go through it).
+const REQUESTS: usize = 10_000;
+/// Largest packet accepted from the broker.
+const MAX_PACKET: u32 = 256 << 20;
+/// Reconnect delays to the broker.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the DISCONNECT to go out.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+
+/// Joins the broker until `shutdown`; returns after every message taken has been committed and
+/// acknowledged (or left unacknowledged for the broker to redeliver).
+pub(crate) async fn run(
+    cfg: &ExternalBroker,
+    ingest: Ingest,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let client_id = cfg
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("meshbridge-{}", ingest.site));
+    let mut options = MqttOptions::new(client_id.clone(), cfg.address.host(), cfg.address.port());
+    options
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(u32::MAX))
+        .set_manual_acks(true)
+        .set_keep_alive(cfg.keep_alive)
+        .set_max_packet_size(Some(MAX_PACKET))
+        .set_request_channel_capacity(REQUESTS);
+    if let (Some(username), Some(password)) = (&cfg.username, &cfg.password) {
+        options.set_credentials(username.clone(), password.expose().to_owned());
+    }
+    if let Some(t) = &cfg.tls {
+        let client_auth = t.cert.as_deref().zip(t.key.as_deref());
+        let config = tls::mqtt_client_config(&t.ca, client_auth).map_err(AgentError::BrokerTls)?;
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(config),
+        )));
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, REQUESTS);
+    warn!(
+        broker = %cfg.address,
+        "an external broker may drop messages it queued for the agent's session when the agent falls \
+         behind or is down: Mosquitto's default `max_queued_messages 1000` does. Set \
+         `max_queued_messages 0` (unlimited) in the broker's config; drops are reported from {DROPPED_TOPIC}"
+    );
+
+    let (publishes_tx, publishes_rx) = mpsc::unbounded_channel();
+    let stop_retrying = CancellationToken::new();
+    let mut ingest_task = tokio::spawn(ingest_loop(
+        ingest.clone(),
+        client.clone(),
+        publishes_rx,
+        stop_retrying.clone(),
+    ));
+    let mut publishes = Some(publishes_tx);
+    let mut dropped_seen: Option<u64> = None;
+    let mut ready = false;
+    let mut backoff = RECONNECT_MIN;
+    let ingest_result = loop {
+        tokio::select! {
+            () = shutdown.cancelled(), if publishes.is_some() => {
+                // Stop taking messages; what the ingest task holds is still committed and acknowledged,
+                // so keep polling until it is done.
+                publishes = None;
+                stop_retrying.cancel();
+            }
+            joined = &mut ingest_task => break joined,
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff = RECONNECT_MIN;
+                    info!(broker = %cfg.address, %client_id, session_present = ack.session_present, "connected to the site broker");
+                    if !ack.session_present {
+                        subscribe(&client, &ingest);
+                    }
+                    if !ready {
+                        ready = true;
+                        info!(broker = %cfg.address, site = %ingest.site, mode = "external", "ready");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if publish.topic.as_ref() == DROPPED_TOPIC.as_bytes() {
+                        watch_dropped(&publish.payload, &mut dropped_seen);
+                    } else if let Some(tx) = &publishes {
+                        // A send error means the ingest task ended; the loop sees that next.
+                        let _ = tx.send(publish);
+                    }
+                    // After shutdown began, a publish is left unacknowledged: the broker redelivers it.
+                }
+                Ok(_) => {}
+                Err(cause) => {
+                    warn!(broker = %cfg.address, %cause, retry_in = ?backoff, "site broker connection failed");
+                    tokio::select! {
+                        () = shutdown.cancelled(), if publishes.is_some() => {
+                            publishes = None;
+                            stop_retrying.cancel();
+                        }
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                }
+            }
+        }
+    };
+    // Flush the last acks and say goodbye; bounded, since the broker may be gone.
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    ingest_result.map_err(|source| AgentError::TaskPanicked {
+        task: "external ingest",
+        source,
+    })
+}
+
+/// Asks for QoS 1 on every route filter plus the broker's drop counter.
+fn subscribe(client: &AsyncClient, ingest: &Ingest) {
+    let filters: Vec<Filter> = ingest
+        .routes
+        .filters()
+        .map(|f| Filter::new(f, MqttQoS::AtLeastOnce))
+        .chain(std::iter::once(Filter::new(
+            DROPPED_TOPIC,
+            MqttQoS::AtMostOnce,
+        )))
+        .collect();
+    if let Err(cause) = client.try_subscribe_many(filters) {
+        warn!(%cause, "cannot subscribe to the route filters");
+    }
+}
+
+/// Warns when the broker's drop counter goes up.
+fn watch_dropped(payload: &Bytes, seen: &mut Option<u64>) {
+    let Some(count) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    let previous = seen.replace(count);
+    let increase = match previous {
+        Some(previous) => count.saturating_sub(previous),
+        None => count,
+    };
+    if increase > 0 {
+        warn!(
+            dropped = increase,
+            total = count,
+            "the site broker dropped messages (broker-wide counter {DROPPED_TOPIC}); if they were queued \
+             for the agent they are lost: set `max_queued_messages 0` in its config"
+        );
+    }
+}
+
+/// Commits publishes in groups and acknowledges each one to the broker after its group committed.
+async fn ingest_loop(
+    ingest: Ingest,
+    client: AsyncClient,
+    mut publishes: mpsc::UnboundedReceiver<Publish>,
+    stop_retrying: CancellationToken,
+) {
+    let mut group = Group::new(&ingest.site);
+    let mut taken: Vec<Publish> = Vec::new();
+    while let Some(first) = publishes.recv().await {
+        taken.push(first);
+        while taken.len() < MAX_GROUP_MESSAGES {
+            match publishes.try_recv() {
+                Ok(next) => taken.push(next),
+                Err(_) => break,
+            }
+        }
+        for publish in &mut taken {
+            add(&mut group, &ingest, publish);
+        }
+        let mut committed = group.is_empty();
+        let mut attempt = 0;
+        while !committed {
+            match ingest.commit(&mut group).await {
+                Ok(_) => committed = true,
+                Err(error) => {
+                    if attempt == 0 {
+                        log_commit_error(&error);
+                    }
+                    let delay = full_queue_backoff(attempt);
+                    attempt += 1;
+                    tokio::select! {
+                        () = stop_retrying.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        if committed {
+            if attempt > 0 {
+                info!(retries = attempt, "commit went through after being refused");
+            }
+            for publish in &taken {
+                if client.ack(publish).await.is_err() {
+                    debug!("client closed; remaining acks left for redelivery");
+                    return;
+                }
+            }
+        } else {
+            group.clear();
+            warn!(
+                messages = taken.len(),
+                "shutting down with uncommitted messages; left unacknowledged for the broker to redeliver"
+            );
+        }
+        taken.clear();
+    }
+}
+
+/// Encodes `publish` into the group, moving its topic, payload and properties out (the ack only needs
+/// its packet id and QoS).
+fn add(group: &mut Group, ingest: &Ingest, publish: &mut Publish) {
+    let topic = match std::str::from_utf8(&publish.topic) {
+        Ok(topic) => topic.to_owned(),
+        Err(_) => {
+            warn!("PUBLISH with a non-UTF-8 topic; acknowledged but not forwarded");
+            return;
+        }
+    };
+    let Some(rule) = ingest.routes.decide(&topic) else {
+        debug!(%topic, "no route matches; acknowledged but not forwarded");
+        return;
+    };
+    let qos = match publish.qos {
+        MqttQoS::AtMostOnce => QoS::AtMostOnce,
+        MqttQoS::AtLeastOnce => QoS::AtLeastOnce,
+        MqttQoS::ExactlyOnce => QoS::ExactlyOnce,
+    };
+    let properties = publish
+        .properties
+        .take()
+        .map(|p| Properties {
+            user: p.user_properties,
+            content_type: p.content_type,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            message_expiry: p.message_expiry_interval,
+            payload_format_utf8: p.payload_format_indicator == Some(1),
+        })
+        .unwrap_or_default();
+    let payload = std::mem::take(&mut publish.payload);
+    group.push(rule, topic, payload, qos, publish.retain, properties);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_counter_tracks_increases() {
+        let mut seen = None;
+        for (payload, expected) in [
+            ("0", Some(0)),
+            ("5", Some(5)),
+            ("5", Some(5)),
+            ("not a number", Some(5)),
+            (" 9\n", Some(9)),
+        ] {
+            watch_dropped(&Bytes::from(payload), &mut seen);
+            assert_eq!(seen, expected, "{payload:?}");
+        }
+    }
+}

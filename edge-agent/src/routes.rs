@@ -1,0 +1,157 @@
+//! Which local messages go up, and how: the configured routes, matched against topics without allocating.
+//!
+//! `shared::topic::TopicFilter::matches` takes a `TopicName`, which owns a `String`; on the ingest hot path
+//! (and inside the front's `select`, called for every PUBLISH) that would be one allocation per message. The
+//! filters are validated once through `shared::topic` here, then matched against `&str` topics with the same
+//! MQTT rules.
+
+use shared::config::Route;
+use shared::envelope::QoS;
+use shared::topic::TopicFilter;
+
+use crate::error::AgentError;
+
+/// What a matching route does to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rule {
+    /// Highest QoS carried upstream; `None` keeps the message's own.
+    pub(crate) qos_cap: Option<QoS>,
+    /// Keep the retain flag.
+    pub(crate) retain: bool,
+}
+
+impl Rule {
+    /// The QoS the message is forwarded with.
+    pub(crate) fn qos(self, published: QoS) -> QoS {
+        self.qos_cap.map_or(published, |cap| published.min(cap))
+    }
+}
+
+/// The uplink routes in config order; the first match decides.
+#[derive(Debug, Clone)]
+pub(crate) struct Routes {
+    routes: Vec<(TopicFilter, Rule)>,
+}
+
+impl Routes {
+    /// Validates and compiles the configured routes.
+    pub(crate) fn new(routes: &[Route]) -> Result<Self, AgentError> {
+        let routes = routes
+            .iter()
+            .map(|route| {
+                let filter = TopicFilter::parse(&route.filter).map_err(|source| {
+                    AgentError::InvalidRoute {
+                        filter: route.filter.clone(),
+                        source,
+                    }
+                })?;
+                let qos_cap = route.qos.and_then(|q| QoS::try_from(q).ok());
+                Ok((
+                    filter,
+                    Rule {
+                        qos_cap,
+                        retain: route.retain,
+                    },
+                ))
+            })
+            .collect::<Result<_, AgentError>>()?;
+        Ok(Self { routes })
+    }
+
+    /// The rule of the first route whose filter matches `topic`.
+    pub(crate) fn decide(&self, topic: &str) -> Option<Rule> {
+        self.routes
+            .iter()
+            .find(|(filter, _)| matches(filter.as_str(), topic))
+            .map(|(_, rule)| *rule)
+    }
+
+    /// The route filters, for subscribing to an external broker.
+    pub(crate) fn filters(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|(filter, _)| filter.as_str())
+    }
+}
+
+/// MQTT topic matching (3.1.1 §4.7, 5.0 §4.7) of a valid `filter` against a topic name, allocation-free.
+/// Same rules as `shared::topic::TopicFilter::matches`: `+` is one level, `#` is the rest including the
+/// parent, and a leading wildcard never matches a `$` topic.
+pub(crate) fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f_levels = filter.split('/');
+    let mut t_levels = topic.split('/');
+    loop {
+        match (f_levels.next(), t_levels.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(f), Some(t)) if f == t => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::topic::TopicName;
+
+    #[test]
+    fn matching_agrees_with_shared_topic() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("telemetry/#", "telemetry/robot5/temp", true),
+            ("telemetry/#", "telemetry", true),
+            ("telemetry/#", "telemetryx/a", false),
+            ("telemetry/+/temp", "telemetry/robot5/temp", true),
+            ("telemetry/+/temp", "telemetry/robot5/hum", false),
+            ("telemetry/+", "telemetry/a/b", false),
+            ("+/x", "/x", true),
+            ("#", "$SYS/broker", false),
+            ("+/broker", "$SYS/broker", false),
+            ("$SYS/#", "$SYS/broker", true),
+            ("a/b", "a/b", true),
+            ("a/b", "a/b/c", false),
+            ("a/b/c", "a/b", false),
+            ("#", "a", true),
+        ];
+        for &(filter, topic, expected) in cases {
+            assert_eq!(matches(filter, topic), expected, "{filter} vs {topic}");
+            let shared = TopicFilter::parse(filter)
+                .expect("valid filter")
+                .matches(&TopicName::parse(topic).expect("valid name"));
+            assert_eq!(
+                shared, expected,
+                "shared::topic disagrees: {filter} vs {topic}"
+            );
+        }
+    }
+
+    #[test]
+    fn first_route_decides_and_caps_qos() {
+        let routes = Routes::new(&[
+            Route {
+                filter: "telemetry/alarms/#".into(),
+                qos: Some(0),
+                retain: false,
+            },
+            Route {
+                filter: "telemetry/#".into(),
+                qos: None,
+                retain: true,
+            },
+        ])
+        .expect("valid routes");
+        let alarm = routes.decide("telemetry/alarms/x").expect("match");
+        assert_eq!(alarm.qos(QoS::ExactlyOnce), QoS::AtMostOnce);
+        assert!(!alarm.retain);
+        let other = routes.decide("telemetry/t").expect("match");
+        assert_eq!(other.qos(QoS::AtLeastOnce), QoS::AtLeastOnce);
+        assert!(other.retain);
+        assert_eq!(routes.decide("status/x"), None);
+        assert_eq!(
+            routes.filters().collect::<Vec<_>>(),
+            ["telemetry/alarms/#", "telemetry/#"]
+        );
+    }
+}

@@ -1,0 +1,645 @@
+//! The uplink: one QUIC connection to the hub at a time, streaming the durable queue forward.
+//!
+//! Per connection (the protocol is in `shared::wire` and the design contract): open one bidirectional
+//! stream, send `Hello`, read `Welcome`, drop what the hub already has (`hub_high_water`), then read the
+//! queue forward from `acked + 1` and send `Batch` frames built straight from the stored bytes with
+//! [`BatchEncoder`], keeping at most `uplink.window` batches unacknowledged. Each `Ack{upto}` moves the
+//! queue's watermark (`ack_upto`), which deletes the messages. A backlog after an outage and live traffic
+//! are the same path: the reader only ever reads the queue forward, as fast as the window allows.
+//!
+//! Any failure (hub unreachable, refused, link lost, `GoAway`) ends the connection; the loop reconnects
+//! with exponential backoff and jitter between `reconnect_min` and `reconnect_max`, resolving the hub's
+//! address again each time. Nothing is lost: unacknowledged messages stay in the queue and are resent.
+//!
+//! Shutdown: stop sending new batches, wait for the in-flight ones to be acknowledged (at most
+//! `shutdown_timeout`), send `GoAway{Normal}`, close the connection with code 0 and wait for the endpoint
+//! to be idle.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use quinn::{Endpoint, RecvStream, SendStream, VarInt};
+use shared::config::UplinkConfig;
+use shared::queue::{Entry, Queue, QueueError, RedbQueue};
+use shared::wire::{
+    self, BatchEncoder, BatchKind, Capabilities, DecodeError, EncodeError, Frame, FrameType,
+    GoAwayCode, SUPPORTED,
+};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+/// How long the hub may take to answer `Hello` with `Welcome`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the end of shutdown waits for the endpoint to finish closing.
+const IDLE_WAIT: Duration = Duration::from_secs(3);
+/// How long the closing `GoAway` may take to be acknowledged before the connection is closed anyway.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// Largest read from the stream at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why one uplink connection ended. Logged by the reconnect loop; never fatal to the agent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UplinkError {
+    /// The hub's host name did not resolve.
+    #[error("cannot resolve hub address {hub}")]
+    Resolve {
+        /// `uplink.hub`.
+        hub: String,
+        /// The resolver error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hub's host name resolved to no address.
+    #[error("hub address {hub} resolved to nothing")]
+    NoAddress {
+        /// `uplink.hub`.
+        hub: String,
+    },
+    /// The UDP socket of the QUIC client could not be bound.
+    #[error("cannot bind the uplink's UDP socket on {addr}")]
+    Bind {
+        /// The local address tried.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// quinn refused to start the connection (e.g. an invalid server name).
+    #[error("cannot start a QUIC connection")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed (handshake, TLS refusal, timeout, closed by the hub).
+    #[error("QUIC connection failed")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing to the stream failed.
+    #[error("writing to the hub failed")]
+    Write(#[from] quinn::WriteError),
+    /// Reading from the stream failed.
+    #[error("reading from the hub failed")]
+    Read(#[from] quinn::ReadError),
+    /// The hub finished its side of the stream.
+    #[error("the hub closed the stream")]
+    StreamClosed,
+    /// The hub sent bytes that are not a valid frame.
+    #[error("malformed frame from the hub")]
+    Decode(#[from] DecodeError),
+    /// A frame could not be encoded (cannot happen with sane limits).
+    #[error("cannot encode a frame")]
+    Encode(#[from] EncodeError),
+    /// The hub said goodbye.
+    #[error("hub sent GoAway {code:?}: {reason}")]
+    GoAway {
+        /// Its code.
+        code: GoAwayCode,
+        /// Its explanation.
+        reason: String,
+    },
+    /// The hub sent a frame that makes no sense at this point.
+    #[error("unexpected {frame} frame from the hub while {state}")]
+    Unexpected {
+        /// The frame type received.
+        frame: FrameType,
+        /// What the agent was waiting for.
+        state: &'static str,
+    },
+    /// No `Welcome` in time.
+    #[error("no Welcome within {after:?}")]
+    HandshakeTimeout {
+        /// The timeout.
+        after: Duration,
+    },
+    /// The hub acknowledged a seq the agent never sent on this connection (a hub bug; acking it would
+    /// delete unsent messages).
+    #[error("hub acknowledged up to {upto} but only {sent} was sent")]
+    AckBeyondSent {
+        /// The ack received.
+        upto: u64,
+        /// Highest seq sent.
+        sent: u64,
+    },
+    /// A stored message does not fit a single frame of the hub's maximum size, so it can never be sent.
+    #[error(
+        "message {seq} ({len} bytes) does not fit the hub's frame limit of {max_frame_size} bytes"
+    )]
+    EntryTooLarge {
+        /// Its seq.
+        seq: u64,
+        /// Its body length.
+        len: usize,
+        /// The negotiated frame limit.
+        max_frame_size: usize,
+    },
+    /// The queue failed.
+    #[error("queue failed")]
+    Queue(#[from] QueueError),
+    /// A blocking queue task panicked.
+    #[error("queue task panicked")]
+    Panicked(#[source] tokio::task::JoinError),
+}
+
+impl UplinkError {
+    /// Whether an operator must act (the hub refuses us for a reason retrying alone will not fix).
+    fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            Self::GoAway {
+                code: GoAwayCode::Unauthorized | GoAwayCode::IncompatibleVersion,
+                ..
+            } | Self::EntryTooLarge { .. }
+                | Self::Queue(_)
+                | Self::Connection(quinn::ConnectionError::TransportError(_))
+        )
+    }
+}
+
+/// The uplink task's state across connections.
+pub(crate) struct Uplink {
+    cfg: UplinkConfig,
+    site: Arc<str>,
+    queue: Arc<RedbQueue>,
+    appended: Arc<Notify>,
+    client_config: quinn::ClientConfig,
+    endpoint: Option<Endpoint>,
+}
+
+/// How a connection ended.
+struct SessionEnd {
+    /// The hub answered `Hello` (so the next reconnect starts from the shortest backoff).
+    welcomed: bool,
+    /// `Ok` on a clean shutdown.
+    result: Result<(), UplinkError>,
+}
+
+impl Uplink {
+    /// Prepares the uplink; no I/O yet.
+    pub(crate) fn new(
+        cfg: UplinkConfig,
+        site: Arc<str>,
+        queue: Arc<RedbQueue>,
+        appended: Arc<Notify>,
+        client_config: quinn::ClientConfig,
+    ) -> Self {
+        Self {
+            cfg,
+            site,
+            queue,
+            appended,
+            client_config,
+            endpoint: None,
+        }
+    }
+
+    /// Connects, streams, reconnects, until `shutdown`; then drains as described in the module docs.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = self.cfg.reconnect_min;
+        let mut attempt: u64 = 0;
+        while !shutdown.is_cancelled() {
+            attempt += 1;
+            let end = self.connect_and_stream(&shutdown).await;
+            if end.welcomed {
+                backoff = self.cfg.reconnect_min;
+            }
+            let error = match end.result {
+                Ok(()) => break,
+                Err(error) => error,
+            };
+            let stats = self.queue.stats();
+            let delay = jitter(backoff, attempt);
+            if error.needs_operator() {
+                error!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "uplink down");
+            } else if end.welcomed {
+                warn!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "uplink down");
+            } else {
+                info!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "hub unreachable");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+            backoff = (backoff * 2).min(self.cfg.reconnect_max);
+        }
+        if let Some(endpoint) = self.endpoint.take() {
+            // Bounded: a connection that cannot finish closing must not hold the process.
+            let _ = tokio::time::timeout(IDLE_WAIT, endpoint.wait_idle()).await;
+        }
+    }
+
+    /// The endpoint for `addr`'s address family, bound on first use.
+    fn endpoint_for(&mut self, addr: SocketAddr) -> Result<Endpoint, UplinkError> {
+        let local: SocketAddr = if addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        if let Some(endpoint) = &self.endpoint {
+            if endpoint
+                .local_addr()
+                .is_ok_and(|l| l.is_ipv4() == addr.is_ipv4())
+            {
+                return Ok(endpoint.clone());
+            }
+        }
+        let mut endpoint = Endpoint::client(local).map_err(|source| UplinkError::Bind {
+            addr: local,
+            source,
+        })?;
+        endpoint.set_default_client_config(self.client_config.clone());
+        self.endpoint = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    async fn connect_and_stream(&mut self, shutdown: &CancellationToken) -> SessionEnd {
+        let hub = self.cfg.hub.to_string();
+        let addr = match tokio::net::lookup_host((self.cfg.hub.host(), self.cfg.hub.port())).await {
+            Ok(mut addrs) => match addrs.next() {
+                Some(addr) => addr,
+                None => return not_welcomed(UplinkError::NoAddress { hub }),
+            },
+            Err(source) => return not_welcomed(UplinkError::Resolve { hub, source }),
+        };
+        let endpoint = match self.endpoint_for(addr) {
+            Ok(endpoint) => endpoint,
+            Err(error) => return not_welcomed(error),
+        };
+        let connecting = match endpoint.connect(addr, &self.cfg.server_name) {
+            Ok(connecting) => connecting,
+            Err(e) => return not_welcomed(e.into()),
+        };
+        let conn = tokio::select! {
+            () = shutdown.cancelled() => return SessionEnd { welcomed: false, result: Ok(()) },
+            conn = connecting => match conn {
+                Ok(conn) => conn,
+                Err(e) => return not_welcomed(e.into()),
+            },
+        };
+        let span = tracing::info_span!("uplink", hub = %addr);
+        let mut session = Session {
+            uplink: self,
+            conn: conn.clone(),
+            addr,
+            welcomed: false,
+        };
+        let result = session.run(shutdown).instrument(span).await;
+        let welcomed = session.welcomed;
+        match &result {
+            Ok(()) => conn.close(VarInt::from_u32(0), b"agent shutting down"),
+            Err(UplinkError::GoAway { .. } | UplinkError::Connection(_)) => {}
+            Err(e) => {
+                let code = match e {
+                    UplinkError::Decode(_)
+                    | UplinkError::Unexpected { .. }
+                    | UplinkError::AckBeyondSent { .. } => GoAwayCode::ProtocolError,
+                    _ => GoAwayCode::Normal,
+                };
+                conn.close(VarInt::from(code.code()), e.to_string().as_bytes());
+            }
+        }
+        SessionEnd { welcomed, result }
+    }
+}
+
+fn not_welcomed(error: UplinkError) -> SessionEnd {
+    SessionEnd {
+        welcomed: false,
+        result: Err(error),
+    }
+}
+
+/// One connection's state.
+struct Session<'a> {
+    uplink: &'a Uplink,
+    conn: quinn::Connection,
+    addr: SocketAddr,
+    welcomed: bool,
+}
+
+/// Frames read from the hub.
+struct Reader {
+    recv: RecvStream,
+    buf: BytesMut,
+    max_frame_size: usize,
+}
+
+impl Reader {
+    /// The next frame; cancel-safe (a cancelled read loses no bytes).
+    async fn next(&mut self) -> Result<Frame, UplinkError> {
+        loop {
+            if let Some(frame) = wire::decode(&mut self.buf, self.max_frame_size)? {
+                return Ok(frame);
+            }
+            match self.recv.read_chunk(READ_CHUNK, true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None => return Err(UplinkError::StreamClosed),
+            }
+        }
+    }
+}
+
+impl Session<'_> {
+    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
+        let cfg = &self.uplink.cfg;
+        let queue = &self.uplink.queue;
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let mut reader = Reader {
+            recv,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            max_frame_size: cfg.max_frame_size.as_usize(),
+        };
+        let stats = queue.stats();
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        Frame::Hello {
+            versions: SUPPORTED,
+            capabilities: Capabilities::EMPTY,
+            agent_name: self.uplink.site.to_string(),
+            incarnation: queue.incarnation(),
+            last_acked: stats.acked,
+            config_version: 0,
+        }
+        .encode(&mut out)?;
+        send.write_all(&out).await?;
+        out.clear();
+
+        let welcome = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()) => {
+                frame.map_err(|_| UplinkError::HandshakeTimeout { after: HANDSHAKE_TIMEOUT })??
+            }
+        };
+        let (max_frame_size, hub_high_water) = match welcome {
+            Frame::Welcome {
+                version,
+                max_frame_size,
+                hub_high_water,
+                ..
+            } => {
+                debug!(version, max_frame_size, "welcomed");
+                let hub_max = usize::try_from(max_frame_size).unwrap_or(usize::MAX);
+                (hub_max.min(cfg.max_frame_size.as_usize()), hub_high_water)
+            }
+            Frame::GoAway { code, reason } => return Err(UplinkError::GoAway { code, reason }),
+            other => {
+                return Err(UplinkError::Unexpected {
+                    frame: other.frame_type(),
+                    state: "waiting for Welcome",
+                })
+            }
+        };
+        self.welcomed = true;
+        if hub_high_water > stats.acked {
+            let skipped = blocking(queue, move |q| q.ack_upto(hub_high_water)).await?;
+            debug!(
+                hub_high_water,
+                skipped, "hub already has these; acknowledged locally"
+            );
+        }
+        let stats = queue.stats();
+        info!(
+            hub = %self.addr,
+            depth = stats.depth,
+            acked = stats.acked,
+            hub_high_water,
+            "uplink connected"
+        );
+
+        let window = usize::try_from(cfg.window).unwrap_or(usize::MAX);
+        let batch_messages = usize::try_from(cfg.batch_max_messages).unwrap_or(usize::MAX);
+        let batch_bytes = cfg.batch_max_bytes.as_usize();
+        let mut cursor = stats.acked + 1;
+        // Last seq of each unacknowledged batch, oldest first.
+        let mut inflight: VecDeque<u64> = VecDeque::new();
+        let mut stopping: Option<Instant> = None;
+
+        loop {
+            // Fill the window straight from the queue.
+            while stopping.is_none() && inflight.len() < window {
+                let from = cursor;
+                let entries =
+                    blocking(queue, move |q| q.read(from, batch_messages, batch_bytes)).await?;
+                let Some(last) = entries.last() else { break };
+                cursor = last.seq + 1;
+                encode_batches(&entries, &mut out, max_frame_size, &mut inflight)?;
+            }
+            if !out.is_empty() {
+                send.write_all(&out).await?;
+                out.clear();
+            }
+            if let Some(deadline) = stopping {
+                if inflight.is_empty() || Instant::now() >= deadline {
+                    if !inflight.is_empty() {
+                        warn!(
+                            unacked_batches = inflight.len(),
+                            "shutdown timeout: closing with batches unacknowledged (they are resent next time)"
+                        );
+                    }
+                    Frame::GoAway {
+                        code: GoAwayCode::Normal,
+                        reason: "agent shutting down".into(),
+                    }
+                    .encode(&mut out)?;
+                    send.write_all(&out).await?;
+                    // Closing the connection discards unsent stream data, so give the GoAway a moment to
+                    // be delivered (the stream may already be reset by the hub: closing follows either way).
+                    if send.finish().is_ok() {
+                        let _ = tokio::time::timeout(GOAWAY_GRACE, send.stopped()).await;
+                    }
+                    return Ok(());
+                }
+            }
+            let want_data = stopping.is_none() && inflight.len() < window;
+            let deadline = stopping.unwrap_or_else(Instant::now);
+            tokio::select! {
+                () = shutdown.cancelled(), if stopping.is_none() => {
+                    stopping = Some(Instant::now() + cfg.shutdown_timeout);
+                    debug!(unacked_batches = inflight.len(), "uplink draining for shutdown");
+                }
+                () = tokio::time::sleep_until(deadline), if stopping.is_some() => {}
+                () = self.uplink.appended.notified(), if want_data => {}
+                frame = reader.next() => {
+                    self.handle(frame?, &mut inflight, &mut out, &mut send).await?;
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        frame: Frame,
+        inflight: &mut VecDeque<u64>,
+        out: &mut BytesMut,
+        _send: &mut SendStream,
+    ) -> Result<(), UplinkError> {
+        match frame {
+            Frame::Ack { upto } => {
+                let sent = inflight.back().copied().unwrap_or(0);
+                let acked = self.uplink.queue.stats().acked;
+                if upto > sent.max(acked) {
+                    return Err(UplinkError::AckBeyondSent { upto, sent });
+                }
+                blocking(&self.uplink.queue, move |q| q.ack_upto(upto)).await?;
+                while inflight.front().is_some_and(|&last| last <= upto) {
+                    inflight.pop_front();
+                }
+                Ok(())
+            }
+            Frame::Ping { nonce } => Ok(Frame::Pong { nonce }.encode(out)?),
+            Frame::Pong { .. } => Ok(()),
+            Frame::GoAway { code, reason } => Err(UplinkError::GoAway { code, reason }),
+            other => Err(UplinkError::Unexpected {
+                frame: other.frame_type(),
+                state: "streaming",
+            }),
+        }
+    }
+}
+
+/// Encodes `entries` into as many `Batch` frames as the frame limit needs, recording each frame's last
+/// seq in `inflight`.
+fn encode_batches(
+    entries: &[Entry],
+    out: &mut BytesMut,
+    max_frame_size: usize,
+    inflight: &mut VecDeque<u64>,
+) -> Result<(), UplinkError> {
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let mut batch = BatchEncoder::new(out, BatchKind::Uplink, max_frame_size);
+        let mut last = None;
+        for entry in rest {
+            match batch.try_push(entry.seq, &entry.body) {
+                Ok(()) => last = Some(entry.seq),
+                Err(EncodeError::FrameTooLarge { .. }) if !batch.is_empty() => break,
+                Err(EncodeError::FrameTooLarge { .. }) => {
+                    return Err(UplinkError::EntryTooLarge {
+                        seq: entry.seq,
+                        len: entry.body.len(),
+                        max_frame_size,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let count = batch.len();
+        batch.finish();
+        if let Some(last) = last {
+            inflight.push_back(last);
+        }
+        rest = &rest[count..];
+    }
+    Ok(())
+}
+
+/// Runs a queue operation on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    queue: &Arc<RedbQueue>,
+    op: impl FnOnce(&RedbQueue) -> Result<T, QueueError> + Send + 'static,
+) -> Result<T, UplinkError> {
+    let queue = Arc::clone(queue);
+    tokio::task::spawn_blocking(move || op(&queue))
+        .await
+        .map_err(UplinkError::Panicked)?
+        .map_err(UplinkError::Queue)
+}
+
+/// A delay between half and all of `backoff`, so that many agents cut off together do not reconnect in
+/// lock-step.
+fn jitter(backoff: Duration, attempt: u64) -> Duration {
+    let random = RandomState::new().hash_one(attempt);
+    let half = backoff / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(if nanos == 0 { 0 } else { random % nanos })
+}
+
+/// An error with its sources, `a: b: c`, for one-line logs.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use shared::envelope::{Envelope, Properties, QoS};
+
+    fn body(seq: u64) -> Bytes {
+        let envelope = Envelope {
+            origin: "line1".into(),
+            seq,
+            topic: "telemetry/t".into(),
+            payload: Bytes::from(vec![7u8; 80]),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+            trace: None,
+            enqueued_at_ms: 1,
+        };
+        let mut buf = BytesMut::new();
+        envelope.encode_body(&mut buf).expect("encodes");
+        buf.freeze()
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_full() {
+        for (backoff_ms, attempt) in [(100, 1), (100, 2), (10_000, 3), (1, 4), (0, 5)] {
+            let backoff = Duration::from_millis(backoff_ms);
+            let d = jitter(backoff, attempt);
+            assert!(d >= backoff / 2 && d <= backoff, "{d:?} for {backoff:?}");
+        }
+    }
+
+    #[test]
+    fn batches_split_at_the_frame_limit() {
+        let entries: Vec<Entry> = (1..=5)
+            .map(|seq| Entry {
+                seq,
+                body: body(seq),
+            })
+            .collect();
+        let len = entries[0].body.len();
+        // Frame header 5, then 12 + len per entry: this limit fits two entries per frame.
+        let limit = 5 + 2 * (12 + len) + 1;
+        let mut out = BytesMut::new();
+        let mut inflight = VecDeque::new();
+        encode_batches(&entries, &mut out, limit, &mut inflight).expect("encodes");
+        assert_eq!(inflight, [2, 4, 5]);
+        let mut seqs = Vec::new();
+        while let Some(frame) = wire::decode(&mut out, limit).expect("valid frames") {
+            match frame {
+                Frame::Batch { entries } => {
+                    seqs.push(entries.iter().map(|e| e.seq).collect::<Vec<_>>())
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seqs, [vec![1, 2], vec![3, 4], vec![5]]);
+
+        let mut inflight = VecDeque::new();
+        let err = encode_batches(&entries, &mut BytesMut::new(), 50, &mut inflight)
+            .expect_err("an entry larger than a frame cannot be sent");
+        assert!(
+            matches!(
+                err,
+                UplinkError::EntryTooLarge {
+                    seq: 1,
+                    max_frame_size: 50,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+}
