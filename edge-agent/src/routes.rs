@@ -1,9 +1,5 @@
-//! Which local messages go up, and how: the configured routes, matched against topics without allocating.
-//!
-//! `shared::topic::TopicFilter::matches` takes a `TopicName`, which owns a `String`; on the ingest hot path
-//! (and inside the front's `select`, called for every PUBLISH) that would be one allocation per message. The
-//! filters are validated once through `shared::topic` here, then matched against `&str` topics with the same
-//! MQTT rules.
+//! Which local messages go up, and how: the configured routes, validated once through `shared::topic` and
+//! matched against `&str` topics with `TopicFilter::matches_str` (no allocation per message on the hot path).
 
 use shared::config::Route;
 use shared::envelope::QoS;
@@ -62,33 +58,13 @@ impl Routes {
     pub(crate) fn decide(&self, topic: &str) -> Option<Rule> {
         self.routes
             .iter()
-            .find(|(filter, _)| matches(filter.as_str(), topic))
+            .find(|(filter, _)| filter.matches_str(topic))
             .map(|(_, rule)| *rule)
     }
 
     /// The route filters, for subscribing to an external broker.
     pub(crate) fn filters(&self) -> impl Iterator<Item = &str> {
         self.routes.iter().map(|(filter, _)| filter.as_str())
-    }
-}
-
-/// MQTT topic matching (3.1.1 §4.7, 5.0 §4.7) of a valid `filter` against a topic name, allocation-free.
-/// Same rules as `shared::topic::TopicFilter::matches`: `+` is one level, `#` is the rest including the
-/// parent, and a leading wildcard never matches a `$` topic.
-pub(crate) fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f_levels = filter.split('/');
-    let mut t_levels = topic.split('/');
-    loop {
-        match (f_levels.next(), t_levels.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(f), Some(t)) if f == t => {}
-            (None, None) => return true,
-            _ => return false,
-        }
     }
 }
 
@@ -116,14 +92,10 @@ mod tests {
             ("#", "a", true),
         ];
         for &(filter, topic, expected) in cases {
-            assert_eq!(matches(filter, topic), expected, "{filter} vs {topic}");
-            let shared = TopicFilter::parse(filter)
-                .expect("valid filter")
-                .matches(&TopicName::parse(topic).expect("valid name"));
-            assert_eq!(
-                shared, expected,
-                "shared::topic disagrees: {filter} vs {topic}"
-            );
+            let filter = TopicFilter::parse(filter).expect("valid filter");
+            assert_eq!(filter.matches_str(topic), expected, "{filter} vs {topic}");
+            let parsed = TopicName::parse(topic).expect("valid name");
+            assert_eq!(filter.matches(&parsed), expected, "{filter} vs {topic}");
         }
     }
 

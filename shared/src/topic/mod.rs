@@ -333,24 +333,26 @@ impl TopicFilter {
     /// level by level with `split('/')`.
     #[must_use]
     pub fn matches(&self, name: &TopicName) -> bool {
-        let filter = self.0.as_bytes();
-        let topic = name.0.as_bytes();
-        if topic.first() == Some(&b'$') && matches!(filter.first(), Some(b'+' | b'#')) {
+        self.matches_str(name.as_str())
+    }
+
+    /// [`Self::matches`] for a topic that has not been parsed into a [`TopicName`], so hot paths (the agent's
+    /// route selection, called for every PUBLISH) match without allocating. `topic` is assumed to be a valid
+    /// topic name; a broker has already checked it.
+    #[must_use]
+    pub fn matches_str(&self, topic: &str) -> bool {
+        if topic.starts_with('$') && (self.0.starts_with('+') || self.0.starts_with('#')) {
             return false;
         }
         let mut f_levels = self.0.split('/');
-        let mut n_levels = name.0.split('/');
+        let mut n_levels = topic.split('/');
         loop {
             match (f_levels.next(), n_levels.next()) {
                 (Some("#"), _) => return true,
                 (Some("+"), Some(_)) => {}
-                (Some(f), Some(n)) => {
-                    if f != n {
-                        return false;
-                    }
-                }
+                (Some(f), Some(n)) if f == n => {}
                 (None, None) => return true,
-                (Some(_), None) | (None, Some(_)) => return false,
+                _ => return false,
             }
         }
     }
