@@ -44,7 +44,8 @@ impl fmt::Display for MsgId {
 /// receiver can name the message and check the bytes arrived intact.
 pub fn payload(publisher: &str, n: u64, pad: usize) -> Bytes {
     let mut p = format!("{publisher}:{n}:").into_bytes();
-    p.extend((0..pad).map(|i| b'a' + ((n as usize + i) % 26) as u8));
+    let shift = (n % 26) as usize;
+    p.extend((0..pad).map(|i| b'a' + ((shift + i % 26) % 26) as u8));
     Bytes::from(p)
 }
 
