@@ -4,7 +4,8 @@
 //! The end-to-end tests run the real `cloud-hub` and `edge-agent` binaries (built by
 //! `cargo build --workspace --bins`, which `scripts/test.sh` does) on ephemeral loopback ports:
 //!
-//! - [`bins`]: where those binaries are; [`net`]: free ports.
+//! - [`bins`]: where those binaries are; [`net`]: free ports; [`mesh`]: a test's directory + PKI and
+//!   starting programs from specs.
 //! - [`pki`]: a throw-away CA with hub and site certificates, plus the bad ones (expired, not yet valid,
 //!   from another CA).
 //! - [`spec`]: hub and agent config files written from builders.
@@ -16,6 +17,7 @@
 
 pub mod bins;
 pub mod cloud;
+pub mod mesh;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod net;
