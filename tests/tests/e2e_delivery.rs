@@ -164,3 +164,77 @@ async fn retained_messages_stay_retained_and_unrouted_topics_stay_local() {
         Some(true)
     );
 }
+
+/// The README's try-it commands: `mosquitto_pub` and `mosquitto_sub` speak MQTT 3.1.1 by default, so a
+/// 3.1.1 publisher at the edge and a 3.1.1 subscriber at the cloud must work too (the hub publishes with
+/// MQTT 5 properties, which a 3.1.1 subscriber must get without them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_1_1_clients_at_both_ends_as_in_the_readme() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let mesh = Mesh::new(&["line1"]);
+    let hub_spec = mesh.hub_spec(BrokerSpec::embedded(), &["line1"]);
+    let _hub = mesh.start_hub(&hub_spec).await;
+    let spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
+    let _agent = mesh.start_agent("line1", &spec).await;
+
+    let cloud = hub_spec.broker.client_addr();
+    let (sub, mut sub_loop) = AsyncClient::new(
+        MqttOptions::new("sub311", cloud.ip().to_string(), cloud.port()),
+        10,
+    );
+    sub.subscribe("acme/#", QoS::AtLeastOnce)
+        .await
+        .expect("queue the subscription");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sub_task = tokio::spawn(async move {
+        loop {
+            match sub_loop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = tx.send(None);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send(Some((p.topic, p.payload)));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let suback = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+    assert!(
+        matches!(suback, Ok(Some(None))),
+        "3.1.1 subscription acknowledged"
+    );
+
+    let edge = spec.broker.client_addr();
+    let (publisher, mut pub_loop) = AsyncClient::new(
+        MqttOptions::new("pub311", edge.ip().to_string(), edge.port()),
+        10,
+    );
+    publisher
+        .publish("telemetry/robot5/temp", QoS::AtLeastOnce, false, "21.5")
+        .await
+        .expect("queue the publish");
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match pub_loop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(acked, Ok(true), "the edge acknowledged the 3.1.1 publish");
+
+    let got = tokio::time::timeout(Duration::from_secs(15), rx.recv()).await;
+    sub_task.abort();
+    match got {
+        Ok(Some(Some((topic, payload)))) => {
+            assert_eq!(topic, "acme/plant1/line1/telemetry/robot5/temp");
+            assert_eq!(&payload[..], b"21.5");
+        }
+        other => panic!("the 3.1.1 subscriber at the cloud got nothing: {other:?}"),
+    }
+}
