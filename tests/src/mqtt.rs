@@ -160,6 +160,35 @@ struct Track {
     producer_done: bool,
 }
 
+impl Track {
+    /// Applies one event of a live connection: a written publish gets its packet id, an ack completes it.
+    fn handle(&mut self, event: Event, acked: &AtomicU64) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(n) = self.fifo.pop_front() {
+                    if let Some(stale) = self.inflight.insert(pkid, n) {
+                        self.outcome.unconfirmed.insert(stale);
+                    }
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(n) = self.inflight.remove(&ack.pkid) {
+                    if matches!(
+                        ack.reason,
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                    ) {
+                        self.outcome.acked.insert(n);
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.outcome.refused.insert(n);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// A running publisher.
 #[derive(Debug)]
 pub struct Publisher {
@@ -278,32 +307,33 @@ async fn run_publisher(
         let broken = {
             let mut t = lock(&track);
             match event {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(n) = t.fifo.pop_front() {
-                        if let Some(stale) = t.inflight.insert(pkid, n) {
-                            t.outcome.unconfirmed.insert(stale);
-                        }
-                    }
+                Ok(event) => {
+                    t.handle(event, &acked);
                     false
                 }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(n) = t.inflight.remove(&ack.pkid) {
-                        if matches!(
-                            ack.reason,
-                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
-                        ) {
-                            t.outcome.acked.insert(n);
-                            acked.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            t.outcome.refused.insert(n);
-                        }
-                    }
-                    false
-                }
-                Ok(_) => false,
                 Err(_) => {
-                    // Whatever was in flight may or may not have been taken; a clean session drops it.
                     t.outcome.connection_errors += 1;
+                    // Events queued before the failure: acks that did arrive still count, but a publish
+                    // reported as written may have died with the connection (rumqttc moves it to `pending`,
+                    // which a clean session discards), so it is unconfirmed and never waited for.
+                    for event in eventloop.state.events.drain(..) {
+                        match event {
+                            Event::Outgoing(Outgoing::Publish(_)) => {
+                                if let Some(n) = t.fifo.pop_front() {
+                                    t.outcome.unconfirmed.insert(n);
+                                }
+                            }
+                            event => t.handle(event, &acked),
+                        }
+                    }
+                    // A publish parked on a packet-id collision is the next one in request order; rumqttc
+                    // keeps it parked across the reconnect and then waits forever for an ack that cannot
+                    // come, blocking every later request, so it is taken out here.
+                    if eventloop.state.collision.take().is_some() {
+                        if let Some(n) = t.fifo.pop_front() {
+                            t.outcome.unconfirmed.insert(n);
+                        }
+                    }
                     let lost_track: Vec<u64> = t.inflight.drain().map(|(_, n)| n).collect();
                     t.outcome.unconfirmed.extend(lost_track);
                     eventloop.pending.clear();

@@ -72,7 +72,17 @@ async fn publisher_survives_a_broker_restart_and_reports_what_was_acknowledged()
         .proc
         .wait_ready(broker.addr, Duration::from_secs(10))
         .await;
+    let started = std::time::Instant::now();
     let outcome = publisher.finish().await;
+    eprintln!(
+        "DEBUG finish took {:?}: acked {} unconfirmed {:?} refused {} unsent {} errors {}",
+        started.elapsed(),
+        outcome.acked.len(),
+        outcome.unconfirmed,
+        outcome.refused.len(),
+        outcome.unsent,
+        outcome.connection_errors
+    );
     assert!(outcome.connection_errors >= 1, "{outcome:?}");
     assert!(
         outcome.acked.len() > 300,
