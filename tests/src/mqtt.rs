@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions, Request};
 use rumqttc::Outgoing;
 use tokio::task::JoinHandle;
 
@@ -333,6 +333,17 @@ async fn run_publisher(
                         if let Some(n) = t.fifo.pop_front() {
                             t.outcome.unconfirmed.insert(n);
                         }
+                    }
+                    // rumqttc also moved the requests still in its channel to `pending` (packet id 0: never
+                    // written); a clean session discards them at the reconnect, so they were never sent.
+                    // They are the next ones in request order; taking them out keeps the FIFO aligned.
+                    let never_sent = eventloop
+                        .pending
+                        .iter()
+                        .filter(|r| matches!(r, Request::Publish(p) if p.pkid == 0))
+                        .count();
+                    for _ in 0..never_sent {
+                        t.fifo.pop_front();
                     }
                     let lost_track: Vec<u64> = t.inflight.drain().map(|(_, n)| n).collect();
                     t.outcome.unconfirmed.extend(lost_track);

@@ -74,14 +74,12 @@ async fn publisher_survives_a_broker_restart_and_reports_what_was_acknowledged()
         .await;
     let started = std::time::Instant::now();
     let outcome = publisher.finish().await;
-    eprintln!(
-        "DEBUG finish took {:?}: acked {} unconfirmed {:?} refused {} unsent {} errors {}",
-        started.elapsed(),
-        outcome.acked.len(),
-        outcome.unconfirmed,
-        outcome.refused.len(),
-        outcome.unsent,
-        outcome.connection_errors
+    eprintln!("after a broker kill: {outcome:?}");
+    // A publish stranded by the broken connection must not be waited for until the deadline (60 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the publisher finished promptly after the restart: took {:?}",
+        started.elapsed()
     );
     assert!(outcome.connection_errors >= 1, "{outcome:?}");
     assert!(
