@@ -1,5 +1,29 @@
 //! Helpers shared by meshbridge's end-to-end tests, and the small driver programs they start as child
 //! processes (see `src/bin/`).
+//!
+//! The end-to-end tests run the real `cloud-hub` and `edge-agent` binaries (built by
+//! `cargo build --workspace --bins`, which `scripts/test.sh` does) on ephemeral loopback ports:
+//!
+//! - [`bins`]: where those binaries are; [`net`]: free ports; [`mesh`]: a test's directory + PKI and
+//!   starting programs from specs.
+//! - [`pki`]: a throw-away CA with hub and site certificates, plus the bad ones (expired, not yet valid,
+//!   from another CA).
+//! - [`spec`]: hub and agent config files written from builders.
+//! - [`process`]: a started program with its log captured, readiness, SIGTERM and SIGKILL.
+//! - [`mosquitto`]: Debian's Mosquitto on a free port; [`cloud`]: an in-process broker that outlives hub
+//!   restarts.
+//! - [`mqtt`]: a publisher that knows exactly which messages were acknowledged, a collecting subscriber,
+//!   and the [`mqtt::Report`] that compares the two.
+
+pub mod bins;
+pub mod cloud;
+pub mod mesh;
+pub mod mosquitto;
+pub mod mqtt;
+pub mod net;
+pub mod pki;
+pub mod process;
+pub mod spec;
 
 /// Length of the bodies the queue crash driver writes.
 pub const CRASH_BODY_LEN: usize = 200;

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the tests need and is not built by cargo: Debian's Mosquitto broker (the e2e tests run it at
+# the edge and at the cloud) and its command-line clients. Does nothing when they are already there.
+set -euo pipefail
+
+PACKAGES=(mosquitto mosquitto-clients)
+
+have() { command -v "$1" >/dev/null 2>&1 || [[ -x "/usr/sbin/$1" ]]; }
+
+missing=()
+have mosquitto || missing+=(mosquitto)
+have mosquitto_pub || missing+=(mosquitto-clients)
+
+if ((${#missing[@]} > 0)); then
+    if [[ $(id -u) -eq 0 ]]; then
+        SUDO=()
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        SUDO=(sudo -n)
+    else
+        echo "install-test-deps: cannot install ${missing[*]} (not root and no password-less sudo)." >&2
+        echo "install-test-deps: run: sudo apt-get install ${PACKAGES[*]}" >&2
+        echo "install-test-deps: the Mosquitto tests will be skipped until then." >&2
+        exit 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "install-test-deps: no apt-get here; install ${PACKAGES[*]} with your package manager." >&2
+        exit 0
+    fi
+    echo "install-test-deps: installing ${missing[*]}"
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    # The package starts a system broker on port 1883 where an init system runs; the tests start their own
+    # brokers on ephemeral ports, and the local mesh needs 1883 free.
+    "${SUDO[@]}" service mosquitto stop >/dev/null 2>&1 || true
+fi
+echo "install-test-deps: mosquitto $( (mosquitto -h 2>/dev/null || /usr/sbin/mosquitto -h 2>/dev/null || true) | head -1 | sed 's/^mosquitto //')"

@@ -1,0 +1,123 @@
+//! Certificates for a test: a fresh private CA, the hub certificate and site certificates, made with the
+//! same code as `cloud-hub pki`, plus the certificates the hub must refuse.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cloud_hub::pki::{self, Ca, PkiPaths, SiteCertPaths, SiteId, Validity};
+use time::OffsetDateTime;
+
+/// How long the good site certificates of a test are valid.
+const SITE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// A certificate and its key on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM certificate.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+impl From<SiteCertPaths> for CertFiles {
+    fn from(p: SiteCertPaths) -> Self {
+        Self {
+            cert: p.cert,
+            key: p.key,
+        }
+    }
+}
+
+/// A PKI directory: CA, hub certificate (for `hub.meshbridge.local`, `localhost`, `127.0.0.1`) and one
+/// certificate per site given to [`Pki::new`].
+#[derive(Debug, Clone)]
+pub struct Pki {
+    dir: PathBuf,
+    paths: PkiPaths,
+}
+
+impl Pki {
+    /// Creates the CA and hub certificate in `dir` (created if needed) and a certificate for each site.
+    pub fn new(dir: &Path, sites: &[&str]) -> Self {
+        let paths = pki::init(dir, &[]).expect("create the test CA and hub certificate");
+        let pki = Self {
+            dir: dir.to_path_buf(),
+            paths,
+        };
+        for site in sites {
+            pki.site(site);
+        }
+        pki
+    }
+
+    /// The PKI directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate both sides trust.
+    pub fn ca(&self) -> &Path {
+        &self.paths.ca_cert
+    }
+
+    /// The hub's certificate and key.
+    pub fn hub(&self) -> CertFiles {
+        CertFiles {
+            cert: self.paths.hub_cert.clone(),
+            key: self.paths.hub_key.clone(),
+        }
+    }
+
+    /// A valid certificate for `site` (issued now, replacing an earlier one).
+    pub fn site(&self, site: &str) -> CertFiles {
+        pki::issue_site(&self.dir, site, SITE_LIFETIME)
+            .expect("issue a site certificate")
+            .into()
+    }
+
+    /// A certificate for `site` signed by this CA that expired an hour ago.
+    pub fn expired_site(&self, site: &str) -> CertFiles {
+        let now = OffsetDateTime::now_utc();
+        let validity = Validity::new(
+            now - time::Duration::days(2),
+            now - time::Duration::hours(1),
+        )
+        .expect("a valid window");
+        self.write_site(&self.load_ca(), site, validity, "expired")
+    }
+
+    /// A certificate for `site` signed by this CA that becomes valid only tomorrow.
+    pub fn not_yet_valid_site(&self, site: &str) -> CertFiles {
+        let now = OffsetDateTime::now_utc();
+        let validity = Validity::new(now + time::Duration::days(1), now + time::Duration::days(2))
+            .expect("a valid window");
+        self.write_site(&self.load_ca(), site, validity, "future")
+    }
+
+    /// A currently valid certificate for `site` signed by an unrelated CA the hub does not trust.
+    pub fn foreign_site(&self, site: &str) -> CertFiles {
+        let now = OffsetDateTime::now_utc();
+        let validity = Validity::starting_at(now, SITE_LIFETIME).expect("a valid window");
+        let other = Ca::generate("some other CA", validity).expect("generate another CA");
+        self.write_site(&other, site, validity, "foreign")
+    }
+
+    fn load_ca(&self) -> Ca {
+        Ca::load(&self.paths.ca_cert, &self.paths.ca_key).expect("load the test CA")
+    }
+
+    fn write_site(&self, ca: &Ca, site: &str, validity: Validity, tag: &str) -> CertFiles {
+        let id = SiteId::new(site).expect("a valid site name");
+        let issued = ca
+            .issue_site(&id, validity)
+            .expect("issue a site certificate");
+        let files = CertFiles {
+            cert: self.dir.join(format!("{tag}-{site}.pem")),
+            key: self.dir.join(format!("{tag}-{site}.key")),
+        };
+        issued
+            .write(&files.cert, &files.key)
+            .expect("write the certificate");
+        files
+    }
+}

@@ -1,0 +1,261 @@
+//! Config files for the programs under test, written from small builders with absolute paths, in the
+//! format of `shared::config` (the same keys as `configs/*.toml`). Only what the tests vary is exposed;
+//! everything else keeps the program's defaults.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::pki::{CertFiles, Pki};
+
+/// The MQTT broker a program uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerSpec {
+    /// In-process broker listening for clients on this address.
+    Embedded {
+        /// Client-facing address.
+        listen: SocketAddr,
+    },
+    /// An existing broker joined as a client.
+    External {
+        /// Broker address.
+        address: SocketAddr,
+        /// Client id (the persistent session is kept under it).
+        client_id: String,
+    },
+}
+
+impl BrokerSpec {
+    /// An embedded broker on a free loopback port.
+    pub fn embedded() -> Self {
+        Self::Embedded {
+            listen: crate::net::free_tcp(),
+        }
+    }
+
+    /// The address MQTT clients of this broker connect to.
+    pub fn client_addr(&self) -> SocketAddr {
+        match self {
+            Self::Embedded { listen } => *listen,
+            Self::External { address, .. } => *address,
+        }
+    }
+
+    fn write(&self, out: &mut String) {
+        match self {
+            Self::Embedded { listen } => {
+                let _ = writeln!(
+                    out,
+                    "[broker]\nkind = \"embedded\"\nlisten = \"{listen}\"\n"
+                );
+            }
+            Self::External { address, client_id } => {
+                let _ = writeln!(
+                    out,
+                    "[broker]\nkind = \"external\"\naddress = \"{address}\"\nclient_id = {}\nkeep_alive = \"5s\"\n",
+                    quote(client_id)
+                );
+            }
+        }
+    }
+}
+
+/// A cloud-hub config.
+#[derive(Debug, Clone)]
+pub struct HubSpec {
+    /// Hub state (dedup) directory.
+    pub data_dir: PathBuf,
+    /// QUIC (UDP) address.
+    pub quic: SocketAddr,
+    /// CA agents' certificates must chain to.
+    pub ca: PathBuf,
+    /// The hub's own certificate.
+    pub cert: CertFiles,
+    /// The cloud broker.
+    pub broker: BrokerSpec,
+    /// `(site, namespace template)` pairs.
+    pub sites: Vec<(String, String)>,
+    /// `tracing` filter.
+    pub log: String,
+}
+
+impl HubSpec {
+    /// A hub with state in `dir/hub`, QUIC on a free port, the certificates of `pki`, the given broker, and
+    /// the sites `sites` under `acme/plant1/{site}`.
+    pub fn new(dir: &Path, pki: &Pki, broker: BrokerSpec, sites: &[&str]) -> Self {
+        Self {
+            data_dir: dir.join("hub"),
+            quic: crate::net::free_udp(),
+            ca: pki.ca().to_path_buf(),
+            cert: pki.hub(),
+            broker,
+            sites: sites
+                .iter()
+                .map(|s| ((*s).to_owned(), "acme/plant1/{site}".to_owned()))
+                .collect(),
+            log: "info".to_owned(),
+        }
+    }
+
+    /// The config text.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "data_dir = {}\nlog = {}\n\n[listen]\nquic = \"{}\"\n\n[tls]\nca = {}\ncert = {}\nkey = {}\n",
+            quote_path(&self.data_dir),
+            quote(&self.log),
+            self.quic,
+            quote_path(&self.ca),
+            quote_path(&self.cert.cert),
+            quote_path(&self.cert.key),
+        );
+        self.broker.write(&mut out);
+        for (name, namespace) in &self.sites {
+            let _ = writeln!(
+                out,
+                "[[sites]]\nname = {}\nnamespace = {}\n",
+                quote(name),
+                quote(namespace)
+            );
+        }
+        out
+    }
+
+    /// Writes the config to `path` and returns the path.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        write_config(path, &self.to_toml(), |p| {
+            shared::config::load_hub(p).map(drop)
+        })
+    }
+}
+
+/// An edge-agent config.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// Site name the agent says it is (informational: the hub believes the certificate).
+    pub site: String,
+    /// Queue directory.
+    pub data_dir: PathBuf,
+    /// The local broker.
+    pub broker: BrokerSpec,
+    /// The hub's QUIC address.
+    pub hub: SocketAddr,
+    /// Name the hub certificate must carry.
+    pub server_name: String,
+    /// CA the hub certificate must chain to.
+    pub ca: PathBuf,
+    /// The agent's client certificate.
+    pub cert: CertFiles,
+    /// Uplink route filters.
+    pub routes: Vec<String>,
+    /// Messages per batch.
+    pub batch_max_messages: u32,
+    /// Batches in flight.
+    pub window: u32,
+    /// Longest reconnect delay; short in tests so a restarted hub is found quickly.
+    pub reconnect_max: Duration,
+    /// `tracing` filter.
+    pub log: String,
+}
+
+impl AgentSpec {
+    /// An agent for `site` with its queue in `dir/<site>`, `site`'s certificate from `pki`, the given local
+    /// broker, routing `telemetry/#` to the hub at `hub`.
+    pub fn new(dir: &Path, pki: &Pki, site: &str, broker: BrokerSpec, hub: SocketAddr) -> Self {
+        Self {
+            site: site.to_owned(),
+            data_dir: dir.join(site),
+            broker,
+            hub,
+            server_name: "hub.meshbridge.local".to_owned(),
+            ca: pki.ca().to_path_buf(),
+            cert: pki.site(site),
+            routes: vec!["telemetry/#".to_owned()],
+            batch_max_messages: 128,
+            window: 4,
+            reconnect_max: Duration::from_millis(500),
+            log: "info".to_owned(),
+        }
+    }
+
+    /// The most messages one uplink window can hold: what a hub crash may make the agent resend.
+    pub fn window_messages(&self) -> usize {
+        self.batch_max_messages as usize * self.window as usize
+    }
+
+    /// The config text.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "site = {}\ndata_dir = {}\nlog = {}\n",
+            quote(&self.site),
+            quote_path(&self.data_dir),
+            quote(&self.log)
+        );
+        self.broker.write(&mut out);
+        let _ = writeln!(
+            out,
+            "[uplink]\nhub = \"{}\"\nserver_name = {}\nca = {}\ncert = {}\nkey = {}\n\
+             batch_max_messages = {}\nwindow = {}\nreconnect_min = \"50ms\"\nreconnect_max = \"{}ms\"\n\
+             shutdown_timeout = \"5s\"\n",
+            self.hub,
+            quote(&self.server_name),
+            quote_path(&self.ca),
+            quote_path(&self.cert.cert),
+            quote_path(&self.cert.key),
+            self.batch_max_messages,
+            self.window,
+            self.reconnect_max.as_millis().max(50),
+        );
+        for filter in &self.routes {
+            let _ = writeln!(out, "[[routes]]\nfilter = {}\n", quote(filter));
+        }
+        out
+    }
+
+    /// Writes the config to `path` and returns the path.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        write_config(path, &self.to_toml(), |p| {
+            shared::config::load_agent(p).map(drop)
+        })
+    }
+}
+
+/// Writes `text` and loads it back with the program's own loader, so a harness/config drift fails here
+/// with the loader's message rather than as a program that exits at start.
+fn write_config(
+    path: &Path,
+    text: &str,
+    load: impl Fn(&Path) -> Result<(), shared::config::ConfigError>,
+) -> PathBuf {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    if let Err(e) = load(path) {
+        panic!("{} does not load: {e}\n{text}", path.display());
+    }
+    path.to_path_buf()
+}
+
+/// A TOML basic string.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn quote_path(p: &Path) -> String {
+    quote(&p.to_string_lossy())
+}
