@@ -1,9 +1,7 @@
 //! The cloud broker the hub publishes into: embedded rumqttd behind the pass-through front, or an external
 //! broker joined as an MQTT 5 client.
 
-use std::fs;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,16 +9,13 @@ use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
 use meshbridge_broker::front::{self, CommitRequest, FrontError, FrontOptions};
 use rumqttc::v5::MqttOptions;
 use rumqttc::{TlsConfiguration, Transport};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::RootCertStore;
 use shared::config::{EmbeddedBroker as EmbeddedConfig, ExternalBroker};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{BrokerTlsError, HubError};
+use crate::error::HubError;
 use crate::publisher::base_options;
 
 /// Client id of the hub's publisher on the embedded broker.
@@ -149,53 +144,12 @@ pub(crate) fn external_options(cfg: &ExternalBroker) -> Result<MqttOptions, HubE
         options.set_credentials(user.clone(), password.expose().to_owned());
     }
     if let Some(tls) = &cfg.tls {
-        let roots = load_roots(&tls.ca)?;
-        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(HubError::BrokerTls)?
-            .with_root_certificates(roots);
-        let config = match (&tls.cert, &tls.key) {
-            (Some(cert), Some(key)) => builder
-                .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-                .map_err(HubError::BrokerTls)?,
-            _ => builder.with_no_client_auth(),
-        };
+        let client_auth = tls.cert.as_deref().zip(tls.key.as_deref());
+        let config = meshbridge_tls::mqtt_client_config(&tls.ca, client_auth)
+            .map_err(HubError::BrokerTls)?;
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(config),
         )));
     }
     Ok(options)
-}
-
-fn tls_file_error(path: &Path, source: impl Into<BrokerTlsError>) -> HubError {
-    HubError::BrokerTlsFile {
-        path: path.to_owned(),
-        source: source.into(),
-    }
-}
-
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, HubError> {
-    let bytes = fs::read(path).map_err(|e| tls_file_error(path, e))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(tls_file_error(path, BrokerTlsError::NoCertificate));
-    }
-    Ok(certs)
-}
-
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, HubError> {
-    let bytes = fs::read(path).map_err(|e| tls_file_error(path, e))?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| tls_file_error(path, e))
-}
-
-fn load_roots(path: &Path) -> Result<RootCertStore, HubError> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| tls_file_error(path, BrokerTlsError::BadCa(e)))?;
-    }
-    Ok(roots)
 }

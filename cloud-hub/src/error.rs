@@ -75,39 +75,14 @@ pub enum HubError {
         /// How long it waited.
         waited: std::time::Duration,
     },
-    /// A TLS file for the external cloud broker could not be read or used.
-    #[error("cannot use TLS file {path} for the cloud broker")]
-    BrokerTlsFile {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong with it.
-        #[source]
-        source: BrokerTlsError,
-    },
-    /// The TLS configuration for the external cloud broker was refused by rustls.
-    #[error("invalid TLS configuration for the cloud broker")]
-    BrokerTls(#[source] rustls::Error),
+    /// The external cloud broker's TLS material (CA, client certificate, key) is unusable; the source names
+    /// the file.
+    #[error("cannot use the TLS configuration for the cloud broker")]
+    BrokerTls(#[source] meshbridge_tls::TlsError),
     /// The embedded broker has TLS configured, which the hub's embedded cloud broker does not serve yet.
     #[error("broker.tls is not supported for the hub's embedded cloud broker; use an external broker for TLS")]
     EmbeddedTlsUnsupported,
     /// The embedded broker has credentials configured, which the hub's embedded cloud broker does not check yet.
     #[error("broker.username/password are not supported for the hub's embedded cloud broker")]
     EmbeddedAuthUnsupported,
-}
-
-/// What went wrong with one TLS file of the external cloud broker.
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerTlsError {
-    /// The file could not be read.
-    #[error("unreadable")]
-    Io(#[from] io::Error),
-    /// The file is not PEM of the expected kind.
-    #[error("not valid PEM")]
-    Pem(#[from] rustls::pki_types::pem::Error),
-    /// The file holds no certificate.
-    #[error("no certificate in it")]
-    NoCertificate,
-    /// A CA certificate was rejected as a trust anchor.
-    #[error("unusable CA certificate")]
-    BadCa(#[source] rustls::Error),
 }

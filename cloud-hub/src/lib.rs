@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use agent_conn::MESHBRIDGE_ID;
-pub use error::{BrokerTlsError, HubError};
+pub use error::HubError;
 pub use publisher::PublishError;
 
 use agent_conn::{Hub, Site, Stops};

@@ -8,70 +8,26 @@
 //! `builder_with_provider`, so no process-wide default provider has to be installed and the "could not
 //! determine the process-level CryptoProvider" panic cannot happen, whatever else is linked in.
 
-use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshbridge_tls::{load_certs, load_key, load_roots};
+pub use meshbridge_tls::{provider, PemError, ALPN};
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
-use rustls::RootCertStore;
 use x509_parser::prelude::{FromDer, X509Certificate, X509Error};
 
 use crate::pki::{SiteId, SiteNameError};
 
-/// ALPN protocol id of the meshbridge agent↔hub protocol, version 1. A peer offering anything else is refused
-/// during the handshake, before any frame is parsed.
-pub const ALPN: &[u8] = b"meshbridge/1";
-
-/// The one rustls crypto provider meshbridge uses (ring), for passing to `builder_with_provider`.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// Errors building the hub's TLS configuration or reading a peer's identity.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A certificate or key file could not be read.
-    #[error("cannot read {path}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// A certificate or key file is not valid PEM (or has no object of the expected kind).
-    #[error("cannot parse {what} from {path}")]
-    Pem {
-        /// The file.
-        path: PathBuf,
-        /// What was expected in it ("certificate", "private key").
-        what: &'static str,
-        /// The PEM parser's error.
-        #[source]
-        source: pem::Error,
-    },
-    /// A certificate file holds no certificate at all.
-    #[error("no certificate in {path}")]
-    NoCertificates {
-        /// The file.
-        path: PathBuf,
-    },
-    /// A CA certificate was rejected as a trust anchor.
-    #[error("unusable CA certificate in {path}")]
-    BadCaCertificate {
-        /// The CA file.
-        path: PathBuf,
-        /// Why rustls rejected it.
-        #[source]
-        source: rustls::Error,
-    },
+    /// A certificate, key or CA file is unusable.
+    #[error(transparent)]
+    Pem(#[from] PemError),
     /// The client-certificate verifier could not be built (for example, no trust anchors).
     #[error("cannot build the client certificate verifier")]
     Verifier(#[from] VerifierBuilderError),
@@ -233,57 +189,13 @@ pub fn site_identity_from_chain(chain: &[CertificateDer<'_>]) -> Result<SiteId, 
     })
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Io {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
-            path: path.to_owned(),
-            what: "certificate",
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificates {
-            path: path.to_owned(),
-        });
-    }
-    Ok(certs)
-}
-
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read(path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|source| TlsError::Pem {
-        path: path.to_owned(),
-        what: "private key",
-        source,
-    })
-}
-
-fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|source| TlsError::BadCaCertificate {
-                path: path.to_owned(),
-                source,
-            })?;
-    }
-    Ok(roots)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pki::{Ca, Validity};
     use rcgen::{CertificateParams, DistinguishedName, DnType, DnValue};
+    use rustls::pki_types::pem::PemObject;
+    use std::fs;
     use time::OffsetDateTime;
 
     fn der_of(pem: &str) -> CertificateDer<'static> {
@@ -403,23 +315,23 @@ mod tests {
         let err =
             server_config(&missing, &paths.hub_cert, &paths.hub_key, &t).expect_err("missing CA");
         assert!(
-            matches!(err, TlsError::Io { ref path, .. } if *path == missing),
+            matches!(err, TlsError::Pem(ref e @ PemError::Io { .. }) if e.path() == missing),
             "{err:?}"
         );
         let err = server_config(&not_pem, &paths.hub_cert, &paths.hub_key, &t)
             .expect_err("no cert in CA file");
         assert!(
-            matches!(err, TlsError::NoCertificates { ref path } if *path == not_pem),
+            matches!(err, TlsError::Pem(ref e @ PemError::NoCertificates { .. }) if e.path() == not_pem),
             "{err:?}"
         );
         let err = server_config(&paths.ca_cert, &paths.hub_cert, &not_pem, &t).expect_err("no key");
         assert!(
             matches!(
                 err,
-                TlsError::Pem {
+                TlsError::Pem(PemError::Pem {
                     what: "private key",
                     ..
-                }
+                })
             ),
             "{err:?}"
         );

@@ -44,7 +44,7 @@ pub enum AgentError {
     UplinkTls(#[source] TlsError),
     /// The external broker's TLS material is unusable.
     #[error("external broker TLS configuration")]
-    BrokerTls(#[source] TlsError),
+    BrokerTls(#[source] meshbridge_tls::TlsError),
     /// The embedded broker's client port could not be bound.
     #[error("cannot listen for MQTT clients on {addr}")]
     Listen {

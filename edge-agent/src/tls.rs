@@ -4,65 +4,21 @@
 //! Configs are built with the ring provider passed explicitly (`builder_with_provider`), so no process-wide
 //! default crypto provider is needed.
 
-use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshbridge_tls::{load_certs, load_key, load_roots};
+pub use meshbridge_tls::{provider, PemError, ALPN};
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::RootCertStore;
-
-/// ALPN protocol id of the meshbridge agent↔hub protocol, version 1; must equal the hub's.
-pub const ALPN: &[u8] = b"meshbridge/1";
-
-/// The one rustls crypto provider meshbridge uses (ring), for passing to `builder_with_provider`.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// Errors building the agent's TLS configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A certificate or key file could not be read.
-    #[error("cannot read {path}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// A certificate or key file is not valid PEM (or has no object of the expected kind).
-    #[error("cannot parse {what} from {path}")]
-    Pem {
-        /// The file.
-        path: PathBuf,
-        /// What was expected in it ("certificate", "private key").
-        what: &'static str,
-        /// The PEM parser's error.
-        #[source]
-        source: pem::Error,
-    },
-    /// A certificate file holds no certificate at all.
-    #[error("no certificate in {path}")]
-    NoCertificates {
-        /// The file.
-        path: PathBuf,
-    },
-    /// A CA certificate was rejected as a trust anchor.
-    #[error("unusable CA certificate in {path}")]
-    BadCaCertificate {
-        /// The CA file.
-        path: PathBuf,
-        /// Why rustls rejected it.
-        #[source]
-        source: rustls::Error,
-    },
+    /// A certificate, key or CA file is unusable.
+    #[error(transparent)]
+    Pem(#[from] PemError),
     /// rustls refused the configuration: protocol versions, or the certificate does not match the key.
     #[error("invalid TLS configuration")]
     Rustls(#[source] rustls::Error),
@@ -148,75 +104,10 @@ pub fn client_config(
     Ok(config)
 }
 
-/// Builds a rustls client configuration for MQTT over TLS to an external broker: the broker verified against
-/// the CA in `ca`, and optionally a client certificate/key for brokers that require mutual TLS. TLS 1.2 is
-/// allowed here (unlike the uplink), since site brokers often still run it.
-pub fn mqtt_client_config(
-    ca: &Path,
-    client_auth: Option<(&Path, &Path)>,
-) -> Result<rustls::ClientConfig, TlsError> {
-    let roots = load_roots(ca)?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(TlsError::Rustls)?
-        .with_root_certificates(roots);
-    match client_auth {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-            .map_err(TlsError::Rustls),
-        None => Ok(builder.with_no_client_auth()),
-    }
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Io {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
-            path: path.to_owned(),
-            what: "certificate",
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificates {
-            path: path.to_owned(),
-        });
-    }
-    Ok(certs)
-}
-
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read(path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|source| TlsError::Pem {
-        path: path.to_owned(),
-        what: "private key",
-        source,
-    })
-}
-
-fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|source| TlsError::BadCaCertificate {
-                path: path.to_owned(),
-                source,
-            })?;
-    }
-    Ok(roots)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn ca_file_errors_name_the_file() {
@@ -234,15 +125,15 @@ mod tests {
         let cases: [(&Path, Check); 3] = [
             (
                 &missing,
-                |e, p| matches!(e, TlsError::Io { path, .. } if path == p),
+                |e, p| matches!(e, TlsError::Pem(e @ PemError::Io { .. }) if e.path() == p),
             ),
             (
                 &empty,
-                |e, p| matches!(e, TlsError::NoCertificates { path } if path == p),
+                |e, p| matches!(e, TlsError::Pem(e @ PemError::NoCertificates { .. }) if e.path() == p),
             ),
             (
                 &bogus,
-                |e, p| matches!(e, TlsError::BadCaCertificate { path, .. } if path == p),
+                |e, p| matches!(e, TlsError::Pem(e @ PemError::BadCaCertificate { .. }) if e.path() == p),
             ),
         ];
         for (ca, check) in cases {

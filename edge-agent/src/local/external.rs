@@ -31,7 +31,6 @@ use tracing::{debug, info, warn};
 
 use crate::error::AgentError;
 use crate::ingest::{full_queue_backoff, log_commit_error, Group, Ingest, MAX_GROUP_MESSAGES};
-use crate::tls;
 
 /// Mosquitto's counter of messages it dropped (for any client): the one hint a broker gives that it shed
 /// queued QoS 1 messages.
@@ -70,7 +69,8 @@ pub(crate) async fn run(
     }
     if let Some(t) = &cfg.tls {
         let client_auth = t.cert.as_deref().zip(t.key.as_deref());
-        let config = tls::mqtt_client_config(&t.ca, client_auth).map_err(AgentError::BrokerTls)?;
+        let config = meshbridge_tls::mqtt_client_config(&t.ca, client_auth)
+            .map_err(AgentError::BrokerTls)?;
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(config),
         )));
