@@ -58,6 +58,9 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// meshbridge patch: the client sent DISCONNECT, which the router handles (and removes the connection
+    /// for) when it processes the packet; the link must then not send a second `Event::Disconnect`.
+    pub(crate) client_disconnected: bool,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -122,6 +125,7 @@ impl<P: Protocol> RemoteLink<P> {
             link_rx,
             notifications: VecDeque::with_capacity(100),
             will_delay_interval,
+            client_disconnected: false,
         })
     }
 
@@ -134,15 +138,20 @@ impl<P: Protocol> RemoteLink<P> {
             select! {
                 o = self.network.read() => {
                     let packet = o?;
-                    let len = {
+                    let (len, disconnected) = {
                         let mut buffer = self.link_tx.buffer();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
-                        buffer.len()
+                        let disconnected = buffer.iter().any(|p| matches!(p, Packet::Disconnect(..)));
+                        (buffer.len(), disconnected)
                     };
 
                     trace!("Packets read from network, count = {}", len);
                     self.link_tx.notify().await?;
+                    if disconnected {
+                        self.client_disconnected = true;
+                        return Ok(());
+                    }
                 }
                 // Receive from router when previous when state isn't in collision
                 // due to previously received data request

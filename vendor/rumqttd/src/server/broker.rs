@@ -572,7 +572,15 @@ async fn remote<P: Protocol>(
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
-    match link.start().await {
+    let result = link.start().await;
+    match result {
+        // meshbridge patch: the client sent DISCONNECT; the router removes the connection when it handles
+        // that packet. A second Disconnect event from here could, once the router has reused the connection
+        // id for a new client, disconnect that new client instead.
+        Ok(_) if link.client_disconnected => {
+            info!("client disconnected");
+            send_disconnect = false;
+        }
         // Connection got closed. This shouldn't usually happen.
         Ok(_) => error!("connection-stop"),
         // No need to send a disconnect message when disconnection
