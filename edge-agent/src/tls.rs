@@ -107,39 +107,18 @@ pub fn client_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
 
+    /// The loaders themselves are tested in `meshbridge-tls`; this checks their errors reach the caller
+    /// naming the file.
     #[test]
-    fn ca_file_errors_name_the_file() {
+    fn a_missing_ca_file_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("missing.pem");
-        let empty = dir.path().join("empty.pem");
-        fs::write(&empty, b"no pem here").expect("write");
-        let bogus = dir.path().join("bogus.pem");
-        fs::write(
-            &bogus,
-            b"-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n",
-        )
-        .expect("write");
-        type Check = fn(&TlsError, &Path) -> bool;
-        let cases: [(&Path, Check); 3] = [
-            (
-                &missing,
-                |e, p| matches!(e, TlsError::Pem(e @ PemError::Io { .. }) if e.path() == p),
-            ),
-            (
-                &empty,
-                |e, p| matches!(e, TlsError::Pem(e @ PemError::NoCertificates { .. }) if e.path() == p),
-            ),
-            (
-                &bogus,
-                |e, p| matches!(e, TlsError::Pem(e @ PemError::BadCaCertificate { .. }) if e.path() == p),
-            ),
-        ];
-        for (ca, check) in cases {
-            let err = client_config(ca, &empty, &empty, &ClientTransport::default())
-                .expect_err("must fail");
-            assert!(check(&err, ca), "{}: {err:?}", ca.display());
-        }
+        let err = client_config(&missing, &missing, &missing, &ClientTransport::default())
+            .expect_err("must fail");
+        assert!(
+            matches!(&err, TlsError::Pem(e @ PemError::Io { .. }) if e.path() == missing),
+            "{err:?}"
+        );
     }
 }

@@ -54,12 +54,7 @@ impl Queue for MemQueue {
     ) -> Result<AppendOutcome, QueueError> {
         let mut inner = self.lock();
         if bodies.is_empty() {
-            let next = inner.ledger.next_seq;
-            return Ok(AppendOutcome {
-                first_seq: next,
-                last_seq: next - 1,
-                dropped: 0,
-            });
+            return Ok(inner.ledger.empty_append());
         }
         let cost = batch_cost(bodies);
         let removal = inner.ledger.make_room(cost, &self.limits)?;

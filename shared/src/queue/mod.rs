@@ -262,6 +262,15 @@ impl Ledger {
         }
     }
 
+    /// The outcome of appending an empty batch: nothing stored, nothing dropped.
+    fn empty_append(&self) -> AppendOutcome {
+        AppendOutcome {
+            first_seq: self.next_seq,
+            last_seq: self.next_seq - 1,
+            dropped: 0,
+        }
+    }
+
     fn stats(&self) -> QueueStats {
         QueueStats {
             depth: self.next_seq - 1 - self.acked,

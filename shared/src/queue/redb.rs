@@ -372,12 +372,7 @@ impl Queue for RedbQueue {
         let mut w = self.lock();
         self.recover(&mut w)?;
         if bodies.is_empty() {
-            let next = w.ledger.next_seq;
-            return Ok(AppendOutcome {
-                first_seq: next,
-                last_seq: next - 1,
-                dropped: 0,
-            });
+            return Ok(w.ledger.empty_append());
         }
         let cost = batch_cost(bodies);
         let removal = w.ledger.make_room(cost, &self.limits)?;
