@@ -39,17 +39,15 @@ start() {
 }
 
 stopping=0
-stop_all() {
-    ((stopping)) && return 0
-    stopping=1
+# Sends SIGTERM to the named processes and waits for them, up to STOP_DEADLINE, then SIGKILLs what is left.
+stop_group() {
     local name pid
-    # Agents first, so they can hand their in-flight batches to the hub before it goes.
-    for name in line1 line2 hub; do
+    for name in "$@"; do
         pid="${PIDS[$name]:-}"
         [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true
     done
     local deadline=$((SECONDS + STOP_DEADLINE))
-    for name in line1 line2 hub; do
+    for name in "$@"; do
         pid="${PIDS[$name]:-}"
         [[ -z "$pid" ]] && continue
         while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
@@ -63,7 +61,19 @@ stop_all() {
     done
 }
 
+stopping=0
+stop_all() {
+    ((stopping)) && return 0
+    stopping=1
+    # Agents first, so they can hand their in-flight batches to the hub before it goes.
+    stop_group line1 line2
+    stop_group hub
+}
+
 on_signal() {
+    # A second signal while stopping (Ctrl-C twice, or TERM from both a supervisor and its child) must not
+    # cut the first stop short and leave processes behind.
+    ((stopping)) && return 0
     echo
     echo "==> stopping the mesh"
     stop_all
