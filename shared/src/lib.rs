@@ -10,6 +10,7 @@
 //! - [`topic`]: MQTT topic names and filters, wildcard matching and namespace mapping.
 //! - [`policy`]: pure policies, starting with the per-origin dedup window.
 //! - [`config`]: the serde config model of both programs, loading and `validate()`.
+//! - [`site`]: the rules of a site name, shared by the config model, the PKI and the hub.
 //! - [`queue`]: the durable outbound queue (redb) and its in-memory model. The one module that touches the
 //!   disk, because the guarantee it gives (committed before acknowledged) is the product's core promise.
 #![warn(missing_docs)]
@@ -19,5 +20,6 @@ pub mod envelope;
 pub mod mqtt;
 pub mod policy;
 pub mod queue;
+pub mod site;
 pub mod topic;
 pub mod wire;

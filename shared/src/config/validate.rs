@@ -12,7 +12,8 @@ use std::fmt;
 use std::time::Duration;
 
 use super::units::ByteSize;
-use crate::topic::{validate_site_name, Namespace, SiteNameProblem, TopicError, TopicFilter};
+use crate::site::{SiteId, SiteNameError};
+use crate::topic::{Namespace, SiteNameProblem, TopicError, TopicFilter};
 
 /// One problem found by `validate()`: the key it concerns and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -177,6 +178,9 @@ pub enum TopicTextError {
     /// A site name contains `/`, so it would span several levels.
     #[error("it contains `/`")]
     Slash,
+    /// A site name breaks the site identity rules (see [`crate::site`]).
+    #[error("{0}")]
+    SiteName(#[source] SiteNameError),
     /// A template contains a `{placeholder}` other than `{site}`.
     #[error("unknown placeholder `{{{name}}}`: only `{{site}}` is supported")]
     UnknownPlaceholder {
@@ -328,10 +332,13 @@ pub fn check_topic_filter(filter: &str) -> Result<(), TopicTextError> {
     TopicFilter::parse(filter).map(drop).map_err(Into::into)
 }
 
-/// Checks a site name: it becomes exactly one topic level when `{site}` is expanded, so it must be non-empty
-/// and free of `/`, wildcards, braces and NUL.
+/// Checks a site name by the rules of [`crate::site::SiteId`]: the hub takes the name from a certificate the
+/// PKI issued, so a name the PKI refuses could never connect. Those rules also make it exactly one topic
+/// level when `{site}` is expanded.
 pub fn check_site_name(name: &str) -> Result<(), TopicTextError> {
-    validate_site_name(name).map_err(Into::into)
+    SiteId::new(name)
+        .map(drop)
+        .map_err(TopicTextError::SiteName)
 }
 
 /// The one placeholder a namespace template may contain.
@@ -442,11 +449,25 @@ mod tests {
         let table: &[(&str, Result<(), TopicTextError>)] = &[
             ("line1", Ok(())),
             ("plant-1.line_2", Ok(())),
-            ("", Err(TopicTextError::Empty)),
-            ("a/b", Err(TopicTextError::Slash)),
-            ("a+", Err(TopicTextError::Wildcard)),
-            ("#", Err(TopicTextError::Wildcard)),
-            ("a\0", Err(TopicTextError::ContainsNul)),
+            ("", Err(TopicTextError::SiteName(SiteNameError::Empty))),
+            (
+                "a/b",
+                Err(TopicTextError::SiteName(SiteNameError::InvalidChar {
+                    ch: '/',
+                    index: 1,
+                })),
+            ),
+            (
+                "line 1",
+                Err(TopicTextError::SiteName(SiteNameError::InvalidChar {
+                    ch: ' ',
+                    index: 4,
+                })),
+            ),
+            (
+                "a..b",
+                Err(TopicTextError::SiteName(SiteNameError::EmptyLabel)),
+            ),
         ];
         for (name, expected) in table {
             assert_eq!(&check_site_name(name), expected, "name {name:?}");
