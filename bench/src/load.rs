@@ -5,14 +5,13 @@
 //! publisher records which sequence numbers got a PUBACK, so a message the system acknowledged and then lost
 //! is told apart from one that was never accepted.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 
 /// Payload size of every message, bytes.
@@ -30,7 +29,7 @@ pub(crate) fn now_ns() -> u64 {
     u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn encode(publisher: u32, seq: u64, sent_ns: u64) -> Vec<u8> {
+pub(crate) fn encode(publisher: u32, seq: u64, sent_ns: u64) -> Vec<u8> {
     let mut payload = vec![b'.'; PAYLOAD_LEN];
     payload[0..4].copy_from_slice(&publisher.to_le_bytes());
     payload[4..12].copy_from_slice(&seq.to_le_bytes());
@@ -230,7 +229,7 @@ impl Publishers {
         for id in 0..spec.publishers {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             connected.push(ready_rx);
-            tasks.push(tokio::spawn(publisher(
+            tasks.push(tokio::spawn(crate::publisher::run(
                 id,
                 edge,
                 spec.clone(),
@@ -259,129 +258,4 @@ impl Publishers {
         }
         Ok(out)
     }
-}
-
-/// One publisher: its event loop in a task of its own that maps each outgoing PUBLISH's packet id to the
-/// sequence number sent in that order, and marks the sequence number acknowledged on its PUBACK.
-async fn publisher(
-    id: u32,
-    edge: SocketAddr,
-    spec: LoadSpec,
-    go: Arc<tokio::sync::Barrier>,
-    ready: tokio::sync::oneshot::Sender<()>,
-) -> Result<Published> {
-    let opts = options(&format!("bench-pub-{id}"), edge, true, spec.inflight);
-    // A small request channel: the send time is taken close to the moment the message goes out.
-    let (client, eventloop) = AsyncClient::new(opts, 8);
-    let (seq_tx, seq_rx) = std::sync::mpsc::channel::<u64>();
-    let shared = Arc::new(Tracker {
-        connected: tokio::sync::Notify::new(),
-        stop: tokio::sync::Notify::new(),
-        lost: AtomicBool::new(false),
-        acked: AtomicU64::new(0),
-    });
-    let tracker = tokio::spawn(track_acks(eventloop, seq_rx, Arc::clone(&shared)));
-    tokio::time::timeout(Duration::from_secs(20), shared.connected.notified())
-        .await
-        .with_context(|| format!("publisher {id}: no CONNACK"))?;
-    let _ = ready.send(());
-    go.wait().await;
-
-    let topic = format!("telemetry/p{id}");
-    let start = Instant::now();
-    let end = start + spec.duration;
-    let mut seq = 0u64;
-    while !shared.lost.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now >= end {
-            break;
-        }
-        if let Some(rate) = spec.rate {
-            // Send what is due by now, then sleep until the next one is due (bursts at timer granularity).
-            let due = (now.duration_since(start).as_secs_f64() * rate) as u64;
-            if seq >= due {
-                let next = start + Duration::from_secs_f64((seq + 1) as f64 / rate);
-                tokio::time::sleep_until(next.min(end).into()).await;
-                continue;
-            }
-        }
-        if seq_tx.send(seq).is_err() {
-            break;
-        }
-        let payload = encode(id, seq, now_ns());
-        if client
-            .publish(topic.as_str(), QoS::AtLeastOnce, false, payload)
-            .await
-            .is_err()
-        {
-            break;
-        }
-        seq += 1;
-    }
-    // Collect the outstanding PUBACKs (bounded), then stop the event loop.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while shared.acked.load(Ordering::Relaxed) < seq
-        && !shared.lost.load(Ordering::Relaxed)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    shared.stop.notify_one();
-    let mut acked = tracker.await.context("publisher event loop panicked")?;
-    let _ = client.try_disconnect();
-    acked.resize(usize::try_from(seq)?, false);
-    Ok(Published { sent: seq, acked })
-}
-
-/// State shared by a publisher and its event-loop task.
-struct Tracker {
-    connected: tokio::sync::Notify,
-    stop: tokio::sync::Notify,
-    /// The connection failed (the edge went away): the publisher stops.
-    lost: AtomicBool,
-    acked: AtomicU64,
-}
-
-/// Polls the publisher's event loop until stopped or the connection fails; returns `acked[seq]`.
-async fn track_acks(
-    mut eventloop: EventLoop,
-    seqs: std::sync::mpsc::Receiver<u64>,
-    shared: Arc<Tracker>,
-) -> Vec<bool> {
-    let mut acked: Vec<bool> = Vec::new();
-    // Packet id -> seq of the PUBLISH in flight under it.
-    let mut inflight: HashMap<u16, u64> = HashMap::new();
-    loop {
-        let event = tokio::select! {
-            () = shared.stop.notified() => break,
-            event = eventloop.poll() => event,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => shared.connected.notify_one(),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                // A packet id already in flight is a retransmission, not a new message.
-                if let std::collections::hash_map::Entry::Vacant(slot) = inflight.entry(pkid) {
-                    if let Ok(seq) = seqs.try_recv() {
-                        slot.insert(seq);
-                    }
-                }
-            }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                if let Some(seq) = inflight.remove(&ack.pkid) {
-                    let i = usize::try_from(seq).unwrap_or(usize::MAX);
-                    if acked.len() <= i {
-                        acked.resize(i + 1, false);
-                    }
-                    acked[i] = true;
-                    shared.acked.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Ok(_) => {}
-            Err(_) => {
-                shared.lost.store(true, Ordering::Relaxed);
-                break;
-            }
-        }
-    }
-    acked
 }

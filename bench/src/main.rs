@@ -15,12 +15,14 @@
 //! # Layout
 //! - `procs`: child processes, readiness, SIGTERM/SIGKILL, `/proc` usage.
 //! - `systems`: the three systems' configs and start/stop of their edge and cloud sides.
-//! - `load`: publishers and the subscriber (rumqttc), payload format.
+//! - `load`: the subscriber (rumqttc), publishers' start/finish, payload format.
+//! - `publisher`: one publisher, a minimal MQTT 3.1.1 QoS 1 client that batches its writes.
 //! - `stats`: per-run figures, medians, formatting.
 //! - `scenarios`: what each scenario does and which figures it reports.
 
 mod load;
 mod procs;
+mod publisher;
 mod scenarios;
 mod stats;
 mod systems;

@@ -133,7 +133,14 @@ impl Proc {
             .append(true)
             .open(&self.spec.log)
             .with_context(|| format!("opening {}", self.spec.log.display()))?;
-        let child = Command::new(&self.spec.program)
+        let mut command = Command::new(&self.spec.program);
+        // The configs written by the bench are the whole configuration: no overrides from this shell.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("MESHBRIDGE_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
             .args(&self.spec.args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

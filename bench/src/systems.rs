@@ -180,7 +180,7 @@ impl Deployment {
         if let Some(cloud) = self.cloud.as_mut() {
             cloud.stop().await?;
         }
-        if std::env::var_os("MESHBRIDGE_BENCH_KEEP").is_some() {
+        if std::env::var_os("BENCH_KEEP").is_some() {
             let kept = self.dir.keep();
             eprintln!("  kept {}", kept.display());
         }
@@ -337,6 +337,9 @@ persistence_location {data}/
 autosave_interval 1800
 # No queue limit: the default (1000) drops QoS 1 messages queued for a slow or offline session.
 max_queued_messages 0
+# Outgoing QoS 1 window per client and for the bridge; the default (20) would throttle the subscriber and the
+# bridge, so it is raised to the in-flight window the embedded broker uses (rumqttd: 1000).
+max_inflight_messages 1000
 {user}log_dest stderr
 log_type error
 log_type warning
