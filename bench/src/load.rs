@@ -104,7 +104,10 @@ impl Subscriber {
                     };
                     match event {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            if client.try_subscribe(filter.as_str(), QoS::AtLeastOnce).is_err() {
+                            if client
+                                .try_subscribe(filter.as_str(), QoS::AtLeastOnce)
+                                .is_err()
+                            {
                                 eprintln!("  warning: subscriber could not queue its SUBSCRIBE");
                             }
                         }
@@ -162,7 +165,12 @@ impl Subscriber {
         let result = loop {
             n += 1;
             client
-                .publish(topic, QoS::AtLeastOnce, false, encode(PROBE_ID, n, now_ns()))
+                .publish(
+                    topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    encode(PROBE_ID, n, now_ns()),
+                )
                 .await?;
             tokio::time::sleep(Duration::from_millis(100)).await;
             if self.probe_seen.load(Ordering::Relaxed) > 0 {

@@ -111,13 +111,23 @@ async fn main() -> Result<()> {
         for &kind in &kinds {
             let mut runs = Vec::with_capacity(cli.runs);
             for run in 1..=cli.runs {
-                eprintln!("{} · {} · run {run}/{}", scenario.title(), kind.label(), cli.runs);
+                eprintln!(
+                    "{} · {} · run {run}/{}",
+                    scenario.title(),
+                    kind.label(),
+                    cli.runs
+                );
                 let rows = scenarios::run(scenario, kind, &programs, &settings).await?;
                 runs.push(rows);
             }
             columns.push((kind, median(&runs)));
         }
-        print_table(&scenario.title(), &scenario.describe(&settings), cli.runs, &columns);
+        print_table(
+            &scenario.title(),
+            &scenario.describe(&settings),
+            cli.runs,
+            &columns,
+        );
         summary.push((scenario, columns));
     }
     print_targets(&summary);
@@ -192,13 +202,19 @@ fn print_targets(summary: &[(Scenario, Vec<(Kind, Rows)>)]) {
         let mb = get(s, Kind::Meshbridge, "delivered msg/s");
         if let (Some(mb), Some(mq)) = (mb, get(s, Kind::MosquittoBridge, "delivered msg/s")) {
             lines.push(check(
-                &format!("throughput ({n} pub) ≥ 1.5× mosquitto bridge: {:.2}×", mb / mq),
+                &format!(
+                    "throughput ({n} pub) ≥ 1.5× mosquitto bridge: {:.2}×",
+                    mb / mq
+                ),
                 mb >= 1.5 * mq,
             ));
         }
         if let (Some(mb), Some(c)) = (mb, get(s, Kind::Ceiling, "delivered msg/s")) {
             lines.push(check(
-                &format!("throughput ({n} pub) ≥ 75 % of the ceiling: {:.0} %", 100.0 * mb / c),
+                &format!(
+                    "throughput ({n} pub) ≥ 75 % of the ceiling: {:.0} %",
+                    100.0 * mb / c
+                ),
                 mb >= 0.75 * c,
             ));
         }
@@ -224,7 +240,10 @@ fn print_targets(summary: &[(Scenario, Vec<(Kind, Rows)>)]) {
         let dups = get(s, Kind::Meshbridge, "duplicates");
         if let (Some(lost), Some(dups)) = (lost, dups) {
             lines.push(check(
-                &format!("{}: zero loss and duplicates: lost {lost}, dup {dups}", s.title()),
+                &format!(
+                    "{}: zero loss and duplicates: lost {lost}, dup {dups}",
+                    s.title()
+                ),
                 lost == 0.0 && dups == 0.0,
             ));
         }

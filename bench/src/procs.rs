@@ -230,8 +230,14 @@ impl Proc {
         if !status.success() {
             bail!("kill -TERM {} failed", self.pid);
         }
-        if tokio::time::timeout(STOP_TIMEOUT, child.wait()).await.is_err() {
-            eprintln!("  warning: {} ignored SIGTERM for {STOP_TIMEOUT:?}; killing it", self.spec.name);
+        if tokio::time::timeout(STOP_TIMEOUT, child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "  warning: {} ignored SIGTERM for {STOP_TIMEOUT:?}; killing it",
+                self.spec.name
+            );
             child.kill().await?;
         }
         Ok(())

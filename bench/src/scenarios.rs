@@ -178,7 +178,8 @@ impl Session {
         let mut rows = Rows::default();
         delivery.rows(&mut rows);
         let system_cpu = edge.cpu_s + cloud.map_or(0.0, |c| c.cpu_s);
-        let per_msg = (delivery.delivered > 0).then(|| system_cpu / delivery.delivered as f64 * 1e6);
+        let per_msg =
+            (delivery.delivered > 0).then(|| system_cpu / delivery.delivered as f64 * 1e6);
         rows.push("CPU per message (all processes)", per_msg, Fmt::Micros);
         rows.push("edge CPU", Some(edge.cpu_s), Fmt::Secs);
         rows.push("cloud CPU", cloud.map(|c| c.cpu_s), Fmt::Secs);
@@ -191,7 +192,12 @@ impl Session {
 }
 
 /// Runs one scenario once on one system and returns its figures.
-pub(crate) async fn run(scenario: Scenario, kind: Kind, programs: &Programs, s: &Settings) -> Result<Rows> {
+pub(crate) async fn run(
+    scenario: Scenario,
+    kind: Kind,
+    programs: &Programs,
+    s: &Settings,
+) -> Result<Rows> {
     match scenario {
         Scenario::Throughput(n) => {
             steady(

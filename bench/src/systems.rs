@@ -67,11 +67,15 @@ impl Programs {
                 );
             }
         }
-        let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-            .context("mosquitto not found (Debian: apt-get install mosquitto)")?;
+        let mosquitto = [
+            "/usr/sbin/mosquitto",
+            "/usr/bin/mosquitto",
+            "/usr/local/sbin/mosquitto",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .context("mosquitto not found (Debian: apt-get install mosquitto)")?;
         Ok(Self {
             agent,
             hub,
