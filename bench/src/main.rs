@@ -107,21 +107,25 @@ async fn main() -> Result<()> {
             .copied()
             .filter(|&k| scenario.applies_to(k))
             .collect();
-        let mut columns: Vec<(Kind, Rows)> = Vec::new();
-        for &kind in &kinds {
-            let mut runs = Vec::with_capacity(cli.runs);
-            for run in 1..=cli.runs {
+        // Runs interleave the systems (run 1 of each, then run 2 of each, ...) so that a disturbance on the
+        // machine lands on all of them alike.
+        let mut runs: Vec<Vec<Rows>> = vec![Vec::with_capacity(cli.runs); kinds.len()];
+        for run in 1..=cli.runs {
+            for (i, &kind) in kinds.iter().enumerate() {
                 eprintln!(
                     "{} · {} · run {run}/{}",
                     scenario.title(),
                     kind.label(),
                     cli.runs
                 );
-                let rows = scenarios::run(scenario, kind, &programs, &settings).await?;
-                runs.push(rows);
+                runs[i].push(scenarios::run(scenario, kind, &programs, &settings).await?);
             }
-            columns.push((kind, median(&runs)));
         }
+        let columns: Vec<(Kind, Rows)> = kinds
+            .iter()
+            .zip(&runs)
+            .map(|(&kind, runs)| (kind, median(runs)))
+            .collect();
         print_table(
             &scenario.title(),
             &scenario.describe(&settings),
