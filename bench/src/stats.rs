@@ -185,7 +185,8 @@ impl Delivery {
         rows.push("reordered", c(self.reordered), Fmt::Count);
         let names = ["latency p50", "latency p99", "latency p99.9", "latency max"];
         for (name, v) in names.into_iter().zip(self.latency) {
-            rows.push(name, c(v), Fmt::Ms);
+            // Nothing delivered: there is no latency to speak of.
+            rows.push(name, (self.delivered > 0).then_some(v as f64), Fmt::Ms);
         }
     }
 }
