@@ -48,6 +48,11 @@ pub struct ClientTransport {
     /// Bytes the agent may have in flight towards the hub. Uplink throughput is bounded by `window / RTT`, so a
     /// backlog drain after an outage needs several MiB here.
     pub send_window: u64,
+    /// RTT assumed before the first measurement. It sets how soon an unanswered handshake packet is resent
+    /// (about 3× this, doubling each time): with quinn's default (333 ms) a hub that comes back just after
+    /// an attempt started is noticed only ~1 s later. A lower guess costs at most a few spurious resends of
+    /// the first packet on a long-RTT link; the estimate is replaced by the first real sample.
+    pub initial_rtt: Duration,
 }
 
 impl Default for ClientTransport {
@@ -58,6 +63,7 @@ impl Default for ClientTransport {
             stream_receive_window: 1 << 20,
             receive_window: 4 << 20,
             send_window: 16 << 20,
+            initial_rtt: Duration::from_millis(100),
         }
     }
 }
@@ -74,7 +80,8 @@ impl ClientTransport {
             .keep_alive_interval(self.keep_alive_interval)
             .stream_receive_window(VarInt::from_u32(self.stream_receive_window))
             .receive_window(VarInt::from_u32(self.receive_window))
-            .send_window(self.send_window);
+            .send_window(self.send_window)
+            .initial_rtt(self.initial_rtt);
         Ok(t)
     }
 }

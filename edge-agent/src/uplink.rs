@@ -36,6 +36,12 @@ use tracing::{debug, error, info, warn, Instrument};
 
 /// How long the hub may take to answer `Hello` with `Welcome`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest time one QUIC handshake attempt may wait for the hub's answer before it is abandoned; the
+/// limit is the current reconnect backoff when that is longer. Without it an attempt made while the hub is
+/// down lasts until `uplink.idle_timeout`, and quinn resends its Initial packet only at 1 s, 3 s, 7 s, ...
+/// after the start, so a hub that came back was noticed seconds late (measured: 2.2 s after a 20 s
+/// outage). A fresh attempt sends its Initial at once.
+const MIN_CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
 /// How long the end of shutdown waits for the endpoint to finish closing.
 const IDLE_WAIT: Duration = Duration::from_secs(3);
 /// How long the closing `GoAway` may take to be acknowledged before the connection is closed anyway.
@@ -106,6 +112,13 @@ pub(crate) enum UplinkError {
         frame: FrameType,
         /// What the agent was waiting for.
         state: &'static str,
+    },
+    /// The hub did not answer the QUIC handshake in time (it is down or unreachable); retried at once,
+    /// because the attempt itself already waited the backoff.
+    #[error("no answer to the QUIC handshake within {after:?}")]
+    ConnectTimeout {
+        /// How long the attempt waited.
+        after: Duration,
     },
     /// No `Welcome` in time.
     #[error("no Welcome within {after:?}")]
@@ -200,7 +213,9 @@ impl Uplink {
         let mut attempt: u64 = 0;
         while !shutdown.is_cancelled() {
             attempt += 1;
-            let end = self.connect_and_stream(&shutdown).await;
+            // Jittered like the sleeps, so that agents cut off together do not retry in lockstep.
+            let attempt_limit = jitter(backoff, attempt).max(MIN_CONNECT_ATTEMPT);
+            let end = self.connect_and_stream(&shutdown, attempt_limit).await;
             if end.welcomed {
                 backoff = self.cfg.reconnect_min;
             }
@@ -209,7 +224,12 @@ impl Uplink {
                 Err(error) => error,
             };
             let stats = self.queue.stats();
-            let delay = jitter(backoff, attempt);
+            // An unanswered handshake already waited at least the backoff: try again at once.
+            let delay = if matches!(error, UplinkError::ConnectTimeout { .. }) {
+                Duration::ZERO
+            } else {
+                jitter(backoff, attempt)
+            };
             if error.needs_operator() {
                 error!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "uplink down");
             } else if end.welcomed {
@@ -253,7 +273,12 @@ impl Uplink {
         Ok(endpoint)
     }
 
-    async fn connect_and_stream(&mut self, shutdown: &CancellationToken) -> SessionEnd {
+    /// One connection: handshake (abandoned after `attempt_limit` without an answer), then the session.
+    async fn connect_and_stream(
+        &mut self,
+        shutdown: &CancellationToken,
+        attempt_limit: Duration,
+    ) -> SessionEnd {
         let hub = self.cfg.hub.to_string();
         let addr = match tokio::net::lookup_host((self.cfg.hub.host(), self.cfg.hub.port())).await {
             Ok(mut addrs) => match addrs.next() {
@@ -272,9 +297,10 @@ impl Uplink {
         };
         let conn = tokio::select! {
             () = shutdown.cancelled() => return SessionEnd { welcomed: false, result: Ok(()) },
-            conn = connecting => match conn {
-                Ok(conn) => conn,
-                Err(e) => return not_welcomed(e.into()),
+            conn = tokio::time::timeout(attempt_limit, connecting) => match conn {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return not_welcomed(e.into()),
+                Err(_) => return not_welcomed(UplinkError::ConnectTimeout { after: attempt_limit }),
             },
         };
         let span = tracing::info_span!("uplink", hub = %addr);
