@@ -159,19 +159,25 @@ impl Subscriber {
     /// end (the agent connected to the hub, the bridge to the cloud broker).
     pub(crate) async fn probe(&self, edge: SocketAddr, topic: &str) -> Result<()> {
         let (client, mut eventloop) = AsyncClient::new(options("bench-probe", edge, true, 10), 10);
-        let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        // Keeps polling through errors: rumqttc reconnects on the next poll.
+        let poller = tokio::spawn(async move {
+            loop {
+                if eventloop.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut n = 0u64;
         let result = loop {
             n += 1;
-            client
-                .publish(
-                    topic,
-                    QoS::AtLeastOnce,
-                    false,
-                    encode(PROBE_ID, n, now_ns()),
-                )
-                .await?;
+            // A full request channel (the connection is being re-established) is not fatal: try again.
+            let _ = client.try_publish(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                encode(PROBE_ID, n, now_ns()),
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
             if self.probe_seen.load(Ordering::Relaxed) > 0 {
                 break Ok(());

@@ -118,7 +118,12 @@ async fn main() -> Result<()> {
                     kind.label(),
                     cli.runs
                 );
-                runs[i].push(scenarios::run(scenario, kind, &programs, &settings).await?);
+                // One failed run (a system that did not start, say) is reported and left out of the
+                // medians instead of losing every table of the invocation.
+                match scenarios::run(scenario, kind, &programs, &settings).await {
+                    Ok(rows) => runs[i].push(rows),
+                    Err(error) => eprintln!("  run failed, left out of the medians: {error:#}"),
+                }
             }
         }
         let columns: Vec<(Kind, Rows)> = kinds
