@@ -44,8 +44,9 @@ const TRACESTATE: u16 = 1 << 9;
 const USER_PROPERTIES: u16 = 1 << 10;
 const KNOWN_FLAGS: u16 = (1 << 11) - 1;
 
-/// Bytes of a body with no optional field, empty strings and an empty payload.
-const FIXED_BODY_LEN: usize = 1 + 2 + 8 + 2 + 2;
+/// Bytes of a body with no optional field, empty strings and an empty payload: the smallest valid body,
+/// which decoders use to bound how many entries a frame can really hold.
+pub(crate) const FIXED_BODY_LEN: usize = 1 + 2 + 8 + 2 + 2;
 
 /// MQTT quality of service, as published at the origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

@@ -7,7 +7,7 @@ use super::{
     Capabilities, ConfigRejectReason, ConfigRejection, DecodeError, EncodeError, Frame, FrameType,
     GoAwayCode, VersionRange,
 };
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, FIXED_BODY_LEN};
 
 /// A sensible maximum frame size (1 MiB): thousands of typical messages per batch, while bounding what one
 /// peer can make the other buffer.
@@ -138,8 +138,11 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
 
 fn parse_entries(r: &mut Reader) -> Result<Vec<Envelope>, DecodeError> {
     let count = usize::try_from(r.u32("entry count")?).unwrap_or(usize::MAX);
-    // The count is untrusted: reserve only what the remaining bytes could possibly hold.
-    let mut entries = Vec::with_capacity(count.min(r.remaining() / ENTRY_HEADER));
+    // The count is untrusted: reserve only as many entries as the remaining bytes could hold if every one
+    // were the smallest valid entry. An `Envelope` in memory is ~10x that smallest entry, so a lying count
+    // costs no more than an honest frame of the same size (checked by `shared/tests/decode_alloc.rs`).
+    let mut entries =
+        Vec::with_capacity(count.min(r.remaining() / (ENTRY_HEADER + FIXED_BODY_LEN)));
     for _ in 0..count {
         let seq = r.u64("entry seq")?;
         let body = r.bytes32("entry body")?;
