@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use common::*;
+use meshbridge_tests::mosquitto;
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -177,19 +178,10 @@ async fn kill9_embedded_loses_no_acknowledged_message() -> Result<()> {
     Ok(())
 }
 
-fn mosquitto_installed() -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", "command -v mosquitto"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_mosquitto_delivers_all_across_kill9() -> Result<()> {
     init_logs();
-    if !mosquitto_installed() {
-        eprintln!("skipped: mosquitto not installed");
+    if mosquitto::skip("external_mosquitto_delivers_all_across_kill9") {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
@@ -202,7 +194,8 @@ async fn external_mosquitto_delivers_all_across_kill9() -> Result<()> {
             "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\nsys_interval 1\n"
         ),
     )?;
-    let mut mosquitto = Command::new("mosquitto")
+    let exe = mosquitto::executable().context("mosquitto executable")?;
+    let mut mosquitto = Command::new(exe)
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())

@@ -12,6 +12,7 @@
 //! - [`process`]: a started program with its log captured, readiness, SIGTERM and SIGKILL.
 //! - [`mosquitto`]: Debian's Mosquitto on a free port; [`cloud`]: an in-process broker that outlives hub
 //!   restarts.
+//! - [`prereq`]: what a test needs beyond cargo (root, Mosquitto), failing under `CI=true` when missing.
 //! - [`mqtt`]: a publisher that knows exactly which messages were acknowledged, a collecting subscriber,
 //!   and the [`mqtt::Report`] that compares the two.
 
@@ -22,6 +23,7 @@ pub mod mosquitto;
 pub mod mqtt;
 pub mod net;
 pub mod pki;
+pub mod prereq;
 pub mod process;
 pub mod spec;
 

@@ -1,5 +1,5 @@
 //! Debian's Mosquitto as a real third-party broker, at the edge (agent external mode) or at the cloud (hub
-//! external mode). Installed by `scripts/install-test-deps.sh`; tests skip with a printed reason without it.
+//! external mode). Installed by `scripts/install-test-deps.sh`; without it tests skip loudly, or fail under `CI=true`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,15 +25,17 @@ pub fn is_installed() -> bool {
     executable().is_some()
 }
 
-/// Prints why a test is skipped and returns `true` when Mosquitto is missing: `if mosquitto::skip("..") { return; }`.
+/// `true` when `test` must skip because Mosquitto is missing: `if mosquitto::skip("..") { return; }`.
+///
+/// # Panics
+/// Under `CI=true`, where a missing Mosquitto fails the test (see [`crate::prereq`]).
 pub fn skip(test: &str) -> bool {
-    if is_installed() {
-        return false;
-    }
-    eprintln!(
-        "SKIPPED {test}: mosquitto is not installed (scripts/install-test-deps.sh installs it; CI runs it)"
-    );
-    true
+    crate::prereq::missing(
+        test,
+        is_installed(),
+        "mosquitto is not installed",
+        "scripts/install-test-deps.sh installs it",
+    )
 }
 
 /// How to run a Mosquitto.

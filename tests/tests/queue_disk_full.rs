@@ -1,12 +1,13 @@
 //! The durable queue on a full filesystem: appends fail with a typed error, nothing committed before is
 //! lost, and appends work again once space is freed, on the same queue object (no reopen by the caller).
 //!
-//! The test mounts a small tmpfs of its own, which needs root (CI runs as root). Elsewhere it says so and
-//! returns without checking anything.
+//! The test mounts a small tmpfs of its own, which needs root (CI runs as root). Without root it fails under
+//! `CI=true` and elsewhere skips loudly (`meshbridge_tests::prereq`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use meshbridge_tests::prereq;
 use shared::queue::{Queue, QueueError, QueueLimits, RedbQueue};
 
 /// A tmpfs mounted for the test's lifetime.
@@ -44,13 +45,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
-}
-
 fn body(seq: u64) -> Vec<u8> {
     let mut b = seq.to_le_bytes().to_vec();
     b.resize(2_000, seq as u8);
@@ -82,8 +76,10 @@ fn fill(path: &Path, bytes: usize) {
 
 #[test]
 fn disk_full_is_a_typed_error_and_loses_nothing() {
-    if !is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+    if prereq::needs_root(
+        "disk_full_is_a_typed_error_and_loses_nothing",
+        "mount a tmpfs",
+    ) {
         return;
     }
     let fs = Tmpfs::mount("16m").expect("mount tmpfs as root");
