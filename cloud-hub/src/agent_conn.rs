@@ -242,7 +242,18 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         let dedup = site.dedup.lock().unwrap_or_else(PoisonError::into_inner);
         match dedup.high_water(&site.name) {
             Some((known, hw)) if known == incarnation => hw,
-            _ => 0,
+            Some((known, hw)) => {
+                // A new queue file (new disk, wiped data directory) or an agent that found its restored
+                // copy behind this hub and renumbered above our mark: either way its numbering starts over.
+                warn!(
+                    old_incarnation = known,
+                    old_high_water = hw,
+                    incarnation,
+                    "site's queue has a new incarnation: a new, wiped or restored data directory"
+                );
+                0
+            }
+            None => 0,
         }
     };
     let welcome = Frame::Welcome {

@@ -147,6 +147,24 @@ pub(crate) enum UplinkError {
         /// The negotiated frame limit.
         max_frame_size: usize,
     },
+    /// The hub has seen seqs of this queue's incarnation that this queue never wrote: the data directory
+    /// was restored from a backup or snapshot (or copied to a second agent). The queue has started a new
+    /// incarnation above the hub's mark ([`RedbQueue::restart_above`]); the next connection says so.
+    #[error(
+        "the hub has seen seq {hub_high_water} but this queue only ever wrote up to {written}: \
+         data directory restored or copied? incarnation {old_incarnation:#x} is replaced by \
+         {incarnation:#x}, numbered above the hub's mark"
+    )]
+    Restarted {
+        /// The hub's high-water mark for the old incarnation.
+        hub_high_water: u64,
+        /// The highest seq this queue had written.
+        written: u64,
+        /// The incarnation the hub knew.
+        old_incarnation: u64,
+        /// The new incarnation.
+        incarnation: u64,
+    },
     /// The queue failed.
     #[error("queue failed")]
     Queue(#[from] QueueError),
@@ -225,7 +243,11 @@ impl Uplink {
             };
             let stats = self.queue.stats();
             // An unanswered handshake already waited at least the backoff: try again at once.
-            let delay = if matches!(error, UplinkError::ConnectTimeout { .. }) {
+            // A restarted queue must tell the hub at once.
+            let delay = if matches!(
+                error,
+                UplinkError::ConnectTimeout { .. } | UplinkError::Restarted { .. }
+            ) {
                 Duration::ZERO
             } else {
                 jitter(backoff, attempt)
@@ -416,6 +438,20 @@ impl Session<'_> {
             }
         };
         self.welcomed = true;
+        let written = stats.next_seq - 1;
+        if hub_high_water > written {
+            // Acknowledging up to the hub's mark would delete messages the hub never saw, and new ones
+            // would reuse seqs it has: start over above its mark instead, and reconnect as the new
+            // incarnation.
+            let old_incarnation = queue.incarnation();
+            let incarnation = blocking(queue, move |q| q.restart_above(hub_high_water)).await?;
+            return Err(UplinkError::Restarted {
+                hub_high_water,
+                written,
+                old_incarnation,
+                incarnation,
+            });
+        }
         if hub_high_water > stats.acked {
             let skipped = blocking(queue, move |q| q.ack_upto(hub_high_water)).await?;
             debug!(

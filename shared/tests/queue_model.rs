@@ -1,4 +1,5 @@
-//! Model check of the durable queue: random sequences of append / read / ack / expire / reopen are applied
+//! Model check of the durable queue: random sequences of append / read / ack / expire / reopen / restart
+//! (a new incarnation above a floor) are applied
 //! to the redb queue and to the in-memory model, and every result and the stats are compared after each
 //! step (the shape of Vector's disk buffer model tests). A lost, reordered, duplicated or resurrected
 //! entry, a wrong full/drop decision or a watermark that goes back on reopen makes a step differ.
@@ -24,6 +25,8 @@ enum Op {
     Expire(u64),
     /// Close and reopen the redb queue.
     Reopen,
+    /// Start a new incarnation above `acked + offset` (a restored file meeting a hub that saw more).
+    Restart(u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -33,6 +36,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u64..30).prop_map(Op::Ack),
         1 => (0u64..600).prop_map(Op::Expire),
         1 => Just(Op::Reopen),
+        1 => (0u64..60).prop_map(Op::Restart),
     ]
 }
 
@@ -56,7 +60,7 @@ fn run(ops: Vec<Op>, limits: QueueLimits) -> Result<(), TestCaseError> {
     let path = dir.path().join("q.redb");
     let model = MemQueue::new(limits);
     let mut real = Some(RedbQueue::open(&path, limits).expect("open"));
-    let incarnation = real.as_ref().map(RedbQueue::incarnation);
+    let mut incarnation = real.as_ref().map(RedbQueue::incarnation);
     let mut now = 1_000u64;
     for (step, op) in ops.into_iter().enumerate() {
         let q = real.as_ref().expect("queue open");
@@ -114,6 +118,14 @@ fn run(ops: Vec<Op>, limits: QueueLimits) -> Result<(), TestCaseError> {
                 prop_assert!(!q.repaired_on_open(), "a clean close needs no repair");
                 prop_assert_eq!(Some(q.incarnation()), incarnation, "incarnation is stable");
                 real = Some(q);
+            }
+            Op::Restart(offset) => {
+                let floor = model.stats().acked + offset;
+                model.restart_above(floor);
+                let new = q.restart_above(floor).expect("real restart");
+                prop_assert_ne!(Some(new), incarnation, "step {}: a new incarnation", step);
+                prop_assert_eq!(Some(q.incarnation()), Some(new));
+                incarnation = Some(new);
             }
         }
         let q = real.as_ref().expect("queue open");

@@ -32,6 +32,20 @@ impl MemQueue {
         }
     }
 
+    /// The model of `RedbQueue::restart_above`: every seq moves up so the first unacked one is `floor + 1`
+    /// (nothing moves if `floor` is at or below the watermark). The in-memory queue has no incarnation.
+    pub fn restart_above(&self, floor: u64) {
+        let mut inner = self.lock();
+        let acked = inner.ledger.acked;
+        inner.forget(acked);
+        let by = floor.saturating_sub(acked);
+        inner.ledger.shift(by);
+        inner.messages = std::mem::take(&mut inner.messages)
+            .into_iter()
+            .map(|(seq, body)| (seq + by, body))
+            .collect();
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the map consistent (every mutation is one call), so
         // recovering the guard is sound.

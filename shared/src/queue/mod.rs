@@ -284,6 +284,17 @@ impl Ledger {
         }
     }
 
+    /// Moves every seq up by `by`: the stored batches, the watermark and the next seq. Used when the queue
+    /// starts a new incarnation above a mark the hub has already seen (see `RedbQueue::restart_above`).
+    fn shift(&mut self, by: u64) {
+        for b in &mut self.batches {
+            b.first += by;
+            b.last += by;
+        }
+        self.acked += by;
+        self.next_seq += by;
+    }
+
     /// Moves the watermark to `upto` (if higher) and pops every batch it fully passes.
     fn advance(&mut self, upto: u64) -> Removal {
         let upto = upto.min(self.next_seq - 1);

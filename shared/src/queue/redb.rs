@@ -56,7 +56,8 @@ const CACHE_BYTES: usize = 16 << 20;
 pub struct RedbQueue {
     path: PathBuf,
     limits: QueueLimits,
-    incarnation: u64,
+    /// Changes only in [`RedbQueue::restart_above`].
+    incarnation: AtomicU64,
     /// The open database; `None` only between closing a poisoned handle and reopening the file. Readers
     /// clone the `Arc` so they never wait on a writer.
     db: RwLock<Option<Arc<Database>>>,
@@ -86,7 +87,7 @@ impl RedbQueue {
             acked: AtomicU64::new(ledger.acked),
             path,
             limits,
-            incarnation,
+            incarnation: AtomicU64::new(incarnation),
             db: RwLock::new(Some(Arc::new(db))),
             writer: Mutex::new(Writer {
                 ledger,
@@ -101,7 +102,64 @@ impl RedbQueue {
     /// hub keys its dedup state by (site, incarnation) and never mistakes a fresh queue's messages for
     /// replays.
     pub fn incarnation(&self) -> u64 {
-        self.incarnation
+        self.incarnation.load(Ordering::Acquire)
+    }
+
+    /// Starts a new incarnation whose seqs all lie above `floor`, in one durable commit: a new random
+    /// incarnation id, every stored batch (and the watermark and next seq) moved up so the first unacked
+    /// entry gets `floor + 1`. Returns the new incarnation; does nothing to the seqs if `floor` is at or
+    /// below the watermark.
+    ///
+    /// Why: the hub remembers the highest seq it has seen per (site, incarnation). If this file was
+    /// restored from a backup or a VM snapshot, the hub has seen seqs this copy never wrote, and new
+    /// messages would reuse them: the hub would drop them as duplicates (and consumers that drop by
+    /// `meshbridge-id`, `<site>/<seq>`, would too). Moving everything above the hub's mark gives every
+    /// message still stored an id never used before. What the restored copy held from before the backup
+    /// may then reach consumers a second time, under a new id: duplicates bounded by that backlog, where
+    /// the alternative is loss. The batches are rewritten under their new keys, so the cost is one copy of
+    /// the backlog, once per restore.
+    ///
+    /// # Errors
+    /// As any write; on error nothing changed.
+    pub fn restart_above(&self, floor: u64) -> Result<u64, QueueError> {
+        let mut w = self.lock();
+        self.recover(&mut w)?;
+        let by = floor.saturating_sub(w.ledger.acked);
+        let old_batches: Vec<BatchMeta> = w.ledger.batches.iter().copied().collect();
+        let mut shifted = w.ledger.clone();
+        shifted.shift(by);
+        let incarnation = loop {
+            let id = random_u64();
+            if id != self.incarnation() {
+                break id;
+            }
+        };
+        let previous = std::mem::replace(&mut w.ledger, shifted);
+        let result = self.write(&mut w, Durability::Immediate, |t, _| {
+            if by > 0 {
+                // Highest first, so a moved batch never lands on a key not yet moved.
+                for b in old_batches.iter().rev() {
+                    let record = t
+                        .batches
+                        .remove(b.first)?
+                        .map(|v| v.value().to_vec())
+                        .unwrap_or_default();
+                    t.index.remove(b.first)?;
+                    t.batches.insert(b.first + by, record.as_slice())?;
+                    t.index
+                        .insert(b.first + by, (b.last + by, b.bytes, b.enqueued_ms))?;
+                }
+            }
+            t.meta.insert("incarnation", incarnation)?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            w.ledger = previous;
+            return Err(e);
+        }
+        self.acked.store(w.ledger.acked, Ordering::Release);
+        self.incarnation.store(incarnation, Ordering::Release);
+        Ok(incarnation)
     }
 
     /// Whether opening the file ran redb's automatic crash recovery (the previous process did not close it:
