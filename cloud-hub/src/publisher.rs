@@ -6,7 +6,10 @@
 //! - the publisher task is the only one that hands requests to rumqttc, so it knows their order. It keeps a
 //!   FIFO of submitted publishes; `Outgoing::Publish(pkid)` events arrive in request order (rumqttc reads no new
 //!   request while a packet-id collision is pending), so each pops the FIFO head and maps `pkid` to its batch.
-//!   `PubAck` (QoS 1) or `PubComp` (QoS 2) completes a message; QoS 0 completes when it is written.
+//!   `PubAck` (QoS 1) or `PubComp` (QoS 2) completes a message. QoS 0 has no acknowledgement in MQTT, so it
+//!   completes when rumqttc reports it as outgoing (`Outgoing::Publish`), which is when it is queued for the
+//!   socket, not when the broker has it: a broker connection that fails at that moment loses it. That is
+//!   QoS 0's own contract (at most once) and the README says so; QoS 1/2 never complete without the broker.
 //! - A batch (one agent `Batch` frame) has one [`oneshot`] completion: no allocation or task per message.
 //!
 //! When the broker connection fails, rumqttc would keep the unsent requests and retransmit some of them on the
