@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::publisher::{OutMessage, PublishError, Publisher};
+use crate::publisher::{OutMessage, PublishError, Publisher, Refusal, Refusals};
 use crate::store::DedupStore;
 use crate::tls;
 
@@ -449,7 +449,20 @@ struct Pending {
     seqs: Vec<u64>,
     /// Last seq of the batch: the `Ack` value.
     upto: u64,
-    done: oneshot::Receiver<Result<(), PublishError>>,
+    /// Refused before publishing (see [`Drops::refused`]).
+    refused: Refusals,
+    done: oneshot::Receiver<Result<Refusals, PublishError>>,
+}
+
+/// A published batch ready to be acknowledged: its seqs for dedup, its `Ack` value and its refusals.
+type Done = (Vec<u64>, u64, Refusals);
+
+impl Pending {
+    fn finish(self, mut refused: Refusals) -> Done {
+        // Both lists are usually empty.
+        refused.extend(self.refused);
+        (self.seqs, self.upto, refused)
+    }
 }
 
 /// What the reader hands the acker, in stream order.
@@ -469,13 +482,13 @@ struct Session<'a> {
     failed: CancellationToken,
 }
 
-/// Per-batch counters of messages not published.
+/// Per-batch counters of messages not published, and the refusals the hub decided itself.
 #[derive(Debug, Default)]
 struct Drops {
     duplicates: usize,
-    too_large: usize,
-    bad_topic: usize,
     foreign_origin: usize,
+    /// Entries that can never be published (too large, topic invalid once mapped): reported to the agent.
+    refused: Refusals,
 }
 
 impl Session<'_> {
@@ -571,14 +584,7 @@ impl Session<'_> {
                 "entries claimed another origin; published under this site's namespace"
             );
         }
-        if drops.too_large > 0 || drops.bad_topic > 0 {
-            warn!(
-                too_large = drops.too_large,
-                invalid_topic = drops.bad_topic,
-                limit = self.hub.max_message_size,
-                "messages dropped (acknowledged so the agent's queue does not wedge)"
-            );
-        }
+
         if drops.duplicates > 0 {
             debug!(
                 count = drops.duplicates,
@@ -586,7 +592,12 @@ impl Session<'_> {
             );
         }
         let done = self.hub.publisher.submit(out).await;
-        Some(Pending { seqs, upto, done })
+        Some(Pending {
+            seqs,
+            upto,
+            refused: drops.refused,
+            done,
+        })
     }
 
     /// Acknowledges batches in order; `None` when the reader ended and everything was drained.
@@ -613,16 +624,16 @@ impl Session<'_> {
                     }
                     continue;
                 }
-                Item::Batch(pending) => {
+                Item::Batch(mut pending) => {
                     let waited = tokio::select! {
                         () = self.stops.hard.cancelled() => return Some(End::PublishTimeout),
-                        waited = tokio::time::timeout(PUBLISH_TIMEOUT, pending.done) => waited,
+                        waited = tokio::time::timeout(PUBLISH_TIMEOUT, &mut pending.done) => waited,
                     };
                     match waited {
                         Err(_) => return Some(End::PublishTimeout),
                         Ok(Err(_)) => return Some(End::Publish(PublishError::Stopped)),
                         Ok(Ok(Err(error))) => return Some(End::Publish(error)),
-                        Ok(Ok(Ok(()))) => vec![(pending.seqs, pending.upto)],
+                        Ok(Ok(Ok(refused))) => vec![pending.finish(refused)],
                     }
                 }
             };
@@ -630,7 +641,7 @@ impl Session<'_> {
             while let Ok(item) = rx.try_recv() {
                 match item {
                     Item::Batch(mut pending) => match pending.done.try_recv() {
-                        Ok(Ok(())) => group.push((pending.seqs, pending.upto)),
+                        Ok(Ok(refused)) => group.push(pending.finish(refused)),
                         Ok(Err(error)) => return Some(End::Publish(error)),
                         Err(oneshot::error::TryRecvError::Closed) => {
                             return Some(End::Publish(PublishError::Stopped))
@@ -652,7 +663,7 @@ impl Session<'_> {
                     .dedup
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                for (seqs, _) in &group {
+                for (seqs, _, _) in &group {
                     for &seq in seqs {
                         let _ = dedup.observe(&self.site.name, self.incarnation, seq);
                     }
@@ -662,8 +673,33 @@ impl Session<'_> {
             if let Err(error) = self.hub.store.save(self.site.name.clone(), snapshot).await {
                 return Some(End::Store(error));
             }
-            let acks: Vec<Frame> = group.iter().map(|&(_, upto)| Frame::Ack { upto }).collect();
-            if let Err(end) = self.write(send, &mut out, &acks).await {
+            // Each batch's refusals go before its Ack: the agent files them as dead letters before the Ack
+            // lets its queue forget them.
+            let mut frames = Vec::with_capacity(group.len());
+            for (_, upto, refused) in group {
+                if !refused.is_empty() {
+                    let codes: Vec<String> = refused
+                        .iter()
+                        .map(|r| format!("{:#04x}", r.reason_code))
+                        .collect();
+                    warn!(
+                        count = refused.len(),
+                        first_seq = refused.first().map(|r| r.seq),
+                        reason_codes = %codes.join(","),
+                        first_detail = refused.first().map(|r| r.detail.as_str()),
+                        "messages refused for good; reported to the agent's dead-letter store"
+                    );
+                }
+                let mut refused = refused;
+                refused.sort_by_key(|r| r.seq);
+                frames.extend(refused.into_iter().map(|r| Frame::Refused {
+                    seq: r.seq,
+                    reason_code: r.reason_code,
+                    detail: r.detail,
+                }));
+                frames.push(Frame::Ack { upto });
+            }
+            if let Err(end) = self.write(send, &mut out, &frames).await {
                 return Some(end);
             }
         }
@@ -703,14 +739,24 @@ fn to_message(
         drops.foreign_origin += 1;
     }
     if env.payload.len() > max_message_size {
-        drops.too_large += 1;
+        drops.refused.push(Refusal {
+            seq: env.seq,
+            reason_code: REASON_PACKET_TOO_LARGE,
+            detail: format!(
+                "{}-byte payload over the hub's limits.max_message_size of {max_message_size}",
+                env.payload.len()
+            ),
+        });
         return None;
     }
     let topic = match TopicName::parse(&env.topic).and_then(|t| namespace.apply(&t)) {
         Ok(topic) => topic.into_string(),
         Err(error) => {
-            drops.bad_topic += 1;
-            debug!(seq = env.seq, topic = %env.topic, cause = %error, "invalid topic dropped");
+            drops.refused.push(Refusal {
+                seq: env.seq,
+                reason_code: REASON_TOPIC_NAME_INVALID,
+                detail: format!("topic {:?}: {error}", env.topic),
+            });
             return None;
         }
     };
@@ -743,8 +789,13 @@ fn to_message(
         retain: env.retain,
         payload: env.payload,
         properties,
+        seq: env.seq,
     })
 }
+
+/// MQTT 5 reason codes for the refusals the hub decides itself.
+const REASON_TOPIC_NAME_INVALID: u8 = 0x90;
+const REASON_PACKET_TOO_LARGE: u8 = 0x95;
 
 #[cfg(test)]
 mod tests {
@@ -842,8 +893,27 @@ mod tests {
             }
         }
         assert_eq!(drops.foreign_origin, 1);
-        assert_eq!(drops.bad_topic, 2);
-        assert_eq!(drops.too_large, 1);
+        // What cannot be published is refused with a reason, for the agent's dead-letter store.
+        let codes: Vec<u8> = drops.refused.iter().map(|r| r.reason_code).collect();
+        assert_eq!(
+            codes
+                .iter()
+                .filter(|&&c| c == REASON_TOPIC_NAME_INVALID)
+                .count(),
+            2,
+            "{:?}",
+            drops.refused
+        );
+        assert_eq!(
+            codes
+                .iter()
+                .filter(|&&c| c == REASON_PACKET_TOO_LARGE)
+                .count(),
+            1,
+            "{:?}",
+            drops.refused
+        );
+        assert!(drops.refused.iter().all(|r| r.seq == 17));
     }
 
     #[test]

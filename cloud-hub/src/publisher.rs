@@ -11,6 +11,11 @@
 //!   socket, not when the broker has it: a broker connection that fails at that moment loses it. That is
 //!   QoS 0's own contract (at most once) and the README says so; QoS 1/2 never complete without the broker.
 //! - A batch (one agent `Batch` frame) has one [`oneshot`] completion: no allocation or task per message.
+//! - A broker that refuses *one* message (a failure reason code in PUBACK/PUBREC, e.g. not authorized), a
+//!   message over the broker's Maximum Packet Size (from CONNACK; rumqttc would otherwise fail the whole
+//!   connection, for every site) and a request rumqttc itself refuses are final for that message only: the
+//!   batch completes with a [`Refusal`] for it, which the agent connection reports to the agent (which
+//!   dead-letters it). Only a lost connection fails a batch.
 //!
 //! When the broker connection fails, rumqttc would keep the unsent requests and retransmit some of them on the
 //! next connection, which makes the FIFO ambiguous. So the whole client is thrown away instead: every batch in
@@ -56,7 +61,43 @@ pub(crate) struct OutMessage {
     pub(crate) payload: Bytes,
     /// MQTT 5 properties, including the `meshbridge-id` user property.
     pub(crate) properties: PublishProperties,
+    /// The agent's seq of the entry, for a [`Refusal`].
+    pub(crate) seq: u64,
 }
+
+impl OutMessage {
+    /// An upper bound of the PUBLISH packet's size on the wire (within a few bytes of rumqttc's
+    /// `Publish::size`): what the broker's Maximum Packet Size is compared with.
+    fn packet_size_bound(&self) -> usize {
+        let p = &self.properties;
+        let str_prop = |s: &Option<String>| s.as_ref().map_or(0, |s| 3 + s.len());
+        let props = 5 // property length, message expiry
+            + 2 // payload format indicator
+            + str_prop(&p.content_type)
+            + str_prop(&p.response_topic)
+            + p.correlation_data.as_ref().map_or(0, |c| 3 + c.len())
+            + p.user_properties
+                .iter()
+                .map(|(k, v)| 5 + k.len() + v.len())
+                .sum::<usize>();
+        5 + 2 + self.topic.len() + 2 + 4 + props + self.payload.len()
+    }
+}
+
+/// One message of a batch the broker (or the client library) refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// The agent's seq of the entry.
+    pub(crate) seq: u64,
+    /// The MQTT 5 reason code: the broker's, or the one the hub chose (0x95 packet too large, 0x90 topic
+    /// name invalid).
+    pub(crate) reason_code: u8,
+    /// For the log and the dead-letter listing.
+    pub(crate) detail: String,
+}
+
+/// What a completed batch left unpublished: its refusals (usually none).
+pub(crate) type Refusals = Vec<Refusal>;
 
 /// Why a batch was not accepted by the cloud broker.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -67,18 +108,10 @@ pub enum PublishError {
     /// The broker connection failed while the batch was in flight; some of it may have been published.
     #[error("the cloud broker connection was lost")]
     ConnectionLost,
-    /// The broker answered a QoS 1 publish with a failure reason code.
-    #[error("the cloud broker refused a publish: PUBACK {0:?}")]
-    PubAckRefused(PubAckReason),
-    /// The broker answered a QoS 2 publish with a failure reason code in PUBREC.
-    #[error("the cloud broker refused a publish: PUBREC {0:?}")]
-    PubRecRefused(PubRecReason),
-    /// The broker answered a QoS 2 release with a failure reason code in PUBCOMP.
-    #[error("the cloud broker refused a publish: PUBCOMP {0:?}")]
-    PubCompRefused(PubCompReason),
-    /// rumqttc refused the request itself (an invalid topic, or a closed client).
-    #[error("the MQTT client refused a publish request")]
-    ClientRefused,
+    /// The broker said a packet id was still in use: a state mix-up of this connection, not a verdict on
+    /// the message, so the batch is retried.
+    #[error("the cloud broker reported packet id {0} in use")]
+    PacketIdInUse(u16),
     /// The publisher has stopped (the hub is shutting down).
     #[error("the publisher has stopped")]
     Stopped,
@@ -88,7 +121,7 @@ pub enum PublishError {
 #[derive(Debug)]
 struct PublishBatch {
     messages: Vec<OutMessage>,
-    done: oneshot::Sender<Result<(), PublishError>>,
+    done: oneshot::Sender<Result<Refusals, PublishError>>,
 }
 
 /// Handle to the publisher task (cheap to clone).
@@ -118,10 +151,10 @@ impl Publisher {
     pub(crate) async fn submit(
         &self,
         messages: Vec<OutMessage>,
-    ) -> oneshot::Receiver<Result<(), PublishError>> {
+    ) -> oneshot::Receiver<Result<Refusals, PublishError>> {
         let (done, rx) = oneshot::channel();
         if messages.is_empty() {
-            let _ = done.send(Ok(()));
+            let _ = done.send(Ok(Vec::new()));
             return rx;
         }
         if let Err(mpsc::error::SendError(batch)) =
@@ -148,7 +181,8 @@ type Tagged = (u64, Result<Event, ConnectionError>);
 #[derive(Debug)]
 struct Waiter {
     remaining: usize,
-    done: oneshot::Sender<Result<(), PublishError>>,
+    refused: Refusals,
+    done: oneshot::Sender<Result<Refusals, PublishError>>,
 }
 
 struct PublisherTask {
@@ -160,10 +194,12 @@ struct PublisherTask {
     consecutive_failures: u32,
     /// Messages of accepted batches not yet handed to rumqttc (kept while `unsent` is full).
     backlog: VecDeque<(u64, OutMessage)>,
-    /// Handed to rumqttc, waiting for `Outgoing::Publish`: (batch id, QoS).
-    unsent: VecDeque<(u64, QoS)>,
-    /// Written QoS 1/2 publishes by packet id: batch id.
-    inflight: HashMap<u16, u64>,
+    /// Handed to rumqttc, waiting for `Outgoing::Publish`: (batch id, QoS, seq).
+    unsent: VecDeque<(u64, QoS, u64)>,
+    /// Written QoS 1/2 publishes by packet id: (batch id, seq).
+    inflight: HashMap<u16, (u64, u64)>,
+    /// The broker's Maximum Packet Size from its CONNACK, if it set one.
+    max_packet_size: Option<usize>,
     waiters: HashMap<u64, Waiter>,
     next_batch: u64,
     events_tx: mpsc::Sender<Tagged>,
@@ -201,6 +237,7 @@ impl PublisherTask {
             backlog: VecDeque::new(),
             unsent: VecDeque::with_capacity(REQUEST_CAP),
             inflight: HashMap::with_capacity(usize::from(INFLIGHT_LIMIT)),
+            max_packet_size: None,
             waiters: HashMap::new(),
             next_batch: 0,
             events_tx,
@@ -263,6 +300,7 @@ impl PublisherTask {
             id,
             Waiter {
                 remaining: batch.messages.len(),
+                refused: Vec::new(),
                 done: batch.done,
             },
         );
@@ -281,7 +319,29 @@ impl PublisherTask {
                 // The batch already failed; do not publish the rest of it.
                 continue;
             }
-            let qos = m.qos;
+            let (qos, seq) = (m.qos, m.seq);
+            if let Some(max) = self.max_packet_size {
+                let size = m.packet_size_bound();
+                if size > max {
+                    self.refuse(
+                        id,
+                        seq,
+                        REASON_PACKET_TOO_LARGE,
+                        format!("{size}-byte PUBLISH over the cloud broker's Maximum Packet Size of {max}"),
+                    );
+                    continue;
+                }
+            }
+            if m.topic.contains(['+', '#']) {
+                // rumqttc would refuse it with the same error as a closed client; tell them apart here.
+                self.refuse(
+                    id,
+                    seq,
+                    REASON_TOPIC_NAME_INVALID,
+                    format!("wildcard in topic {:?}", m.topic),
+                );
+                continue;
+            }
             match self.client.try_publish_with_properties(
                 m.topic,
                 qos,
@@ -289,10 +349,10 @@ impl PublisherTask {
                 m.payload,
                 m.properties,
             ) {
-                Ok(()) => self.unsent.push_back((id, qos)),
+                Ok(()) => self.unsent.push_back((id, qos, seq)),
                 Err(error) => {
-                    warn!(cause = %error, "the MQTT client refused a publish");
-                    self.fail(id, PublishError::ClientRefused);
+                    warn!(cause = %error, "the MQTT client refused a publish; failing its batch");
+                    self.fail(id, PublishError::ConnectionLost);
                 }
             }
         }
@@ -300,7 +360,11 @@ impl PublisherTask {
 
     fn on_event(&mut self, event: Result<Event, ConnectionError>) {
         match event {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                self.max_packet_size = ack
+                    .properties
+                    .and_then(|p| p.max_packet_size)
+                    .and_then(|m| usize::try_from(m).ok());
                 info!(
                     generation = self.generation,
                     "connected to the cloud broker"
@@ -310,30 +374,44 @@ impl PublisherTask {
                 self.connected_tx.send_replace(true);
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let Some((id, qos)) = self.unsent.pop_front() else {
+                let Some((id, qos, seq)) = self.unsent.pop_front() else {
                     warn!(pkid, "publish event without a pending request; ignored");
                     return;
                 };
                 if qos == QoS::AtMostOnce {
                     self.complete(id);
                 } else {
-                    self.inflight.insert(pkid, id);
+                    self.inflight.insert(pkid, (id, seq));
                 }
             }
             Ok(Event::Incoming(Incoming::PubAck(ack))) => match ack.reason {
                 PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
                     self.complete_pkid(ack.pkid);
                 }
-                reason => self.fail_pkid(ack.pkid, PublishError::PubAckRefused(reason)),
+                PubAckReason::PacketIdentifierInUse => {
+                    self.fail_pkid(ack.pkid, PublishError::PacketIdInUse(ack.pkid));
+                }
+                reason => {
+                    self.refuse_pkid(ack.pkid, puback_code(&reason), format!("PUBACK {reason:?}"))
+                }
             },
             Ok(Event::Incoming(Incoming::PubRec(rec))) => match rec.reason {
                 PubRecReason::Success | PubRecReason::NoMatchingSubscribers => {}
-                reason => self.fail_pkid(rec.pkid, PublishError::PubRecRefused(reason)),
+                PubRecReason::PacketIdentifierInUse => {
+                    self.fail_pkid(rec.pkid, PublishError::PacketIdInUse(rec.pkid));
+                }
+                reason => {
+                    self.refuse_pkid(rec.pkid, pubrec_code(&reason), format!("PUBREC {reason:?}"))
+                }
             },
-            Ok(Event::Incoming(Incoming::PubComp(comp))) => match comp.reason {
-                PubCompReason::Success => self.complete_pkid(comp.pkid),
-                reason => self.fail_pkid(comp.pkid, PublishError::PubCompRefused(reason)),
-            },
+            Ok(Event::Incoming(Incoming::PubComp(comp))) => {
+                if comp.reason != PubCompReason::Success {
+                    // PUBREC already said the broker owns the message; a PUBCOMP that no longer knows the
+                    // packet id does not take that back, and resending would duplicate it.
+                    debug!(pkid = comp.pkid, reason = ?comp.reason, "PUBCOMP with a failure reason after a successful PUBREC; counted as published");
+                }
+                self.complete_pkid(comp.pkid);
+            }
             Ok(_) => {}
             Err(error) => self.on_connection_error(&error),
         }
@@ -370,16 +448,35 @@ impl PublisherTask {
 
     fn complete_pkid(&mut self, pkid: u16) {
         match self.inflight.remove(&pkid) {
-            Some(id) => self.complete(id),
+            Some((id, _)) => self.complete(id),
             None => debug!(pkid, "ack for an unknown packet id; ignored"),
         }
     }
 
     fn fail_pkid(&mut self, pkid: u16, error: PublishError) {
-        warn!(pkid, cause = %error, "the cloud broker refused a publish");
-        if let Some(id) = self.inflight.remove(&pkid) {
+        warn!(pkid, cause = %error, "cloud broker publish failed; failing its batch");
+        if let Some((id, _)) = self.inflight.remove(&pkid) {
             self.fail(id, error);
         }
+    }
+
+    fn refuse_pkid(&mut self, pkid: u16, reason_code: u8, detail: String) {
+        match self.inflight.remove(&pkid) {
+            Some((id, seq)) => self.refuse(id, seq, reason_code, detail),
+            None => debug!(pkid, "refusal for an unknown packet id; ignored"),
+        }
+    }
+
+    /// Records a final refusal of one message; it counts as done for its batch.
+    fn refuse(&mut self, id: u64, seq: u64, reason_code: u8, detail: String) {
+        if let Some(w) = self.waiters.get_mut(&id) {
+            w.refused.push(Refusal {
+                seq,
+                reason_code,
+                detail,
+            });
+        }
+        self.complete(id);
     }
 
     fn complete(&mut self, id: u64) {
@@ -393,7 +490,7 @@ impl PublisherTask {
         };
         if finished {
             if let Some(w) = self.waiters.remove(&id) {
-                let _ = w.done.send(Ok(()));
+                let _ = w.done.send(Ok(w.refused));
             }
         }
     }
@@ -411,6 +508,40 @@ impl PublisherTask {
         self.backlog.clear();
         self.unsent.clear();
         self.inflight.clear();
+    }
+}
+
+/// MQTT 5 reason codes the hub gives refusals it decides itself.
+const REASON_TOPIC_NAME_INVALID: u8 = 0x90;
+const REASON_PACKET_TOO_LARGE: u8 = 0x95;
+
+/// The wire value of a PUBACK failure reason (MQTT 5 section 3.4.2.1).
+fn puback_code(reason: &PubAckReason) -> u8 {
+    match reason {
+        PubAckReason::Success => 0x00,
+        PubAckReason::NoMatchingSubscribers => 0x10,
+        PubAckReason::UnspecifiedError => 0x80,
+        PubAckReason::ImplementationSpecificError => 0x83,
+        PubAckReason::NotAuthorized => 0x87,
+        PubAckReason::TopicNameInvalid => 0x90,
+        PubAckReason::PacketIdentifierInUse => 0x91,
+        PubAckReason::QuotaExceeded => 0x97,
+        PubAckReason::PayloadFormatInvalid => 0x99,
+    }
+}
+
+/// The wire value of a PUBREC failure reason (the same table as PUBACK's).
+fn pubrec_code(reason: &PubRecReason) -> u8 {
+    match reason {
+        PubRecReason::Success => 0x00,
+        PubRecReason::NoMatchingSubscribers => 0x10,
+        PubRecReason::UnspecifiedError => 0x80,
+        PubRecReason::ImplementationSpecificError => 0x83,
+        PubRecReason::NotAuthorized => 0x87,
+        PubRecReason::TopicNameInvalid => 0x90,
+        PubRecReason::PacketIdentifierInUse => 0x91,
+        PubRecReason::QuotaExceeded => 0x97,
+        PubRecReason::PayloadFormatInvalid => 0x99,
     }
 }
 

@@ -68,6 +68,12 @@ pub enum AgentError {
         /// What to do instead.
         reason: &'static str,
     },
+    /// The dead-letter store could not be opened, read or written.
+    #[error("dead-letter store")]
+    DeadLetters(#[source] QueueError),
+    /// A dead-letter replay could not reach the site's broker or got no acknowledgement.
+    #[error("replaying dead letters: {0}")]
+    Replay(String),
     /// One of the agent's tasks panicked.
     #[error("the {task} task panicked")]
     TaskPanicked {

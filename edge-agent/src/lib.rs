@@ -15,6 +15,7 @@
 //! broker → uplink reads the queue → hub → `Ack{upto}` → `RedbQueue::ack_upto` (deleted). A message is deleted
 //! only once the hub has it; an acknowledged message survives `kill -9` of the agent.
 
+pub mod dead_letters;
 pub mod error;
 pub mod tls;
 
@@ -41,6 +42,9 @@ use crate::uplink::Uplink;
 
 /// File name of the durable queue inside `data_dir`.
 pub const QUEUE_FILE: &str = "queue.redb";
+/// The dead-letter store's file in `data_dir`: messages refused for good (by the cloud broker, or too large
+/// for the path), listed and replayed with `edge-agent dead-letters`.
+pub const DEAD_LETTERS_FILE: &str = "dead-letters.redb";
 
 /// How often old messages are expired (`queue.max_age`) and the queue's state is logged at debug.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);

@@ -18,13 +18,16 @@
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use shared::config::UplinkConfig;
-use shared::queue::{Entry, Queue, QueueError, RedbQueue};
+use shared::queue::{
+    DeadLetterLimits, DeadLetters, Entry, NewDeadLetter, Queue, QueueError, RedbQueue,
+};
 use shared::wire::{
     self, BatchEncoder, BatchKind, Capabilities, DecodeError, EncodeError, Frame, FrameType,
     GoAwayCode, SUPPORTED,
@@ -135,18 +138,10 @@ pub(crate) enum UplinkError {
         /// Highest seq sent.
         sent: u64,
     },
-    /// A stored message does not fit a single frame of the hub's maximum size, so it can never be sent.
-    #[error(
-        "message {seq} ({len} bytes) does not fit the hub's frame limit of {max_frame_size} bytes"
-    )]
-    EntryTooLarge {
-        /// Its seq.
-        seq: u64,
-        /// Its body length.
-        len: usize,
-        /// The negotiated frame limit.
-        max_frame_size: usize,
-    },
+    /// The dead-letter store could not take a refused message; it stays in the queue and the session
+    /// restarts, so nothing is lost (the refusal comes again).
+    #[error("cannot file dead letters")]
+    DeadLetters(#[source] QueueError),
     /// The hub has seen seqs of this queue's incarnation that this queue never wrote: the data directory
     /// was restored from a backup or snapshot (or copied to a second agent). The queue has started a new
     /// incarnation above the hub's mark ([`RedbQueue::restart_above`]); the next connection says so.
@@ -181,7 +176,7 @@ impl UplinkError {
             Self::GoAway {
                 code: GoAwayCode::Unauthorized | GoAwayCode::IncompatibleVersion,
                 ..
-            } | Self::EntryTooLarge { .. }
+            } | Self::DeadLetters(_)
                 | Self::Queue(_)
                 | Self::Connection(quinn::ConnectionError::TransportError(_))
         )
@@ -194,6 +189,8 @@ pub(crate) struct Uplink {
     site: Arc<str>,
     queue: Arc<RedbQueue>,
     appended: Arc<Notify>,
+    /// The dead-letter store's file (opened only while filing; see `shared::queue::DeadLetters`).
+    dead_letters: PathBuf,
     client_config: quinn::ClientConfig,
     endpoint: Option<Endpoint>,
 }
@@ -216,6 +213,7 @@ impl Uplink {
         client_config: quinn::ClientConfig,
     ) -> Self {
         Self {
+            dead_letters: queue.path().with_file_name(crate::DEAD_LETTERS_FILE),
             cfg,
             site,
             queue,
@@ -484,7 +482,22 @@ impl Session<'_> {
                     blocking(queue, move |q| q.read(from, batch_messages, batch_bytes)).await?;
                 let Some(last) = entries.last() else { break };
                 cursor = last.seq + 1;
-                encode_batches(&entries, &mut out, max_frame_size, &mut inflight)?;
+                let too_large = encode_batches(&entries, &mut out, max_frame_size, &mut inflight)?;
+                if !too_large.is_empty() {
+                    let letters = too_large
+                        .into_iter()
+                        .map(|e| NewDeadLetter {
+                            seq: e.seq,
+                            reason_code: REASON_PACKET_TOO_LARGE,
+                            detail: format!(
+                                "{}-byte message does not fit the hub's frame limit of {max_frame_size} bytes",
+                                e.body.len()
+                            ),
+                            body: e.body,
+                        })
+                        .collect();
+                    self.file_dead_letters(letters).await?;
+                }
             }
             if !out.is_empty() {
                 send.write_all(&out).await?;
@@ -528,6 +541,38 @@ impl Session<'_> {
         }
     }
 
+    /// Files refused messages in the dead-letter store (durably, before the queue may forget them), and
+    /// says so.
+    async fn file_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<(), UplinkError> {
+        let path = self.uplink.dead_letters.clone();
+        let summary: Vec<(u64, u8, String)> = letters
+            .iter()
+            .map(|l| (l.seq, l.reason_code, l.detail.clone()))
+            .collect();
+        let evicted = tokio::task::spawn_blocking(move || {
+            let store = DeadLetters::open(&path, DeadLetterLimits::default(), DEAD_LETTERS_WAIT)?;
+            store.add(&letters, crate::ingest::now_ms())
+        })
+        .await
+        .map_err(UplinkError::Panicked)?
+        .map_err(UplinkError::DeadLetters)?;
+        for (seq, reason_code, detail) in summary {
+            warn!(
+                seq,
+                reason_code = format_args!("{reason_code:#04x}"),
+                %detail,
+                "message refused for good: moved to the dead-letter store (edge-agent dead-letters list)"
+            );
+        }
+        if evicted > 0 {
+            error!(
+                evicted,
+                "dead-letter store full: its oldest letters were discarded"
+            );
+        }
+        Ok(())
+    }
+
     async fn handle(
         &self,
         frame: Frame,
@@ -548,6 +593,32 @@ impl Session<'_> {
                 }
                 Ok(())
             }
+            Frame::Refused {
+                seq,
+                reason_code,
+                detail,
+            } => {
+                // Still stored: the Ack covering it comes after this frame.
+                let entry = blocking(&self.uplink.queue, move |q| q.read(seq, 1, usize::MAX))
+                    .await?
+                    .into_iter()
+                    .find(|e| e.seq == seq);
+                match entry {
+                    Some(entry) => {
+                        self.file_dead_letters(vec![NewDeadLetter {
+                            seq,
+                            reason_code,
+                            detail,
+                            body: entry.body,
+                        }])
+                        .await
+                    }
+                    None => {
+                        warn!(seq, reason_code, %detail, "hub refused a message this queue no longer holds");
+                        Ok(())
+                    }
+                }
+            }
             Frame::Ping { nonce } => Ok(Frame::Pong { nonce }.encode(out)?),
             Frame::Pong { .. } => Ok(()),
             Frame::GoAway { code, reason } => Err(UplinkError::GoAway { code, reason }),
@@ -560,40 +631,47 @@ impl Session<'_> {
 }
 
 /// Encodes `entries` into as many `Batch` frames as the frame limit needs, recording each frame's last
-/// seq in `inflight`.
+/// seq in `inflight`. Returns the entries that can never fit a frame (for the dead-letter store): they are
+/// left out, and the next batch's `Ack` covers them.
 fn encode_batches(
     entries: &[Entry],
     out: &mut BytesMut,
     max_frame_size: usize,
     inflight: &mut VecDeque<u64>,
-) -> Result<(), UplinkError> {
+) -> Result<Vec<Entry>, UplinkError> {
+    let mut too_large = Vec::new();
     let mut rest = entries;
     while !rest.is_empty() {
         let mut batch = BatchEncoder::new(out, BatchKind::Uplink, max_frame_size);
         let mut last = None;
+        let mut taken = 0;
         for entry in rest {
             match batch.try_push(entry.seq, &entry.body) {
                 Ok(()) => last = Some(entry.seq),
                 Err(EncodeError::FrameTooLarge { .. }) if !batch.is_empty() => break,
-                Err(EncodeError::FrameTooLarge { .. }) => {
-                    return Err(UplinkError::EntryTooLarge {
-                        seq: entry.seq,
-                        len: entry.body.len(),
-                        max_frame_size,
-                    })
-                }
+                Err(EncodeError::FrameTooLarge { .. }) => too_large.push(entry.clone()),
                 Err(e) => return Err(e.into()),
             }
+            taken += 1;
         }
-        let count = batch.len();
-        batch.finish();
+        if batch.is_empty() {
+            // Dropping an unfinished encoder takes its header back out of `out`.
+            drop(batch);
+        } else {
+            batch.finish();
+        }
         if let Some(last) = last {
             inflight.push_back(last);
         }
-        rest = &rest[count..];
+        rest = &rest[taken..];
     }
-    Ok(())
+    Ok(too_large)
 }
+
+/// MQTT 5 reason code "packet too large", for an entry that no frame can carry.
+const REASON_PACKET_TOO_LARGE: u8 = 0x95;
+/// How long filing a dead letter waits for an operator's `dead-letters` command to release the store.
+const DEAD_LETTERS_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs a queue operation on the blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -689,19 +767,25 @@ mod tests {
         }
         assert_eq!(seqs, [vec![1, 2], vec![3, 4], vec![5]]);
 
+        // Entries no frame can carry are handed back for the dead-letter store and left out; the ones around
+        // them still go, and no empty frame is written.
+        let mut mixed = entries.clone();
+        mixed[2].body = Bytes::from(vec![0u8; 10 * len]);
+        mixed[4].body = Bytes::from(vec![0u8; 10 * len]);
+        let mut out = BytesMut::new();
         let mut inflight = VecDeque::new();
-        let err = encode_batches(&entries, &mut BytesMut::new(), 50, &mut inflight)
-            .expect_err("an entry larger than a frame cannot be sent");
-        assert!(
-            matches!(
-                err,
-                UplinkError::EntryTooLarge {
-                    seq: 1,
-                    max_frame_size: 50,
-                    ..
+        let too_large = encode_batches(&mixed, &mut out, limit, &mut inflight).expect("encodes");
+        assert_eq!(too_large.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 5]);
+        assert_eq!(inflight, [2, 4]);
+        let mut seqs = Vec::new();
+        while let Some(frame) = wire::decode(&mut out, limit).expect("valid frames") {
+            match frame {
+                Frame::Batch { entries } => {
+                    seqs.push(entries.iter().map(|e| e.seq).collect::<Vec<_>>())
                 }
-            ),
-            "{err:?}"
-        );
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seqs, [vec![1, 2], vec![4]]);
     }
 }

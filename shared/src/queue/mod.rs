@@ -22,9 +22,12 @@
 //!
 //! # Implementations
 //! - [`RedbQueue`]: the real one, on redb, one write transaction per appended batch (group commit).
+//! - [`DeadLetters`]: not a queue but its companion: messages refused for good, with their reason, for an
+//!   operator to list and replay.
 //! - [`MemQueue`]: in memory, simple enough to be obviously right; the model the redb queue is checked
 //!   against (as raft-rs's `MemStorage` and Vector's disk-buffer model).
 
+mod dead;
 mod mem;
 mod redb;
 
@@ -33,6 +36,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use self::dead::{DeadLetter, DeadLetterLimits, DeadLetters, NewDeadLetter};
 pub use self::mem::MemQueue;
 pub use self::redb::RedbQueue;
 

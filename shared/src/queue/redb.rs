@@ -344,7 +344,7 @@ fn load(path: &Path, db: &Database) -> Result<(Ledger, u64), QueueError> {
     Ok((ledger, incarnation))
 }
 
-fn storage_error(path: &Path, e: redb::Error) -> QueueError {
+pub(super) fn storage_error(path: &Path, e: redb::Error) -> QueueError {
     let path = path.display().to_string();
     let full = match &e {
         redb::Error::Io(io) => io.kind() == io::ErrorKind::StorageFull,

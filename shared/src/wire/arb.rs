@@ -158,5 +158,10 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
         (arb_goaway_code(), text()).prop_map(|(code, reason)| Frame::GoAway { code, reason }),
+        (any::<u64>(), any::<u8>(), text()).prop_map(|(seq, reason_code, detail)| Frame::Refused {
+            seq,
+            reason_code,
+            detail
+        }),
     ]
 }

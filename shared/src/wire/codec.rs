@@ -131,6 +131,11 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
             code: GoAwayCode::from_code(r.u16("GoAway code")?),
             reason: r.str16("GoAway reason")?,
         },
+        FrameType::Refused => Frame::Refused {
+            seq: r.u64("Refused seq")?,
+            reason_code: r.u8("Refused reason_code")?,
+            detail: r.str16("Refused detail")?,
+        },
     };
     r.finish(frame_type)?;
     Ok(frame)
@@ -252,6 +257,15 @@ impl Frame {
                         put_bytes32(buf, "ConfigAck detail", rejection.detail.as_bytes())?;
                     }
                 }
+            }
+            Self::Refused {
+                seq,
+                reason_code,
+                detail,
+            } => {
+                buf.put_u64(*seq);
+                buf.put_u8(*reason_code);
+                put_bytes16(buf, "Refused detail", detail.as_bytes())?;
             }
             Self::GoAway { code, reason } => {
                 buf.put_u16(code.code());

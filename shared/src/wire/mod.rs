@@ -18,6 +18,7 @@
 //! | 0x09 | `Ping`        | `u64 nonce` |
 //! | 0x0A | `Pong`        | `u64 nonce` |
 //! | 0x0B | `GoAway`      | `u16 code` `str16 reason` |
+//! | 0x0C | `Refused`     | `u64 seq` `u8 reason_code` `str16 detail` |
 //!
 //! `str16`/`str32` are UTF-8 with a `u16`/`u32` byte-length prefix. An entry body is exactly what
 //! [`Envelope::encode_body`] writes, which is also what the durable queue stores, so the agent copies queue
@@ -139,6 +140,19 @@ pub enum Frame {
         /// The ping's nonce.
         nonce: u64,
     },
+    /// Hub → agent: the uplink entry `seq` was refused for good (the cloud broker answered with a failure
+    /// reason code, or the message cannot be published at all) and will be covered by the next `Ack`. The
+    /// agent moves it to its dead-letter store before it applies that `Ack`, so a refusal of one message
+    /// never wedges the ones behind it and never loses it silently.
+    Refused {
+        /// The refused entry.
+        seq: u64,
+        /// An MQTT 5 reason code saying why (0x87 not authorized, 0x90 topic name invalid, 0x95 packet too
+        /// large, ...), as the cloud broker gave it or the hub chose.
+        reason_code: u8,
+        /// Human-readable detail for the log and the dead-letter listing.
+        detail: String,
+    },
     /// The sender is closing the connection and says why. Last frame on a stream.
     GoAway {
         /// Machine-readable reason.
@@ -163,6 +177,7 @@ impl Frame {
             Self::Ping { .. } => FrameType::Ping,
             Self::Pong { .. } => FrameType::Pong,
             Self::GoAway { .. } => FrameType::GoAway,
+            Self::Refused { .. } => FrameType::Refused,
         }
     }
 }
@@ -193,11 +208,13 @@ pub enum FrameType {
     Pong = 0x0A,
     /// See [`Frame::GoAway`].
     GoAway = 0x0B,
+    /// See [`Frame::Refused`].
+    Refused = 0x0C,
 }
 
 impl FrameType {
     /// Every frame type, in wire order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Hello,
         Self::Welcome,
         Self::Batch,
@@ -209,6 +226,7 @@ impl FrameType {
         Self::Ping,
         Self::Pong,
         Self::GoAway,
+        Self::Refused,
     ];
 
     /// The name used in logs and metric labels.
@@ -225,6 +243,7 @@ impl FrameType {
             Self::Ping => "Ping",
             Self::Pong => "Pong",
             Self::GoAway => "GoAway",
+            Self::Refused => "Refused",
         }
     }
 }
