@@ -591,7 +591,7 @@ impl Session<'_> {
                 upto, "replayed messages dropped by dedup"
             );
         }
-        let done = self.hub.publisher.submit(out).await;
+        let done = self.hub.publisher.submit(&self.site.name, out).await;
         Some(Pending {
             seqs,
             upto,

@@ -16,6 +16,11 @@
 //!   connection, for every site) and a request rumqttc itself refuses are final for that message only: the
 //!   batch completes with a [`Refusal`] for it, which the agent connection reports to the agent (which
 //!   dead-letters it). Only a lost connection fails a batch.
+//! - Some brokers refuse by closing the connection instead (Mosquitto 2.0.11 sends PUBACK 0x87 for an
+//!   ACL-denied publish and then drops the client; rumqttc loses that PUBACK with the connection). Such a
+//!   *poison* message would fail its batch forever. So the QoS 1/2 messages in flight when the connection
+//!   fails become [`Suspects`]: when they come again (the agent resends), each is published alone, and one
+//!   that is alone in flight when the connection fails [`POISON_STRIKES`] times is refused (0x80) instead.
 //!
 //! When the broker connection fails, rumqttc would keep the unsent requests and retransmit some of them on the
 //! next connection, which makes the FIFO ambiguous. So the whole client is thrown away instead: every batch in
@@ -120,6 +125,8 @@ pub enum PublishError {
 /// A batch and its completion.
 #[derive(Debug)]
 struct PublishBatch {
+    /// The site the batch came from (suspects are per site and seq).
+    site: String,
     messages: Vec<OutMessage>,
     done: oneshot::Sender<Result<Refusals, PublishError>>,
 }
@@ -150,6 +157,7 @@ impl Publisher {
     /// broker (or the batch failed). An empty batch completes at once.
     pub(crate) async fn submit(
         &self,
+        site: &str,
         messages: Vec<OutMessage>,
     ) -> oneshot::Receiver<Result<Refusals, PublishError>> {
         let (done, rx) = oneshot::channel();
@@ -157,8 +165,14 @@ impl Publisher {
             let _ = done.send(Ok(Vec::new()));
             return rx;
         }
-        if let Err(mpsc::error::SendError(batch)) =
-            self.tx.send(PublishBatch { messages, done }).await
+        if let Err(mpsc::error::SendError(batch)) = self
+            .tx
+            .send(PublishBatch {
+                site: site.to_owned(),
+                messages,
+                done,
+            })
+            .await
         {
             let _ = batch.done.send(Err(PublishError::Stopped));
         }
@@ -180,6 +194,7 @@ type Tagged = (u64, Result<Event, ConnectionError>);
 /// A batch waiting for its messages' acknowledgements.
 #[derive(Debug)]
 struct Waiter {
+    site: String,
     remaining: usize,
     refused: Refusals,
     done: oneshot::Sender<Result<Refusals, PublishError>>,
@@ -200,6 +215,10 @@ struct PublisherTask {
     inflight: HashMap<u16, (u64, u64)>,
     /// The broker's Maximum Packet Size from its CONNACK, if it set one.
     max_packet_size: Option<usize>,
+    /// Messages in flight when the broker connection failed; see the module docs.
+    suspects: Suspects,
+    /// The suspect published alone, waiting for its answer: (batch id, seq).
+    isolated: Option<(u64, u64)>,
     waiters: HashMap<u64, Waiter>,
     next_batch: u64,
     events_tx: mpsc::Sender<Tagged>,
@@ -238,6 +257,8 @@ impl PublisherTask {
             unsent: VecDeque::with_capacity(REQUEST_CAP),
             inflight: HashMap::with_capacity(usize::from(INFLIGHT_LIMIT)),
             max_packet_size: None,
+            suspects: Suspects::default(),
+            isolated: None,
             waiters: HashMap::new(),
             next_batch: 0,
             events_tx,
@@ -299,6 +320,7 @@ impl PublisherTask {
         self.waiters.insert(
             id,
             Waiter {
+                site: batch.site,
                 remaining: batch.messages.len(),
                 refused: Vec::new(),
                 done: batch.done,
@@ -311,15 +333,40 @@ impl PublisherTask {
     /// Hands backlog messages to rumqttc while its request channel has room (only this task sends on it, so
     /// `try_publish` cannot find it full).
     fn feed(&mut self) {
-        while self.unsent.len() < REQUEST_CAP {
+        while self.unsent.len() < REQUEST_CAP && self.isolated.is_none() {
+            let Some((id, m)) = self.backlog.front() else {
+                break;
+            };
+            let (id, seq) = (*id, m.seq);
+            let Some(waiter) = self.waiters.get(&id) else {
+                // The batch already failed; do not publish the rest of it.
+                self.backlog.pop_front();
+                continue;
+            };
+            if let Some(strikes) = self.suspects.strikes(&waiter.site, seq) {
+                if strikes >= POISON_STRIKES {
+                    let site = waiter.site.clone();
+                    self.backlog.pop_front();
+                    self.suspects.clear(&site, seq);
+                    warn!(%site, seq, strikes, "the cloud broker closed its connection every time this message was published alone: refused as poison");
+                    self.refuse(
+                        id,
+                        seq,
+                        REASON_UNSPECIFIED,
+                        format!("the cloud broker closed its connection each of the {strikes} times this message was published alone (a refusal it does not report, such as Mosquitto's ACL denial)"),
+                    );
+                    continue;
+                }
+                if !(self.unsent.is_empty() && self.inflight.is_empty()) {
+                    // Publish it alone: wait for what is in flight.
+                    break;
+                }
+                self.isolated = Some((id, seq));
+            }
             let Some((id, m)) = self.backlog.pop_front() else {
                 break;
             };
-            if !self.waiters.contains_key(&id) {
-                // The batch already failed; do not publish the rest of it.
-                continue;
-            }
-            let (qos, seq) = (m.qos, m.seq);
+            let qos = m.qos;
             if let Some(max) = self.max_packet_size {
                 let size = m.packet_size_bound();
                 if size > max {
@@ -379,6 +426,7 @@ impl PublisherTask {
                     return;
                 };
                 if qos == QoS::AtMostOnce {
+                    self.resolve_isolated(id, seq);
                     self.complete(id);
                 } else {
                     self.inflight.insert(pkid, (id, seq));
@@ -430,6 +478,7 @@ impl PublisherTask {
         );
         self.connected = false;
         self.connected_tx.send_replace(false);
+        self.note_suspects();
         self.fail_all(&PublishError::ConnectionLost);
         // A fresh client: the old one's leftovers must never be sent (see the module docs).
         self.drive_stop.cancel();
@@ -448,8 +497,21 @@ impl PublisherTask {
 
     fn complete_pkid(&mut self, pkid: u16) {
         match self.inflight.remove(&pkid) {
-            Some((id, _)) => self.complete(id),
+            Some((id, seq)) => {
+                self.resolve_isolated(id, seq);
+                self.complete(id);
+            }
             None => debug!(pkid, "ack for an unknown packet id; ignored"),
+        }
+    }
+
+    /// The broker answered the message published alone: it is no longer a suspect.
+    fn resolve_isolated(&mut self, id: u64, seq: u64) {
+        if self.isolated == Some((id, seq)) {
+            self.isolated = None;
+            if let Some(w) = self.waiters.get(&id) {
+                self.suspects.clear(&w.site, seq);
+            }
         }
     }
 
@@ -462,13 +524,17 @@ impl PublisherTask {
 
     fn refuse_pkid(&mut self, pkid: u16, reason_code: u8, detail: String) {
         match self.inflight.remove(&pkid) {
-            Some((id, seq)) => self.refuse(id, seq, reason_code, detail),
+            Some((id, seq)) => {
+                self.resolve_isolated(id, seq);
+                self.refuse(id, seq, reason_code, detail);
+            }
             None => debug!(pkid, "refusal for an unknown packet id; ignored"),
         }
     }
 
     /// Records a final refusal of one message; it counts as done for its batch.
     fn refuse(&mut self, id: u64, seq: u64, reason_code: u8, detail: String) {
+        self.resolve_isolated(id, seq);
         if let Some(w) = self.waiters.get_mut(&id) {
             w.refused.push(Refusal {
                 seq,
@@ -496,8 +562,35 @@ impl PublisherTask {
     }
 
     fn fail(&mut self, id: u64, error: PublishError) {
+        if self.isolated.is_some_and(|(isolated, _)| isolated == id) {
+            // Its batch failed for another reason; the suspect stays a suspect.
+            self.isolated = None;
+        }
         if let Some(w) = self.waiters.remove(&id) {
             let _ = w.done.send(Err(error));
+        }
+    }
+
+    /// On a failed connection: a message published alone gets a strike; otherwise every QoS 1/2 message
+    /// still waiting for the broker becomes a suspect (QoS 0 ones completed when written).
+    fn note_suspects(&mut self) {
+        if let Some((id, seq)) = self.isolated.take() {
+            if let Some(w) = self.waiters.get(&id) {
+                let strikes = self.suspects.strike(&w.site, seq);
+                warn!(site = %w.site, seq, strikes, "the cloud broker connection failed while this message was published alone");
+            }
+            return;
+        }
+        let in_flight = self.inflight.values().copied().chain(
+            self.unsent
+                .iter()
+                .filter(|u| u.1 != QoS::AtMostOnce)
+                .map(|u| (u.0, u.2)),
+        );
+        for (id, seq) in in_flight {
+            if let Some(w) = self.waiters.get(&id) {
+                self.suspects.suspect(&w.site, seq);
+            }
         }
     }
 
@@ -508,10 +601,69 @@ impl PublisherTask {
         self.backlog.clear();
         self.unsent.clear();
         self.inflight.clear();
+        self.isolated = None;
+    }
+}
+
+/// Times a message may be alone in flight when the broker connection fails before it counts as poison.
+/// Two, so that one unrelated connection failure does not condemn a good message.
+const POISON_STRIKES: u8 = 2;
+/// Most suspects remembered; beyond that new ones are not tracked (they are retried as before).
+const MAX_SUSPECTS: usize = 10_000;
+
+/// Messages that were in flight when the broker connection failed, by site and seq, with how often the
+/// connection failed while each was published alone. Pure bookkeeping; the publisher task decides.
+#[derive(Debug, Default)]
+struct Suspects {
+    by_site: HashMap<String, HashMap<u64, u8>>,
+    len: usize,
+}
+
+impl Suspects {
+    fn strikes(&self, site: &str, seq: u64) -> Option<u8> {
+        if self.len == 0 {
+            return None;
+        }
+        self.by_site.get(site)?.get(&seq).copied()
+    }
+
+    fn suspect(&mut self, site: &str, seq: u64) {
+        if self.len >= MAX_SUSPECTS {
+            return;
+        }
+        let entry = self.by_site.entry(site.to_owned()).or_default();
+        if let std::collections::hash_map::Entry::Vacant(v) = entry.entry(seq) {
+            v.insert(0);
+            self.len += 1;
+        }
+    }
+
+    /// Adds a strike (suspecting it first if needed) and returns the count.
+    fn strike(&mut self, site: &str, seq: u64) -> u8 {
+        self.suspect(site, seq);
+        match self.by_site.get_mut(site).and_then(|m| m.get_mut(&seq)) {
+            Some(strikes) => {
+                *strikes = strikes.saturating_add(1);
+                *strikes
+            }
+            None => 0,
+        }
+    }
+
+    fn clear(&mut self, site: &str, seq: u64) {
+        if let Some(m) = self.by_site.get_mut(site) {
+            if m.remove(&seq).is_some() {
+                self.len -= 1;
+            }
+            if m.is_empty() {
+                self.by_site.remove(site);
+            }
+        }
     }
 }
 
 /// MQTT 5 reason codes the hub gives refusals it decides itself.
+const REASON_UNSPECIFIED: u8 = 0x80;
 const REASON_TOPIC_NAME_INVALID: u8 = 0x90;
 const REASON_PACKET_TOO_LARGE: u8 = 0x95;
 
@@ -585,4 +737,82 @@ pub(crate) fn base_options(
         .set_outgoing_inflight_upper_limit(INFLIGHT_LIMIT)
         .set_request_channel_capacity(REQUEST_CAP);
     options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suspects_count_strikes_per_site_and_seq_and_forget_when_cleared() {
+        let mut s = Suspects::default();
+        assert_eq!(s.strikes("line1", 5), None);
+        s.suspect("line1", 5);
+        s.suspect("line1", 5);
+        s.suspect("line2", 5);
+        assert_eq!(s.len, 2);
+        assert_eq!(s.strikes("line1", 5), Some(0));
+        assert_eq!(s.strike("line1", 5), 1);
+        assert_eq!(s.strike("line1", 5), 2);
+        assert_eq!(s.strikes("line2", 5), Some(0), "sites are apart");
+        // A strike on an unknown message suspects it first.
+        assert_eq!(s.strike("line3", 9), 1);
+        s.clear("line1", 5);
+        s.clear("line1", 5);
+        assert_eq!(s.strikes("line1", 5), None);
+        assert_eq!(s.len, 2);
+        s.clear("line2", 5);
+        s.clear("line3", 9);
+        assert_eq!(s.len, 0);
+        assert!(s.by_site.is_empty());
+    }
+
+    #[test]
+    fn suspects_are_bounded() {
+        let mut s = Suspects::default();
+        for seq in 0..(MAX_SUSPECTS as u64 + 10) {
+            s.suspect("line1", seq);
+        }
+        assert_eq!(s.len, MAX_SUSPECTS);
+        assert_eq!(s.strikes("line1", MAX_SUSPECTS as u64 + 5), None);
+    }
+
+    #[test]
+    fn the_packet_size_bound_is_never_below_rumqttcs_size() {
+        use rumqttc::v5::mqttbytes::v5::Publish;
+        let props = PublishProperties {
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(60),
+            topic_alias: None,
+            response_topic: Some("reply/to".to_owned()),
+            correlation_data: Some(Bytes::from_static(b"abc")),
+            user_properties: vec![("meshbridge-id".to_owned(), "line1/17".to_owned())],
+            subscription_identifiers: Vec::new(),
+            content_type: Some("text/plain".to_owned()),
+        };
+        for payload in [0usize, 10, 200, 20_000] {
+            let m = OutMessage {
+                topic: "acme/plant1/line1/t".to_owned(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                payload: Bytes::from(vec![0; payload]),
+                properties: props.clone(),
+                seq: 17,
+            };
+            let mut exact = Publish::new(
+                m.topic.clone(),
+                m.qos,
+                m.payload.clone(),
+                Some(props.clone()),
+            );
+            exact.pkid = 1;
+            let bound = m.packet_size_bound();
+            assert!(bound >= exact.size(), "{bound} < {}", exact.size());
+            assert!(
+                bound <= exact.size() + 8,
+                "{bound} far above {}",
+                exact.size()
+            );
+        }
+    }
 }

@@ -6,9 +6,9 @@
 //!
 //! The cloud broker is Debian's Mosquitto with `max_packet_size`, which it announces in CONNACK: a message
 //! over it was sent anyway by rumqttc and failed the hub's whole broker connection, for every site. Now the
-//! hub refuses that one message (0x95) before publishing it. (An ACL denial is not used here: Mosquitto
-//! 2.0.11 answers it with PUBACK 0x87 and then closes the connection, so the refusal reaches the hub as a
-//! lost connection; see the README's dead-letter section.)
+//! hub refuses that one message (0x95) before publishing it. (Mosquitto 2.0.11 answers an ACL denial with
+//! PUBACK 0x87 and then closes the connection, so that refusal reaches the hub as a lost connection. The second test covers that case: the hub publishes the suspects of a failed connection
+//! one at a time and refuses, as poison, the one that is alone in flight whenever the broker hangs up.)
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -168,4 +168,84 @@ async fn a_refused_message_is_dead_lettered_and_the_rest_flows() {
     );
     let (_, listing) = dead_letters(&config, &["list"]);
     assert!(listing.contains("0 dead letter(s)"), "{listing}");
+}
+
+/// Mosquitto 2.0.11 answers an ACL-denied QoS 1 PUBLISH with PUBACK 0x87 and then closes the connection;
+/// the hub must single out the message that makes the broker hang up, dead-letter it, and let the rest flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_hangs_up_on_is_dead_lettered_as_poison() {
+    if mosquitto::skip("a_message_the_broker_hangs_up_on_is_dead_lettered_as_poison") {
+        return;
+    }
+    let mesh = Mesh::new(&["line1"]);
+    let acl = mesh.path().join("cloud.acl");
+    std::fs::write(
+        &acl,
+        "topic readwrite acme/plant1/line1/telemetry/#\ntopic read acme/#\n",
+    )
+    .expect("write acl");
+    let cloud_broker = Mosquitto::start(
+        "cloud-mosquitto",
+        mesh.path(),
+        &MosquittoOptions {
+            extra: format!("acl_file {}\n", acl.display()),
+            ..MosquittoOptions::default()
+        },
+    )
+    .await;
+    let hub_spec = mesh.hub_spec(
+        BrokerSpec::External {
+            address: cloud_broker.addr,
+            client_id: "meshbridge-hub".to_owned(),
+        },
+        &["line1"],
+    );
+    let hub = mesh.start_hub(&hub_spec).await;
+    let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
+    let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
+    spec.routes.push("secret/#".to_owned());
+    let _agent = mesh.start_agent("line1", &spec).await;
+    let config = mesh.path().join("line1.toml");
+    let edge = spec.broker.client_addr();
+
+    // One publisher, so the denied message sits in the middle of a batch.
+    let before = Publisher::start(edge, PublishPlan::new("before", "telemetry/a", 20));
+    before.wait_acked(20, Duration::from_secs(20)).await;
+    let secret = Publisher::start(edge, PublishPlan::new("secret", "secret/door", 1))
+        .finish()
+        .await;
+    assert_eq!(secret.acked.len(), 1, "the edge accepted it: {secret:?}");
+    let after = Publisher::start(edge, PublishPlan::new("after", "telemetry/b", 20))
+        .finish()
+        .await;
+    let before = before.finish().await;
+
+    let expected: BTreeSet<MsgId> = before.acked_ids().chain(after.acked_ids()).collect();
+    let arrived = cloud.wait_for_all(&expected, Duration::from_secs(60)).await;
+    let report = Report::new(&[&before, &after], &cloud.received());
+    assert!(
+        arrived,
+        "messages around a poison one: {report}\n{}",
+        hub.log_text()
+    );
+    report.assert_no_loss();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, listing) = dead_letters(&config, &["list"]);
+        assert!(ok, "{listing}");
+        if listing.contains("1 dead letter(s)") {
+            assert!(
+                listing.contains("reason=0x80") && listing.contains("secret/door"),
+                "{listing}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the poison message was dead-lettered:\n{listing}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(hub.log_text().contains("refused as poison"));
 }
