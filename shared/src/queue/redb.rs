@@ -68,6 +68,8 @@ pub struct RedbQueue {
     /// the ledger may be ahead of the disk, so both are reloaded before the next operation, read or write.
     poisoned: AtomicBool,
     repaired_on_open: bool,
+    /// False on a custom storage backend, which cannot be reopened by path after a failed write.
+    reopenable: bool,
 }
 
 #[derive(Debug)]
@@ -81,7 +83,30 @@ impl RedbQueue {
     /// Opens the queue at `path`, creating it if it does not exist.
     pub fn open(path: impl AsRef<Path>, limits: QueueLimits) -> Result<Self, QueueError> {
         let path = path.as_ref().to_path_buf();
-        let (db, repaired) = open_db(&path)?;
+        let (db, repaired) = open_db(&path, None::<redb::backends::InMemoryBackend>)?;
+        Self::with_db(path, db, repaired, limits, true)
+    }
+
+    /// Opens the queue on a custom redb storage backend; `label` names it in errors. For tests that
+    /// model the disk itself (a power cut that loses unsynced writes: `shared/tests/queue_power_cut.rs`).
+    /// After a failed write such a queue cannot reopen itself, so every later call fails.
+    pub fn open_on_backend(
+        backend: impl redb::StorageBackend,
+        label: impl AsRef<Path>,
+        limits: QueueLimits,
+    ) -> Result<Self, QueueError> {
+        let path = label.as_ref().to_path_buf();
+        let (db, repaired) = open_db(&path, Some(backend))?;
+        Self::with_db(path, db, repaired, limits, false)
+    }
+
+    fn with_db(
+        path: PathBuf,
+        db: Database,
+        repaired: bool,
+        limits: QueueLimits,
+        reopenable: bool,
+    ) -> Result<Self, QueueError> {
         let (ledger, incarnation) = load(&path, &db)?;
         Ok(Self {
             acked: AtomicU64::new(ledger.acked),
@@ -95,6 +120,7 @@ impl RedbQueue {
             }),
             poisoned: AtomicBool::new(false),
             repaired_on_open: repaired,
+            reopenable,
         })
     }
 
@@ -192,13 +218,20 @@ impl RedbQueue {
         if !self.poisoned.load(Ordering::Acquire) {
             return Ok(());
         }
+        if !self.reopenable {
+            return Err(QueueError::Format {
+                path: self.path.display().to_string(),
+                detail:
+                    "a queue on a custom storage backend cannot reopen itself after a failed write",
+            });
+        }
         let db = {
             let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
             // Close the poisoned handle first: redb locks the file, so a second handle cannot open it. A
             // reader still holding the old Arc keeps it open; the open below then fails, the writer stays
             // poisoned and the next call retries.
             drop(slot.take());
-            let (db, _) = open_db(&self.path)?;
+            let (db, _) = open_db(&self.path, None::<redb::backends::InMemoryBackend>)?;
             let db = Arc::new(db);
             *slot = Some(Arc::clone(&db));
             db
@@ -270,14 +303,23 @@ impl Tables<'_> {
     }
 }
 
-fn open_db(path: &Path) -> Result<(Database, bool), QueueError> {
+/// Opens the file at `path`, or the given backend, with the queue's builder settings; says whether redb
+/// ran its crash recovery.
+fn open_db(
+    path: &Path,
+    backend: Option<impl redb::StorageBackend>,
+) -> Result<(Database, bool), QueueError> {
     let repaired = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&repaired);
-    let db = Database::builder()
+    let mut builder = Database::builder();
+    builder
         .set_cache_size(CACHE_BYTES)
-        .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
-        .create(path)
-        .map_err(|e| storage_error(path, e.into()))?;
+        .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed));
+    let db = match backend {
+        None => builder.create(path),
+        Some(backend) => builder.create_with_backend(backend),
+    }
+    .map_err(|e| storage_error(path, e.into()))?;
     Ok((db, repaired.load(Ordering::Relaxed)))
 }
 
