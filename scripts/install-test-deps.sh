@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Installs what the tests need and is not built by cargo: Debian's Mosquitto broker (the e2e tests run it at
-# the edge and at the cloud) and its command-line clients. Does nothing when they are already there.
+# the edge and at the cloud) and its command-line clients, and fiu-utils (fiu-run/fiu-ctrl make fsync fail
+# under a running agent in tests/tests/fault_disk.rs). Does nothing when they are already there.
 set -euo pipefail
 
-PACKAGES=(mosquitto mosquitto-clients)
+PACKAGES=(mosquitto mosquitto-clients fiu-utils)
 
 have() { command -v "$1" >/dev/null 2>&1 || [[ -x "/usr/sbin/$1" ]]; }
 
 missing=()
 have mosquitto || missing+=(mosquitto)
 have mosquitto_pub || missing+=(mosquitto-clients)
+have fiu-run || missing+=(fiu-utils)
 
 if ((${#missing[@]} > 0)); then
     if [[ $(id -u) -eq 0 ]]; then
@@ -19,7 +21,7 @@ if ((${#missing[@]} > 0)); then
     else
         echo "install-test-deps: cannot install ${missing[*]} (not root and no password-less sudo)." >&2
         echo "install-test-deps: run: sudo apt-get install ${PACKAGES[*]}" >&2
-        echo "install-test-deps: the Mosquitto tests will be skipped until then." >&2
+        echo "install-test-deps: the tests that need them will be skipped until then (and fail under CI=true)." >&2
         exit 0
     fi
     if ! command -v apt-get >/dev/null 2>&1; then

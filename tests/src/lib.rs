@@ -13,6 +13,7 @@
 //! - [`mosquitto`]: Debian's Mosquitto on a free port; [`cloud`]: an in-process broker that outlives hub
 //!   restarts.
 //! - [`prereq`]: what a test needs beyond cargo (root, Mosquitto), failing under `CI=true` when missing.
+//! - [`tmpfs`]: a small tmpfs to fill a disk on purpose (root).
 //! - [`mqtt`]: a publisher that knows exactly which messages were acknowledged, a collecting subscriber,
 //!   and the [`mqtt::Report`] that compares the two.
 
@@ -26,6 +27,7 @@ pub mod pki;
 pub mod prereq;
 pub mod process;
 pub mod spec;
+pub mod tmpfs;
 
 /// Length of the bodies the queue crash driver writes.
 pub const CRASH_BODY_LEN: usize = 200;

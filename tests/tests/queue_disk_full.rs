@@ -4,46 +4,9 @@
 //! The test mounts a small tmpfs of its own, which needs root (CI runs as root). Without root it fails under
 //! `CI=true` and elsewhere skips loudly (`meshbridge_tests::prereq`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use meshbridge_tests::prereq;
+use meshbridge_tests::tmpfs::{fill, Tmpfs};
 use shared::queue::{Queue, QueueError, QueueLimits, RedbQueue};
-
-/// A tmpfs mounted for the test's lifetime.
-struct Tmpfs {
-    dir: PathBuf,
-    _parent: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Self> {
-        let parent = tempfile::tempdir().expect("tempdir");
-        let dir = parent.path().join("fs");
-        std::fs::create_dir(&dir).expect("mkdir");
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "meshbridge-test",
-            ])
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Self {
-            dir,
-            _parent: parent,
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
 
 fn body(seq: u64) -> Vec<u8> {
     let mut b = seq.to_le_bytes().to_vec();
@@ -57,21 +20,6 @@ fn read_all(q: &RedbQueue) -> Vec<(u64, Vec<u8>)> {
         .into_iter()
         .map(|e| (e.seq, e.body.to_vec()))
         .collect()
-}
-
-fn fill(path: &Path, bytes: usize) {
-    // Write until the filesystem refuses: the rest of the space, less what the test leaves free.
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).expect("ballast");
-    let chunk = vec![0xa5u8; 64 * 1024];
-    let mut written = 0;
-    while written < bytes {
-        match f.write(&chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => written += n,
-        }
-    }
-    let _ = f.sync_all();
 }
 
 #[test]
