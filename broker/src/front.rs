@@ -29,19 +29,34 @@
 //! client→broker side registers the packet ids of a batch before it writes the batch's bytes to the
 //! broker, so a broker ack can never be read before its registration is visible.
 //!
+//! Limits of the path (issue 7, "acknowledged, then dropped"): with [`FrontOptions::limits`] set, a
+//! selected PUBLISH the path to the hub cannot carry (payload over the maximum message size, or topic too
+//! long once the hub prefixes the site's namespace; see `shared::limits`) is refused at PUBLISH time: it
+//! is neither committed nor forwarded to the broker, and the front answers the client itself. MQTT 5:
+//! PUBACK/PUBREC with reason 0x83 (Implementation specific error; not 0x95, which MQTT 5 does not allow
+//! in PUBACK/PUBREC: see `shared::limits`) or 0x90 (Topic Name invalid). MQTT 3.1.1 has no
+//! negative ack; the front does what Mosquitto does with `message_size_limit`: it logs and discards the
+//! message and still acknowledges it (PUBACK, or PUBREC then PUBCOMP for the client's PUBREL), so the
+//! client's later messages keep flowing. Closing the connection instead would make the client resend the
+//! same message after every reconnect and wedge it. QoS 0: logged and discarded. Every refusal is
+//! counted ([`SharedLimits::refused`]). The front's own answers are queued behind acks it already
+//! holds, but may overtake a broker ack of an earlier PUBLISH that the broker has not sent yet.
+//!
 //! Closing: either side closing closes the other; a gone commit pipeline (agent shutting down) or the
 //! `shutdown` token closes every connection. Held acks are then dropped unsent, so clients retransmit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use shared::limits::{Refusal, SharedLimits};
 use shared::mqtt::{
-    self, Ack, AliasError, Connect, DecodeError, FixedHeader, PacketType, ProtocolVersion, Publish,
-    QoS, TopicAliases, CONNACK_UNACCEPTABLE_PROTOCOL, REASON_QUOTA_EXCEEDED,
+    self, Ack, AckKind, AliasError, Connect, DecodeError, FixedHeader, PacketType, ProtocolVersion,
+    Publish, QoS, TopicAliases, CONNACK_UNACCEPTABLE_PROTOCOL, REASON_QUOTA_EXCEEDED,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -79,6 +94,10 @@ pub struct FrontOptions {
     /// name or password" (5.0 reason 0x86) before anything reaches the broker. rumqttd's own static
     /// logins are not used because the front must answer before it has picked a broker listener.
     pub credentials: Option<(String, String)>,
+    /// The limits a selected PUBLISH must meet to reach the hub; one that does not is refused at
+    /// PUBLISH time (see the module docs). `None`: no check (the hub's own front, which selects nothing
+    /// for a further hop).
+    pub limits: Option<Arc<SharedLimits>>,
 }
 
 impl Default for FrontOptions {
@@ -87,6 +106,7 @@ impl Default for FrontOptions {
             max_packet_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             credentials: None,
+            limits: None,
         }
     }
 }
@@ -412,6 +432,7 @@ async fn connection(
         version,
         aliases: TopicAliases::new(),
         registrations: registrations_tx,
+        refused_qos2: HashSet::new(),
     }
     .run(client_rd, upstream_wr, from_client);
     let down = BrokerToClient::new(version, max).run(upstream_rd, client_wr, registrations_rx);
@@ -542,10 +563,16 @@ fn frames(chunk: &Bytes) -> impl Iterator<Item = (usize, FixedHeader, Bytes)> + 
     })
 }
 
-/// The packet ids of one commit batch whose broker acks must wait for `done`.
-struct Registration {
-    waits: Vec<u16>,
-    done: oneshot::Receiver<Result<(), CommitRejected>>,
+/// What the client→broker half tells the broker→client half, in client packet order.
+enum Registration {
+    /// The packet ids of one commit batch whose broker acks must wait for `done`.
+    Commit {
+        waits: Vec<u16>,
+        done: oneshot::Receiver<Result<(), CommitRejected>>,
+    },
+    /// A packet the front answers itself (a refused PUBLISH's ack, or the PUBCOMP that ends a refused
+    /// 3.1.1 QoS 2 exchange): sent after the acks already held.
+    Answer { ack: Option<Ack>, frame: Bytes },
 }
 
 /// The client→broker half: relays bytes, captures selected PUBLISHes, sends commit batches.
@@ -554,6 +581,9 @@ struct ClientToBroker<'a> {
     version: ProtocolVersion,
     aliases: TopicAliases,
     registrations: mpsc::UnboundedSender<Registration>,
+    /// Packet ids of refused 3.1.1 QoS 2 PUBLISHes answered with PUBREC: their PUBREL is answered by the
+    /// front too (the broker never saw the PUBLISH).
+    refused_qos2: HashSet<u16>,
 }
 
 impl ClientToBroker<'_> {
@@ -599,7 +629,20 @@ impl ClientToBroker<'_> {
     ) -> Result<(), FrontError> {
         let mut messages = Vec::new();
         let mut waits = Vec::new();
-        for (_, header, frame) in frames(&chunk) {
+        // Packets the front answers itself instead of forwarding.
+        let mut cut: Vec<Range<usize>> = Vec::new();
+        for (start, header, frame) in frames(&chunk) {
+            if header.packet_type == PacketType::Pubrel && !self.refused_qos2.is_empty() {
+                let at = header.header_len;
+                if let Some(&[hi, lo]) = frame.get(at..at + 2) {
+                    let id = u16::from_be_bytes([hi, lo]);
+                    if self.refused_qos2.remove(&id) {
+                        cut.push(start..start + frame.len());
+                        self.answer(None, Bytes::copy_from_slice(&[0x70, 2, hi, lo]));
+                    }
+                }
+                continue;
+            }
             if header.packet_type != PacketType::Publish {
                 continue;
             }
@@ -612,6 +655,13 @@ impl ClientToBroker<'_> {
             }
             if !(self.shared.select)(&publish.topic) {
                 continue;
+            }
+            if let Some(limits) = &self.shared.options.limits {
+                if let Err(refusal) = limits.check(publish.topic.len(), publish.payload.len()) {
+                    self.refuse(&publish, refusal, limits.refused());
+                    cut.push(start..start + frame.len());
+                    continue;
+                }
             }
             if let (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) =
                 (publish.qos, publish.packet_id)
@@ -627,17 +677,31 @@ impl ClientToBroker<'_> {
             if !waits.is_empty() {
                 // Registered before the bytes reach the broker: its ack cannot overtake this.
                 // A send error means the broker half ended; the connection is closing anyway.
-                let _ = self.registrations.send(Registration {
+                let _ = self.registrations.send(Registration::Commit {
                     waits,
                     done: done_rx,
                 });
             }
             Some(done_tx)
         };
-        upstream
-            .write_all(&chunk)
-            .await
-            .map_err(|source| FrontError::UpstreamIo { source })?;
+        let forward = if cut.is_empty() {
+            chunk
+        } else {
+            let mut kept = BytesMut::with_capacity(chunk.len());
+            let mut at = 0;
+            for range in cut {
+                kept.extend_from_slice(&chunk[at..range.start]);
+                at = range.end;
+            }
+            kept.extend_from_slice(&chunk[at..]);
+            kept.freeze()
+        };
+        if !forward.is_empty() {
+            upstream
+                .write_all(&forward)
+                .await
+                .map_err(|source| FrontError::UpstreamIo { source })?;
+        }
         if let Some(done) = done {
             debug!(messages = messages.len(), "commit batch");
             self.shared
@@ -650,11 +714,60 @@ impl ClientToBroker<'_> {
     }
 }
 
-/// A broker ack waiting to be sent to the client.
+impl ClientToBroker<'_> {
+    /// Logs a refused PUBLISH and answers it: MQTT 5 with the refusal's reason code, 3.1.1 with a plain
+    /// ack (Mosquitto's `message_size_limit` behaviour; see the module docs). QoS 0 gets no answer.
+    fn refuse(&mut self, publish: &Publish, refusal: Refusal, refused_total: u64) {
+        warn!(
+            topic_len = publish.topic.len(),
+            payload_len = publish.payload.len(),
+            qos = ?publish.qos,
+            packet_id = publish.packet_id,
+            cause = %refusal,
+            kind = refusal.kind(),
+            refused_total,
+            "message refused at PUBLISH time: the path to the hub cannot carry it"
+        );
+        let kind = match (publish.qos, publish.packet_id) {
+            (QoS::AtLeastOnce, Some(_)) => AckKind::Puback,
+            (QoS::ExactlyOnce, Some(id)) => {
+                if self.version != ProtocolVersion::V5 {
+                    self.refused_qos2.insert(id);
+                }
+                AckKind::Pubrec
+            }
+            _ => return,
+        };
+        let Some(packet_id) = publish.packet_id else {
+            return;
+        };
+        let reason = if self.version == ProtocolVersion::V5 {
+            refusal.v5_reason()
+        } else {
+            0
+        };
+        let mut frame = BytesMut::with_capacity(5);
+        mqtt::encode_ack(kind, packet_id, reason, self.version, &mut frame);
+        let ack = Ack {
+            kind,
+            packet_id,
+            reason,
+        };
+        self.answer(Some(ack), frame.freeze());
+    }
+
+    fn answer(&self, ack: Option<Ack>, frame: Bytes) {
+        // A send error means the broker half ended; the connection is closing anyway.
+        let _ = self.registrations.send(Registration::Answer { ack, frame });
+    }
+}
+
+/// A packet waiting to be sent to the client: a broker ack, or an answer of the front itself.
 struct HeldAck {
     /// The commit batch it waits on; `None` if it only waits behind earlier held acks.
     batch: Option<u64>,
-    ack: Ack,
+    /// The ack it is (`None`: a PUBCOMP of the front); needed to answer a rejected commit.
+    ack: Option<Ack>,
     frame: Bytes,
 }
 
@@ -766,16 +879,31 @@ impl BrokerToClient {
     }
 
     fn register(&mut self, registration: Registration) {
+        let (waits, done) = match registration {
+            Registration::Commit { waits, done } => (waits, done),
+            Registration::Answer { ack, frame } => {
+                if self.held.is_empty() {
+                    self.out.extend_from_slice(&frame);
+                } else {
+                    self.held.push_back(HeldAck {
+                        batch: None,
+                        ack,
+                        frame,
+                    });
+                }
+                return;
+            }
+        };
         let id = self.next_batch;
         self.next_batch += 1;
-        let refs = registration.waits.len();
+        let refs = waits.len();
         let batch = Batch {
-            done: registration.done,
+            done,
             outcome: None,
             refs,
         };
         self.batches.insert(id, batch);
-        for &packet_id in &registration.waits {
+        for &packet_id in &waits {
             if let Some(older) = self.waiting.insert(packet_id, id) {
                 // The client reused a packet id before its ack (possibly within this batch): the
                 // newest registration covers it, the older one no longer expects that ack.
@@ -809,7 +937,11 @@ impl BrokerToClient {
                         held_any = true;
                         self.out.extend_from_slice(&chunk[..start]);
                     }
-                    self.held.push_back(HeldAck { batch, ack, frame });
+                    self.held.push_back(HeldAck {
+                        batch,
+                        ack: Some(ack),
+                        frame,
+                    });
                     continue;
                 }
             }
@@ -835,6 +967,13 @@ impl BrokerToClient {
             if let Some(b) = batch {
                 self.unref(b);
             }
+            let ack = match (outcome, ack) {
+                (Ok(()), _) | (Err(_), None) => {
+                    self.out.extend_from_slice(&frame);
+                    continue;
+                }
+                (Err(_), Some(ack)) => ack,
+            };
             match outcome {
                 Ok(()) => self.out.extend_from_slice(&frame),
                 Err(source) if self.version == ProtocolVersion::V5 => {

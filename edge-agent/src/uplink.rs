@@ -18,12 +18,14 @@
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use shared::config::UplinkConfig;
+use shared::limits::{PathLimits, SharedLimits};
 use shared::queue::{Entry, Queue, QueueError, RedbQueue};
 use shared::wire::{
     self, BatchEncoder, BatchKind, Capabilities, DecodeError, EncodeError, Frame, FrameType,
@@ -178,6 +180,10 @@ pub(crate) struct Uplink {
     appended: Arc<Notify>,
     client_config: quinn::ClientConfig,
     endpoint: Option<Endpoint>,
+    /// The path's limits, which every `Welcome` updates (see `crate::limits`).
+    limits: Arc<SharedLimits>,
+    /// Where the hub's last limits are persisted.
+    data_dir: PathBuf,
 }
 
 /// How a connection ended.
@@ -196,6 +202,8 @@ impl Uplink {
         queue: Arc<RedbQueue>,
         appended: Arc<Notify>,
         client_config: quinn::ClientConfig,
+        limits: Arc<SharedLimits>,
+        data_dir: PathBuf,
     ) -> Self {
         Self {
             cfg,
@@ -204,6 +212,8 @@ impl Uplink {
             appended,
             client_config,
             endpoint: None,
+            limits,
+            data_dir,
         }
     }
 
@@ -401,9 +411,20 @@ impl Session<'_> {
                 version,
                 max_frame_size,
                 hub_high_water,
+                max_message_size,
+                max_topic_len,
                 ..
             } => {
-                debug!(version, max_frame_size, "welcomed");
+                debug!(
+                    version,
+                    max_frame_size, max_message_size, max_topic_len, "welcomed"
+                );
+                let announced = PathLimits {
+                    max_message_size,
+                    max_topic_len,
+                };
+                crate::limits::announce(&self.uplink.limits, &self.uplink.data_dir, announced)
+                    .await;
                 let hub_max = usize::try_from(max_frame_size).unwrap_or(usize::MAX);
                 (hub_max.min(cfg.max_frame_size.as_usize()), hub_high_water)
             }

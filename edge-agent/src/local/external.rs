@@ -13,6 +13,13 @@
 //!   1000` does. The agent warns once at startup, and watches `$SYS/broker/publish/messages/dropped`,
 //!   warning whenever it increases.
 //!
+//! - A message the path to the hub cannot carry (payload over the limit in force, or a topic too long
+//!   for the hub's namespace; see `crate::limits`) cannot be refused to its publisher: the site broker
+//!   already acknowledged it. It is logged at `error` with its topic, counted, acknowledged to the broker
+//!   and not forwarded, so it neither wedges the session (the broker would redeliver it forever) nor
+//!   disappears without a trace. There is no dead-letter store. Set the broker's own limit (Mosquitto:
+//!   `message_size_limit`) to the agent's to refuse such messages to their publishers.
+//!
 //! The EventLoop is polled by this task alone and never blocked: commits and acks run in the ingest task.
 
 use std::sync::Arc;
@@ -27,7 +34,7 @@ use shared::config::ExternalBroker;
 use shared::envelope::{Properties, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::error::AgentError;
 use crate::ingest::{full_queue_backoff, log_commit_error, Group, Ingest, MAX_GROUP_MESSAGES};
@@ -269,6 +276,20 @@ fn add(group: &mut Group, ingest: &Ingest, publish: &mut Publish) {
         debug!(%topic, "no route matches; acknowledged but not forwarded");
         return;
     };
+    if let Err(refusal) = ingest.limits.check(topic.len(), publish.payload.len()) {
+        // Logged with the topic (cut short) so the operator can find the publisher.
+        let shown: String = topic.chars().take(200).collect();
+        error!(
+            topic = %shown,
+            topic_len = topic.len(),
+            payload_len = publish.payload.len(),
+            cause = %refusal,
+            kind = refusal.kind(),
+            refused_total = ingest.limits.refused(),
+            "message dropped: the path to the hub cannot carry it, and the site broker already acknowledged it to its publisher"
+        );
+        return;
+    }
     let qos = match publish.qos {
         MqttQoS::AtMostOnce => QoS::AtMostOnce,
         MqttQoS::AtLeastOnce => QoS::AtLeastOnce,
