@@ -42,6 +42,12 @@
 //! counted ([`SharedLimits::refused`]). The front's own answers are queued behind acks it already
 //! holds, but may overtake a broker ack of an earlier PUBLISH that the broker has not sent yet.
 //!
+//! Protocol violations rumqttd lets through are closed here, before anything of the offending read
+//! reaches the broker: a second CONNECT on a connection, a 3.1.1 PUBLISH with an empty topic name
+//! (which rumqttd would acknowledge and route nowhere), and a SUBSCRIBE/UNSUBSCRIBE with a malformed
+//! topic filter such as `a/#/b` (which rumqttd would grant). A v5 empty topic without a topic alias is a
+//! topic alias error ([`FrontError::TopicAlias`]).
+//!
 //! Closing: either side closing closes the other; a gone commit pipeline (agent shutting down) or the
 //! `shutdown` token closes every connection. Held acks are then dropped unsent, so clients retransmit.
 
@@ -223,6 +229,25 @@ pub enum FrontError {
         #[source]
         source: AliasError,
     },
+    /// The client sent a second CONNECT on its connection, a protocol violation (MQTT 3.1.1 §3.1,
+    /// 5.0 §3.1): the connection is closed without forwarding it.
+    #[error("second CONNECT on one connection")]
+    SecondConnect,
+    /// An MQTT 3.1.1 client sent a PUBLISH with an empty topic name, a protocol violation (3.1.1
+    /// §4.7.3: topic names are at least one character); the connection is closed without forwarding it.
+    /// (MQTT 5 allows an empty topic only with a topic alias; see [`FrontError::TopicAlias`].)
+    #[error("PUBLISH with an empty topic name")]
+    EmptyTopic,
+    /// A SUBSCRIBE or UNSUBSCRIBE carries a malformed topic filter (e.g. `a/#/b`; MQTT 3.1.1 §4.7.1,
+    /// 5.0 §4.7.1), which rumqttd would grant; the connection is closed without forwarding it.
+    #[error("malformed topic filter {filter:?}")]
+    InvalidTopicFilter {
+        /// The filter as sent.
+        filter: String,
+        /// What is wrong with it.
+        #[source]
+        source: shared::topic::TopicError,
+    },
     /// The commit pipeline is gone (agent shutting down) or dropped a request unanswered.
     #[error("the commit pipeline is closed")]
     CommitPipelineClosed,
@@ -333,6 +358,11 @@ fn log_connection_end(error: &FrontError) {
         FrontError::TopicAlias { source } => {
             warn!(cause = %source, "closing connection: topic alias misuse");
         }
+        FrontError::SecondConnect
+        | FrontError::EmptyTopic
+        | FrontError::InvalidTopicFilter { .. } => {
+            warn!(cause = %error, "closing connection: protocol violation by the client");
+        }
         FrontError::UpstreamConnect { .. } | FrontError::UpstreamDecode { .. } => {
             tracing::error!(cause = %error, "closing connection: broker side failed");
         }
@@ -433,6 +463,7 @@ async fn connection(
         aliases: TopicAliases::new(),
         registrations: registrations_tx,
         refused_qos2: HashSet::new(),
+        connect_relayed: false,
     }
     .run(client_rd, upstream_wr, from_client);
     let down = BrokerToClient::new(version, max).run(upstream_rd, client_wr, registrations_rx);
@@ -550,6 +581,18 @@ fn complete_prefix(buf: &[u8], max: usize) -> Result<usize, DecodeError> {
     }
 }
 
+/// Refuses a SUBSCRIBE/UNSUBSCRIBE with a malformed topic filter, which rumqttd would grant.
+fn check_filters(frame: &[u8], version: ProtocolVersion) -> Result<(), FrontError> {
+    let packet = mqtt::Filters::decode(frame, version)
+        .map_err(|source| FrontError::ClientDecode { source })?;
+    for filter in packet.filters {
+        if let Err(source) = shared::topic::TopicFilter::parse(&filter) {
+            return Err(FrontError::InvalidTopicFilter { filter, source });
+        }
+    }
+    Ok(())
+}
+
 /// Iterates over the packets of a chunk made of complete packets, as (offset, header, zero-copy frame).
 fn frames(chunk: &Bytes) -> impl Iterator<Item = (usize, FixedHeader, Bytes)> + '_ {
     let mut at = 0;
@@ -584,6 +627,9 @@ struct ClientToBroker<'a> {
     /// Packet ids of refused 3.1.1 QoS 2 PUBLISHes answered with PUBREC: their PUBREL is answered by the
     /// front too (the broker never saw the PUBLISH).
     refused_qos2: HashSet<u16>,
+    /// The client's CONNECT (the first packet of the buffer `run` starts with) went to the broker; any
+    /// later CONNECT is a protocol violation.
+    connect_relayed: bool,
 }
 
 impl ClientToBroker<'_> {
@@ -643,11 +689,31 @@ impl ClientToBroker<'_> {
                 }
                 continue;
             }
+            if header.packet_type == PacketType::Connect {
+                if self.connect_relayed {
+                    // Checked here because rumqttd ignores a second CONNECT; nothing of this chunk is
+                    // forwarded, and packets before it got no ack, so the client resends them.
+                    return Err(FrontError::SecondConnect);
+                }
+                self.connect_relayed = true;
+                continue;
+            }
+            if matches!(
+                header.packet_type,
+                PacketType::Subscribe | PacketType::Unsubscribe
+            ) {
+                check_filters(&frame, self.version)?;
+                continue;
+            }
             if header.packet_type != PacketType::Publish {
                 continue;
             }
             let mut publish = Publish::decode(&frame, self.version)
                 .map_err(|source| FrontError::ClientDecode { source })?;
+            if self.version != ProtocolVersion::V5 && publish.topic.is_empty() {
+                // rumqttd acknowledges it (and routes it nowhere): an acknowledged, lost message.
+                return Err(FrontError::EmptyTopic);
+            }
             if self.version == ProtocolVersion::V5 {
                 self.aliases
                     .resolve(&mut publish)
