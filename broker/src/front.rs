@@ -40,7 +40,9 @@
 //! client's later messages keep flowing. Closing the connection instead would make the client resend the
 //! same message after every reconnect and wedge it. QoS 0: logged and discarded. Every refusal is
 //! counted ([`SharedLimits::refused`]). The front's own answers are queued behind acks it already
-//! holds, but may overtake a broker ack of an earlier PUBLISH that the broker has not sent yet.
+//! holds, but may overtake a broker ack of an earlier PUBLISH that the broker has not sent yet. A refused
+//! v5 PUBLISH that defined a topic alias leaves the broker without it, so the next forwarded PUBLISH
+//! naming only that alias is re-encoded with its topic (defining the alias for the broker).
 //!
 //! Protocol violations rumqttd lets through are closed here, before anything of the offending read
 //! reaches the broker: a second CONNECT on a connection, a 3.1.1 PUBLISH with an empty topic name
@@ -248,6 +250,14 @@ pub enum FrontError {
         #[source]
         source: shared::topic::TopicError,
     },
+    /// A client PUBLISH could not be re-encoded with its topic (after a refused PUBLISH had defined its
+    /// topic alias). It was decoded from the wire, so this means a codec bug.
+    #[error("cannot re-encode a PUBLISH")]
+    Reencode {
+        /// What the encoder refused.
+        #[source]
+        source: mqtt::EncodeError,
+    },
     /// The commit pipeline is gone (agent shutting down) or dropped a request unanswered.
     #[error("the commit pipeline is closed")]
     CommitPipelineClosed,
@@ -363,7 +373,9 @@ fn log_connection_end(error: &FrontError) {
         | FrontError::InvalidTopicFilter { .. } => {
             warn!(cause = %error, "closing connection: protocol violation by the client");
         }
-        FrontError::UpstreamConnect { .. } | FrontError::UpstreamDecode { .. } => {
+        FrontError::UpstreamConnect { .. }
+        | FrontError::UpstreamDecode { .. }
+        | FrontError::Reencode { .. } => {
             tracing::error!(cause = %error, "closing connection: broker side failed");
         }
         FrontError::CommitPipelineClosed => info!("closing connection: commit pipeline closed"),
@@ -464,6 +476,7 @@ async fn connection(
         registrations: registrations_tx,
         refused_qos2: HashSet::new(),
         connect_relayed: false,
+        unknown_aliases: HashSet::new(),
     }
     .run(client_rd, upstream_wr, from_client);
     let down = BrokerToClient::new(version, max).run(upstream_rd, client_wr, registrations_rx);
@@ -630,6 +643,10 @@ struct ClientToBroker<'a> {
     /// The client's CONNECT (the first packet of the buffer `run` starts with) went to the broker; any
     /// later CONNECT is a protocol violation.
     connect_relayed: bool,
+    /// v5 topic aliases defined by a PUBLISH the front refused, so the broker never learnt them: the
+    /// next forwarded PUBLISH that only names the alias is rewritten to carry the topic (and define the
+    /// alias for the broker).
+    unknown_aliases: HashSet<u16>,
 }
 
 impl ClientToBroker<'_> {
@@ -675,15 +692,16 @@ impl ClientToBroker<'_> {
     ) -> Result<(), FrontError> {
         let mut messages = Vec::new();
         let mut waits = Vec::new();
-        // Packets the front answers itself instead of forwarding.
-        let mut cut: Vec<Range<usize>> = Vec::new();
+        // Packets not forwarded as they are: dropped (`None`, the front answers them itself) or
+        // replaced by other bytes.
+        let mut edits: Vec<(Range<usize>, Option<Bytes>)> = Vec::new();
         for (start, header, frame) in frames(&chunk) {
             if header.packet_type == PacketType::Pubrel && !self.refused_qos2.is_empty() {
                 let at = header.header_len;
                 if let Some(&[hi, lo]) = frame.get(at..at + 2) {
                     let id = u16::from_be_bytes([hi, lo]);
                     if self.refused_qos2.remove(&id) {
-                        cut.push(start..start + frame.len());
+                        edits.push((start..start + frame.len(), None));
                         self.answer(None, Bytes::copy_from_slice(&[0x70, 2, hi, lo]));
                     }
                 }
@@ -714,20 +732,32 @@ impl ClientToBroker<'_> {
                 // rumqttd acknowledges it (and routes it nowhere): an acknowledged, lost message.
                 return Err(FrontError::EmptyTopic);
             }
+            let alias = publish.properties.topic_alias;
+            let names_alias_only = publish.topic.is_empty();
             if self.version == ProtocolVersion::V5 {
                 self.aliases
                     .resolve(&mut publish)
                     .map_err(|source| FrontError::TopicAlias { source })?;
             }
-            if !(self.shared.select)(&publish.topic) {
-                continue;
-            }
-            if let Some(limits) = &self.shared.options.limits {
+            let range = start..start + frame.len();
+            let selected = (self.shared.select)(&publish.topic);
+            if let (true, Some(limits)) = (selected, &self.shared.options.limits) {
                 if let Err(refusal) = limits.check(publish.topic.len(), publish.payload.len()) {
                     self.refuse(&publish, refusal, limits.refused());
-                    cut.push(start..start + frame.len());
+                    if let (Some(alias), false) = (alias, names_alias_only) {
+                        self.unknown_aliases.insert(alias);
+                    }
+                    edits.push((range, None));
                     continue;
                 }
+            }
+            if let Some(alias) = alias.filter(|a| self.unknown_aliases.remove(a)) {
+                if names_alias_only {
+                    edits.push((range, Some(self.with_topic(&publish, alias)?)));
+                }
+            }
+            if !selected {
+                continue;
             }
             if let (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) =
                 (publish.qos, publish.packet_id)
@@ -750,13 +780,16 @@ impl ClientToBroker<'_> {
             }
             Some(done_tx)
         };
-        let forward = if cut.is_empty() {
+        let forward = if edits.is_empty() {
             chunk
         } else {
             let mut kept = BytesMut::with_capacity(chunk.len());
             let mut at = 0;
-            for range in cut {
+            for (range, replacement) in edits {
                 kept.extend_from_slice(&chunk[at..range.start]);
+                if let Some(bytes) = replacement {
+                    kept.extend_from_slice(&bytes);
+                }
                 at = range.end;
             }
             kept.extend_from_slice(&chunk[at..]);
@@ -820,6 +853,17 @@ impl ClientToBroker<'_> {
             reason,
         };
         self.answer(Some(ack), frame.freeze());
+    }
+
+    /// `publish` (alias-resolved) re-encoded with its topic and `alias`, which defines the alias for the
+    /// broker as the client once did in a PUBLISH the front refused.
+    fn with_topic(&self, publish: &Publish, alias: u16) -> Result<Bytes, FrontError> {
+        let mut packet = publish.clone();
+        packet.properties.topic_alias = Some(alias);
+        let mut out = BytesMut::new();
+        mqtt::encode_publish(&packet, self.version, &mut out)
+            .map_err(|source| FrontError::Reencode { source })?;
+        Ok(out.freeze())
     }
 
     fn answer(&self, ack: Option<Ack>, frame: Bytes) {
@@ -1033,32 +1077,28 @@ impl BrokerToClient {
             if let Some(b) = batch {
                 self.unref(b);
             }
-            let ack = match (outcome, ack) {
+            // Only a broker ack (`Some`) can wait on a batch; the front's own answers pass as they are.
+            let (source, ack) = match (outcome, ack) {
                 (Ok(()), _) | (Err(_), None) => {
                     self.out.extend_from_slice(&frame);
                     continue;
                 }
-                (Err(_), Some(ack)) => ack,
+                (Err(source), Some(ack)) => (source, ack),
             };
-            match outcome {
-                Ok(()) => self.out.extend_from_slice(&frame),
-                Err(source) if self.version == ProtocolVersion::V5 => {
-                    warn!(packet_id = ack.packet_id, cause = %source, "commit rejected; answering quota exceeded");
-                    mqtt::encode_ack(
-                        ack.kind,
-                        ack.packet_id,
-                        REASON_QUOTA_EXCEEDED,
-                        self.version,
-                        &mut self.out,
-                    );
-                }
-                Err(source) => {
-                    return Err(FrontError::CommitRejected {
-                        packet_id: ack.packet_id,
-                        source,
-                    });
-                }
+            if self.version != ProtocolVersion::V5 {
+                return Err(FrontError::CommitRejected {
+                    packet_id: ack.packet_id,
+                    source,
+                });
             }
+            warn!(packet_id = ack.packet_id, cause = %source, "commit rejected; answering quota exceeded");
+            mqtt::encode_ack(
+                ack.kind,
+                ack.packet_id,
+                REASON_QUOTA_EXCEEDED,
+                self.version,
+                &mut self.out,
+            );
         }
         Ok(())
     }

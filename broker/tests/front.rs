@@ -854,3 +854,70 @@ async fn v4_oversize_publish_is_acked_discarded_and_later_messages_flow() -> Res
     })
     .await?
 }
+
+#[tokio::test]
+async fn v5_alias_defined_by_a_refused_publish_still_works() -> Result<()> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    timeout(Duration::from_secs(30), async {
+        let (mut h, _limits) = limited(1000, u16::MAX).await?;
+        let (_sub, mut sub_events, sub_task) = subscriber(&h.broker, "sub-alias").await?;
+        let (client, mut events, task) = v5_client("pub-alias-big", h.front_addr);
+        v5_wait(&mut events, |p| {
+            matches!(p, Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+        let alias = || PublishProperties {
+            topic_alias: Some(4),
+            ..PublishProperties::default()
+        };
+        // Defines alias 4 with a message the front refuses: the broker never sees the definition.
+        client
+            .publish_with_properties(
+                "sel/aliased",
+                QoS::AtLeastOnce,
+                false,
+                vec![b'x'; 1001],
+                alias(),
+            )
+            .await?;
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            reason == PubAckReason::ImplementationSpecificError,
+            "{reason:?}"
+        );
+        // Uses only the alias: committed under the real topic, acknowledged, delivered by the broker.
+        client
+            .publish_with_properties("", QoS::AtLeastOnce, false, "small", alias())
+            .await?;
+        let committed = commit_ok(&mut h).await?;
+        ensure!(
+            committed == vec![("sel/aliased".to_owned(), 5)],
+            "committed {committed:?}"
+        );
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(reason == PubAckReason::Success, "{reason:?}");
+        let delivered = v4_wait(&mut sub_events, |p| match p {
+            rumqttc::Packet::Publish(p) => Some((p.topic.clone(), p.payload.clone())),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            delivered.0 == "sel/aliased" && &delivered.1[..] == b"small",
+            "broker delivered {delivered:?}"
+        );
+
+        task.abort();
+        sub_task.abort();
+        h.stop().await
+    })
+    .await?
+}
