@@ -742,7 +742,16 @@ impl ClientToBroker<'_> {
             let range = start..start + frame.len();
             let selected = (self.shared.select)(&publish.topic);
             if let (true, Some(limits)) = (selected, &self.shared.options.limits) {
-                if let Err(refusal) = limits.check(publish.topic.len(), publish.payload.len()) {
+                // An alias-only v5 PUBLISH carries no topic; its entry will.
+                let extra = if names_alias_only {
+                    publish.topic.len()
+                } else {
+                    0
+                };
+                let entry = limits.entry_bound(frame.len(), extra);
+                if let Err(refusal) =
+                    limits.check(publish.topic.len(), publish.payload.len(), entry)
+                {
                     self.refuse(&publish, refusal, limits.refused());
                     if let (Some(alias), false) = (alias, names_alias_only) {
                         self.unknown_aliases.insert(alias);

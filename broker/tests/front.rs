@@ -637,10 +637,20 @@ async fn limited(
     max_message_size: u32,
     max_topic_len: u16,
 ) -> Result<(Harness, Arc<SharedLimits>)> {
-    let limits = Arc::new(SharedLimits::new(max_message_size));
+    limited_frame(max_message_size, max_topic_len, 1 << 20).await
+}
+
+/// As [`limited`], with an agent↔hub frame of `max_frame_size` bytes.
+async fn limited_frame(
+    max_message_size: u32,
+    max_topic_len: u16,
+    max_frame_size: u32,
+) -> Result<(Harness, Arc<SharedLimits>)> {
+    let limits = Arc::new(SharedLimits::new(max_message_size, max_frame_size, "site"));
     limits.announce(PathLimits {
         max_message_size,
         max_topic_len,
+        max_frame_size,
     });
     let options = FrontOptions {
         limits: Some(Arc::clone(&limits)),
@@ -917,6 +927,54 @@ async fn v5_alias_defined_by_a_refused_publish_still_works() -> Result<()> {
 
         task.abort();
         sub_task.abort();
+        h.stop().await
+    })
+    .await?
+}
+
+/// A message within the payload limit whose queue entry (payload, topic, properties, envelope fields)
+/// would not fit one frame to the hub is refused too: queued, it would stop the uplink for good.
+#[tokio::test]
+async fn v5_message_too_large_for_a_frame_is_refused() -> Result<()> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::mqttbytes::QoS;
+    timeout(Duration::from_secs(30), async {
+        // Payloads up to 10,000 bytes, but frames of 1,100 bytes.
+        let (mut h, limits) = limited_frame(10_000, u16::MAX, 1_100).await?;
+        let (client, mut events, task) = v5_client("pub-frame", h.front_addr);
+        v5_wait(&mut events, |p| {
+            matches!(p, Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+        client
+            .publish("sel/f", QoS::AtLeastOnce, false, vec![b'x'; 1_080])
+            .await?;
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            reason == PubAckReason::ImplementationSpecificError,
+            "{reason:?}"
+        );
+        client
+            .publish("sel/f", QoS::AtLeastOnce, false, vec![b'y'; 1_000])
+            .await?;
+        let committed = commit_ok(&mut h).await?;
+        ensure!(
+            committed == vec![("sel/f".to_owned(), 1_000)],
+            "{committed:?}"
+        );
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(reason == PubAckReason::Success, "{reason:?}");
+        ensure!(limits.refused() == 1);
+
+        task.abort();
         h.stop().await
     })
     .await?

@@ -16,8 +16,13 @@ pub const LIMITS_FILE: &str = "hub-limits";
 /// A missing file is normal (the agent never reached a hub); an unreadable one is warned about and
 /// ignored, because the config's limit still holds and the next `Welcome` rewrites it.
 pub(crate) fn load(cfg: &AgentConfig) -> Arc<SharedLimits> {
-    let configured = u32::try_from(cfg.uplink.max_message_size.as_u64()).unwrap_or(u32::MAX);
-    let limits = Arc::new(SharedLimits::new(configured));
+    let max_message_size = u32::try_from(cfg.uplink.max_message_size.as_u64()).unwrap_or(u32::MAX);
+    let max_frame_size = u32::try_from(cfg.uplink.max_frame_size.as_u64()).unwrap_or(u32::MAX);
+    let limits = Arc::new(SharedLimits::new(
+        max_message_size,
+        max_frame_size,
+        &cfg.site,
+    ));
     let path = cfg.data_dir.join(LIMITS_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => match PathLimits::from_text(&text) {
@@ -27,6 +32,7 @@ pub(crate) fn load(cfg: &AgentConfig) -> Arc<SharedLimits> {
                     path = %path.display(),
                     max_message_size = now.max_message_size,
                     max_topic_len = now.max_topic_len,
+                    max_frame_size = now.max_frame_size,
                     "limits from the hub's last announcement"
                 );
             }
@@ -52,6 +58,7 @@ pub(crate) async fn announce(limits: &SharedLimits, data_dir: &Path, announced: 
         info!(
             max_message_size = now.max_message_size,
             max_topic_len = now.max_topic_len,
+            max_frame_size = now.max_frame_size,
             hub_max_message_size = announced.max_message_size,
             hub_max_topic_len = announced.max_topic_len,
             "limits in force changed after the hub's announcement"

@@ -422,6 +422,7 @@ impl Session<'_> {
                 let announced = PathLimits {
                     max_message_size,
                     max_topic_len,
+                    max_frame_size,
                 };
                 crate::limits::announce(&self.uplink.limits, &self.uplink.data_dir, announced)
                     .await;

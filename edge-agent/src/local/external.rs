@@ -262,6 +262,25 @@ async fn ingest_loop(
     }
 }
 
+/// An upper bound of the queue entry made from `publish` (see `shared::envelope`): fixed fields, origin,
+/// topic, payload and every property with its length prefix. (The MQTT packet length is not known here:
+/// rumqttc decoded it.)
+fn entry_bound(origin_len: usize, topic: &str, publish: &Publish) -> usize {
+    let fixed = shared::limits::ENVELOPE_EXTRA + origin_len + 2 + topic.len();
+    let properties = publish.properties.as_ref().map_or(0, |p| {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, |s| 2 + s.len());
+        text(&p.content_type)
+            + text(&p.response_topic)
+            + p.correlation_data.as_ref().map_or(0, |c| 2 + c.len())
+            + 4
+            + p.user_properties
+                .iter()
+                .map(|(k, v)| 4 + k.len() + v.len())
+                .sum::<usize>()
+    });
+    fixed + properties + publish.payload.len()
+}
+
 /// Encodes `publish` into the group, moving its topic, payload and properties out (the ack only needs
 /// its packet id and QoS).
 fn add(group: &mut Group, ingest: &Ingest, publish: &mut Publish) {
@@ -276,7 +295,11 @@ fn add(group: &mut Group, ingest: &Ingest, publish: &mut Publish) {
         debug!(%topic, "no route matches; acknowledged but not forwarded");
         return;
     };
-    if let Err(refusal) = ingest.limits.check(topic.len(), publish.payload.len()) {
+    if let Err(refusal) = ingest.limits.check(
+        topic.len(),
+        publish.payload.len(),
+        entry_bound(ingest.limits.origin_len(), &topic, publish),
+    ) {
         // Logged with the topic (cut short) so the operator can find the publisher.
         let shown: String = topic.chars().take(200).collect();
         error!(
@@ -314,6 +337,55 @@ fn add(group: &mut Group, ingest: &Ingest, publish: &mut Publish) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_bound_covers_the_encoded_envelope() {
+        use rumqttc::v5::mqttbytes::v5::PublishProperties;
+        use shared::envelope::Envelope;
+
+        for with_props in [false, true] {
+            let properties = with_props.then(|| PublishProperties {
+                payload_format_indicator: Some(1),
+                message_expiry_interval: Some(5),
+                content_type: Some("text/plain".into()),
+                response_topic: Some("reply/x".into()),
+                correlation_data: Some(Bytes::from_static(b"corr")),
+                user_properties: vec![
+                    ("k".into(), "v".into()),
+                    ("traceparent".into(), "00-a-b-01".into()),
+                ],
+                ..PublishProperties::default()
+            });
+            let publish = Publish::new("t/x", MqttQoS::AtLeastOnce, "payload", properties.clone());
+            let p = properties.unwrap_or_default();
+            let env = Envelope {
+                origin: "line1".into(),
+                seq: 1,
+                topic: "t/x".into(),
+                payload: Bytes::from_static(b"payload"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Properties {
+                    user: p.user_properties,
+                    content_type: p.content_type,
+                    response_topic: p.response_topic,
+                    correlation_data: p.correlation_data,
+                    message_expiry: p.message_expiry_interval,
+                    payload_format_utf8: p.payload_format_indicator == Some(1),
+                },
+                trace: None,
+                enqueued_at_ms: 0,
+            };
+            let mut body = bytes::BytesMut::new();
+            env.encode_body(&mut body).expect("encodable");
+            let bound = entry_bound("line1".len(), "t/x", &publish);
+            assert!(
+                body.len() <= bound,
+                "props={with_props}: {} > {bound}",
+                body.len()
+            );
+        }
+    }
 
     #[test]
     fn dropped_counter_tracks_increases() {
