@@ -979,3 +979,38 @@ async fn v5_message_too_large_for_a_frame_is_refused() -> Result<()> {
     })
     .await?
 }
+
+/// 3.1.1 has no negative ack: a topic too long for the hub's namespace is handled as an oversize message
+/// (acknowledged, discarded, counted), and the connection keeps working.
+#[tokio::test]
+async fn v4_topic_too_long_for_the_hub_namespace_is_acked_and_discarded() -> Result<()> {
+    timeout(Duration::from_secs(30), async {
+        let (mut h, limits) = limited(1000, 10).await?;
+        let (client, mut events, task) = v4_client("pub-long-v4", h.front_addr, 10);
+        v4_wait(&mut events, |p| {
+            matches!(p, rumqttc::Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+        client
+            .publish("sel/eleven!", rumqttc::QoS::AtLeastOnce, false, "x")
+            .await?;
+        ensure!(
+            v4_puback_within(&mut events, WAIT).await,
+            "no PUBACK for the refused message"
+        );
+        client
+            .publish("sel/ten_12", rumqttc::QoS::AtLeastOnce, false, "y")
+            .await?;
+        let committed = commit_ok(&mut h).await?;
+        ensure!(
+            committed == vec![("sel/ten_12".to_owned(), 1)],
+            "committed {committed:?}"
+        );
+        ensure!(v4_puback_within(&mut events, WAIT).await, "no PUBACK after");
+        ensure!(limits.refused() == 1);
+
+        task.abort();
+        h.stop().await
+    })
+    .await?
+}
