@@ -25,9 +25,10 @@ pub const REASON_TOPIC_NAME_INVALID: u8 = 0x90;
 ///
 /// Not 0x95 "Packet too large", although Mosquitto sends that: the MQTT 5 tables of PUBACK (§3.4.2.1) and
 /// PUBREC (§3.5.2.1) reason codes do not list 0x95 (it is a CONNACK/DISCONNECT code), and strict clients
-/// treat an unlisted code as a malformed packet and drop the connection: rumqttc 0.25, which this
-/// workspace uses, fails to decode such a PUBACK (`v5/mqttbytes/v5/puback.rs`, `reason()`). A client that
-/// resends the message after reconnecting would then be stuck on it, which is what refusing prevents.
+/// treat an unlisted code as a malformed packet and drop the connection: with 0x95 here, the rumqttc 0.25
+/// v5 client of `broker/tests/front.rs` fails with "Invalid return code received as response for connect
+/// = 149" instead of reading the PUBACK. A client that resends the message after reconnecting would then
+/// be stuck on it, which is what refusing prevents.
 pub const REASON_IMPLEMENTATION_SPECIFIC: u8 = 0x83;
 
 /// The largest message and the longest site-local topic the path carries.
