@@ -29,19 +29,42 @@
 //! client→broker side registers the packet ids of a batch before it writes the batch's bytes to the
 //! broker, so a broker ack can never be read before its registration is visible.
 //!
+//! Limits of the path (issue 7, "acknowledged, then dropped"): with [`FrontOptions::limits`] set, a
+//! selected PUBLISH the path to the hub cannot carry (payload over the maximum message size, or topic too
+//! long once the hub prefixes the site's namespace; see `shared::limits`) is refused at PUBLISH time: it
+//! is neither committed nor forwarded to the broker, and the front answers the client itself. MQTT 5:
+//! PUBACK/PUBREC with reason 0x83 (Implementation specific error; not 0x95, which MQTT 5 does not allow
+//! in PUBACK/PUBREC: see `shared::limits`) or 0x90 (Topic Name invalid). MQTT 3.1.1 has no
+//! negative ack; the front does what Mosquitto does with `message_size_limit`: it logs and discards the
+//! message and still acknowledges it (PUBACK, or PUBREC then PUBCOMP for the client's PUBREL), so the
+//! client's later messages keep flowing. Closing the connection instead would make the client resend the
+//! same message after every reconnect and wedge it. QoS 0: logged and discarded. Every refusal is
+//! counted ([`SharedLimits::refused`]). The front's own answers are queued behind acks it already
+//! holds, but may overtake a broker ack of an earlier PUBLISH that the broker has not sent yet. A refused
+//! v5 PUBLISH that defined a topic alias leaves the broker without it, so the next forwarded PUBLISH
+//! naming only that alias is re-encoded with its topic (defining the alias for the broker).
+//!
+//! Protocol violations rumqttd lets through are closed here, before anything of the offending read
+//! reaches the broker: a second CONNECT on a connection, a 3.1.1 PUBLISH with an empty topic name
+//! (which rumqttd would acknowledge and route nowhere), and a SUBSCRIBE/UNSUBSCRIBE with a malformed
+//! topic filter such as `a/#/b` (which rumqttd would grant). A v5 empty topic without a topic alias is a
+//! topic alias error ([`FrontError::TopicAlias`]).
+//!
 //! Closing: either side closing closes the other; a gone commit pipeline (agent shutting down) or the
 //! `shutdown` token closes every connection. Held acks are then dropped unsent, so clients retransmit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use shared::limits::{Refusal, SharedLimits};
 use shared::mqtt::{
-    self, Ack, AliasError, Connect, DecodeError, FixedHeader, PacketType, ProtocolVersion, Publish,
-    QoS, TopicAliases, CONNACK_UNACCEPTABLE_PROTOCOL, REASON_QUOTA_EXCEEDED,
+    self, Ack, AckKind, AliasError, Connect, DecodeError, FixedHeader, PacketType, ProtocolVersion,
+    Publish, QoS, TopicAliases, CONNACK_UNACCEPTABLE_PROTOCOL, REASON_QUOTA_EXCEEDED,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -79,6 +102,10 @@ pub struct FrontOptions {
     /// name or password" (5.0 reason 0x86) before anything reaches the broker. rumqttd's own static
     /// logins are not used because the front must answer before it has picked a broker listener.
     pub credentials: Option<(String, String)>,
+    /// The limits a selected PUBLISH must meet to reach the hub; one that does not is refused at
+    /// PUBLISH time (see the module docs). `None`: no check (the hub's own front, which selects nothing
+    /// for a further hop).
+    pub limits: Option<Arc<SharedLimits>>,
 }
 
 impl Default for FrontOptions {
@@ -87,6 +114,7 @@ impl Default for FrontOptions {
             max_packet_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             credentials: None,
+            limits: None,
         }
     }
 }
@@ -203,6 +231,33 @@ pub enum FrontError {
         #[source]
         source: AliasError,
     },
+    /// The client sent a second CONNECT on its connection, a protocol violation (MQTT 3.1.1 §3.1,
+    /// 5.0 §3.1): the connection is closed without forwarding it.
+    #[error("second CONNECT on one connection")]
+    SecondConnect,
+    /// An MQTT 3.1.1 client sent a PUBLISH with an empty topic name, a protocol violation (3.1.1
+    /// §4.7.3: topic names are at least one character); the connection is closed without forwarding it.
+    /// (MQTT 5 allows an empty topic only with a topic alias; see [`FrontError::TopicAlias`].)
+    #[error("PUBLISH with an empty topic name")]
+    EmptyTopic,
+    /// A SUBSCRIBE or UNSUBSCRIBE carries a malformed topic filter (e.g. `a/#/b`; MQTT 3.1.1 §4.7.1,
+    /// 5.0 §4.7.1), which rumqttd would grant; the connection is closed without forwarding it.
+    #[error("malformed topic filter {filter:?}")]
+    InvalidTopicFilter {
+        /// The filter as sent.
+        filter: String,
+        /// What is wrong with it.
+        #[source]
+        source: shared::topic::TopicError,
+    },
+    /// A client PUBLISH could not be re-encoded with its topic (after a refused PUBLISH had defined its
+    /// topic alias). It was decoded from the wire, so this means a codec bug.
+    #[error("cannot re-encode a PUBLISH")]
+    Reencode {
+        /// What the encoder refused.
+        #[source]
+        source: mqtt::EncodeError,
+    },
     /// The commit pipeline is gone (agent shutting down) or dropped a request unanswered.
     #[error("the commit pipeline is closed")]
     CommitPipelineClosed,
@@ -313,7 +368,14 @@ fn log_connection_end(error: &FrontError) {
         FrontError::TopicAlias { source } => {
             warn!(cause = %source, "closing connection: topic alias misuse");
         }
-        FrontError::UpstreamConnect { .. } | FrontError::UpstreamDecode { .. } => {
+        FrontError::SecondConnect
+        | FrontError::EmptyTopic
+        | FrontError::InvalidTopicFilter { .. } => {
+            warn!(cause = %error, "closing connection: protocol violation by the client");
+        }
+        FrontError::UpstreamConnect { .. }
+        | FrontError::UpstreamDecode { .. }
+        | FrontError::Reencode { .. } => {
             tracing::error!(cause = %error, "closing connection: broker side failed");
         }
         FrontError::CommitPipelineClosed => info!("closing connection: commit pipeline closed"),
@@ -412,6 +474,9 @@ async fn connection(
         version,
         aliases: TopicAliases::new(),
         registrations: registrations_tx,
+        refused_qos2: HashSet::new(),
+        connect_relayed: false,
+        unknown_aliases: HashSet::new(),
     }
     .run(client_rd, upstream_wr, from_client);
     let down = BrokerToClient::new(version, max).run(upstream_rd, client_wr, registrations_rx);
@@ -529,6 +594,18 @@ fn complete_prefix(buf: &[u8], max: usize) -> Result<usize, DecodeError> {
     }
 }
 
+/// Refuses a SUBSCRIBE/UNSUBSCRIBE with a malformed topic filter, which rumqttd would grant.
+fn check_filters(frame: &[u8], version: ProtocolVersion) -> Result<(), FrontError> {
+    let packet = mqtt::Filters::decode(frame, version)
+        .map_err(|source| FrontError::ClientDecode { source })?;
+    for filter in packet.filters {
+        if let Err(source) = shared::topic::TopicFilter::parse(&filter) {
+            return Err(FrontError::InvalidTopicFilter { filter, source });
+        }
+    }
+    Ok(())
+}
+
 /// Iterates over the packets of a chunk made of complete packets, as (offset, header, zero-copy frame).
 fn frames(chunk: &Bytes) -> impl Iterator<Item = (usize, FixedHeader, Bytes)> + '_ {
     let mut at = 0;
@@ -542,10 +619,16 @@ fn frames(chunk: &Bytes) -> impl Iterator<Item = (usize, FixedHeader, Bytes)> + 
     })
 }
 
-/// The packet ids of one commit batch whose broker acks must wait for `done`.
-struct Registration {
-    waits: Vec<u16>,
-    done: oneshot::Receiver<Result<(), CommitRejected>>,
+/// What the client→broker half tells the broker→client half, in client packet order.
+enum Registration {
+    /// The packet ids of one commit batch whose broker acks must wait for `done`.
+    Commit {
+        waits: Vec<u16>,
+        done: oneshot::Receiver<Result<(), CommitRejected>>,
+    },
+    /// A packet the front answers itself (a refused PUBLISH's ack, or the PUBCOMP that ends a refused
+    /// 3.1.1 QoS 2 exchange): sent after the acks already held.
+    Answer { ack: Option<Ack>, frame: Bytes },
 }
 
 /// The client→broker half: relays bytes, captures selected PUBLISHes, sends commit batches.
@@ -554,6 +637,16 @@ struct ClientToBroker<'a> {
     version: ProtocolVersion,
     aliases: TopicAliases,
     registrations: mpsc::UnboundedSender<Registration>,
+    /// Packet ids of refused 3.1.1 QoS 2 PUBLISHes answered with PUBREC: their PUBREL is answered by the
+    /// front too (the broker never saw the PUBLISH).
+    refused_qos2: HashSet<u16>,
+    /// The client's CONNECT (the first packet of the buffer `run` starts with) went to the broker; any
+    /// later CONNECT is a protocol violation.
+    connect_relayed: bool,
+    /// v5 topic aliases defined by a PUBLISH the front refused, so the broker never learnt them: the
+    /// next forwarded PUBLISH that only names the alias is rewritten to carry the topic (and define the
+    /// alias for the broker).
+    unknown_aliases: HashSet<u16>,
 }
 
 impl ClientToBroker<'_> {
@@ -599,18 +692,80 @@ impl ClientToBroker<'_> {
     ) -> Result<(), FrontError> {
         let mut messages = Vec::new();
         let mut waits = Vec::new();
-        for (_, header, frame) in frames(&chunk) {
+        // Packets not forwarded as they are: dropped (`None`, the front answers them itself) or
+        // replaced by other bytes.
+        let mut edits: Vec<(Range<usize>, Option<Bytes>)> = Vec::new();
+        for (start, header, frame) in frames(&chunk) {
+            if header.packet_type == PacketType::Pubrel && !self.refused_qos2.is_empty() {
+                let at = header.header_len;
+                if let Some(&[hi, lo]) = frame.get(at..at + 2) {
+                    let id = u16::from_be_bytes([hi, lo]);
+                    if self.refused_qos2.remove(&id) {
+                        edits.push((start..start + frame.len(), None));
+                        self.answer(None, Bytes::copy_from_slice(&[0x70, 2, hi, lo]));
+                    }
+                }
+                continue;
+            }
+            if header.packet_type == PacketType::Connect {
+                if self.connect_relayed {
+                    // Checked here because rumqttd ignores a second CONNECT; nothing of this chunk is
+                    // forwarded, and packets before it got no ack, so the client resends them.
+                    return Err(FrontError::SecondConnect);
+                }
+                self.connect_relayed = true;
+                continue;
+            }
+            if matches!(
+                header.packet_type,
+                PacketType::Subscribe | PacketType::Unsubscribe
+            ) {
+                check_filters(&frame, self.version)?;
+                continue;
+            }
             if header.packet_type != PacketType::Publish {
                 continue;
             }
             let mut publish = Publish::decode(&frame, self.version)
                 .map_err(|source| FrontError::ClientDecode { source })?;
+            if self.version != ProtocolVersion::V5 && publish.topic.is_empty() {
+                // rumqttd acknowledges it (and routes it nowhere): an acknowledged, lost message.
+                return Err(FrontError::EmptyTopic);
+            }
+            let alias = publish.properties.topic_alias;
+            let names_alias_only = publish.topic.is_empty();
             if self.version == ProtocolVersion::V5 {
                 self.aliases
                     .resolve(&mut publish)
                     .map_err(|source| FrontError::TopicAlias { source })?;
             }
-            if !(self.shared.select)(&publish.topic) {
+            let range = start..start + frame.len();
+            let selected = (self.shared.select)(&publish.topic);
+            if let (true, Some(limits)) = (selected, &self.shared.options.limits) {
+                // An alias-only v5 PUBLISH carries no topic; its entry will.
+                let extra = if names_alias_only {
+                    publish.topic.len()
+                } else {
+                    0
+                };
+                let entry = limits.entry_bound(frame.len(), extra);
+                if let Err(refusal) =
+                    limits.check(publish.topic.len(), publish.payload.len(), entry)
+                {
+                    self.refuse(&publish, refusal, limits.refused());
+                    if let (Some(alias), false) = (alias, names_alias_only) {
+                        self.unknown_aliases.insert(alias);
+                    }
+                    edits.push((range, None));
+                    continue;
+                }
+            }
+            if let Some(alias) = alias.filter(|a| self.unknown_aliases.remove(a)) {
+                if names_alias_only {
+                    edits.push((range, Some(self.with_topic(&publish, alias)?)));
+                }
+            }
+            if !selected {
                 continue;
             }
             if let (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) =
@@ -627,17 +782,34 @@ impl ClientToBroker<'_> {
             if !waits.is_empty() {
                 // Registered before the bytes reach the broker: its ack cannot overtake this.
                 // A send error means the broker half ended; the connection is closing anyway.
-                let _ = self.registrations.send(Registration {
+                let _ = self.registrations.send(Registration::Commit {
                     waits,
                     done: done_rx,
                 });
             }
             Some(done_tx)
         };
-        upstream
-            .write_all(&chunk)
-            .await
-            .map_err(|source| FrontError::UpstreamIo { source })?;
+        let forward = if edits.is_empty() {
+            chunk
+        } else {
+            let mut kept = BytesMut::with_capacity(chunk.len());
+            let mut at = 0;
+            for (range, replacement) in edits {
+                kept.extend_from_slice(&chunk[at..range.start]);
+                if let Some(bytes) = replacement {
+                    kept.extend_from_slice(&bytes);
+                }
+                at = range.end;
+            }
+            kept.extend_from_slice(&chunk[at..]);
+            kept.freeze()
+        };
+        if !forward.is_empty() {
+            upstream
+                .write_all(&forward)
+                .await
+                .map_err(|source| FrontError::UpstreamIo { source })?;
+        }
         if let Some(done) = done {
             debug!(messages = messages.len(), "commit batch");
             self.shared
@@ -650,11 +822,71 @@ impl ClientToBroker<'_> {
     }
 }
 
-/// A broker ack waiting to be sent to the client.
+impl ClientToBroker<'_> {
+    /// Logs a refused PUBLISH and answers it: MQTT 5 with the refusal's reason code, 3.1.1 with a plain
+    /// ack (Mosquitto's `message_size_limit` behaviour; see the module docs). QoS 0 gets no answer.
+    fn refuse(&mut self, publish: &Publish, refusal: Refusal, refused_total: u64) {
+        warn!(
+            topic_len = publish.topic.len(),
+            payload_len = publish.payload.len(),
+            qos = ?publish.qos,
+            packet_id = publish.packet_id,
+            cause = %refusal,
+            kind = refusal.kind(),
+            refused_total,
+            "message refused at PUBLISH time: the path to the hub cannot carry it"
+        );
+        let kind = match (publish.qos, publish.packet_id) {
+            (QoS::AtLeastOnce, Some(_)) => AckKind::Puback,
+            (QoS::ExactlyOnce, Some(id)) => {
+                if self.version != ProtocolVersion::V5 {
+                    self.refused_qos2.insert(id);
+                }
+                AckKind::Pubrec
+            }
+            _ => return,
+        };
+        let Some(packet_id) = publish.packet_id else {
+            return;
+        };
+        let reason = if self.version == ProtocolVersion::V5 {
+            refusal.v5_reason()
+        } else {
+            0
+        };
+        let mut frame = BytesMut::with_capacity(5);
+        mqtt::encode_ack(kind, packet_id, reason, self.version, &mut frame);
+        let ack = Ack {
+            kind,
+            packet_id,
+            reason,
+        };
+        self.answer(Some(ack), frame.freeze());
+    }
+
+    /// `publish` (alias-resolved) re-encoded with its topic and `alias`, which defines the alias for the
+    /// broker as the client once did in a PUBLISH the front refused.
+    fn with_topic(&self, publish: &Publish, alias: u16) -> Result<Bytes, FrontError> {
+        let mut packet = publish.clone();
+        packet.properties.topic_alias = Some(alias);
+        let mut out = BytesMut::new();
+        mqtt::encode_publish(&packet, self.version, &mut out)
+            .map_err(|source| FrontError::Reencode { source })?;
+        Ok(out.freeze())
+    }
+
+    fn answer(&self, ack: Option<Ack>, frame: Bytes) {
+        // A send error means the broker half ended; the connection is closing anyway.
+        let _ = self.registrations.send(Registration::Answer { ack, frame });
+    }
+}
+
+/// A packet waiting to be sent to the client: a broker ack, or an answer of the front itself.
 struct HeldAck {
     /// The commit batch it waits on; `None` if it only waits behind earlier held acks.
     batch: Option<u64>,
-    ack: Ack,
+    /// The ack it is (`None`: a PUBCOMP of the front); needed to answer a rejected commit.
+    ack: Option<Ack>,
     frame: Bytes,
 }
 
@@ -766,16 +998,31 @@ impl BrokerToClient {
     }
 
     fn register(&mut self, registration: Registration) {
+        let (waits, done) = match registration {
+            Registration::Commit { waits, done } => (waits, done),
+            Registration::Answer { ack, frame } => {
+                if self.held.is_empty() {
+                    self.out.extend_from_slice(&frame);
+                } else {
+                    self.held.push_back(HeldAck {
+                        batch: None,
+                        ack,
+                        frame,
+                    });
+                }
+                return;
+            }
+        };
         let id = self.next_batch;
         self.next_batch += 1;
-        let refs = registration.waits.len();
+        let refs = waits.len();
         let batch = Batch {
-            done: registration.done,
+            done,
             outcome: None,
             refs,
         };
         self.batches.insert(id, batch);
-        for &packet_id in &registration.waits {
+        for &packet_id in &waits {
             if let Some(older) = self.waiting.insert(packet_id, id) {
                 // The client reused a packet id before its ack (possibly within this batch): the
                 // newest registration covers it, the older one no longer expects that ack.
@@ -809,7 +1056,11 @@ impl BrokerToClient {
                         held_any = true;
                         self.out.extend_from_slice(&chunk[..start]);
                     }
-                    self.held.push_back(HeldAck { batch, ack, frame });
+                    self.held.push_back(HeldAck {
+                        batch,
+                        ack: Some(ack),
+                        frame,
+                    });
                     continue;
                 }
             }
@@ -835,25 +1086,28 @@ impl BrokerToClient {
             if let Some(b) = batch {
                 self.unref(b);
             }
-            match outcome {
-                Ok(()) => self.out.extend_from_slice(&frame),
-                Err(source) if self.version == ProtocolVersion::V5 => {
-                    warn!(packet_id = ack.packet_id, cause = %source, "commit rejected; answering quota exceeded");
-                    mqtt::encode_ack(
-                        ack.kind,
-                        ack.packet_id,
-                        REASON_QUOTA_EXCEEDED,
-                        self.version,
-                        &mut self.out,
-                    );
+            // Only a broker ack (`Some`) can wait on a batch; the front's own answers pass as they are.
+            let (source, ack) = match (outcome, ack) {
+                (Ok(()), _) | (Err(_), None) => {
+                    self.out.extend_from_slice(&frame);
+                    continue;
                 }
-                Err(source) => {
-                    return Err(FrontError::CommitRejected {
-                        packet_id: ack.packet_id,
-                        source,
-                    });
-                }
+                (Err(source), Some(ack)) => (source, ack),
+            };
+            if self.version != ProtocolVersion::V5 {
+                return Err(FrontError::CommitRejected {
+                    packet_id: ack.packet_id,
+                    source,
+                });
             }
+            warn!(packet_id = ack.packet_id, cause = %source, "commit rejected; answering quota exceeded");
+            mqtt::encode_ack(
+                ack.kind,
+                ack.packet_id,
+                REASON_QUOTA_EXCEEDED,
+                self.version,
+                &mut self.out,
+            );
         }
         Ok(())
     }

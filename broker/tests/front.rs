@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
 use meshbridge_broker::front::{self, CommitRejected, CommitRequest, FrontError, FrontOptions};
+use shared::limits::{PathLimits, SharedLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -33,6 +34,11 @@ struct Harness {
 impl Harness {
     /// Broker + front selecting topics under `sel/`.
     async fn start() -> Result<Self> {
+        Self::start_with(FrontOptions::default()).await
+    }
+
+    /// As [`start`](Self::start), with `options`.
+    async fn start_with(options: FrontOptions) -> Result<Self> {
         let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let front_addr = listener.local_addr()?;
@@ -44,7 +50,7 @@ impl Harness {
             broker.upstreams(),
             select,
             commits_tx,
-            FrontOptions::default(),
+            options,
             shutdown.clone(),
         ));
         Ok(Self {
@@ -619,6 +625,389 @@ async fn v5_topic_aliases_are_resolved_in_captures() -> Result<()> {
             ensure!(publish.properties.topic_alias.is_none(), "alias cleared");
             ensure!(&publish.payload[..] == payload.as_bytes());
         }
+
+        task.abort();
+        h.stop().await
+    })
+    .await?
+}
+
+/// A front whose path carries payloads up to `max_message_size` bytes and topics up to `max_topic_len`.
+async fn limited(
+    max_message_size: u32,
+    max_topic_len: u16,
+) -> Result<(Harness, Arc<SharedLimits>)> {
+    limited_frame(max_message_size, max_topic_len, 1 << 20).await
+}
+
+/// As [`limited`], with an agent↔hub frame of `max_frame_size` bytes.
+async fn limited_frame(
+    max_message_size: u32,
+    max_topic_len: u16,
+    max_frame_size: u32,
+) -> Result<(Harness, Arc<SharedLimits>)> {
+    let limits = Arc::new(SharedLimits::new(max_message_size, max_frame_size, "site"));
+    limits.announce(PathLimits {
+        max_message_size,
+        max_topic_len,
+        max_frame_size,
+    });
+    let options = FrontOptions {
+        limits: Some(Arc::clone(&limits)),
+        ..FrontOptions::default()
+    };
+    Ok((Harness::start_with(options).await?, limits))
+}
+
+/// Answers the next commit request with success and returns the topics and payload lengths it held.
+async fn commit_ok(h: &mut Harness) -> Result<Vec<(String, usize)>> {
+    let request = h.next_commit().await?;
+    let got = request
+        .messages
+        .iter()
+        .map(|m| (m.publish.topic.clone(), m.publish.payload.len()))
+        .collect();
+    request
+        .done
+        .send(Ok(()))
+        .map_err(|_| anyhow::anyhow!("front dropped the request"))?;
+    Ok(got)
+}
+
+#[tokio::test]
+async fn v5_oversize_publish_is_refused_with_a_reason_and_later_messages_flow() -> Result<()> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason};
+    use rumqttc::v5::mqttbytes::QoS;
+    timeout(Duration::from_secs(30), async {
+        let (mut h, limits) = limited(1000, u16::MAX).await?;
+        let (_sub, mut sub_events, sub_task) = subscriber(&h.broker, "sub-big-v5").await?;
+        let (client, mut events, task) = v5_client("pub-big-v5", h.front_addr);
+        v5_wait(&mut events, |p| {
+            matches!(p, Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+
+        let big = vec![b'x'; 1001];
+        client
+            .publish("sel/big", QoS::AtLeastOnce, false, big.clone())
+            .await?;
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            reason == PubAckReason::ImplementationSpecificError,
+            "QoS 1 refusal reason {reason:?}"
+        );
+        client
+            .publish("sel/big2", QoS::ExactlyOnce, false, big.clone())
+            .await?;
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubRec(rec) => Some(rec.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            reason == PubRecReason::ImplementationSpecificError,
+            "QoS 2 refusal reason {reason:?}"
+        );
+
+        // A message at the limit still goes through: committed (the refused ones never were, the commit
+        // channel is FIFO), acknowledged with success, delivered.
+        client
+            .publish("sel/ok", QoS::AtLeastOnce, false, vec![b'y'; 1000])
+            .await?;
+        let committed = commit_ok(&mut h).await?;
+        ensure!(
+            committed == vec![("sel/ok".to_owned(), 1000)],
+            "committed {committed:?}"
+        );
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(reason == PubAckReason::Success, "reason {reason:?}");
+        let delivered = v4_wait(&mut sub_events, |p| match p {
+            rumqttc::Packet::Publish(p) => Some(p.topic.clone()),
+            _ => None,
+        })
+        .await?;
+        ensure!(delivered == "sel/ok", "the broker got {delivered} first");
+        ensure!(limits.refused() == 2, "refused {}", limits.refused());
+
+        // Topics no route selects stay local and are not limited.
+        client
+            .publish("local/big", QoS::AtLeastOnce, false, big)
+            .await?;
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(reason == PubAckReason::Success, "local reason {reason:?}");
+        ensure!(h.commits.try_recv().is_err(), "nothing else committed");
+
+        task.abort();
+        sub_task.abort();
+        h.stop().await
+    })
+    .await?
+}
+
+#[tokio::test]
+async fn v5_topic_too_long_for_the_hub_namespace_is_refused() -> Result<()> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::mqttbytes::QoS;
+    timeout(Duration::from_secs(30), async {
+        // The hub left 10 bytes of topic to this site.
+        let (mut h, limits) = limited(1000, 10).await?;
+        let (client, mut events, task) = v5_client("pub-long-v5", h.front_addr);
+        v5_wait(&mut events, |p| {
+            matches!(p, Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+        client
+            .publish("sel/eleven!", QoS::AtLeastOnce, false, "x")
+            .await?;
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            reason == PubAckReason::TopicNameInvalid,
+            "reason {reason:?}"
+        );
+        client
+            .publish("sel/ten_12", QoS::AtLeastOnce, false, "y")
+            .await?;
+        let committed = commit_ok(&mut h).await?;
+        ensure!(
+            committed == vec![("sel/ten_12".to_owned(), 1)],
+            "committed {committed:?}"
+        );
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(reason == PubAckReason::Success, "reason {reason:?}");
+        ensure!(limits.refused() == 1);
+
+        task.abort();
+        h.stop().await
+    })
+    .await?
+}
+
+#[tokio::test]
+async fn v4_oversize_publish_is_acked_discarded_and_later_messages_flow() -> Result<()> {
+    timeout(Duration::from_secs(30), async {
+        let (mut h, limits) = limited(1000, u16::MAX).await?;
+        let (_sub, mut sub_events, sub_task) = subscriber(&h.broker, "sub-big-v4").await?;
+        let (client, mut events, task) = v4_client("pub-big-v4", h.front_addr, 10);
+        v4_wait(&mut events, |p| {
+            matches!(p, rumqttc::Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+
+        let big = vec![b'x'; 1001];
+        // 3.1.1 has no negative ack: as Mosquitto's message_size_limit, acknowledged and discarded.
+        client
+            .publish("sel/big", rumqttc::QoS::AtLeastOnce, false, big.clone())
+            .await?;
+        ensure!(
+            v4_puback_within(&mut events, WAIT).await,
+            "no PUBACK for the refused QoS 1 message"
+        );
+        // QoS 2: PUBREC, then the front itself completes the exchange with PUBCOMP.
+        client
+            .publish("sel/big2", rumqttc::QoS::ExactlyOnce, false, big.clone())
+            .await?;
+        v4_wait(&mut events, |p| {
+            matches!(p, rumqttc::Packet::PubRec(_)).then_some(())
+        })
+        .await?;
+        v4_wait(&mut events, |p| {
+            matches!(p, rumqttc::Packet::PubComp(_)).then_some(())
+        })
+        .await?;
+        client
+            .publish("sel/big0", rumqttc::QoS::AtMostOnce, false, big)
+            .await?;
+
+        client
+            .publish("sel/ok", rumqttc::QoS::AtLeastOnce, false, "fine")
+            .await?;
+        let committed = commit_ok(&mut h).await?;
+        ensure!(
+            committed == vec![("sel/ok".to_owned(), 4)],
+            "committed {committed:?}"
+        );
+        ensure!(
+            v4_puback_within(&mut events, WAIT).await,
+            "no PUBACK for the message after the refused ones"
+        );
+        let delivered = v4_wait(&mut sub_events, |p| match p {
+            rumqttc::Packet::Publish(p) => Some(p.topic.clone()),
+            _ => None,
+        })
+        .await?;
+        ensure!(delivered == "sel/ok", "the broker got {delivered} first");
+        ensure!(limits.refused() == 3, "refused {}", limits.refused());
+
+        task.abort();
+        sub_task.abort();
+        h.stop().await
+    })
+    .await?
+}
+
+#[tokio::test]
+async fn v5_alias_defined_by_a_refused_publish_still_works() -> Result<()> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    timeout(Duration::from_secs(30), async {
+        let (mut h, _limits) = limited(1000, u16::MAX).await?;
+        let (_sub, mut sub_events, sub_task) = subscriber(&h.broker, "sub-alias").await?;
+        let (client, mut events, task) = v5_client("pub-alias-big", h.front_addr);
+        v5_wait(&mut events, |p| {
+            matches!(p, Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+        let alias = || PublishProperties {
+            topic_alias: Some(4),
+            ..PublishProperties::default()
+        };
+        // Defines alias 4 with a message the front refuses: the broker never sees the definition.
+        client
+            .publish_with_properties(
+                "sel/aliased",
+                QoS::AtLeastOnce,
+                false,
+                vec![b'x'; 1001],
+                alias(),
+            )
+            .await?;
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            reason == PubAckReason::ImplementationSpecificError,
+            "{reason:?}"
+        );
+        // Uses only the alias: committed under the real topic, acknowledged, delivered by the broker.
+        client
+            .publish_with_properties("", QoS::AtLeastOnce, false, "small", alias())
+            .await?;
+        let committed = commit_ok(&mut h).await?;
+        ensure!(
+            committed == vec![("sel/aliased".to_owned(), 5)],
+            "committed {committed:?}"
+        );
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(reason == PubAckReason::Success, "{reason:?}");
+        let delivered = v4_wait(&mut sub_events, |p| match p {
+            rumqttc::Packet::Publish(p) => Some((p.topic.clone(), p.payload.clone())),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            delivered.0 == "sel/aliased" && &delivered.1[..] == b"small",
+            "broker delivered {delivered:?}"
+        );
+
+        task.abort();
+        sub_task.abort();
+        h.stop().await
+    })
+    .await?
+}
+
+/// A message within the payload limit whose queue entry (payload, topic, properties, envelope fields)
+/// would not fit one frame to the hub is refused too: queued, it would stop the uplink for good.
+#[tokio::test]
+async fn v5_message_too_large_for_a_frame_is_refused() -> Result<()> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::mqttbytes::QoS;
+    timeout(Duration::from_secs(30), async {
+        // Payloads up to 10,000 bytes, but frames of 1,100 bytes.
+        let (mut h, limits) = limited_frame(10_000, u16::MAX, 1_100).await?;
+        let (client, mut events, task) = v5_client("pub-frame", h.front_addr);
+        v5_wait(&mut events, |p| {
+            matches!(p, Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+        client
+            .publish("sel/f", QoS::AtLeastOnce, false, vec![b'x'; 1_080])
+            .await?;
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            reason == PubAckReason::ImplementationSpecificError,
+            "{reason:?}"
+        );
+        client
+            .publish("sel/f", QoS::AtLeastOnce, false, vec![b'y'; 1_000])
+            .await?;
+        let committed = commit_ok(&mut h).await?;
+        ensure!(
+            committed == vec![("sel/f".to_owned(), 1_000)],
+            "{committed:?}"
+        );
+        let reason = v5_wait(&mut events, |p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await?;
+        ensure!(reason == PubAckReason::Success, "{reason:?}");
+        ensure!(limits.refused() == 1);
+
+        task.abort();
+        h.stop().await
+    })
+    .await?
+}
+
+/// 3.1.1 has no negative ack: a topic too long for the hub's namespace is handled as an oversize message
+/// (acknowledged, discarded, counted), and the connection keeps working.
+#[tokio::test]
+async fn v4_topic_too_long_for_the_hub_namespace_is_acked_and_discarded() -> Result<()> {
+    timeout(Duration::from_secs(30), async {
+        let (mut h, limits) = limited(1000, 10).await?;
+        let (client, mut events, task) = v4_client("pub-long-v4", h.front_addr, 10);
+        v4_wait(&mut events, |p| {
+            matches!(p, rumqttc::Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+        client
+            .publish("sel/eleven!", rumqttc::QoS::AtLeastOnce, false, "x")
+            .await?;
+        ensure!(
+            v4_puback_within(&mut events, WAIT).await,
+            "no PUBACK for the refused message"
+        );
+        client
+            .publish("sel/ten_12", rumqttc::QoS::AtLeastOnce, false, "y")
+            .await?;
+        let committed = commit_ok(&mut h).await?;
+        ensure!(
+            committed == vec![("sel/ten_12".to_owned(), 1)],
+            "committed {committed:?}"
+        );
+        ensure!(v4_puback_within(&mut events, WAIT).await, "no PUBACK after");
+        ensure!(limits.refused() == 1);
 
         task.abort();
         h.stop().await

@@ -262,6 +262,10 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         max_frame_size: u32::try_from(hub.max_frame_size).unwrap_or(u32::MAX),
         hub_high_water,
         config_version: 0,
+        // The limits `to_message` enforces, stated up front so the agent refuses at PUBLISH time what
+        // would otherwise be acknowledged to its publisher and dropped here (see `shared::limits`).
+        max_message_size: u32::try_from(hub.max_message_size).unwrap_or(u32::MAX),
+        max_topic_len: u16::try_from(site.namespace.local_topic_room()).unwrap_or(u16::MAX),
     };
     let mut out = BytesMut::new();
     let sent = match welcome.encode(&mut out) {

@@ -198,10 +198,16 @@ impl FakeAgent {
                 version,
                 hub_high_water,
                 max_frame_size,
+                max_message_size,
+                max_topic_len,
                 ..
             } => {
                 assert_eq!(version, wire::PROTOCOL_VERSION);
                 assert!(max_frame_size > 0);
+                // The hub's default limits.max_message_size, and the topic room its namespace leaves.
+                assert_eq!(max_message_size, 256 * 1024);
+                let prefix = NAMESPACE.replace("{site}", site);
+                assert_eq!(usize::from(max_topic_len), 65_535 - prefix.len() - 1);
                 Ok((agent, hub_high_water))
             }
             other => bail!("expected Welcome, got {other:?}"),

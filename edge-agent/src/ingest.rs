@@ -78,6 +78,8 @@ pub(crate) struct Ingest {
     pub(crate) site: Arc<str>,
     /// Wakes the uplink after each append.
     pub(crate) appended: Arc<Notify>,
+    /// What the path to the hub carries; messages beyond it are refused before they are committed.
+    pub(crate) limits: Arc<shared::limits::SharedLimits>,
 }
 
 impl Ingest {

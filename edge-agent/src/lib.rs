@@ -20,6 +20,7 @@ pub mod error;
 pub mod tls;
 
 mod ingest;
+pub mod limits;
 mod local;
 mod routes;
 mod uplink;
@@ -86,6 +87,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         repaired = queue.repaired_on_open(),
         "queue opened"
     );
+    let limits = limits::load(&cfg);
     let routes = Arc::new(Routes::new(&cfg.routes)?);
     let transport = tls::ClientTransport {
         idle_timeout: cfg.uplink.idle_timeout,
@@ -106,6 +108,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         routes,
         site: Arc::clone(&site),
         appended: Arc::clone(&appended),
+        limits: Arc::clone(&limits),
     };
 
     let tracker = TaskTracker::new();
@@ -118,6 +121,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         Arc::clone(&queue),
         appended,
         client_config,
+        limits,
+        cfg.data_dir.clone(),
     );
     let uplink_task = tracker.spawn(uplink.run(uplink_stop.clone()));
     tracker.spawn(housekeeping(Arc::clone(&queue), housekeeping_stop.clone()));

@@ -25,6 +25,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use shared::config::UplinkConfig;
+use shared::limits::{PathLimits, SharedLimits};
 use shared::queue::{
     DeadLetterLimits, DeadLetters, Entry, NewDeadLetter, Queue, QueueError, RedbQueue,
 };
@@ -193,6 +194,10 @@ pub(crate) struct Uplink {
     dead_letters: PathBuf,
     client_config: quinn::ClientConfig,
     endpoint: Option<Endpoint>,
+    /// The path's limits, which every `Welcome` updates (see `crate::limits`).
+    limits: Arc<SharedLimits>,
+    /// Where the hub's last limits are persisted.
+    data_dir: PathBuf,
 }
 
 /// How a connection ended.
@@ -211,15 +216,19 @@ impl Uplink {
         queue: Arc<RedbQueue>,
         appended: Arc<Notify>,
         client_config: quinn::ClientConfig,
+        limits: Arc<SharedLimits>,
+        data_dir: PathBuf,
     ) -> Self {
         Self {
-            dead_letters: queue.path().with_file_name(crate::DEAD_LETTERS_FILE),
+            dead_letters: data_dir.join(crate::DEAD_LETTERS_FILE),
             cfg,
             site,
             queue,
             appended,
             client_config,
             endpoint: None,
+            limits,
+            data_dir,
         }
     }
 
@@ -421,9 +430,21 @@ impl Session<'_> {
                 version,
                 max_frame_size,
                 hub_high_water,
+                max_message_size,
+                max_topic_len,
                 ..
             } => {
-                debug!(version, max_frame_size, "welcomed");
+                debug!(
+                    version,
+                    max_frame_size, max_message_size, max_topic_len, "welcomed"
+                );
+                let announced = PathLimits {
+                    max_message_size,
+                    max_topic_len,
+                    max_frame_size,
+                };
+                crate::limits::announce(&self.uplink.limits, &self.uplink.data_dir, announced)
+                    .await;
                 let hub_max = usize::try_from(max_frame_size).unwrap_or(usize::MAX);
                 (hub_max.min(cfg.max_frame_size.as_usize()), hub_high_water)
             }

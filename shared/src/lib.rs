@@ -10,6 +10,8 @@
 //! - [`topic`]: MQTT topic names and filters, wildcard matching and namespace mapping.
 //! - [`policy`]: pure policies, starting with the per-origin dedup window.
 //! - [`config`]: the serde config model of both programs, loading and `validate()`.
+//! - [`limits`]: the message size and topic length a message must meet to cross the whole path, announced
+//!   by the hub and checked by the agent at PUBLISH time.
 //! - [`site`]: the rules of a site name, shared by the config model, the PKI and the hub.
 //! - [`queue`]: the durable outbound queue (redb) and its in-memory model. The one module that touches the
 //!   disk, because the guarantee it gives (committed before acknowledged) is the product's core promise.
@@ -17,6 +19,7 @@
 
 pub mod config;
 pub mod envelope;
+pub mod limits;
 pub mod mqtt;
 pub mod policy;
 pub mod queue;

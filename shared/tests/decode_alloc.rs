@@ -49,14 +49,18 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// Tests run on several threads; measurements must not overlap.
+/// Tests run on several threads, and the counters are global: each test holds this for its whole run, so
+/// no other test builds its frames while one measures.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Peak bytes allocated (above what was live before) while parsing `frame`, and whether it parsed.
 fn peak_while_parsing(frame: Bytes) -> (usize, bool) {
-    let _guard = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let parsed = parse(frame);
@@ -122,6 +126,7 @@ fn assert_bounded(what: &str, frame: Bytes) -> bool {
 
 #[test]
 fn a_batch_claiming_u32_max_entries_allocates_little() {
+    let _only_me = exclusive();
     // The count says four billion; the bytes hold none (zeros are not even a valid entry).
     let mut body = u32::MAX.to_be_bytes().to_vec();
     body.resize(4 + (1 << 20), 0);
@@ -142,6 +147,7 @@ fn a_batch_claiming_u32_max_entries_allocates_little() {
 
 #[test]
 fn a_batch_packed_with_the_smallest_entries_stays_within_the_bound() {
+    let _only_me = exclusive();
     let entry = entry_body("", "", None, b"");
     let count = (1 << 20) / (12 + entry.len());
     let mut body = u32::try_from(count).unwrap().to_be_bytes().to_vec();
@@ -167,6 +173,7 @@ fn a_batch_packed_with_the_smallest_entries_stays_within_the_bound() {
 
 #[test]
 fn user_property_counts_are_not_trusted() {
+    let _only_me = exclusive();
     // One entry claiming 65,535 user properties, with the smallest possible pairs (empty strings) and then
     // a truncation; and many entries each claiming the maximum with nothing behind it.
     let mut pairs = Vec::new();

@@ -238,3 +238,94 @@ async fn mqtt_3_1_1_clients_at_both_ends_as_in_the_readme() {
         other => panic!("the 3.1.1 subscriber at the cloud got nothing: {other:?}"),
     }
 }
+
+/// Issue 7, "acknowledged, then dropped": with default configs (the hub's `limits.max_message_size` and the
+/// agent's `uplink.max_message_size` are 256 KiB) a 300 KB QoS 1 message to the edge used to get a PUBACK
+/// and then be dropped by the hub. Now an MQTT 5 publisher is refused at PUBLISH time (reason 0x83), a
+/// 3.1.1 publisher gets Mosquitto's behaviour (acknowledged and discarded at the edge, logged), and the
+/// messages after it arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_message_is_refused_at_the_edge_not_dropped_at_the_hub() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    let mesh = Mesh::new(&["line1"]);
+    let hub_spec = mesh.hub_spec(BrokerSpec::embedded(), &["line1"]);
+    let _hub = mesh.start_hub(&hub_spec).await;
+    let cloud = Collector::start(hub_spec.broker.client_addr(), "cloud-sub", &["#"], false).await;
+    let spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
+    let _agent = mesh.start_agent("line1", &spec).await;
+    let edge = spec.broker.client_addr();
+
+    let (client, mut eventloop) = AsyncClient::new(
+        MqttOptions::new("pub-v5-big", edge.ip().to_string(), edge.port()),
+        10,
+    );
+    let mut reasons = Vec::new();
+    for (topic, len) in [("telemetry/big", 300_000), ("telemetry/after", 10)] {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, vec![b'b'; len])
+            .await
+            .expect("queue the publish");
+        let reason = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => return Ok(ack.reason),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await
+        .expect("a PUBACK in time");
+        reasons.push(reason);
+    }
+    assert_eq!(
+        reasons,
+        [
+            Ok(PubAckReason::ImplementationSpecificError),
+            Ok(PubAckReason::Success)
+        ]
+    );
+    // 3.1.1: the oversize message is acknowledged (no negative ack exists) but not forwarded.
+    let mut options = rumqttc::MqttOptions::new("pub-v4-big", edge.ip().to_string(), edge.port());
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    for (topic, len) in [("telemetry/v4/big", 300_000), ("telemetry/v4", 10)] {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, vec![b'b'; len])
+            .await
+            .expect("queue the publish");
+        let acked = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        assert_eq!(acked, Ok(Ok(())), "3.1.1 PUBACK for {topic}");
+    }
+    assert!(
+        cloud
+            .wait_until(Duration::from_secs(20), |r| {
+                r.iter()
+                    .any(|m| m.topic == "acme/plant1/line1/telemetry/after")
+                    && r.iter()
+                        .any(|m| m.topic == "acme/plant1/line1/telemetry/v4")
+            })
+            .await,
+        "the messages after the oversize one arrive: {:?}",
+        cloud.received()
+    );
+    cloud
+        .settle(Duration::from_millis(500), Duration::from_secs(5))
+        .await;
+    assert!(
+        cloud.received().iter().all(|m| !m.topic.ends_with("/big")),
+        "the oversize message never reaches the cloud"
+    );
+}

@@ -57,6 +57,7 @@ pub(crate) async fn run(
             .as_ref()
             .zip(cfg.password.as_ref())
             .map(|(u, p)| (u.clone(), p.expose().to_owned())),
+        limits: Some(Arc::clone(&ingest.limits)),
         ..FrontOptions::default()
     };
     let (commits_tx, commits_rx) = mpsc::channel(COMMIT_CHANNEL);

@@ -13,6 +13,13 @@
 //!   1000` does. The agent warns once at startup, and watches `$SYS/broker/publish/messages/dropped`,
 //!   warning whenever it increases.
 //!
+//! - A message the path to the hub cannot carry (payload over the limit in force, or a topic too long
+//!   for the hub's namespace; see `crate::limits`) cannot be refused to its publisher: the site broker
+//!   already acknowledged it. It is logged at `error` with its topic, counted, acknowledged to the broker
+//!   and not forwarded, so it neither wedges the session (the broker would redeliver it forever) nor
+//!   disappears without a trace. There is no dead-letter store. Set the broker's own limit (Mosquitto:
+//!   `message_size_limit`) to the agent's to refuse such messages to their publishers.
+//!
 //! The EventLoop is polled by this task alone and never blocked: commits and acks run in the ingest task.
 
 use std::sync::Arc;
@@ -27,7 +34,7 @@ use shared::config::ExternalBroker;
 use shared::envelope::{Properties, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::error::AgentError;
 use crate::ingest::{full_queue_backoff, log_commit_error, Group, Ingest, MAX_GROUP_MESSAGES};
@@ -255,6 +262,25 @@ async fn ingest_loop(
     }
 }
 
+/// An upper bound of the queue entry made from `publish` (see `shared::envelope`): fixed fields, origin,
+/// topic, payload and every property with its length prefix. (The MQTT packet length is not known here:
+/// rumqttc decoded it.)
+fn entry_bound(origin_len: usize, topic: &str, publish: &Publish) -> usize {
+    let fixed = shared::limits::ENVELOPE_EXTRA + origin_len + 2 + topic.len();
+    let properties = publish.properties.as_ref().map_or(0, |p| {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, |s| 2 + s.len());
+        text(&p.content_type)
+            + text(&p.response_topic)
+            + p.correlation_data.as_ref().map_or(0, |c| 2 + c.len())
+            + 4
+            + p.user_properties
+                .iter()
+                .map(|(k, v)| 4 + k.len() + v.len())
+                .sum::<usize>()
+    });
+    fixed + properties + publish.payload.len()
+}
+
 /// Encodes `publish` into the group, moving its topic, payload and properties out (the ack only needs
 /// its packet id and QoS).
 fn add(group: &mut Group, ingest: &Ingest, publish: &mut Publish) {
@@ -269,6 +295,24 @@ fn add(group: &mut Group, ingest: &Ingest, publish: &mut Publish) {
         debug!(%topic, "no route matches; acknowledged but not forwarded");
         return;
     };
+    if let Err(refusal) = ingest.limits.check(
+        topic.len(),
+        publish.payload.len(),
+        entry_bound(ingest.limits.origin_len(), &topic, publish),
+    ) {
+        // Logged with the topic (cut short) so the operator can find the publisher.
+        let shown: String = topic.chars().take(200).collect();
+        error!(
+            topic = %shown,
+            topic_len = topic.len(),
+            payload_len = publish.payload.len(),
+            cause = %refusal,
+            kind = refusal.kind(),
+            refused_total = ingest.limits.refused(),
+            "message dropped: the path to the hub cannot carry it, and the site broker already acknowledged it to its publisher"
+        );
+        return;
+    }
     let qos = match publish.qos {
         MqttQoS::AtMostOnce => QoS::AtMostOnce,
         MqttQoS::AtLeastOnce => QoS::AtLeastOnce,
@@ -293,6 +337,55 @@ fn add(group: &mut Group, ingest: &Ingest, publish: &mut Publish) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_bound_covers_the_encoded_envelope() {
+        use rumqttc::v5::mqttbytes::v5::PublishProperties;
+        use shared::envelope::Envelope;
+
+        for with_props in [false, true] {
+            let properties = with_props.then(|| PublishProperties {
+                payload_format_indicator: Some(1),
+                message_expiry_interval: Some(5),
+                content_type: Some("text/plain".into()),
+                response_topic: Some("reply/x".into()),
+                correlation_data: Some(Bytes::from_static(b"corr")),
+                user_properties: vec![
+                    ("k".into(), "v".into()),
+                    ("traceparent".into(), "00-a-b-01".into()),
+                ],
+                ..PublishProperties::default()
+            });
+            let publish = Publish::new("t/x", MqttQoS::AtLeastOnce, "payload", properties.clone());
+            let p = properties.unwrap_or_default();
+            let env = Envelope {
+                origin: "line1".into(),
+                seq: 1,
+                topic: "t/x".into(),
+                payload: Bytes::from_static(b"payload"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Properties {
+                    user: p.user_properties,
+                    content_type: p.content_type,
+                    response_topic: p.response_topic,
+                    correlation_data: p.correlation_data,
+                    message_expiry: p.message_expiry_interval,
+                    payload_format_utf8: p.payload_format_indicator == Some(1),
+                },
+                trace: None,
+                enqueued_at_ms: 0,
+            };
+            let mut body = bytes::BytesMut::new();
+            env.encode_body(&mut body).expect("encodable");
+            let bound = entry_bound("line1".len(), "t/x", &publish);
+            assert!(
+                body.len() <= bound,
+                "props={with_props}: {} > {bound}",
+                body.len()
+            );
+        }
+    }
 
     #[test]
     fn dropped_counter_tracks_increases() {

@@ -127,6 +127,8 @@ pub struct HubState {
     pub hellos: Vec<(u64, u64)>,
     pub mode: AckMode,
     pub high_water: u64,
+    /// What the fake hub announces in `Welcome` (`max_message_size`, `max_topic_len`).
+    pub limits: (u32, u16),
     pub saw_goaway_normal: bool,
 }
 
@@ -160,6 +162,7 @@ impl FakeHub {
             hellos: Vec::new(),
             mode,
             high_water,
+            limits: (256 * 1024, 65_535 - 18),
             saw_goaway_normal: false,
         }))
     }
@@ -240,11 +243,11 @@ async fn serve(conn: quinn::Connection, state: Arc<Mutex<HubState>>) -> Result<(
     else {
         bail!("expected Hello");
     };
-    let (connection_index, high_water) = {
+    let (connection_index, high_water, (max_message_size, max_topic_len)) = {
         let mut s = state.lock().expect("lock");
         s.hellos.push((incarnation, last_acked));
         s.per_connection.push(Vec::new());
-        (s.per_connection.len() - 1, s.high_water)
+        (s.per_connection.len() - 1, s.high_water, s.limits)
     };
     let mut out = BytesMut::new();
     Frame::Welcome {
@@ -253,6 +256,8 @@ async fn serve(conn: quinn::Connection, state: Arc<Mutex<HubState>>) -> Result<(
         max_frame_size: 16 << 20,
         hub_high_water: high_water,
         config_version: 0,
+        max_message_size,
+        max_topic_len,
     }
     .encode(&mut out)?;
     send.write_all(&out).await?;

@@ -80,9 +80,16 @@ pub struct UplinkConfig {
     /// How long shutdown waits for in-flight batches to be acknowledged before closing the link.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Largest frame sent or accepted on the link; must hold a full batch plus [`FRAME_OVERHEAD`].
+    /// Largest frame sent or accepted on the link; must hold a full batch plus [`FRAME_OVERHEAD`], and the
+    /// largest message (`max_message_size`) plus [`FRAME_OVERHEAD`].
     #[serde(default = "default_max_frame_size")]
     pub max_frame_size: ByteSize,
+    /// Largest payload the agent accepts for the hub, in both broker modes. Messages the routes select
+    /// that are larger are refused at PUBLISH time (MQTT 5: reason 0x83), never acknowledged and then
+    /// dropped. The limit in force is the smaller of this and the hub's `limits.max_message_size`, which the
+    /// hub announces when the agent connects (and the agent keeps in `data_dir`); see `shared::limits`.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: ByteSize,
 }
 
 /// Limits of the on-disk queue.
@@ -158,6 +165,9 @@ fn default_shutdown_timeout() -> Duration {
 }
 fn default_max_frame_size() -> ByteSize {
     ByteSize::mib(8)
+}
+fn default_max_message_size() -> ByteSize {
+    ByteSize::kib(256)
 }
 fn default_queue_max_bytes() -> ByteSize {
     ByteSize::gib(1)
@@ -283,6 +293,24 @@ impl UplinkConfig {
                     value: self.max_frame_size,
                     needed,
                     reason: format!("uplink.batch_max_bytes + {FRAME_OVERHEAD} overhead"),
+                },
+            );
+        }
+        report.size_range(
+            "uplink.max_message_size",
+            self.max_message_size,
+            ByteSize(1),
+            ByteSize::mib(256),
+        );
+        // A message the agent accepts must fit one frame on its own, or it would wedge the queue.
+        let needed = ByteSize(self.max_message_size.0.saturating_add(FRAME_OVERHEAD.0));
+        if self.max_frame_size < needed {
+            report.push(
+                "uplink.max_frame_size",
+                Problem::SizeTooSmall {
+                    value: self.max_frame_size,
+                    needed,
+                    reason: format!("uplink.max_message_size + {FRAME_OVERHEAD} overhead"),
                 },
             );
         }

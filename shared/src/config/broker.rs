@@ -41,8 +41,9 @@ pub struct EmbeddedBroker {
     /// Serve MQTT over TLS with this certificate instead of plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServerTls>,
-    /// Largest PUBLISH payload accepted from a client. Kept at or below the hub's `limits.max_message_size`
-    /// so that nothing is accepted locally that the hub would later refuse.
+    /// Largest PUBLISH payload accepted from a client for the local broker (a larger packet closes the
+    /// connection). What goes to the hub is bounded separately, and refused at PUBLISH time with a reason,
+    /// by `uplink.max_message_size` and the hub's announced limit.
     #[serde(default = "default_max_payload")]
     pub max_payload: ByteSize,
     /// Most concurrent client connections; protects the agent's memory from a misbehaving client fleet.

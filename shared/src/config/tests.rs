@@ -82,6 +82,7 @@ fn valid_agent_loads_with_defaults_and_resolved_paths() {
     assert_eq!(up.idle_timeout, Duration::from_secs(15));
     assert_eq!(up.shutdown_timeout, Duration::from_secs(5));
     assert_eq!(up.max_frame_size, ByteSize::mib(8));
+    assert_eq!(up.max_message_size, ByteSize::kib(256));
 
     assert_eq!(config.queue.max_bytes, ByteSize::mib(512));
     assert_eq!(config.queue.max_age, Duration::from_secs(7 * 24 * 3600));
@@ -185,6 +186,7 @@ fn bad_agent_reports_every_problem_with_its_key() {
         "uplink.reconnect_min: must not exceed uplink.reconnect_max (10s), got 1m",
         "uplink.idle_timeout: must be greater than uplink.keep_alive (20s), got 15s",
         "uplink.max_frame_size: must be at least 8256KiB (uplink.batch_max_bytes + 64KiB overhead), got 8MiB",
+        "uplink.max_frame_size: must be at least 9280KiB (uplink.max_message_size + 64KiB overhead), got 8MiB",
         "queue.max_bytes: must be at least 1MiB (the size of an empty queue file), got 100KiB",
         "routes[0].filter: invalid topic filter `telemetry/#/x`: `#` must be alone in the last level",
         "routes[0].qos: must be between 0 and 2, got 3",
@@ -197,7 +199,7 @@ fn bad_agent_reports_every_problem_with_its_key() {
     let mut display_lines = display.lines();
     assert_eq!(
         display_lines.next(),
-        Some(format!("invalid config {}: 14 problem(s)", path.display()).as_str())
+        Some(format!("invalid config {}: 15 problem(s)", path.display()).as_str())
     );
     assert_eq!(display_lines.map(str::trim).collect::<Vec<_>>(), expected);
 }

@@ -5,8 +5,8 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    Ack, AckKind, Connect, DecodeError, PacketType, ProtocolVersion, Publish, PublishProperties,
-    QoS,
+    Ack, AckKind, Connect, DecodeError, Filters, PacketType, ProtocolVersion, Publish,
+    PublishProperties, QoS,
 };
 
 /// The fixed header of an MQTT packet: first byte plus remaining-length varint.
@@ -416,5 +416,50 @@ impl Ack {
             packet_id,
             reason,
         })
+    }
+}
+
+impl Filters {
+    /// Decodes the filters of the SUBSCRIBE or UNSUBSCRIBE at the start of `frame` (fixed header
+    /// included), sent with protocol `version`.
+    ///
+    /// # Errors
+    /// [`DecodeError::Incomplete`] if `frame` holds less than the whole packet,
+    /// [`DecodeError::UnexpectedPacket`] for another packet type, [`DecodeError::Truncated`] for a
+    /// packet without any filter, or a malformed-field variant.
+    pub fn decode(frame: &[u8], version: ProtocolVersion) -> Result<Self, DecodeError> {
+        let header = FixedHeader::parse(frame, usize::MAX)?;
+        if frame.len() < header.frame_len() {
+            return Err(DecodeError::Incomplete);
+        }
+        let subscribe = match header.packet_type {
+            PacketType::Subscribe => true,
+            PacketType::Unsubscribe => false,
+            found => {
+                return Err(DecodeError::UnexpectedPacket {
+                    expected: PacketType::Subscribe,
+                    found,
+                })
+            }
+        };
+        let mut r = Reader::new(&frame[header.header_len..header.frame_len()]);
+        let packet_id = match r.u16("packet identifier")? {
+            0 => return Err(DecodeError::ZeroPacketId),
+            id => id,
+        };
+        if version.has_properties() {
+            r.skip_properties()?;
+        }
+        let mut filters = Vec::new();
+        loop {
+            filters.push(r.string("topic filter")?.to_owned());
+            if subscribe {
+                r.u8("subscription options")?;
+            }
+            if r.remaining() == 0 {
+                break;
+            }
+        }
+        Ok(Self { packet_id, filters })
     }
 }

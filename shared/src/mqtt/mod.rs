@@ -258,6 +258,16 @@ impl AckKind {
     }
 }
 
+/// The topic filters of a SUBSCRIBE or UNSUBSCRIBE packet (options and properties are left for the
+/// broker): what the front needs to refuse a malformed filter the broker would grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filters {
+    /// Packet identifier.
+    pub packet_id: u16,
+    /// The filters, in packet order; at least one.
+    pub filters: Vec<String>,
+}
+
 /// A decoded PUBACK or PUBREC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {

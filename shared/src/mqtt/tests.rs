@@ -575,3 +575,33 @@ proptest! {
         let _ = Connect::decode(&frame);
     }
 }
+
+#[test]
+fn subscribe_and_unsubscribe_filters_decode() {
+    // SUBSCRIBE id 7: "a/#" QoS 1, "b/+/c" QoS 2.
+    let v4_sub = [
+        0x82, 16, 0, 7, 0, 3, b'a', b'/', b'#', 1, 0, 5, b'b', b'/', b'+', b'/', b'c', 2,
+    ];
+    let got = Filters::decode(&v4_sub, ProtocolVersion::V3_1_1).expect("valid");
+    assert_eq!(got.packet_id, 7);
+    assert_eq!(got.filters, ["a/#", "b/+/c"]);
+    // v5: a property block (subscription identifier 5) before the filters.
+    let v5_sub = [0x82, 10, 0, 8, 2, 0x0B, 5, 0, 2, b'x', b'/', 0];
+    let got = Filters::decode(&v5_sub, ProtocolVersion::V5).expect("valid");
+    assert_eq!((got.packet_id, got.filters), (8, vec!["x/".to_owned()]));
+    // UNSUBSCRIBE has no options byte.
+    let unsub = [0xA2, 7, 0, 9, 0, 3, b'a', b'/', b'b'];
+    let got = Filters::decode(&unsub, ProtocolVersion::V3_1_1).expect("valid");
+    assert_eq!(got.filters, ["a/b"]);
+    // No filter at all, a truncated filter, packet id 0, another packet type.
+    assert!(Filters::decode(&[0x82, 2, 0, 1], ProtocolVersion::V3_1_1).is_err());
+    assert!(Filters::decode(&[0x82, 5, 0, 1, 0, 3, b'a'], ProtocolVersion::V3_1_1).is_err());
+    assert_eq!(
+        Filters::decode(&[0x82, 6, 0, 0, 0, 1, b'a', 0], ProtocolVersion::V3_1_1),
+        Err(DecodeError::ZeroPacketId)
+    );
+    assert!(matches!(
+        Filters::decode(&[0x30, 3, 0, 1, b'a'], ProtocolVersion::V3_1_1),
+        Err(DecodeError::UnexpectedPacket { .. })
+    ));
+}

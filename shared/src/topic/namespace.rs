@@ -127,6 +127,13 @@ impl Namespace {
         &self.0
     }
 
+    /// The longest site-local topic (bytes) that still fits [`MAX_TOPIC_LEN`] once prefixed: the room the
+    /// hub announces to the agent so it can refuse longer topics at PUBLISH time.
+    #[must_use]
+    pub fn local_topic_room(&self) -> usize {
+        MAX_TOPIC_LEN.saturating_sub(self.0.len() + 1)
+    }
+
     /// Maps a site-local topic into the namespace: `<prefix>/<local>`.
     ///
     /// # Errors
@@ -415,6 +422,7 @@ mod tests {
     #[test]
     fn apply_rejects_overlong_results() {
         let prefix = ns("p");
+        assert_eq!(prefix.local_topic_room(), MAX_TOPIC_LEN - 2);
         let fits = name(&"a".repeat(MAX_TOPIC_LEN - 2));
         assert_eq!(
             prefix.apply(&fits).map(|t| t.as_str().len()),

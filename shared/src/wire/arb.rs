@@ -135,16 +135,28 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
             arb_caps(),
             any::<u32>(),
             any::<u64>(),
-            any::<u64>()
+            any::<u64>(),
+            any::<u32>(),
+            any::<u16>()
         )
             .prop_map(
-                |(version, capabilities, max_frame_size, hub_high_water, config_version)| {
+                |(
+                    version,
+                    capabilities,
+                    max_frame_size,
+                    hub_high_water,
+                    config_version,
+                    max_message_size,
+                    max_topic_len,
+                )| {
                     Frame::Welcome {
                         version,
                         capabilities,
                         max_frame_size,
                         hub_high_water,
                         config_version,
+                        max_message_size,
+                        max_topic_len,
                     }
                 }
             ),

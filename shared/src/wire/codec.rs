@@ -87,6 +87,8 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
             max_frame_size: r.u32("Welcome max_frame_size")?,
             hub_high_water: r.u64("Welcome hub_high_water")?,
             config_version: r.u64("Welcome config_version")?,
+            max_message_size: r.u32("Welcome max_message_size")?,
+            max_topic_len: r.u16("Welcome max_topic_len")?,
         },
         FrameType::Batch => Frame::Batch {
             entries: parse_entries(&mut r)?,
@@ -232,12 +234,16 @@ impl Frame {
                 max_frame_size,
                 hub_high_water,
                 config_version,
+                max_message_size,
+                max_topic_len,
             } => {
                 buf.put_u16(*version);
                 buf.put_u64(capabilities.bits());
                 buf.put_u32(*max_frame_size);
                 buf.put_u64(*hub_high_water);
                 buf.put_u64(*config_version);
+                buf.put_u32(*max_message_size);
+                buf.put_u16(*max_topic_len);
             }
             Self::Ack { upto: value }
             | Self::DownlinkAck { upto: value }
@@ -502,6 +508,27 @@ mod tests {
                 Frame::Batch { entries: vec![] },
                 vec![0, 0, 0, 5, 0x03, 0, 0, 0, 0],
             ),
+            (
+                Frame::Welcome {
+                    version: 2,
+                    capabilities: Capabilities::from_bits(3),
+                    max_frame_size: 0x0100_0000,
+                    hub_high_water: 9,
+                    config_version: 1,
+                    max_message_size: 0x0004_0000,
+                    max_topic_len: 0xFFE4,
+                },
+                vec![
+                    0, 0, 0, 37, 0x02, // prefix, type
+                    0, 2, // version
+                    0, 0, 0, 0, 0, 0, 0, 3, // capabilities
+                    1, 0, 0, 0, // max_frame_size
+                    0, 0, 0, 0, 0, 0, 0, 9, // hub_high_water
+                    0, 0, 0, 0, 0, 0, 0, 1, // config_version
+                    0, 4, 0, 0, // max_message_size (256 KiB)
+                    0xFF, 0xE4, // max_topic_len
+                ],
+            ),
         ];
         for (frame, bytes) in cases {
             assert_eq!(&encoded(&frame)[..], &bytes[..], "{frame:?}");
@@ -576,6 +603,16 @@ mod tests {
                 DecodeError::TrailingBytes {
                     frame: FrameType::Batch,
                     extra: 1,
+                },
+            ),
+            (
+                "version 1 welcome (no limits)",
+                // type, version 1, then capabilities, max_frame_size, hub_high_water, config_version.
+                [&[0x02_u8, 0, 1][..], &[0; 8 + 4 + 8 + 8]].concat(),
+                DecodeError::Truncated {
+                    what: "Welcome max_message_size",
+                    needed: 4,
+                    available: 0,
                 },
             ),
             (

@@ -8,7 +8,7 @@
 //! | type | frame         | body |
 //! |------|---------------|------|
 //! | 0x01 | `Hello`       | `u16 min` `u16 max` `u64 capabilities` `u64 incarnation` `u64 last_acked` `u64 config_version` `str16 agent_name` (then bytes a later version may add, ignored) |
-//! | 0x02 | `Welcome`     | `u16 version` `u64 capabilities` `u32 max_frame_size` `u64 hub_high_water` `u64 config_version` |
+//! | 0x02 | `Welcome`     | `u16 version` `u64 capabilities` `u32 max_frame_size` `u64 hub_high_water` `u64 config_version` `u32 max_message_size` `u16 max_topic_len` (the last two since version 2) |
 //! | 0x03 | `Batch`       | `u32 count`, then `count` × (`u64 seq` `u32 body_len` body) |
 //! | 0x04 | `Ack`         | `u64 upto` |
 //! | 0x05 | `ConfigPush`  | `u64 version` `str32 toml` |
@@ -36,6 +36,11 @@
 //! `Hello` and `GoAway` are read before (or instead of) an agreed version, so their layouts are frozen;
 //! `Hello` may only grow at the end. Everything else may change with [`PROTOCOL_VERSION`]. Envelope bodies
 //! carry their own format version byte because they outlive a connection in the queue file.
+//!
+//! | version | change |
+//! |---------|--------|
+//! | 1 | first version |
+//! | 2 | `Welcome` ends with `u32 max_message_size` `u16 max_topic_len`: the hub states the largest payload and the longest site-local topic it will publish, so the agent refuses at PUBLISH time what the hub would drop after the publisher was acknowledged ([`crate::limits`]). Version 1 is no longer spoken: a v1 hub cannot state its limits, so an agent talking to it could again acknowledge what the hub then drops. |
 //!
 //! # Decoding
 //! In the shape of mini-redis's `Frame::check`/`Frame::parse`: [`check`] says whether a whole frame is
@@ -95,6 +100,12 @@ pub enum Frame {
         hub_high_water: u64,
         /// Config version the hub wants the agent to run.
         config_version: u64,
+        /// Largest payload (bytes) the hub publishes for this site (its `limits.max_message_size`). The agent
+        /// refuses larger messages at PUBLISH time instead of acknowledging them.
+        max_message_size: u32,
+        /// Longest site-local topic (bytes) the hub can publish: 65,535 minus the length of this site's
+        /// namespace prefix and its `/`. The agent refuses longer topics at PUBLISH time.
+        max_topic_len: u16,
     },
     /// Agent → hub uplink data, in seq order.
     Batch {

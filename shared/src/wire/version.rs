@@ -8,10 +8,12 @@ use std::fmt;
 
 use super::VersionMismatch;
 
-/// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks best. Version 2 added the hub's limits to `Welcome` (see the
+/// version table in the [module docs](super)).
+pub const PROTOCOL_VERSION: u16 = 2;
 
-/// Every protocol version this build can speak.
+/// Every protocol version this build can speak: only [`PROTOCOL_VERSION`], because a version 1 peer cannot
+/// state or learn the path's limits (see the version table in the [module docs](super)).
 pub const SUPPORTED: VersionRange = VersionRange {
     min: PROTOCOL_VERSION,
     max: PROTOCOL_VERSION,
@@ -119,5 +121,18 @@ mod tests {
         assert!(SUPPORTED.contains(PROTOCOL_VERSION));
         assert!(!SUPPORTED.is_empty());
         assert_eq!(negotiate(SUPPORTED, SUPPORTED), Ok(PROTOCOL_VERSION));
+    }
+
+    #[test]
+    fn a_version_1_peer_is_refused_with_both_ranges() {
+        let v1 = r(1, 1);
+        let err = negotiate(v1, SUPPORTED).expect_err("v1 agent");
+        assert_eq!(
+            err.to_string(),
+            "no common protocol version: agent speaks 1..=1, hub speaks 2..=2"
+        );
+        assert!(negotiate(SUPPORTED, v1).is_err(), "v1 hub");
+        // A future agent that still speaks 2 is served.
+        assert_eq!(negotiate(r(1, 3), SUPPORTED), Ok(2));
     }
 }
