@@ -42,6 +42,12 @@ pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLACE_WAIT: Duration = Duration::from_secs(5);
 /// How long a `GoAway` gets to reach the agent before the connection is closed.
 const GOAWAY_LINGER: Duration = Duration::from_secs(1);
+/// How long an agent refused with `Unavailable` (cloud broker not connected) is asked to wait before it
+/// tries again. Welcoming it instead made every site re-handshake about ten times a second while the broker
+/// was down: the first batch failed, and the agent took the `Welcome` as proof of a healthy link and reset its
+/// backoff. One attempt per second per site (the agent adds up to half of it as jitter) is cheap for the hub,
+/// and delivery resumes at most about this long after the broker is back.
+const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Batches read but not yet acknowledged, per connection; beyond it the reader stops (QUIC flow control).
 const MAX_PENDING_BATCHES: usize = 64;
 /// Read buffer growth step.
@@ -207,6 +213,26 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         }
     };
 
+    // Refuse before `Welcome` while the cloud broker is away: the first batch would fail anyway.
+    if !hub.publisher.is_connected() {
+        let retry_after = capabilities
+            .contains(Capabilities::RETRY_AFTER)
+            .then(|| u32::try_from(UNAVAILABLE_RETRY_AFTER.as_millis()).unwrap_or(u32::MAX));
+        debug!(
+            retry_after_ms = retry_after,
+            "refusing agent: the cloud broker is not connected"
+        );
+        go_away_with(
+            &mut send,
+            &conn,
+            GoAwayCode::Unavailable,
+            "the hub's cloud broker is not connected",
+            retry_after,
+        )
+        .await;
+        return;
+    }
+
     // One live connection per site: the newest wins, after the old one finished what it had in flight.
     let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
     let replaced = CancellationToken::new();
@@ -334,11 +360,24 @@ fn code(code: GoAwayCode) -> VarInt {
 /// Sends `GoAway` as the stream's last frame, gives it a moment to arrive, then closes the connection with the
 /// same code.
 async fn go_away(send: &mut SendStream, conn: &Connection, goaway: GoAwayCode, reason: &str) {
+    go_away_with(send, conn, goaway, reason, None).await;
+}
+
+/// [`go_away`] with a retry-after, which must be `None` unless the agent announced
+/// [`Capabilities::RETRY_AFTER`] (an older agent refuses the extra bytes).
+async fn go_away_with(
+    send: &mut SendStream,
+    conn: &Connection,
+    goaway: GoAwayCode,
+    reason: &str,
+    retry_after_ms: Option<u32>,
+) {
     let mut buf = BytesMut::new();
     // A reason can only be too long for its u16 prefix; then send none rather than no GoAway.
     let frame = |reason: &str| Frame::GoAway {
         code: goaway,
         reason: reason.to_owned(),
+        retry_after_ms,
     };
     if frame(reason).encode(&mut buf).is_err() {
         let _ = frame("").encode(&mut buf);
@@ -496,7 +535,7 @@ impl Session<'_> {
                         None
                     }
                     Ok(Some(Frame::Pong { .. })) => None,
-                    Ok(Some(Frame::GoAway { code, reason })) => {
+                    Ok(Some(Frame::GoAway { code, reason, .. })) => {
                         Some(End::PeerGoAway { code, reason })
                     }
                     Ok(Some(other)) => Some(End::Protocol(SessionError::Unexpected {

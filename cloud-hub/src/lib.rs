@@ -171,7 +171,7 @@ async fn serve(
             if !publisher.wait_connected(EXTERNAL_CONNECT_WAIT).await {
                 warn!(
                     waited = ?EXTERNAL_CONNECT_WAIT,
-                    "the external cloud broker is not reachable yet; agents are refused (Overloaded) until it is"
+                    "the external cloud broker is not reachable yet; agents are refused (Unavailable, retry after 1 s) until it is"
                 );
             }
         }

@@ -42,6 +42,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// after the start, so a hub that came back was noticed seconds late (measured: 2.2 s after a 20 s
 /// outage). A fresh attempt sends its Initial at once.
 const MIN_CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
+/// How long a welcomed session must stay up to count as healthy when the hub acknowledged nothing (an idle
+/// site); an acknowledged batch counts at once. Only a healthy session resets the reconnect backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(5);
 /// How long the end of shutdown waits for the endpoint to finish closing.
 const IDLE_WAIT: Duration = Duration::from_secs(3);
 /// How long the closing `GoAway` may take to be acknowledged before the connection is closed anyway.
@@ -104,6 +107,8 @@ pub(crate) enum UplinkError {
         code: GoAwayCode,
         /// Its explanation.
         reason: String,
+        /// How long the hub asked us to wait before the next attempt (honoured, plus jitter).
+        retry_after: Option<Duration>,
     },
     /// The hub sent a frame that makes no sense at this point.
     #[error("unexpected {frame} frame from the hub while {state}")]
@@ -182,8 +187,11 @@ pub(crate) struct Uplink {
 
 /// How a connection ended.
 struct SessionEnd {
-    /// The hub answered `Hello` (so the next reconnect starts from the shortest backoff).
+    /// The hub answered `Hello` with `Welcome` (for the log level only).
     welcomed: bool,
+    /// The session proved the link works end to end (see [`Session::healthy`]), so the next reconnect starts
+    /// from the shortest backoff.
+    healthy: bool,
     /// `Ok` on a clean shutdown.
     result: Result<(), UplinkError>,
 }
@@ -216,7 +224,10 @@ impl Uplink {
             // Jittered like the sleeps, so that agents cut off together do not retry in lockstep.
             let attempt_limit = jitter(backoff, attempt).max(MIN_CONNECT_ATTEMPT);
             let end = self.connect_and_stream(&shutdown, attempt_limit).await;
-            if end.welcomed {
+            // Only a session that worked resets the backoff. A `Welcome` alone proves nothing: a hub whose
+            // cloud broker is down used to welcome and then fail the first batch, and resetting on it made
+            // every site re-handshake ~10 times a second.
+            if end.healthy {
                 backoff = self.cfg.reconnect_min;
             }
             let error = match end.result {
@@ -224,16 +235,22 @@ impl Uplink {
                 Err(error) => error,
             };
             let stats = self.queue.stats();
-            // An unanswered handshake already waited at least the backoff: try again at once.
-            let delay = if matches!(error, UplinkError::ConnectTimeout { .. }) {
-                Duration::ZERO
-            } else {
-                jitter(backoff, attempt)
+            let delay = match &error {
+                // An unanswered handshake already waited at least the backoff: try again at once.
+                UplinkError::ConnectTimeout { .. } => Duration::ZERO,
+                // The hub said when: at least that, plus up to half of it so refused sites spread out.
+                UplinkError::GoAway {
+                    retry_after: Some(after),
+                    ..
+                } => *after + jitter(*after / 2, attempt),
+                _ => jitter(backoff, attempt),
             };
             if error.needs_operator() {
                 error!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "uplink down");
             } else if end.welcomed {
                 warn!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "uplink down");
+            } else if matches!(error, UplinkError::GoAway { .. }) {
+                info!(cause = %error, retry_in = ?delay, depth = stats.depth, "hub refused the uplink");
             } else {
                 info!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "hub unreachable");
             }
@@ -296,7 +313,7 @@ impl Uplink {
             Err(e) => return not_welcomed(e.into()),
         };
         let conn = tokio::select! {
-            () = shutdown.cancelled() => return SessionEnd { welcomed: false, result: Ok(()) },
+            () = shutdown.cancelled() => return SessionEnd { welcomed: false, healthy: false, result: Ok(()) },
             conn = tokio::time::timeout(attempt_limit, connecting) => match conn {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => return not_welcomed(e.into()),
@@ -309,9 +326,12 @@ impl Uplink {
             conn: conn.clone(),
             addr,
             welcomed: false,
+            acked: false,
+            started: Instant::now(),
         };
         let result = session.run(shutdown).instrument(span).await;
         let welcomed = session.welcomed;
+        let healthy = session.healthy();
         match &result {
             Ok(()) => conn.close(VarInt::from_u32(0), b"agent shutting down"),
             Err(UplinkError::GoAway { .. } | UplinkError::Connection(_)) => {}
@@ -325,13 +345,18 @@ impl Uplink {
                 conn.close(VarInt::from(code.code()), e.to_string().as_bytes());
             }
         }
-        SessionEnd { welcomed, result }
+        SessionEnd {
+            welcomed,
+            healthy,
+            result,
+        }
     }
 }
 
 fn not_welcomed(error: UplinkError) -> SessionEnd {
     SessionEnd {
         welcomed: false,
+        healthy: false,
         result: Err(error),
     }
 }
@@ -342,6 +367,10 @@ struct Session<'a> {
     conn: quinn::Connection,
     addr: SocketAddr,
     welcomed: bool,
+    /// The hub acknowledged at least one batch on this connection.
+    acked: bool,
+    /// When the QUIC handshake completed.
+    started: Instant,
 }
 
 /// Frames read from the hub.
@@ -380,7 +409,7 @@ impl Session<'_> {
         let mut out = BytesMut::with_capacity(64 * 1024);
         Frame::Hello {
             versions: SUPPORTED,
-            capabilities: Capabilities::EMPTY,
+            capabilities: Capabilities::RETRY_AFTER,
             agent_name: self.uplink.site.to_string(),
             incarnation: queue.incarnation(),
             last_acked: stats.acked,
@@ -407,7 +436,11 @@ impl Session<'_> {
                 let hub_max = usize::try_from(max_frame_size).unwrap_or(usize::MAX);
                 (hub_max.min(cfg.max_frame_size.as_usize()), hub_high_water)
             }
-            Frame::GoAway { code, reason } => return Err(UplinkError::GoAway { code, reason }),
+            Frame::GoAway {
+                code,
+                reason,
+                retry_after_ms,
+            } => return Err(go_away(code, reason, retry_after_ms)),
             other => {
                 return Err(UplinkError::Unexpected {
                     frame: other.frame_type(),
@@ -465,6 +498,7 @@ impl Session<'_> {
                     Frame::GoAway {
                         code: GoAwayCode::Normal,
                         reason: "agent shutting down".into(),
+                        retry_after_ms: None,
                     }
                     .encode(&mut out)?;
                     send.write_all(&out).await?;
@@ -492,8 +526,14 @@ impl Session<'_> {
         }
     }
 
+    /// Whether this session proved the link works: the hub acknowledged a batch, or the session stayed up
+    /// [`HEALTHY_AFTER`] after `Welcome` (an idle site has nothing to acknowledge).
+    fn healthy(&self) -> bool {
+        self.acked || (self.welcomed && self.started.elapsed() >= HEALTHY_AFTER)
+    }
+
     async fn handle(
-        &self,
+        &mut self,
         frame: Frame,
         inflight: &mut VecDeque<u64>,
         out: &mut BytesMut,
@@ -507,6 +547,7 @@ impl Session<'_> {
                     return Err(UplinkError::AckBeyondSent { upto, sent });
                 }
                 blocking(&self.uplink.queue, move |q| q.ack_upto(upto)).await?;
+                self.acked = true;
                 while inflight.front().is_some_and(|&last| last <= upto) {
                     inflight.pop_front();
                 }
@@ -514,12 +555,25 @@ impl Session<'_> {
             }
             Frame::Ping { nonce } => Ok(Frame::Pong { nonce }.encode(out)?),
             Frame::Pong { .. } => Ok(()),
-            Frame::GoAway { code, reason } => Err(UplinkError::GoAway { code, reason }),
+            Frame::GoAway {
+                code,
+                reason,
+                retry_after_ms,
+            } => Err(go_away(code, reason, retry_after_ms)),
             other => Err(UplinkError::Unexpected {
                 frame: other.frame_type(),
                 state: "streaming",
             }),
         }
+    }
+}
+
+/// The error for a hub's `GoAway`.
+fn go_away(code: GoAwayCode, reason: String, retry_after_ms: Option<u32>) -> UplinkError {
+    UplinkError::GoAway {
+        code,
+        reason,
+        retry_after: retry_after_ms.map(|ms| Duration::from_millis(ms.into())),
     }
 }
 

@@ -17,7 +17,7 @@
 //! | 0x08 | `DownlinkAck` | `u64 upto` |
 //! | 0x09 | `Ping`        | `u64 nonce` |
 //! | 0x0A | `Pong`        | `u64 nonce` |
-//! | 0x0B | `GoAway`      | `u16 code` `str16 reason` |
+//! | 0x0B | `GoAway`      | `u16 code` `str16 reason` (then `u32 retry_after_ms` only to an agent that announced [`Capabilities::RETRY_AFTER`]) |
 //!
 //! `str16`/`str32` are UTF-8 with a `u16`/`u32` byte-length prefix. An entry body is exactly what
 //! [`Envelope::encode_body`] writes, which is also what the durable queue stores, so the agent copies queue
@@ -35,6 +35,17 @@
 //! `Hello` and `GoAway` are read before (or instead of) an agreed version, so their layouts are frozen;
 //! `Hello` may only grow at the end. Everything else may change with [`PROTOCOL_VERSION`]. Envelope bodies
 //! carry their own format version byte because they outlive a connection in the queue file.
+//!
+//! `GoAway` grew once, without a version bump, and only in a way no older peer can see:
+//! - the code [`GoAwayCode::Unavailable`] (7): the hub cannot take data now (its cloud broker is not
+//!   connected) and says so *before* `Welcome`. An older agent decodes it as `Unknown(7)`, a refusal like any
+//!   other, and retries with its own backoff;
+//! - an optional `u32 retry_after_ms` after the reason: how long the agent should wait before its next
+//!   attempt. Decoders before it reject bytes after the reason ([`DecodeError::TrailingBytes`]), so the hub
+//!   appends it only when the agent's `Hello` carried [`Capabilities::RETRY_AFTER`]; `Hello` is read before
+//!   any `GoAway` the hub sends, so the hub always knows. An older hub ignores the unknown capability bit (it
+//!   answers with the intersection) and never sends the trailer. This decoder reads the trailer when any byte
+//!   follows the reason, and still refuses anything after it.
 //!
 //! # Decoding
 //! In the shape of mini-redis's `Frame::check`/`Frame::parse`: [`check`] says whether a whole frame is
@@ -145,6 +156,9 @@ pub enum Frame {
         code: GoAwayCode,
         /// Human-readable detail for the log (e.g. the [`VersionMismatch`] text).
         reason: String,
+        /// Hub → agent: wait at least this long (milliseconds) before reconnecting. Only ever `Some` towards
+        /// an agent that announced [`Capabilities::RETRY_AFTER`] (see "Evolution" in the module docs).
+        retry_after_ms: Option<u32>,
     },
 }
 
@@ -258,6 +272,9 @@ impl Capabilities {
     pub const DOWNLINK: Self = Self(1 << 0);
     /// The agent accepts `ConfigPush` and answers with `ConfigAck`.
     pub const CONFIG_PUSH: Self = Self(1 << 1);
+    /// The agent reads the optional `retry_after_ms` at the end of `GoAway` (see "Evolution" in the module
+    /// docs); the hub sends that field to no other agent.
+    pub const RETRY_AFTER: Self = Self(1 << 2);
 
     /// Wraps raw bits, keeping unknown ones.
     pub const fn from_bits(bits: u64) -> Self {
@@ -324,6 +341,9 @@ pub enum GoAwayCode {
     Overloaded,
     /// The sender is shutting down; reconnect (to another instance) later.
     ShuttingDown,
+    /// The hub cannot accept data right now (its cloud broker is not connected), refused before `Welcome`;
+    /// retry after the `GoAway`'s `retry_after_ms` if it carries one, else with backoff.
+    Unavailable,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -339,6 +359,7 @@ impl GoAwayCode {
             Self::ProtocolError => 4,
             Self::Overloaded => 5,
             Self::ShuttingDown => 6,
+            Self::Unavailable => 7,
             Self::Unknown(code) => code,
         }
     }
@@ -353,6 +374,7 @@ impl GoAwayCode {
             4 => Self::ProtocolError,
             5 => Self::Overloaded,
             6 => Self::ShuttingDown,
+            7 => Self::Unavailable,
             other => Self::Unknown(other),
         }
     }
