@@ -42,6 +42,9 @@ pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLACE_WAIT: Duration = Duration::from_secs(5);
 /// How long a `GoAway` gets to reach the agent before the connection is closed.
 const GOAWAY_LINGER: Duration = Duration::from_secs(1);
+/// Added to four round trips for a replaced connection's `GoAway` to be acknowledged: QUIC's default
+/// maximum ACK delay (25 ms) with margin.
+const REPLACED_ACK_SLACK: Duration = Duration::from_millis(50);
 /// How long an agent refused with `Unavailable` (cloud broker not connected) is asked to wait before it
 /// tries again. Welcoming it instead made every site re-handshake about ten times a second while the broker
 /// was down: the first batch failed, and the agent took the `Welcome` as proof of a healthy link and reset its
@@ -228,6 +231,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             GoAwayCode::Unavailable,
             "the hub's cloud broker is not connected",
             retry_after,
+            GOAWAY_LINGER,
         )
         .await;
         return;
@@ -342,6 +346,14 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         };
         match end {
             End::PeerGone(_) | End::PeerGoAway { .. } => conn.close(VarInt::from_u32(0), b""),
+            // The site's new connection waits for this one to finish, so linger only as long as a live
+            // peer needs to acknowledge the GoAway. An agent that restarted is not there to read it, and
+            // lingering the full `GOAWAY_LINGER` made every restarted agent wait that long to be served; a
+            // peer still there that misses it learns the same code from the connection close.
+            _ if code == GoAwayCode::Replaced => {
+                let linger = (conn.rtt() * 4 + REPLACED_ACK_SLACK).min(GOAWAY_LINGER);
+                go_away_with(&mut send, &conn, code, &reason, None, linger).await;
+            }
             _ => go_away(&mut send, &conn, code, &reason).await,
         }
     }
@@ -360,17 +372,19 @@ fn code(code: GoAwayCode) -> VarInt {
 /// Sends `GoAway` as the stream's last frame, gives it a moment to arrive, then closes the connection with the
 /// same code.
 async fn go_away(send: &mut SendStream, conn: &Connection, goaway: GoAwayCode, reason: &str) {
-    go_away_with(send, conn, goaway, reason, None).await;
+    go_away_with(send, conn, goaway, reason, None, GOAWAY_LINGER).await;
 }
 
 /// [`go_away`] with a retry-after, which must be `None` unless the agent announced
-/// [`Capabilities::RETRY_AFTER`] (an older agent refuses the extra bytes).
+/// [`Capabilities::RETRY_AFTER`] (an older agent refuses the extra bytes), and with how long the `GoAway`
+/// may take to be read before the connection is closed.
 async fn go_away_with(
     send: &mut SendStream,
     conn: &Connection,
     goaway: GoAwayCode,
     reason: &str,
     retry_after_ms: Option<u32>,
+    linger: Duration,
 ) {
     let mut buf = BytesMut::new();
     // A reason can only be too long for its u16 prefix; then send none rather than no GoAway.
@@ -383,7 +397,7 @@ async fn go_away_with(
         let _ = frame("").encode(&mut buf);
     }
     if send.write_all(&buf).await.is_ok() && send.finish().is_ok() {
-        let _ = tokio::time::timeout(GOAWAY_LINGER, async {
+        let _ = tokio::time::timeout(linger, async {
             tokio::select! {
                 _ = send.stopped() => {}
                 _ = conn.closed() => {}
