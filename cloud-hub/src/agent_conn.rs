@@ -42,6 +42,15 @@ pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLACE_WAIT: Duration = Duration::from_secs(5);
 /// How long a `GoAway` gets to reach the agent before the connection is closed.
 const GOAWAY_LINGER: Duration = Duration::from_secs(1);
+/// Added to four round trips for a replaced connection's `GoAway` to be acknowledged: QUIC's default
+/// maximum ACK delay (25 ms) with margin.
+const REPLACED_ACK_SLACK: Duration = Duration::from_millis(50);
+/// How long an agent refused with `Unavailable` (cloud broker not connected) is asked to wait before it
+/// tries again. Welcoming it instead made every site re-handshake about ten times a second while the broker
+/// was down: the first batch failed, and the agent took the `Welcome` as proof of a healthy link and reset its
+/// backoff. One attempt per second per site (the agent adds up to half of it as jitter) is cheap for the hub,
+/// and delivery resumes at most about this long after the broker is back.
+const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Batches read but not yet acknowledged, per connection; beyond it the reader stops (QUIC flow control).
 const MAX_PENDING_BATCHES: usize = 64;
 /// Read buffer growth step.
@@ -207,6 +216,27 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         }
     };
 
+    // Refuse before `Welcome` while the cloud broker is away: the first batch would fail anyway.
+    if !hub.publisher.is_connected() {
+        let retry_after = capabilities
+            .contains(Capabilities::RETRY_AFTER)
+            .then(|| u32::try_from(UNAVAILABLE_RETRY_AFTER.as_millis()).unwrap_or(u32::MAX));
+        debug!(
+            retry_after_ms = retry_after,
+            "refusing agent: the cloud broker is not connected"
+        );
+        go_away_with(
+            &mut send,
+            &conn,
+            GoAwayCode::Unavailable,
+            "the hub's cloud broker is not connected",
+            retry_after,
+            GOAWAY_LINGER,
+        )
+        .await;
+        return;
+    }
+
     // One live connection per site: the newest wins, after the old one finished what it had in flight.
     let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
     let replaced = CancellationToken::new();
@@ -331,6 +361,14 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         };
         match end {
             End::PeerGone(_) | End::PeerGoAway { .. } => conn.close(VarInt::from_u32(0), b""),
+            // The site's new connection waits for this one to finish, so linger only as long as a live
+            // peer needs to acknowledge the GoAway. An agent that restarted is not there to read it, and
+            // lingering the full `GOAWAY_LINGER` made every restarted agent wait that long to be served; a
+            // peer still there that misses it learns the same code from the connection close.
+            _ if code == GoAwayCode::Replaced => {
+                let linger = (conn.rtt() * 4 + REPLACED_ACK_SLACK).min(GOAWAY_LINGER);
+                go_away_with(&mut send, &conn, code, &reason, None, linger).await;
+            }
             _ => go_away(&mut send, &conn, code, &reason).await,
         }
     }
@@ -349,17 +387,32 @@ fn code(code: GoAwayCode) -> VarInt {
 /// Sends `GoAway` as the stream's last frame, gives it a moment to arrive, then closes the connection with the
 /// same code.
 async fn go_away(send: &mut SendStream, conn: &Connection, goaway: GoAwayCode, reason: &str) {
+    go_away_with(send, conn, goaway, reason, None, GOAWAY_LINGER).await;
+}
+
+/// [`go_away`] with a retry-after, which must be `None` unless the agent announced
+/// [`Capabilities::RETRY_AFTER`] (an older agent refuses the extra bytes), and with how long the `GoAway`
+/// may take to be read before the connection is closed.
+async fn go_away_with(
+    send: &mut SendStream,
+    conn: &Connection,
+    goaway: GoAwayCode,
+    reason: &str,
+    retry_after_ms: Option<u32>,
+    linger: Duration,
+) {
     let mut buf = BytesMut::new();
     // A reason can only be too long for its u16 prefix; then send none rather than no GoAway.
     let frame = |reason: &str| Frame::GoAway {
         code: goaway,
         reason: reason.to_owned(),
+        retry_after_ms,
     };
     if frame(reason).encode(&mut buf).is_err() {
         let _ = frame("").encode(&mut buf);
     }
     if send.write_all(&buf).await.is_ok() && send.finish().is_ok() {
-        let _ = tokio::time::timeout(GOAWAY_LINGER, async {
+        let _ = tokio::time::timeout(linger, async {
             tokio::select! {
                 _ = send.stopped() => {}
                 _ = conn.closed() => {}
@@ -524,7 +577,7 @@ impl Session<'_> {
                         None
                     }
                     Ok(Some(Frame::Pong { .. })) => None,
-                    Ok(Some(Frame::GoAway { code, reason })) => {
+                    Ok(Some(Frame::GoAway { code, reason, .. })) => {
                         Some(End::PeerGoAway { code, reason })
                     }
                     Ok(Some(other)) => Some(End::Protocol(SessionError::Unexpected {

@@ -33,6 +33,28 @@ pub enum HubError {
     /// The QUIC server's TLS material is unusable.
     #[error("cannot build the QUIC server configuration")]
     Tls(#[from] TlsError),
+    /// The QUIC endpoint's persistent key (`data_dir/quic-endpoint.key`) could not be read or created.
+    #[error("cannot read or create the QUIC endpoint key {path}")]
+    EndpointKey {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The QUIC endpoint key file does not hold exactly 32 bytes (truncated, or not written by the hub).
+    #[error("the QUIC endpoint key {path} holds {len} bytes, expected {expected}; delete it to create a new one")]
+    EndpointKeyLength {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+        /// The length it must have.
+        expected: usize,
+    },
+    /// The system random source failed while creating the QUIC endpoint key.
+    #[error("cannot generate a QUIC endpoint key: no system randomness")]
+    EndpointKeyRandom,
     /// The QUIC endpoint could not bind its UDP address.
     #[error("cannot listen for agents on UDP {addr}")]
     QuicBind {

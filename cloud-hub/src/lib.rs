@@ -8,6 +8,8 @@
 //! - `publisher`: the MQTT 5 client into the cloud broker, with one completion per batch.
 //! - `cloud_broker`: the embedded cloud broker (rumqttd + front) or the external broker's client options.
 //! - [`store`]: dedup state persisted in redb (`data_dir/hub.redb`).
+//! - `endpoint_key`: the QUIC endpoint's secret (`data_dir/quic-endpoint.key`), kept across restarts so a
+//!   restarted hub resets the agents' old connections at once.
 //! - [`pki`], [`tls`]: the private CA, certificates, and the QUIC server's TLS.
 //!
 //! # Guarantees
@@ -19,6 +21,7 @@
 mod accept;
 mod agent_conn;
 mod cloud_broker;
+mod endpoint_key;
 mod error;
 pub mod pki;
 mod publisher;
@@ -171,17 +174,25 @@ async fn serve(
             if !publisher.wait_connected(EXTERNAL_CONNECT_WAIT).await {
                 warn!(
                     waited = ?EXTERNAL_CONNECT_WAIT,
-                    "the external cloud broker is not reachable yet; agents are refused (Overloaded) until it is"
+                    "the external cloud broker is not reachable yet; agents are refused (Unavailable, retry after 1 s) until it is"
                 );
             }
         }
     }
 
-    let endpoint =
-        Endpoint::server(server_config, cfg.listen.quic).map_err(|source| HubError::QuicBind {
-            addr: cfg.listen.quic,
-            source,
-        })?;
+    let endpoint_config = endpoint_key::endpoint_config(&cfg.data_dir)?;
+    let bind_error = |source| HubError::QuicBind {
+        addr: cfg.listen.quic,
+        source,
+    };
+    let socket = std::net::UdpSocket::bind(cfg.listen.quic).map_err(bind_error)?;
+    let endpoint = Endpoint::new(
+        endpoint_config,
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)?;
     let quic = endpoint.local_addr().map_err(|source| HubError::QuicBind {
         addr: cfg.listen.quic,
         source,

@@ -48,8 +48,10 @@ const BATCH_QUEUE: usize = 256;
 const INFLIGHT_LIMIT: u16 = 1000;
 /// First reconnect delay after a broker connection failure; doubled per consecutive failure.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
-/// Longest reconnect delay.
-const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// Longest reconnect delay. Short, because while the broker is away every agent is refused
+/// ([`crate::agent_conn`], `GoAwayCode::Unavailable`): delivery resumes at most this long after the broker is
+/// back, and one client retrying every 2 s costs the broker nothing.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How long a stopping publisher waits for its DISCONNECT to be written.
 const DISCONNECT_WAIT: Duration = Duration::from_millis(500);
 
@@ -177,6 +179,11 @@ impl Publisher {
             let _ = batch.done.send(Err(PublishError::Stopped));
         }
         rx
+    }
+
+    /// Whether the broker connection is up right now (it may still fail before the next publish).
+    pub(crate) fn is_connected(&self) -> bool {
+        *self.connected.borrow()
     }
 
     /// Waits until the broker connection is up, for at most `limit`; returns whether it is.

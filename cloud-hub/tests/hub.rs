@@ -71,8 +71,32 @@ struct RunningHub {
 impl RunningHub {
     /// Starts the hub on fresh ports with `root/data` as its data dir, and waits until it is ready.
     async fn start(root: &Path) -> anyhow::Result<Self> {
-        let quic = free_udp()?;
         let mqtt = free_tcp()?;
+        Self::start_with(
+            root,
+            mqtt,
+            &format!("[broker]\nkind = \"embedded\"\nlisten = \"{mqtt}\"\n"),
+        )
+        .await
+    }
+
+    /// Starts the hub with an external cloud broker at `broker` (a port where nothing listens, so the hub
+    /// serves without one after its startup wait), and waits until its QUIC port is bound.
+    async fn start_without_broker(root: &Path) -> anyhow::Result<Self> {
+        let broker = free_tcp()?;
+        Self::start_with(
+            root,
+            broker,
+            &format!(
+                "[broker]\nkind = \"external\"\naddress = \"{broker}\"\nclient_id = \"hub\"\n"
+            ),
+        )
+        .await
+    }
+
+    async fn start_with(root: &Path, mqtt: SocketAddr, broker: &str) -> anyhow::Result<Self> {
+        let quic = free_udp()?;
+        let embedded = broker.contains("embedded");
         let text = format!(
             r#"
 data_dir = "data"
@@ -83,9 +107,7 @@ quic = "{quic}"
 ca = "pki/ca.pem"
 cert = "pki/hub.pem"
 key = "pki/hub.key"
-[broker]
-kind = "embedded"
-listen = "{mqtt}"
+{broker}
 [[sites]]
 name = "line1"
 namespace = "{NAMESPACE}"
@@ -103,18 +125,19 @@ namespace = "{NAMESPACE}"
             stop,
             task,
         };
-        hub.wait_ready().await?;
+        hub.wait_ready(embedded).await?;
         Ok(hub)
     }
 
-    /// Ready = the broker port accepts TCP and the QUIC port is taken (the endpoint binds last).
-    async fn wait_ready(&self) -> anyhow::Result<()> {
+    /// Ready = the broker port accepts TCP (embedded broker only) and the QUIC port is taken (the endpoint
+    /// binds last).
+    async fn wait_ready(&self, embedded: bool) -> anyhow::Result<()> {
         tokio::time::timeout(STEP, async {
             loop {
                 if self.task.is_finished() {
                     bail!("hub ended during startup");
                 }
-                let mqtt_up = tokio::net::TcpStream::connect(self.mqtt).await.is_ok();
+                let mqtt_up = !embedded || tokio::net::TcpStream::connect(self.mqtt).await.is_ok();
                 if mqtt_up && UdpSocket::bind(self.quic).is_err() {
                     return Ok(());
                 }
@@ -173,9 +196,19 @@ impl FakeAgent {
     }
 
     async fn hello(&mut self, versions: VersionRange, incarnation: u64) -> anyhow::Result<Frame> {
+        self.hello_with(versions, Capabilities::EMPTY, incarnation)
+            .await
+    }
+
+    async fn hello_with(
+        &mut self,
+        versions: VersionRange,
+        capabilities: Capabilities,
+        incarnation: u64,
+    ) -> anyhow::Result<Frame> {
         self.write(&Frame::Hello {
             versions,
-            capabilities: Capabilities::EMPTY,
+            capabilities,
             agent_name: "whatever-the-agent-says".to_owned(),
             incarnation,
             last_acked: 0,
@@ -244,7 +277,9 @@ impl FakeAgent {
     /// Expects `GoAway{code}` and then the connection closed with the same application code.
     async fn expect_go_away(&mut self, code: GoAwayCode) -> anyhow::Result<String> {
         let reason = match self.next().await? {
-            Frame::GoAway { code: got, reason } if got == code => reason,
+            Frame::GoAway {
+                code: got, reason, ..
+            } if got == code => reason,
             other => bail!("expected GoAway {code:?}, got {other:?}"),
         };
         let closed = tokio::time::timeout(STEP, self.conn.closed()).await?;
@@ -587,6 +622,64 @@ async fn incompatible_version_is_refused() -> anyhow::Result<()> {
                 .expect_err("disjoint")
                 .to_string()
         );
+        hub.stop().await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Issue 7, hole 9: while the cloud broker is not connected the hub refuses before `Welcome` (welcoming
+/// and then failing the first batch made agents reset their backoff and storm). The retry-after goes only to
+/// an agent that announced it can read it: an older agent gets the frozen `GoAway` layout, which its decoder
+/// accepts (it refuses trailing bytes), and a code it logs as unknown.
+#[tokio::test]
+async fn hub_without_its_cloud_broker_refuses_before_welcome_with_a_retry_after(
+) -> anyhow::Result<()> {
+    bounded(async {
+        let root = tempfile::tempdir()?;
+        let pki = Pki::new(root.path())?;
+        let hub = RunningHub::start_without_broker(root.path()).await?;
+
+        let mut agent = FakeAgent::connect(hub.quic, &pki, "line1").await?;
+        match agent
+            .hello_with(SUPPORTED, Capabilities::RETRY_AFTER, 1)
+            .await?
+        {
+            Frame::GoAway {
+                code: GoAwayCode::Unavailable,
+                retry_after_ms: Some(ms),
+                ..
+            } => assert_eq!(ms, 1000),
+            other => bail!("expected GoAway Unavailable with a retry-after, got {other:?}"),
+        }
+
+        let mut old = FakeAgent::connect(hub.quic, &pki, "line1").await?;
+        old.write(&Frame::Hello {
+            versions: SUPPORTED,
+            capabilities: Capabilities::EMPTY,
+            agent_name: "line1".to_owned(),
+            incarnation: 1,
+            last_acked: 0,
+            config_version: 0,
+        })
+        .await?;
+        // Raw bytes: exactly `u16 code, str16 reason`, nothing after it.
+        let bytes = tokio::time::timeout(STEP, async {
+            let mut all = Vec::new();
+            while let Ok(Some(chunk)) = old.recv.read_chunk(usize::MAX, true).await {
+                all.extend_from_slice(&chunk.bytes);
+            }
+            all
+        })
+        .await?;
+        let reason = "the hub's cloud broker is not connected";
+        let mut want = u32::try_from(1 + 2 + 2 + reason.len())?
+            .to_be_bytes()
+            .to_vec();
+        want.extend_from_slice(&[0x0B, 0, 7]);
+        want.extend_from_slice(&u16::try_from(reason.len())?.to_be_bytes());
+        want.extend_from_slice(reason.as_bytes());
+        assert_eq!(bytes, want);
         hub.stop().await?;
         Ok(())
     })

@@ -10,6 +10,13 @@
 //! Any failure (hub unreachable, refused, link lost, `GoAway`) ends the connection; the loop reconnects
 //! with exponential backoff and jitter between `reconnect_min` and `reconnect_max`, resolving the hub's
 //! address again each time. Nothing is lost: unacknowledged messages stay in the queue and are resent.
+//! Three rules keep that loop quick without hammering the hub (issue 7):
+//! - a hub that does not answer at all costs it nothing, so it is probed with fresh handshakes every
+//!   250-500 ms ([`handshake`]) rather than waited for with the backoff;
+//! - a hub that answers with a refusal carrying a retry-after (`GoAway{Unavailable}` while its cloud broker
+//!   is down) is retried after that, plus jitter;
+//! - the backoff returns to `reconnect_min` only after a session proved healthy (a batch acknowledged, or
+//!   [`HEALTHY_AFTER`] up), not on `Welcome`.
 //!
 //! Shutdown: stop sending new batches, wait for the in-flight ones to be acknowledged (at most
 //! `shutdown_timeout`), send `GoAway{Normal}`, close the connection with code 0 and wait for the endpoint
@@ -40,12 +47,25 @@ use tracing::{debug, error, info, warn, Instrument};
 
 /// How long the hub may take to answer `Hello` with `Welcome`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Shortest time one QUIC handshake attempt may wait for the hub's answer before it is abandoned; the
-/// limit is the current reconnect backoff when that is longer. Without it an attempt made while the hub is
-/// down lasts until `uplink.idle_timeout`, and quinn resends its Initial packet only at 1 s, 3 s, 7 s, ...
-/// after the start, so a hub that came back was noticed seconds late (measured: 2.2 s after a 20 s
-/// outage). A fresh attempt sends its Initial at once.
-const MIN_CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
+/// While the hub does not answer, a fresh handshake attempt (a *probe*) is started every 250-500 ms (this,
+/// jittered down to half). quinn resends an unanswered Initial packet only after 0.3 s, 0.9 s, 2.1 s, ...
+/// (doubling), so one attempt kept alive notices a hub that came back later and later: with the attempt as
+/// long as the backoff (up to `reconnect_max`, 10 s by default), first deliveries came 2 s after a 20 s
+/// outage. A probe sends its Initial at once, so the hub is found within 0.5 s of being reachable.
+const CONNECT_PROBE: Duration = Duration::from_millis(500);
+/// A probe is abandoned after this, before quinn's first resend (~0.3 s with the uplink's 100 ms initial
+/// RTT), so it costs exactly two datagrams (its Initial and the close): about 5 datagrams (6 KB) per second
+/// per agent while the hub is down, plus the long attempt's.
+const PROBE_LIFETIME: Duration = Duration::from_millis(250);
+/// How often a *long* attempt, left to quinn's own handshake timeout (the idle timeout), is started. It is
+/// the one that completes on a link whose round trip exceeds [`PROBE_LIFETIME`].
+const LONG_ATTEMPT_EVERY: Duration = Duration::from_secs(5);
+/// How long one connect phase keeps trying before the hub's address is resolved again (and the agent logs
+/// that the hub is unreachable).
+const CONNECT_PHASE: Duration = Duration::from_secs(10);
+/// How long a welcomed session must stay up to count as healthy when the hub acknowledged nothing (an idle
+/// site); an acknowledged batch counts at once. Only a healthy session resets the reconnect backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(5);
 /// How long the end of shutdown waits for the endpoint to finish closing.
 const IDLE_WAIT: Duration = Duration::from_secs(3);
 /// How long the closing `GoAway` may take to be acknowledged before the connection is closed anyway.
@@ -108,6 +128,8 @@ pub(crate) enum UplinkError {
         code: GoAwayCode,
         /// Its explanation.
         reason: String,
+        /// How long the hub asked us to wait before the next attempt (honoured, plus jitter).
+        retry_after: Option<Duration>,
     },
     /// The hub sent a frame that makes no sense at this point.
     #[error("unexpected {frame} frame from the hub while {state}")]
@@ -117,8 +139,8 @@ pub(crate) enum UplinkError {
         /// What the agent was waiting for.
         state: &'static str,
     },
-    /// The hub did not answer the QUIC handshake in time (it is down or unreachable); retried at once,
-    /// because the attempt itself already waited the backoff.
+    /// The hub answered no QUIC handshake attempt of a whole connect phase (it is down or unreachable);
+    /// retried at once, because the phase itself paced its attempts.
     #[error("no answer to the QUIC handshake within {after:?}")]
     ConnectTimeout {
         /// How long the attempt waited.
@@ -202,8 +224,11 @@ pub(crate) struct Uplink {
 
 /// How a connection ended.
 struct SessionEnd {
-    /// The hub answered `Hello` (so the next reconnect starts from the shortest backoff).
+    /// The hub answered `Hello` with `Welcome` (for the log level only).
     welcomed: bool,
+    /// The session proved the link works end to end (see [`Session::healthy`]), so the next reconnect starts
+    /// from the shortest backoff.
+    healthy: bool,
     /// `Ok` on a clean shutdown.
     result: Result<(), UplinkError>,
 }
@@ -238,10 +263,11 @@ impl Uplink {
         let mut attempt: u64 = 0;
         while !shutdown.is_cancelled() {
             attempt += 1;
-            // Jittered like the sleeps, so that agents cut off together do not retry in lockstep.
-            let attempt_limit = jitter(backoff, attempt).max(MIN_CONNECT_ATTEMPT);
-            let end = self.connect_and_stream(&shutdown, attempt_limit).await;
-            if end.welcomed {
+            let end = self.connect_and_stream(&shutdown, attempt).await;
+            // Only a session that worked resets the backoff. A `Welcome` alone proves nothing: a hub whose
+            // cloud broker is down used to welcome and then fail the first batch, and resetting on it made
+            // every site re-handshake ~10 times a second.
+            if end.healthy {
                 backoff = self.cfg.reconnect_min;
             }
             let error = match end.result {
@@ -249,20 +275,24 @@ impl Uplink {
                 Err(error) => error,
             };
             let stats = self.queue.stats();
-            // An unanswered handshake already waited at least the backoff: try again at once.
-            // A restarted queue must tell the hub at once.
-            let delay = if matches!(
-                error,
-                UplinkError::ConnectTimeout { .. } | UplinkError::Restarted { .. }
-            ) {
-                Duration::ZERO
-            } else {
-                jitter(backoff, attempt)
+            let delay = match &error {
+                // A connect phase paces its own attempts: start the next one at once.
+                UplinkError::ConnectTimeout { .. } => Duration::ZERO,
+                // A restarted queue must tell the hub at once.
+                UplinkError::Restarted { .. } => Duration::ZERO,
+                // The hub said when: at least that, plus up to half of it so refused sites spread out.
+                UplinkError::GoAway {
+                    retry_after: Some(after),
+                    ..
+                } => *after + jitter(*after / 2, attempt),
+                _ => jitter(backoff, attempt),
             };
             if error.needs_operator() {
                 error!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "uplink down");
             } else if end.welcomed {
                 warn!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "uplink down");
+            } else if matches!(error, UplinkError::GoAway { .. }) {
+                info!(cause = %error, retry_in = ?delay, depth = stats.depth, "hub refused the uplink");
             } else {
                 info!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "hub unreachable");
             }
@@ -302,11 +332,11 @@ impl Uplink {
         Ok(endpoint)
     }
 
-    /// One connection: handshake (abandoned after `attempt_limit` without an answer), then the session.
+    /// One connection: handshake (see [`handshake`]), then the session.
     async fn connect_and_stream(
         &mut self,
         shutdown: &CancellationToken,
-        attempt_limit: Duration,
+        attempt: u64,
     ) -> SessionEnd {
         let hub = self.cfg.hub.to_string();
         let addr = match tokio::net::lookup_host((self.cfg.hub.host(), self.cfg.hub.port())).await {
@@ -320,17 +350,17 @@ impl Uplink {
             Ok(endpoint) => endpoint,
             Err(error) => return not_welcomed(error),
         };
-        let connecting = match endpoint.connect(addr, &self.cfg.server_name) {
-            Ok(connecting) => connecting,
-            Err(e) => return not_welcomed(e.into()),
-        };
-        let conn = tokio::select! {
-            () = shutdown.cancelled() => return SessionEnd { welcomed: false, result: Ok(()) },
-            conn = tokio::time::timeout(attempt_limit, connecting) => match conn {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => return not_welcomed(e.into()),
-                Err(_) => return not_welcomed(UplinkError::ConnectTimeout { after: attempt_limit }),
-            },
+        let conn = match handshake(&endpoint, addr, &self.cfg.server_name, shutdown, attempt).await
+        {
+            Ok(Some(conn)) => conn,
+            Ok(None) => {
+                return SessionEnd {
+                    welcomed: false,
+                    healthy: false,
+                    result: Ok(()),
+                }
+            }
+            Err(error) => return not_welcomed(error),
         };
         let span = tracing::info_span!("uplink", hub = %addr);
         let mut session = Session {
@@ -338,9 +368,12 @@ impl Uplink {
             conn: conn.clone(),
             addr,
             welcomed: false,
+            acked: false,
+            started: Instant::now(),
         };
         let result = session.run(shutdown).instrument(span).await;
         let welcomed = session.welcomed;
+        let healthy = session.healthy();
         match &result {
             Ok(()) => conn.close(VarInt::from_u32(0), b"agent shutting down"),
             Err(UplinkError::GoAway { .. } | UplinkError::Connection(_)) => {}
@@ -354,13 +387,92 @@ impl Uplink {
                 conn.close(VarInt::from(code.code()), e.to_string().as_bytes());
             }
         }
-        SessionEnd { welcomed, result }
+        SessionEnd {
+            welcomed,
+            healthy,
+            result,
+        }
+    }
+}
+
+/// One connect phase: QUIC handshakes to `addr` until one completes (`Some`), the hub answers with a
+/// refusal (the error), `shutdown` (`None`), or [`CONNECT_PHASE`] passes without an answer.
+///
+/// A probe every [`CONNECT_PROBE`] (jittered), each abandoned after [`PROBE_LIFETIME`], so a hub that
+/// comes back receives a fresh Initial packet within 0.5 s; and a long attempt every
+/// [`LONG_ATTEMPT_EVERY`], left to run until quinn gives it up, for links slower than a probe's lifetime.
+/// At most one of each is alive, so a hub that comes back sees at most two handshakes per agent; the loser
+/// is dropped (closed).
+async fn handshake(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    shutdown: &CancellationToken,
+    attempt: u64,
+) -> Result<Option<quinn::Connection>, UplinkError> {
+    let start = Instant::now();
+    let phase_end = start + CONNECT_PHASE;
+    let mut long = Some(endpoint.connect(addr, server_name)?);
+    let mut next_long = start + LONG_ATTEMPT_EVERY;
+    let mut probe: Option<(quinn::Connecting, Instant)> = None;
+    let mut probes: u64 = 0;
+    // Jittered like the backoff, so that agents cut off together do not probe in lockstep.
+    let mut probe_interval = || {
+        probes += 1;
+        jitter(
+            CONNECT_PROBE,
+            attempt.wrapping_mul(1_000).wrapping_add(probes),
+        )
+    };
+    let mut next_probe = start + probe_interval();
+    loop {
+        let probe_end = probe.as_ref().map_or(phase_end, |(_, end)| *end);
+        let wake = next_probe.min(probe_end).min(next_long).min(phase_end);
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            done = async { long.as_mut().expect("guarded by the condition").await }, if long.is_some() => {
+                match done {
+                    Ok(conn) => return Ok(Some(conn)),
+                    // Unanswered for quinn's whole handshake timeout; the next one starts at `next_long`.
+                    Err(quinn::ConnectionError::TimedOut) => long = None,
+                    Err(refused) => return Err(refused.into()),
+                }
+            }
+            done = async { (&mut probe.as_mut().expect("guarded by the condition").0).await }, if probe.is_some() => {
+                match done {
+                    Ok(conn) => return Ok(Some(conn)),
+                    Err(quinn::ConnectionError::TimedOut) => probe = None,
+                    Err(refused) => return Err(refused.into()),
+                }
+            }
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if now >= phase_end {
+                    return Err(UplinkError::ConnectTimeout { after: CONNECT_PHASE });
+                }
+                if probe.as_ref().is_some_and(|(_, end)| now >= *end) {
+                    // Dropping it abandons it.
+                    probe = None;
+                }
+                if now >= next_probe {
+                    probe = Some((endpoint.connect(addr, server_name)?, now + PROBE_LIFETIME));
+                    next_probe = now + probe_interval();
+                }
+                if now >= next_long {
+                    if long.is_none() {
+                        long = Some(endpoint.connect(addr, server_name)?);
+                    }
+                    next_long = now + LONG_ATTEMPT_EVERY;
+                }
+            }
+        }
     }
 }
 
 fn not_welcomed(error: UplinkError) -> SessionEnd {
     SessionEnd {
         welcomed: false,
+        healthy: false,
         result: Err(error),
     }
 }
@@ -371,6 +483,10 @@ struct Session<'a> {
     conn: quinn::Connection,
     addr: SocketAddr,
     welcomed: bool,
+    /// The hub acknowledged at least one batch on this connection.
+    acked: bool,
+    /// When the QUIC handshake completed.
+    started: Instant,
 }
 
 /// Frames read from the hub.
@@ -409,7 +525,7 @@ impl Session<'_> {
         let mut out = BytesMut::with_capacity(64 * 1024);
         Frame::Hello {
             versions: SUPPORTED,
-            capabilities: Capabilities::EMPTY,
+            capabilities: Capabilities::RETRY_AFTER,
             agent_name: self.uplink.site.to_string(),
             incarnation: queue.incarnation(),
             last_acked: stats.acked,
@@ -448,7 +564,11 @@ impl Session<'_> {
                 let hub_max = usize::try_from(max_frame_size).unwrap_or(usize::MAX);
                 (hub_max.min(cfg.max_frame_size.as_usize()), hub_high_water)
             }
-            Frame::GoAway { code, reason } => return Err(UplinkError::GoAway { code, reason }),
+            Frame::GoAway {
+                code,
+                reason,
+                retry_after_ms,
+            } => return Err(go_away(code, reason, retry_after_ms)),
             other => {
                 return Err(UplinkError::Unexpected {
                     frame: other.frame_type(),
@@ -535,6 +655,7 @@ impl Session<'_> {
                     Frame::GoAway {
                         code: GoAwayCode::Normal,
                         reason: "agent shutting down".into(),
+                        retry_after_ms: None,
                     }
                     .encode(&mut out)?;
                     send.write_all(&out).await?;
@@ -594,8 +715,14 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Whether this session proved the link works: the hub acknowledged a batch, or the session stayed up
+    /// [`HEALTHY_AFTER`] after `Welcome` (an idle site has nothing to acknowledge).
+    fn healthy(&self) -> bool {
+        self.acked || (self.welcomed && self.started.elapsed() >= HEALTHY_AFTER)
+    }
+
     async fn handle(
-        &self,
+        &mut self,
         frame: Frame,
         inflight: &mut VecDeque<u64>,
         out: &mut BytesMut,
@@ -609,6 +736,7 @@ impl Session<'_> {
                     return Err(UplinkError::AckBeyondSent { upto, sent });
                 }
                 blocking(&self.uplink.queue, move |q| q.ack_upto(upto)).await?;
+                self.acked = true;
                 while inflight.front().is_some_and(|&last| last <= upto) {
                     inflight.pop_front();
                 }
@@ -642,12 +770,25 @@ impl Session<'_> {
             }
             Frame::Ping { nonce } => Ok(Frame::Pong { nonce }.encode(out)?),
             Frame::Pong { .. } => Ok(()),
-            Frame::GoAway { code, reason } => Err(UplinkError::GoAway { code, reason }),
+            Frame::GoAway {
+                code,
+                reason,
+                retry_after_ms,
+            } => Err(go_away(code, reason, retry_after_ms)),
             other => Err(UplinkError::Unexpected {
                 frame: other.frame_type(),
                 state: "streaming",
             }),
         }
+    }
+}
+
+/// The error for a hub's `GoAway`.
+fn go_away(code: GoAwayCode, reason: String, retry_after_ms: Option<u32>) -> UplinkError {
+    UplinkError::GoAway {
+        code,
+        reason,
+        retry_after: retry_after_ms.map(|ms| Duration::from_millis(ms.into())),
     }
 }
 

@@ -312,3 +312,67 @@ async fn embedded_broker_credentials_are_enforced() -> Result<()> {
     hub.stop().await;
     Ok(())
 }
+
+/// Issue 7, hole 10: with the default uplink settings, a hub that does not answer (down, or its port
+/// filtered) gets a fresh QUIC Initial at least every ~0.3 s, so the agent finds it promptly once it is back,
+/// and no more than a few datagrams per second, so it is not hammered. One handshake attempt kept alive for
+/// the whole backoff (up to 10 s by default) used to leave gaps of seconds between Initials (quinn resends
+/// them after 0.3 s, 0.9 s, 2.1 s, ...), which is what made resuming after an outage take 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_hub_is_probed_promptly_and_at_a_bounded_pace() -> Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    // A "hub" that never answers: a bound UDP port where nothing speaks QUIC.
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let port = silent.local_addr()?.port();
+    let mqtt = free_tcp_port()?;
+    let data = dir.path().join("data");
+    // Every timer at its default.
+    let text = agent_toml(&data, &pki, port, &embedded_broker(mqtt))
+        .lines()
+        .filter(|l| {
+            !["reconnect_", "keep_alive", "idle_timeout"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let agent = Agent::start(&text, dir.path(), mqtt).await?;
+
+    let window = Duration::from_secs(10);
+    let start = tokio::time::Instant::now();
+    let mut arrivals = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let left = window.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, silent.recv_from(&mut buf)).await {
+            Ok(received) => {
+                received?;
+                arrivals.push(start.elapsed());
+            }
+            Err(_) => break,
+        }
+    }
+    agent.shutdown().await?;
+
+    let mut gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    if let Some(first) = arrivals.first() {
+        gaps.push(*first);
+    }
+    let max_gap = gaps.iter().max().copied().unwrap_or(window);
+    let rate = arrivals.len() as f64 / window.as_secs_f64();
+    eprintln!(
+        "silent hub: {} datagrams in {window:?} ({rate:.1}/s), longest gap {max_gap:?}",
+        arrivals.len()
+    );
+    assert!(
+        max_gap <= Duration::from_millis(700),
+        "a silent hub went {max_gap:?} without a handshake attempt"
+    );
+    assert!(
+        rate <= 10.0,
+        "the agent hammers a silent hub: {rate:.1} datagrams/s"
+    );
+    Ok(())
+}

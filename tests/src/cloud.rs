@@ -28,10 +28,15 @@ pub struct CloudBroker {
 impl CloudBroker {
     /// Starts the broker on a free loopback port, on the current tokio runtime.
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().expect("a socket address")).await
+    }
+
+    /// Starts the broker on `addr`, e.g. a port a hub was configured with while no broker was there yet.
+    pub async fn start_on(addr: SocketAddr) -> Self {
         let broker = EmbeddedBroker::start(&EmbeddedSettings::default())
             .await
             .expect("start the in-process cloud broker");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind the cloud broker port");
         let addr = listener.local_addr().expect("local address");

@@ -70,11 +70,19 @@ pub struct UplinkConfig {
     /// Longest reconnect delay.
     #[serde(default = "default_reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
-    /// QUIC keep-alive interval: how often an idle link is pinged so NATs and the hub keep it open.
+    /// QUIC keep-alive interval: how long the link may be silent before the agent pings the hub, so NATs
+    /// keep it open and a dead hub is noticed by `idle_timeout` even when the site sends nothing. Short by
+    /// default (a ping and its ACK every 500 ms while idle, about 200 bytes/s) because it bounds how fast a
+    /// dead link is noticed.
     #[serde(default = "default_uplink_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
-    /// QUIC idle timeout: the link is declared dead after this long without traffic. Must exceed
-    /// `keep_alive`, or an idle but healthy link is torn down between pings.
+    /// QUIC idle timeout: the link is declared dead after this long without hearing from the hub, and the
+    /// agent reconnects. Must exceed `keep_alive`, or an idle but healthy link is torn down between pings.
+    /// The hub adopts the shorter of the two sides' timeouts. Default 2 s: with the 15 s it replaced, a hub
+    /// killed and back 2 s later got data again only after 13 s (issue 7, hole 11); a restarted hub also
+    /// resets old connections at once (`cloud-hub/src/endpoint_key.rs`), this is the fallback when no
+    /// packet reaches it. Raise it on links that stall for seconds (QUIC never uses less than three probe
+    /// timeouts, so a long round trip raises it by itself).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight batches to be acknowledged before closing the link.
@@ -155,10 +163,10 @@ fn default_reconnect_max() -> Duration {
     Duration::from_secs(10)
 }
 fn default_uplink_keep_alive() -> Duration {
-    Duration::from_secs(5)
+    Duration::from_millis(500)
 }
 fn default_idle_timeout() -> Duration {
-    Duration::from_secs(15)
+    Duration::from_secs(2)
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(5)

@@ -78,8 +78,8 @@ fn valid_agent_loads_with_defaults_and_resolved_paths() {
     assert_eq!(up.window, 8);
     assert_eq!(up.reconnect_min, Duration::from_millis(100));
     assert_eq!(up.reconnect_max, Duration::from_secs(30), "set in the file");
-    assert_eq!(up.keep_alive, Duration::from_secs(5));
-    assert_eq!(up.idle_timeout, Duration::from_secs(15));
+    assert_eq!(up.keep_alive, Duration::from_millis(500));
+    assert_eq!(up.idle_timeout, Duration::from_secs(2));
     assert_eq!(up.shutdown_timeout, Duration::from_secs(5));
     assert_eq!(up.max_frame_size, ByteSize::mib(8));
     assert_eq!(up.max_message_size, ByteSize::kib(256));
@@ -338,7 +338,7 @@ fn env_overrides_file_values() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let vars = [
         ("MESHBRIDGE_UPLINK__WINDOW", "16"),
-        ("MESHBRIDGE_UPLINK__KEEP_ALIVE", "2s"),
+        ("MESHBRIDGE_UPLINK__KEEP_ALIVE", "1s"),
         ("MESHBRIDGE_QUEUE__MAX_BYTES", "2GiB"),
         ("MESHBRIDGE_LOG", "debug"),
         // figment parses values, so these arrive as numbers and must still land in string fields.
@@ -363,7 +363,7 @@ fn env_overrides_file_values() {
 
     let agent = agent.expect("loads with overrides");
     assert_eq!(agent.uplink.window, 16);
-    assert_eq!(agent.uplink.keep_alive, Duration::from_secs(2));
+    assert_eq!(agent.uplink.keep_alive, Duration::from_secs(1));
     assert_eq!(agent.queue.max_bytes, ByteSize::gib(2));
     assert_eq!(agent.log, "debug");
     assert_eq!(agent.site, "42");

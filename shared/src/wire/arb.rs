@@ -169,7 +169,13 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|upto| Frame::DownlinkAck { upto }),
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
-        (arb_goaway_code(), text()).prop_map(|(code, reason)| Frame::GoAway { code, reason }),
+        (arb_goaway_code(), text(), option::of(any::<u32>())).prop_map(
+            |(code, reason, retry_after_ms)| Frame::GoAway {
+                code,
+                reason,
+                retry_after_ms
+            }
+        ),
         (any::<u64>(), any::<u8>(), text()).prop_map(|(seq, reason_code, detail)| Frame::Refused {
             seq,
             reason_code,

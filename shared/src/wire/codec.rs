@@ -129,10 +129,22 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
         FrameType::Pong => Frame::Pong {
             nonce: r.u64("Pong nonce")?,
         },
-        FrameType::GoAway => Frame::GoAway {
-            code: GoAwayCode::from_code(r.u16("GoAway code")?),
-            reason: r.str16("GoAway reason")?,
-        },
+        FrameType::GoAway => {
+            let code = GoAwayCode::from_code(r.u16("GoAway code")?);
+            let reason = r.str16("GoAway reason")?;
+            // The optional trailer (module docs, "Evolution"): only sent to an agent that announced
+            // `Capabilities::RETRY_AFTER`, so a build that predates it never sees these bytes.
+            let retry_after_ms = if r.remaining() == 0 {
+                None
+            } else {
+                Some(r.u32("GoAway retry_after_ms")?)
+            };
+            Frame::GoAway {
+                code,
+                reason,
+                retry_after_ms,
+            }
+        }
         FrameType::Refused => Frame::Refused {
             seq: r.u64("Refused seq")?,
             reason_code: r.u8("Refused reason_code")?,
@@ -273,9 +285,16 @@ impl Frame {
                 buf.put_u8(*reason_code);
                 put_bytes16(buf, "Refused detail", detail.as_bytes())?;
             }
-            Self::GoAway { code, reason } => {
+            Self::GoAway {
+                code,
+                reason,
+                retry_after_ms,
+            } => {
                 buf.put_u16(code.code());
                 put_bytes16(buf, "GoAway reason", reason.as_bytes())?;
+                if let Some(ms) = retry_after_ms {
+                    buf.put_u32(*ms);
+                }
             }
             // Encoded by `BatchEncoder` in `encode`; nothing to write here.
             Self::Batch { .. } | Self::Downlink { .. } => {}
@@ -494,8 +513,17 @@ mod tests {
                 Frame::GoAway {
                     code: GoAwayCode::Replaced,
                     reason: "x".into(),
+                    retry_after_ms: None,
                 },
                 vec![0, 0, 0, 6, 0x0B, 0, 3, 0, 1, b'x'],
+            ),
+            (
+                Frame::GoAway {
+                    code: GoAwayCode::Unavailable,
+                    reason: "x".into(),
+                    retry_after_ms: Some(0x0102),
+                },
+                vec![0, 0, 0, 10, 0x0B, 0, 7, 0, 1, b'x', 0, 0, 1, 2],
             ),
             (
                 Frame::ConfigAck {
@@ -561,6 +589,23 @@ mod tests {
                 vec![0x04, 0, 0, 0, 0, 0, 0, 0, 1, 0xAA],
                 DecodeError::TrailingBytes {
                     frame: FrameType::Ack,
+                    extra: 1,
+                },
+            ),
+            (
+                "goaway with a partial retry-after",
+                vec![0x0B, 0, 7, 0, 0, 0, 1],
+                DecodeError::Truncated {
+                    what: "GoAway retry_after_ms",
+                    needed: 4,
+                    available: 2,
+                },
+            ),
+            (
+                "goaway with a byte after the retry-after",
+                vec![0x0B, 0, 7, 0, 0, 0, 0, 0, 1, 0xAA],
+                DecodeError::TrailingBytes {
+                    frame: FrameType::GoAway,
                     extra: 1,
                 },
             ),
@@ -689,6 +734,7 @@ mod tests {
         let frame = Frame::GoAway {
             code: GoAwayCode::Normal,
             reason: "r".repeat(70_000),
+            retry_after_ms: None,
         };
         assert_eq!(
             frame.encode(&mut buf),
@@ -753,7 +799,8 @@ mod tests {
             assert_eq!(ConfigRejectReason::from_code(code).code(), code);
         }
         assert_eq!(GoAwayCode::from_code(3), GoAwayCode::Replaced);
-        assert_eq!(GoAwayCode::from_code(7), GoAwayCode::Unknown(7));
+        assert_eq!(GoAwayCode::from_code(7), GoAwayCode::Unavailable);
+        assert_eq!(GoAwayCode::from_code(8), GoAwayCode::Unknown(8));
         assert_eq!(
             ConfigRejectReason::from_code(0),
             ConfigRejectReason::Unknown(0)
@@ -804,9 +851,22 @@ mod tests {
                 prop_assert_eq!(check(&prefix, usize::MAX), Err(DecodeError::Incomplete));
                 let mut buf = BytesMut::from(&prefix[..]);
                 prop_assert_eq!(decode(&mut buf, usize::MAX), Ok(None));
-                // Even without the length prefix to protect it, cut contents are an error, not a frame.
+                // Even without the length prefix to protect it, cut contents are an error, not a frame;
+                // except a GoAway cut just before its optional retry-after, which is the same GoAway
+                // without it (the length prefix is what tells the two apart).
                 if len > LEN_PREFIX {
                     let cut = parse(full.slice(LEN_PREFIX..len));
+                    if let Frame::GoAway { code, reason, retry_after_ms: Some(_) } = &frame {
+                        if len == full.len() - 4 {
+                            let without = Frame::GoAway {
+                                code: *code,
+                                reason: reason.clone(),
+                                retry_after_ms: None,
+                            };
+                            prop_assert_eq!(cut, Ok(without));
+                            continue;
+                        }
+                    }
                     prop_assert!(cut.is_err(), "prefix of {} bytes parsed as {:?}", len, cut);
                 }
             }

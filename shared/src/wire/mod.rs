@@ -17,7 +17,7 @@
 //! | 0x08 | `DownlinkAck` | `u64 upto` |
 //! | 0x09 | `Ping`        | `u64 nonce` |
 //! | 0x0A | `Pong`        | `u64 nonce` |
-//! | 0x0B | `GoAway`      | `u16 code` `str16 reason` |
+//! | 0x0B | `GoAway`      | `u16 code` `str16 reason` (then `u32 retry_after_ms` only to an agent that announced [`Capabilities::RETRY_AFTER`]) |
 //! | 0x0C | `Refused`     | `u64 seq` `u8 reason_code` `str16 detail` |
 //!
 //! `str16`/`str32` are UTF-8 with a `u16`/`u32` byte-length prefix. An entry body is exactly what
@@ -40,7 +40,18 @@
 //! | version | change |
 //! |---------|--------|
 //! | 1 | first version |
-//! | 2 | `Welcome` ends with `u32 max_message_size` `u16 max_topic_len`: the hub states the largest payload and the longest site-local topic it will publish, so the agent refuses at PUBLISH time what the hub would drop after the publisher was acknowledged ([`crate::limits`]). Version 1 is no longer spoken: a v1 hub cannot state its limits, so an agent talking to it could again acknowledge what the hub then drops. |
+//! | 2 | `Welcome` ends with `u32 max_message_size` `u16 max_topic_len`: the hub states the largest payload and the longest site-local topic it will publish, so the agent refuses at PUBLISH time what the hub would drop after the publisher was acknowledged ([`crate::limits`]). Version 1 is no longer spoken: a v1 hub cannot state its limits, so an agent talking to it could again acknowledge what the hub then drops. Also new in 2: `Refused` (hub → agent), a message refused for good, which the agent dead-letters before the `Ack` that covers it. |
+//!
+//! `GoAway` grew once, without a version bump, and only in a way no older peer can see:
+//! - the code [`GoAwayCode::Unavailable`] (7): the hub cannot take data now (its cloud broker is not
+//!   connected) and says so *before* `Welcome`. An older agent decodes it as `Unknown(7)`, a refusal like any
+//!   other, and retries with its own backoff;
+//! - an optional `u32 retry_after_ms` after the reason: how long the agent should wait before its next
+//!   attempt. Decoders before it reject bytes after the reason ([`DecodeError::TrailingBytes`]), so the hub
+//!   appends it only when the agent's `Hello` carried [`Capabilities::RETRY_AFTER`]; `Hello` is read before
+//!   any `GoAway` the hub sends, so the hub always knows. An older hub ignores the unknown capability bit (it
+//!   answers with the intersection) and never sends the trailer. This decoder reads the trailer when any byte
+//!   follows the reason, and still refuses anything after it.
 //!
 //! # Decoding
 //! In the shape of mini-redis's `Frame::check`/`Frame::parse`: [`check`] says whether a whole frame is
@@ -170,6 +181,9 @@ pub enum Frame {
         code: GoAwayCode,
         /// Human-readable detail for the log (e.g. the [`VersionMismatch`] text).
         reason: String,
+        /// Hub → agent: wait at least this long (milliseconds) before reconnecting. Only ever `Some` towards
+        /// an agent that announced [`Capabilities::RETRY_AFTER`] (see "Evolution" in the module docs).
+        retry_after_ms: Option<u32>,
     },
 }
 
@@ -288,6 +302,9 @@ impl Capabilities {
     pub const DOWNLINK: Self = Self(1 << 0);
     /// The agent accepts `ConfigPush` and answers with `ConfigAck`.
     pub const CONFIG_PUSH: Self = Self(1 << 1);
+    /// The agent reads the optional `retry_after_ms` at the end of `GoAway` (see "Evolution" in the module
+    /// docs); the hub sends that field to no other agent.
+    pub const RETRY_AFTER: Self = Self(1 << 2);
 
     /// Wraps raw bits, keeping unknown ones.
     pub const fn from_bits(bits: u64) -> Self {
@@ -354,6 +371,9 @@ pub enum GoAwayCode {
     Overloaded,
     /// The sender is shutting down; reconnect (to another instance) later.
     ShuttingDown,
+    /// The hub cannot accept data right now (its cloud broker is not connected), refused before `Welcome`;
+    /// retry after the `GoAway`'s `retry_after_ms` if it carries one, else with backoff.
+    Unavailable,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -369,6 +389,7 @@ impl GoAwayCode {
             Self::ProtocolError => 4,
             Self::Overloaded => 5,
             Self::ShuttingDown => 6,
+            Self::Unavailable => 7,
             Self::Unknown(code) => code,
         }
     }
@@ -383,6 +404,7 @@ impl GoAwayCode {
             4 => Self::ProtocolError,
             5 => Self::Overloaded,
             6 => Self::ShuttingDown,
+            7 => Self::Unavailable,
             other => Self::Unknown(other),
         }
     }
