@@ -12,6 +12,8 @@
 //! - [`process`]: a started program with its log captured, readiness, SIGTERM and SIGKILL.
 //! - [`mosquitto`]: Debian's Mosquitto on a free port; [`cloud`]: an in-process broker that outlives hub
 //!   restarts.
+//! - [`proxy`]: a UDP proxy between agent and hub that drops, delays, duplicates, reorders or blackholes
+//!   packets per direction on command.
 //! - [`prereq`]: what a test needs beyond cargo (root, Mosquitto), failing under `CI=true` when missing.
 //! - [`mqtt`]: a publisher that knows exactly which messages were acknowledged, a collecting subscriber,
 //!   and the [`mqtt::Report`] that compares the two.
@@ -25,6 +27,7 @@ pub mod net;
 pub mod pki;
 pub mod prereq;
 pub mod process;
+pub mod proxy;
 pub mod spec;
 
 /// Length of the bodies the queue crash driver writes.
