@@ -14,12 +14,15 @@
 //!   restarts.
 //! - [`proxy`]: a UDP proxy between agent and hub that drops, delays, duplicates, reorders or blackholes
 //!   packets per direction on command.
+//! - [`faults`]: what the fault tests share: a hub publishing into a cloud broker that outlives it, waiting
+//!   for every acknowledged message, and the one-line scenario summary.
 //! - [`prereq`]: what a test needs beyond cargo (root, Mosquitto), failing under `CI=true` when missing.
 //! - [`mqtt`]: a publisher that knows exactly which messages were acknowledged, a collecting subscriber,
 //!   and the [`mqtt::Report`] that compares the two.
 
 pub mod bins;
 pub mod cloud;
+pub mod faults;
 pub mod mesh;
 pub mod mosquitto;
 pub mod mqtt;
