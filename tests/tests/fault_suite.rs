@@ -382,3 +382,245 @@ async fn agent_sigterm_and_restart() {
     let (line, report) = conclude(name, &fm, &outcome, pad, recovery, 0, &extra).await;
     assert_eq!(report.duplicates_by_payload, 0, "{line}");
 }
+
+/// Raw MQTT 3.1.1 bytes for the input scenarios, written by hand because client libraries refuse to send
+/// them.
+mod raw {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// MQTT's variable-length "remaining length".
+    pub(super) fn remaining_length(mut n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let mut byte = (n % 128) as u8;
+            n /= 128;
+            if n > 0 {
+                byte |= 0x80;
+            }
+            out.push(byte);
+            if n == 0 {
+                return out;
+            }
+        }
+    }
+
+    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+        let mut p = vec![first];
+        p.extend(remaining_length(body.len()));
+        p.extend_from_slice(body);
+        p
+    }
+
+    fn string(s: &[u8]) -> Vec<u8> {
+        let mut out = u16::try_from(s.len())
+            .expect("short string")
+            .to_be_bytes()
+            .to_vec();
+        out.extend_from_slice(s);
+        out
+    }
+
+    /// CONNECT, MQTT 3.1.1, clean session, 60 s keep-alive, with header flags `flags` (0 is the only
+    /// valid value).
+    pub(super) fn connect(client_id: &str, flags: u8) -> Vec<u8> {
+        let mut body = string(b"MQTT");
+        body.extend([4, 0x02, 0, 60]);
+        body.extend(string(client_id.as_bytes()));
+        packet(0x10 | flags, &body)
+    }
+
+    /// PUBLISH at QoS 1 with packet id 1 and a topic of arbitrary bytes.
+    pub(super) fn publish_qos1(topic: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut body = string(topic);
+        body.extend([0, 1]);
+        body.extend_from_slice(payload);
+        packet(0x32, &body)
+    }
+
+    /// How a raw connection ended.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) enum End {
+        /// The agent closed it (EOF or reset); `acked` if a success PUBACK came first.
+        Closed { acked: bool },
+        /// Still open after the timeout.
+        Open { acked: bool },
+    }
+
+    /// Connects to `addr`, optionally completes a CONNECT handshake first, writes `bytes`, and reads until
+    /// the agent closes the connection (or `timeout`).
+    pub(super) async fn send(
+        addr: SocketAddr,
+        handshake: bool,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> End {
+        let mut s = TcpStream::connect(addr).await.expect("connect to the edge");
+        if handshake {
+            s.write_all(&connect("raw", 0))
+                .await
+                .expect("write CONNECT");
+            let mut connack = [0u8; 4];
+            tokio::time::timeout(timeout, s.read_exact(&mut connack))
+                .await
+                .expect("CONNACK in time")
+                .expect("read CONNACK");
+            assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+        }
+        // A write may fail once the agent closed the connection mid-way: that is the expected outcome.
+        let _ = s.write_all(bytes).await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Err(_) => {
+                    return End::Open {
+                        acked: puback_ok(&got),
+                    }
+                }
+                Ok(Ok(0) | Err(_)) => {
+                    return End::Closed {
+                        acked: puback_ok(&got),
+                    }
+                }
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Whether `got` holds a PUBACK (3.1.1: always success) for packet id 1.
+    fn puback_ok(got: &[u8]) -> bool {
+        got.windows(4).any(|w| w == [0x40, 2, 0, 1])
+    }
+}
+
+/// VmRSS of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// (13) Malformed input on the agent's MQTT port: each bad connection is closed, the agent stays up with
+/// bounded memory, and a normal publish afterwards still arrives (graceful: no duplicate by id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_mqtt_input_is_refused_and_harmless() {
+    let name = "malformed_input";
+    let started = Instant::now();
+    let (fm, spec, mut agent) = direct().await;
+    let edge = spec.broker.client_addr();
+    let pid = agent.pid().expect("agent running");
+    let rss_before = rss_kib(pid);
+    let hundred_mb = {
+        let mut p = vec![0x30];
+        p.extend(raw::remaining_length(100 * 1024 * 1024));
+        p.extend(std::iter::repeat_n(0xAB, 64 * 1024));
+        p
+    };
+    let mut garbage_length = vec![0x30, 0x80, 0x80, 0x80, 0x80];
+    garbage_length.extend((0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8));
+    let cases: Vec<(&str, bool, Vec<u8>)> = vec![
+        ("reserved packet type 0", false, vec![0x00, 0x00]),
+        (
+            "reserved packet type 0 after CONNECT",
+            true,
+            vec![0x00, 0x00],
+        ),
+        (
+            "CONNECT with header flags 0001",
+            false,
+            raw::connect("bad-flags", 0x01),
+        ),
+        (
+            "SUBSCRIBE with header flags 0000",
+            true,
+            vec![0x80, 6, 0, 1, 0, 1, b'a', 1],
+        ),
+        (
+            "remaining length 80 80 80 80, then garbage",
+            false,
+            garbage_length.clone(),
+        ),
+        (
+            "remaining length 80 80 80 80 after CONNECT",
+            true,
+            garbage_length,
+        ),
+        (
+            "PUBLISH with an empty topic",
+            true,
+            raw::publish_qos1(b"", b"empty:0:"),
+        ),
+        (
+            "PUBLISH with an invalid UTF-8 topic",
+            true,
+            raw::publish_qos1(b"telemetry/\xC3\x28", b"utf8:0:"),
+        ),
+        ("PUBLISH claiming 100 MB", true, hundred_mb),
+    ];
+    let mut open = Vec::new();
+    let mut acked = Vec::new();
+    for (what, handshake, bytes) in &cases {
+        let end = raw::send(edge, *handshake, bytes, Duration::from_secs(5)).await;
+        eprintln!("{name}: {what}: {end:?}");
+        match end {
+            raw::End::Closed { acked: false } => {}
+            raw::End::Closed { acked: true } => acked.push(*what),
+            raw::End::Open { acked: a } => {
+                open.push(*what);
+                if a {
+                    acked.push(*what);
+                }
+            }
+        }
+        assert!(agent.is_running(), "the agent died on: {what}");
+    }
+    let rss_after = rss_kib(pid);
+    let since_bad = Instant::now();
+    let plan = PublishPlan::new("pub", TOPIC, 20);
+    let pad = plan.pad;
+    let outcome = Publisher::start(edge, plan).finish().await;
+    assert_eq!(
+        outcome.acked.len(),
+        20,
+        "normal publishing works: {outcome:?}"
+    );
+    // Recovery here: from the end of the bad input until a normal publish was through.
+    recovery_since(&fm, 20, name).await;
+    let recovery = since_bad.elapsed();
+    let received = fm.cloud.received();
+    let smuggled: Vec<&str> = received
+        .iter()
+        .filter(|r| r.payload.starts_with(b"empty:") || r.payload.starts_with(b"utf8:"))
+        .map(|r| r.topic.as_str())
+        .collect();
+    let extra = [
+        ("rss_before_kib", rss_before.to_string()),
+        ("rss_after_kib", rss_after.to_string()),
+        ("left_open", open.len().to_string()),
+        ("bad_acked", acked.len().to_string()),
+        ("secs", format!("{:.1}", started.elapsed().as_secs_f64())),
+    ];
+    conclude(name, &fm, &outcome, pad, recovery, 0, &extra).await;
+    assert!(
+        open.is_empty(),
+        "connections left open after bad input: {open:?}"
+    );
+    assert!(acked.is_empty(), "bad PUBLISHes acknowledged: {acked:?}");
+    assert!(
+        smuggled.is_empty(),
+        "bad PUBLISHes forwarded to: {smuggled:?}"
+    );
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "agent RSS grew from {rss_before} KiB to {rss_after} KiB on bad input"
+    );
+}
