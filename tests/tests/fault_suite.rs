@@ -624,3 +624,88 @@ async fn malformed_mqtt_input_is_refused_and_harmless() {
         "agent RSS grew from {rss_before} KiB to {rss_after} KiB on bad input"
     );
 }
+
+/// (15) Spoofing from the edge, with the widest route (`#`): a local publish to `$SYS/x` is not forwarded
+/// (`#` does not match `$` topics), and a PUBLISH whose topic holds a wildcard is refused (connection
+/// closed, no PUBACK) and not forwarded; a normal message next to them arrives (graceful: no duplicate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_topics_are_not_forwarded() {
+    let name = "spoofing";
+    let started = Instant::now();
+    let fm = FaultMesh::start(SITE).await;
+    let mut spec = fm
+        .mesh
+        .agent_spec(SITE, BrokerSpec::embedded(), &fm.hub_spec);
+    spec.routes = vec!["#".to_owned()];
+    let _agent = fm.mesh.start_agent(SITE, &spec).await;
+    let edge = spec.broker.client_addr();
+    // Everything the cloud broker carries, not only the hub's namespace. (`$SYS/#` is not added: with it
+    // in the same SUBSCRIBE the in-process rumqttd delivered nothing at all to this client.)
+    let everything = meshbridge_tests::mqtt::Collector::start(
+        fm.cloud_broker.addr,
+        "cloud-everything",
+        &["#"],
+        false,
+    )
+    .await;
+
+    let sys = Publisher::start(edge, PublishPlan::new("sys", "$SYS/x", 5))
+        .finish()
+        .await;
+    let mut wildcard_ends = Vec::new();
+    for topic in ["telemetry/+/x", "telemetry/#"] {
+        let payload = format!("wild:{}:", wildcard_ends.len());
+        let end = raw::send(
+            edge,
+            true,
+            &raw::publish_qos1(topic.as_bytes(), payload.as_bytes()),
+            Duration::from_secs(5),
+        )
+        .await;
+        eprintln!("{name}: PUBLISH on {topic}: {end:?}");
+        wildcard_ends.push((topic, end));
+    }
+    let since = Instant::now();
+    let plan = PublishPlan::new("pub", TOPIC, 20);
+    let pad = plan.pad;
+    let outcome = Publisher::start(edge, plan).finish().await;
+    assert_eq!(outcome.acked.len(), 20, "{outcome:?}");
+    recovery_since(&fm, 20, name).await;
+    let recovery = since.elapsed();
+    everything
+        .settle(Duration::from_secs(1), Duration::from_secs(5))
+        .await;
+
+    // The wide subscriber works: it saw the normal messages, so an empty list below means something.
+    assert_eq!(
+        faults::distinct_from("pub", &everything.received()),
+        20,
+        "the cloud-wide subscriber saw the normal messages"
+    );
+    let spoofed: Vec<String> = everything
+        .received()
+        .iter()
+        .filter(|r| {
+            r.topic.starts_with('$')
+                || r.topic.contains("$SYS")
+                || r.topic.contains(['+', '#'])
+                || r.payload.starts_with(b"sys:")
+                || r.payload.starts_with(b"wild:")
+        })
+        .map(|r| format!("{} <- {:?}", r.topic, String::from_utf8_lossy(&r.payload)))
+        .collect();
+    let extra = [
+        ("sys_acked_at_edge", sys.acked.len().to_string()),
+        ("spoofed_forwarded", spoofed.len().to_string()),
+        ("secs", format!("{:.1}", started.elapsed().as_secs_f64())),
+    ];
+    conclude(name, &fm, &outcome, pad, recovery, 0, &extra).await;
+    assert!(spoofed.is_empty(), "forwarded to the cloud: {spoofed:?}");
+    for (topic, end) in wildcard_ends {
+        assert_eq!(
+            end,
+            raw::End::Closed { acked: false },
+            "a PUBLISH on {topic} is refused"
+        );
+    }
+}
