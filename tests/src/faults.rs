@@ -13,12 +13,13 @@ use crate::mqtt::{payload, Collector, MsgId, PublishOutcome, Received, Report};
 use crate::process::Proc;
 use crate::spec::{BrokerSpec, HubSpec};
 
-/// Whether the long (soak) durations are asked for: `MESHBRIDGE_SOAK=1`.
+/// Whether the long (soak) durations are asked for: `FAULT_SUITE_SOAK=1`. (Not `MESHBRIDGE_*`: the
+/// programs read every such variable as a config override, and the children inherit the environment.)
 pub fn soak() -> bool {
-    std::env::var("MESHBRIDGE_SOAK").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+    std::env::var("FAULT_SUITE_SOAK").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
 }
 
-/// `ci` normally, `soak` under `MESHBRIDGE_SOAK=1`.
+/// `ci` normally, `soak` under `FAULT_SUITE_SOAK=1`.
 pub fn scaled<T>(ci: T, soak_value: T) -> T {
     if soak() {
         soak_value

@@ -9,7 +9,7 @@
 //!
 //! Random decisions come from a small deterministic generator seeded per proxy (and per direction), so a
 //! failing run can be replayed with the same decisions for the same packet order: tests print the seed,
-//! and `MESHBRIDGE_SEED` overrides it (see [`seed_for`]). Wall-clock timing of real processes still
+//! and `FAULT_SUITE_SEED` overrides it (see [`seed_for`]). Wall-clock timing of real processes still
 //! varies between runs, so the packet order itself may not repeat exactly.
 
 use std::collections::HashMap;
@@ -358,10 +358,10 @@ fn jittered(rng: &mut Rng, delay: Duration, jitter: Duration) -> Duration {
     Duration::from_secs_f64((delay.as_secs_f64() + offset).max(0.0))
 }
 
-/// The seed for `test`: `MESHBRIDGE_SEED` when set (decimal), else a hash of the test's name, so every
+/// The seed for `test`: `FAULT_SUITE_SEED` when set (decimal), else a hash of the test's name, so every
 /// test has its own fixed seed.
 pub fn seed_for(test: &str) -> u64 {
-    if let Some(seed) = std::env::var("MESHBRIDGE_SEED")
+    if let Some(seed) = std::env::var("FAULT_SUITE_SEED")
         .ok()
         .and_then(|s| s.trim().parse().ok())
     {

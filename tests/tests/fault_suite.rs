@@ -14,7 +14,7 @@
 //! duplicates=.. recovery=<seconds>` (then extra fields), where recovery is the time from the end of the
 //! fault until the cloud held as many distinct messages as had been acknowledged when it ended.
 //!
-//! Durations are scaled for CI (faults of a few seconds); `MESHBRIDGE_SOAK=1` runs the long ones.
+//! Durations are scaled for CI (faults of a few seconds); `FAULT_SUITE_SOAK=1` runs the long ones.
 
 use std::time::{Duration, Instant};
 
@@ -59,7 +59,7 @@ async fn proxied(scenario: &str) -> Proxied {
     let fm = FaultMesh::start(SITE).await;
     let proxy = UdpProxy::start(fm.hub_spec.quic, seed_for(scenario)).await;
     eprintln!(
-        "{scenario}: proxy {} -> hub {}, seed {} (MESHBRIDGE_SEED={} replays it)",
+        "{scenario}: proxy {} -> hub {}, seed {} (FAULT_SUITE_SEED={} replays it)",
         proxy.addr(),
         proxy.target(),
         proxy.seed(),
