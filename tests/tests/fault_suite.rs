@@ -351,7 +351,9 @@ async fn hub_sigkill_and_restart() {
 
 /// (10) The agent gets SIGTERM under load: it exits cleanly, and once restarted resumes from the hub's
 /// last ack: nothing lost, and nothing the hub had acknowledged is published again (no duplicate by id,
-/// none by payload either, since the publisher never resends).
+/// none by payload either, since the publisher never resends). The hub's log shows the agent reconnecting
+/// with its durable ack equal to the hub's mark. Recovery is measured from the stop, so it is 0 when the
+/// clean stop forwarded everything acknowledged before exiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_sigterm_and_restart() {
     let name = "agent_sigterm";
@@ -375,12 +377,33 @@ async fn agent_sigterm_and_restart() {
     restart(&mut agent, &spec.broker).await;
     let recovery = recovery_since(&fm, acked_at_stop, name).await;
     let outcome = publisher.finish().await;
+    // The hub logs, per connection, the agent's own durable ack and its own mark: after a clean stop they
+    // are equal, i.e. the agent had recorded every ack before exiting and resumes exactly there.
+    let hub_log = fm.hub.log_text();
+    let reconnect = hub_log
+        .lines()
+        .rfind(|l| l.contains("agent connected"))
+        .expect("the hub logged the agent's reconnection");
+    let field = |key: &str| -> u64 {
+        reconnect
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {reconnect:?}"))
+    };
+    let (agent_last_acked, hub_high_water) = (field("agent_last_acked="), field("hub_high_water="));
     let extra = [
+        ("agent_last_acked", agent_last_acked.to_string()),
+        ("hub_high_water", hub_high_water.to_string()),
         ("stop", format!("{:.2}s", stop_took.as_secs_f64())),
         ("secs", format!("{:.1}", started.elapsed().as_secs_f64())),
     ];
     let (line, report) = conclude(name, &fm, &outcome, pad, recovery, 0, &extra).await;
     assert_eq!(report.duplicates_by_payload, 0, "{line}");
+    assert_eq!(
+        agent_last_acked, hub_high_water,
+        "the agent stopped without recording the hub's last ack: {reconnect}"
+    );
 }
 
 /// Raw MQTT 3.1.1 bytes for the input scenarios, written by hand because client libraries refuse to send
