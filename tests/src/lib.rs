@@ -12,6 +12,10 @@
 //! - [`process`]: a started program with its log captured, readiness, SIGTERM and SIGKILL.
 //! - [`mosquitto`]: Debian's Mosquitto on a free port; [`cloud`]: an in-process broker that outlives hub
 //!   restarts.
+//! - [`proxy`]: a UDP proxy between agent and hub that drops, delays, duplicates, reorders or blackholes
+//!   packets per direction on command.
+//! - [`faults`]: what the fault tests share: a hub publishing into a cloud broker that outlives it, waiting
+//!   for every acknowledged message, and the one-line scenario summary.
 //! - [`prereq`]: what a test needs beyond cargo (root, Mosquitto), failing under `CI=true` when missing.
 //! - [`tmpfs`]: a small tmpfs to fill a disk on purpose (root).
 //! - [`mqtt`]: a publisher that knows exactly which messages were acknowledged, a collecting subscriber,
@@ -19,6 +23,7 @@
 
 pub mod bins;
 pub mod cloud;
+pub mod faults;
 pub mod mesh;
 pub mod mosquitto;
 pub mod mqtt;
@@ -26,6 +31,7 @@ pub mod net;
 pub mod pki;
 pub mod prereq;
 pub mod process;
+pub mod proxy;
 pub mod spec;
 pub mod tmpfs;
 

@@ -4,49 +4,24 @@
 //!
 //! Publishing is paced (300 messages/s for 10 s) so the fault lands mid-stream.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use meshbridge_tests::cloud::CloudBroker;
-use meshbridge_tests::mesh::{prove_path, restart, Mesh, STOP_TIMEOUT};
+use meshbridge_tests::faults::{self, FaultMesh};
+use meshbridge_tests::mesh::{prove_path, restart, STOP_TIMEOUT};
 use meshbridge_tests::mosquitto::{self, Mosquitto, MosquittoOptions};
-use meshbridge_tests::mqtt::{Collector, MsgId, PublishOutcome, PublishPlan, Publisher, Report};
-use meshbridge_tests::process::Proc;
-use meshbridge_tests::spec::{AgentSpec, BrokerSpec, HubSpec};
+use meshbridge_tests::mqtt::{Collector, PublishOutcome, PublishPlan, Publisher, Report};
+use meshbridge_tests::spec::{AgentSpec, BrokerSpec};
 
 const COUNT: u64 = 3_000;
 const RATE: u32 = 300;
 /// Acknowledged messages before the fault is injected.
 const BEFORE_FAULT: u64 = 600;
 
-struct Setup {
-    mesh: Mesh,
-    _cloud_broker: CloudBroker,
-    cloud: Collector,
-    hub_spec: HubSpec,
-    hub: Proc,
-}
+type Setup = FaultMesh;
 
 /// A hub for line1 publishing into an in-process broker, and a subscriber on `acme/#` there.
 async fn setup() -> Setup {
-    let mesh = Mesh::new(&["line1"]);
-    let cloud_broker = CloudBroker::start().await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
-    let hub = mesh.start_hub(&hub_spec).await;
-    let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
-    Setup {
-        mesh,
-        _cloud_broker: cloud_broker,
-        cloud,
-        hub_spec,
-        hub,
-    }
+    FaultMesh::start("line1").await
 }
 
 fn plan(name: &str) -> PublishPlan {
@@ -57,23 +32,7 @@ fn plan(name: &str) -> PublishPlan {
 
 /// Waits for every acknowledged message, lets late duplicates show, and returns the report.
 async fn settle_report(cloud: &Collector, outcome: &PublishOutcome, what: &str) -> Report {
-    let expected: BTreeSet<MsgId> = outcome.acked_ids().collect();
-    let all_arrived = cloud.wait_for_all(&expected, Duration::from_secs(30)).await;
-    cloud
-        .settle(Duration::from_secs(1), Duration::from_secs(5))
-        .await;
-    let report = Report::new(&[outcome], &cloud.received());
-    eprintln!(
-        "{what}: {report}; publisher: {} acked, {} unconfirmed, {} refused, {} unsent, {} connection errors",
-        outcome.acked.len(),
-        outcome.unconfirmed.len(),
-        outcome.refused.len(),
-        outcome.unsent,
-        outcome.connection_errors
-    );
-    assert!(all_arrived, "{what}: {report}");
-    report.assert_no_loss();
-    report
+    faults::settle_report(cloud, outcome, what, Duration::from_secs(30)).await
 }
 
 /// The hub is stopped with SIGTERM for 5 s while the edge keeps taking messages, then restarted on the

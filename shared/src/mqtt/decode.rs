@@ -272,6 +272,9 @@ impl Publish {
                 field: "topic name",
             });
         }
+        if topic.is_empty() && version != ProtocolVersion::V5 {
+            return Err(DecodeError::EmptyTopicName);
+        }
         let topic = topic.to_owned();
         let packet_id = if qos == QoS::AtMostOnce {
             None

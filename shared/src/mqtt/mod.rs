@@ -339,6 +339,11 @@ pub enum DecodeError {
         /// The field being read.
         field: &'static str,
     },
+    /// A 3.1 / 3.1.1 PUBLISH with an empty topic name: topic names are at least one character long
+    /// (MQTT 3.1.1 §4.7.3); only MQTT 5 sends an empty one, with a topic alias (checked by
+    /// [`TopicAliases::resolve`]).
+    #[error("empty topic name")]
+    EmptyTopicName,
     /// A QoS 1/2 PUBLISH or an ack carries packet identifier 0.
     #[error("packet identifier 0")]
     ZeroPacketId,

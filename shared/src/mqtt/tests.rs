@@ -362,6 +362,12 @@ fn publish_field_errors() {
                 field: "topic name",
             },
         ),
+        (&[0x32, 4, 0, 0, 0, 1], V3_1_1, DecodeError::EmptyTopicName),
+        (
+            &[0x30, 3, 0, 0, b'x'],
+            ProtocolVersion::V3_1,
+            DecodeError::EmptyTopicName,
+        ),
         (
             &[0x30, 6, 0, 1, b'a', 2, 0x23, 0],
             V5,
@@ -489,11 +495,17 @@ fn publishes(with_properties: bool) -> impl Strategy<Value = Publish> {
     } else {
         Just(PublishProperties::default()).boxed()
     };
+    // Only MQTT 5 may send an empty topic name (with a topic alias); 3.1.1 topics are never empty.
+    let topic = if with_properties {
+        mqtt_string().boxed()
+    } else {
+        "[a-z0-9/ _é-]{1,24}".boxed()
+    };
     (
         any::<bool>(),
         0u8..=2,
         any::<bool>(),
-        mqtt_string(),
+        topic,
         1u16..,
         props,
         proptest::collection::vec(any::<u8>(), 0..300),
