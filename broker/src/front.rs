@@ -50,6 +50,13 @@
 //! topic filter such as `a/#/b` (which rumqttd would grant). A v5 empty topic without a topic alias is a
 //! topic alias error ([`FrontError::TopicAlias`]).
 //!
+//! Last wills (issue 7, hole 5): rumqttd publishes a client's will to local subscribers only, so the
+//! front commits it for the uplink too, like any selected PUBLISH, when the client's connection ends without
+//! a DISCONNECT (or with MQTT 5 reason 0x04, "disconnect with will message"): a crash, a dropped network,
+//! a keep-alive timeout, or a protocol violation the front closed. An MQTT 5 Will Delay Interval is
+//! honoured: the will waits, and is dropped if the same client id connects again meanwhile. A will is
+//! not committed when the agent itself shuts down. Wills over the path's limits are logged and dropped.
+//!
 //! Closing: either side closing closes the other; a gone commit pipeline (agent shutting down) or the
 //! `shutdown` token closes every connection. Held acks are then dropped unsent, so clients retransmit.
 
@@ -57,6 +64,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,7 +72,7 @@ use bytes::{Bytes, BytesMut};
 use shared::limits::{Refusal, SharedLimits};
 use shared::mqtt::{
     self, Ack, AckKind, AliasError, Connect, DecodeError, FixedHeader, PacketType, ProtocolVersion,
-    Publish, QoS, TopicAliases, CONNACK_UNACCEPTABLE_PROTOCOL, REASON_QUOTA_EXCEEDED,
+    Publish, QoS, TopicAliases, Will, CONNACK_UNACCEPTABLE_PROTOCOL, REASON_QUOTA_EXCEEDED,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -77,6 +85,8 @@ use tracing::{debug, info, warn, Instrument};
 const READ_CHUNK: usize = 16 * 1024;
 /// After the client closed, how long the broker side may take to finish (flush its last packets).
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long the front waits for a last will's commit before giving up on it (logged).
+const WILL_COMMIT_WAIT: Duration = Duration::from_secs(10);
 /// Keep-alive written instead of 0, which rumqttd rejects.
 const KEEP_ALIVE_INSTEAD_OF_ZERO: u16 = u16::MAX;
 
@@ -282,6 +292,11 @@ struct Shared {
     select: Select,
     commits: mpsc::Sender<CommitRequest>,
     options: FrontOptions,
+    /// Wills waiting out their delay, by client id (with a number telling waits apart); a new connection
+    /// of that client cancels its will.
+    pending_wills: std::sync::Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Numbers the waits in `pending_wills`.
+    will_waits: AtomicU64,
 }
 
 /// Accepts MQTT clients on `listener` and relays each to the broker listener of its protocol, capturing
@@ -305,6 +320,8 @@ pub async fn serve(
         select,
         commits,
         options,
+        pending_wills: std::sync::Mutex::new(HashMap::new()),
+        will_waits: AtomicU64::new(0),
     });
     let connections = shutdown.child_token();
     let tracker = TaskTracker::new();
@@ -404,9 +421,23 @@ async fn connection(
             found: header.packet_type,
         });
     }
-    let connect = Connect::decode(&from_client[..connect_len])
+    let mut connect = Connect::decode(&from_client[..connect_len])
         .map_err(|source| FrontError::ClientDecode { source })?;
     tracing::Span::current().record("client_id", connect.client_id.as_str());
+    if let Some((_, pending)) = shared
+        .pending_wills
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&connect.client_id)
+    {
+        // MQTT 5 §3.1.3.2.2: a reconnect within the Will Delay Interval means no will.
+        pending.cancel();
+    }
+    let will = connect.will.take().filter(|w| {
+        connect
+            .version()
+            .is_some_and(|version| will_is_forwarded(shared, w, version))
+    });
     let (version, upstream_addr) = match connect.version() {
         Some(ProtocolVersion::V3_1_1) => (ProtocolVersion::V3_1_1, shared.upstreams.v4),
         Some(ProtocolVersion::V5) => (ProtocolVersion::V5, shared.upstreams.v5),
@@ -469,7 +500,9 @@ async fn connection(
     let (client_rd, client_wr) = client.into_split();
     let (upstream_rd, upstream_wr) = upstream.into_split();
     let (registrations_tx, registrations_rx) = mpsc::unbounded_channel();
+    let disconnected = AtomicBool::new(false);
     let up = ClientToBroker {
+        disconnected: &disconnected,
         shared,
         version,
         aliases: TopicAliases::new(),
@@ -481,20 +514,110 @@ async fn connection(
     .run(client_rd, upstream_wr, from_client);
     let down = BrokerToClient::new(version, max).run(upstream_rd, client_wr, registrations_rx);
     tokio::pin!(up, down);
-    tokio::select! {
-        () = shutdown.cancelled() => Ok(()),
+    let result = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
         result = &mut down => result,
         result = &mut up => {
-            result?;
-            // The client closed cleanly: let the broker flush what it still sends, briefly.
-            match tokio::time::timeout(CLOSE_GRACE, down).await {
-                Ok(result) => result,
-                Err(_) => Ok(()),
+            match result {
+                // The client closed: let the broker flush what it still sends, briefly.
+                Ok(()) => match tokio::time::timeout(CLOSE_GRACE, down).await {
+                    Ok(result) => result,
+                    Err(_) => Ok(()),
+                },
+                Err(e) => Err(e),
             }
         }
+    };
+    if let Some(will) = will.filter(|_| !disconnected.load(Ordering::Relaxed)) {
+        commit_will(shared, &connect.client_id, will, shutdown).await;
+    }
+    result
+}
+
+/// Whether a CONNECT's will goes up: its topic is selected and the path can carry it.
+fn will_is_forwarded(shared: &Shared, will: &Will, version: ProtocolVersion) -> bool {
+    let p = &will.publish;
+    if !(shared.select)(&p.topic) {
+        return false;
+    }
+    if let Some(limits) = &shared.options.limits {
+        // The will's queue entry is bounded like that of the PUBLISH it becomes (with a packet id, as
+        // the encoder requires for QoS > 0: two bytes more than the entry needs).
+        let mut packet = BytesMut::new();
+        let mut sized = p.clone();
+        if sized.qos != QoS::AtMostOnce {
+            sized.packet_id = Some(1);
+        }
+        let packet_len = match mqtt::encode_publish(&sized, version, &mut packet) {
+            Ok(()) => packet.len(),
+            Err(_) => usize::MAX / 2,
+        };
+        let entry = limits.entry_bound(packet_len, 0);
+        if let Err(refusal) = limits.check(p.topic.len(), p.payload.len(), entry) {
+            warn!(
+                topic_len = p.topic.len(),
+                payload_len = p.payload.len(),
+                refused_total = limits.refused(),
+                cause = ?refusal,
+                "last will over the path's limits: it will reach local subscribers only"
+            );
+            return false;
+        }
+    }
+    true
+}
+
+/// Commits a will after its delay (unless the client reconnects or the agent stops meanwhile).
+async fn commit_will(shared: &Shared, client_id: &str, will: Will, shutdown: &CancellationToken) {
+    if will.delay_secs > 0 {
+        let cancelled = CancellationToken::new();
+        let wait = shared.will_waits.fetch_add(1, Ordering::Relaxed);
+        shared
+            .pending_wills
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(client_id.to_owned(), (wait, cancelled.clone()));
+        let delay = Duration::from_secs(u64::from(will.delay_secs));
+        let waited = tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = cancelled.cancelled() => false,
+            () = shutdown.cancelled() => false,
+        };
+        let mut pending = shared
+            .pending_wills
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.get(client_id).is_some_and(|(w, _)| *w == wait) {
+            pending.remove(client_id);
+        }
+        drop(pending);
+        if !waited {
+            debug!("last will cancelled: the client came back within its delay, or the agent is stopping");
+            return;
+        }
+    }
+    let (done, answer) = oneshot::channel();
+    let request = CommitRequest {
+        messages: vec![Captured {
+            publish: will.publish,
+        }],
+        done,
+    };
+    if shared.commits.send(request).await.is_err() {
+        warn!("last will not committed: the agent is stopping");
+        return;
+    }
+    match tokio::time::timeout(WILL_COMMIT_WAIT, answer).await {
+        Ok(Ok(Ok(()))) => {
+            info!("connection ended without DISCONNECT: last will committed for the uplink")
+        }
+        Ok(Ok(Err(rejected))) => warn!(cause = %rejected, "last will not committed"),
+        Ok(Err(_)) | Err(_) => warn!("last will not committed: no answer from the commit pipeline"),
     }
 }
 
+/// DISCONNECT reason "disconnect with will message" (MQTT 5.0 §3.14.2.1).
+const DISCONNECT_WITH_WILL: u8 = 0x04;
 /// CONNACK return code "not authorized" (MQTT 3.1.1 §3.2.2.3).
 const CONNACK_V3_NOT_AUTHORIZED: u8 = 5;
 /// CONNACK reason code "bad user name or password" (MQTT 5.0 §3.2.2.2).
@@ -634,6 +757,8 @@ enum Registration {
 /// The client→broker half: relays bytes, captures selected PUBLISHes, sends commit batches.
 struct ClientToBroker<'a> {
     shared: &'a Shared,
+    /// Set when the client sent DISCONNECT (other than MQTT 5's "with will message"): no will then.
+    disconnected: &'a AtomicBool,
     version: ProtocolVersion,
     aliases: TopicAliases,
     registrations: mpsc::UnboundedSender<Registration>,
@@ -714,6 +839,13 @@ impl ClientToBroker<'_> {
                     return Err(FrontError::SecondConnect);
                 }
                 self.connect_relayed = true;
+                continue;
+            }
+            if header.packet_type == PacketType::Disconnect {
+                // MQTT 5 reason 0x04 asks for the will anyway; no reason byte means 0x00.
+                let with_will = self.version == ProtocolVersion::V5
+                    && frame.get(header.header_len) == Some(&DISCONNECT_WITH_WILL);
+                self.disconnected.store(!with_will, Ordering::Relaxed);
                 continue;
             }
             if matches!(

@@ -16,86 +16,16 @@
 mod raw;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
-use meshbridge_broker::front::{self, CommitRequest, FrontError, FrontOptions};
 use shared::mqtt::{PacketType, ProtocolVersion};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
 use raw::*;
 
 /// Upper bound for a whole test.
 const TEST: Duration = Duration::from_secs(40);
-
-/// rumqttd + the front + a commit pipeline that commits every captured message at once.
-struct Mesh {
-    broker: EmbeddedBroker,
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    front: JoinHandle<Result<(), FrontError>>,
-    pipeline: JoinHandle<()>,
-    committed: Arc<Mutex<Vec<String>>>,
-}
-
-impl Mesh {
-    async fn start() -> Result<Self> {
-        let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (commits_tx, mut commits) = mpsc::channel::<CommitRequest>(64);
-        let committed = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::clone(&committed);
-        let pipeline = tokio::spawn(async move {
-            while let Some(request) = commits.recv().await {
-                seen.lock()
-                    .expect("lock")
-                    .extend(request.messages.iter().map(|m| m.publish.topic.clone()));
-                let _ = request.done.send(Ok(()));
-            }
-        });
-        let shutdown = CancellationToken::new();
-        let select: front::Select = Arc::new(|_: &str| true);
-        let front = tokio::spawn(front::serve(
-            listener,
-            broker.upstreams(),
-            select,
-            commits_tx,
-            FrontOptions::default(),
-            shutdown.clone(),
-        ));
-        Ok(Self {
-            broker,
-            addr,
-            shutdown,
-            front,
-            pipeline,
-            committed,
-        })
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        timeout(WAIT, self.front)
-            .await
-            .context("front did not stop")???;
-        timeout(WAIT, self.pipeline)
-            .await
-            .context("pipeline did not stop")??;
-        self.broker.stop().await;
-        Ok(())
-    }
-
-    fn committed(&self) -> Vec<String> {
-        self.committed.lock().expect("lock").clone()
-    }
-}
 
 /// Topic names of a test, unique per version so retained state of one run cannot leak into the other.
 fn topics(version: ProtocolVersion) -> [String; 4] {

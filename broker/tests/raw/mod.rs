@@ -5,12 +5,20 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::{bail, ensure, Context, Result};
 use bytes::{Buf, Bytes, BytesMut};
+use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
+use meshbridge_broker::front::{self, CommitRequest, FrontError, FrontOptions};
 use shared::mqtt::{self, FixedHeader, PacketType, ProtocolVersion, Publish, PublishProperties};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 /// Upper bound for a single expected packet.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -60,6 +68,8 @@ pub struct Conn<'a> {
     pub will: Option<(&'a str, &'a [u8], u8, bool)>,
     /// v5 session expiry interval (seconds), for sessions that must outlive the connection.
     pub session_expiry: u32,
+    /// v5 Will Delay Interval (seconds); 0 sends no property.
+    pub will_delay: u32,
 }
 
 impl<'a> Conn<'a> {
@@ -71,6 +81,7 @@ impl<'a> Conn<'a> {
             keep_alive: 60,
             will: None,
             session_expiry: 0,
+            will_delay: 0,
         }
     }
 
@@ -99,7 +110,11 @@ impl<'a> Conn<'a> {
         }
         put_str(&mut body, self.client_id.as_bytes());
         if let Some((topic, payload, _, _)) = self.will {
-            if v5 {
+            if v5 && self.will_delay > 0 {
+                body.push(5);
+                body.push(0x18);
+                body.extend_from_slice(&self.will_delay.to_be_bytes());
+            } else if v5 {
                 body.push(0);
             }
             put_str(&mut body, topic.as_bytes());
@@ -418,4 +433,70 @@ pub struct Got {
     pub qos: u8,
     pub retain: bool,
     pub dup: bool,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The front under test.
+
+/// rumqttd + the front + a commit pipeline that commits every captured message at once.
+pub struct Mesh {
+    broker: EmbeddedBroker,
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    front: JoinHandle<Result<(), FrontError>>,
+    pipeline: JoinHandle<()>,
+    committed: Arc<Mutex<Vec<String>>>,
+}
+
+impl Mesh {
+    pub async fn start() -> Result<Self> {
+        let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (commits_tx, mut commits) = mpsc::channel::<CommitRequest>(64);
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&committed);
+        let pipeline = tokio::spawn(async move {
+            while let Some(request) = commits.recv().await {
+                seen.lock()
+                    .expect("lock")
+                    .extend(request.messages.iter().map(|m| m.publish.topic.clone()));
+                let _ = request.done.send(Ok(()));
+            }
+        });
+        let shutdown = CancellationToken::new();
+        let select: front::Select = Arc::new(|_: &str| true);
+        let front = tokio::spawn(front::serve(
+            listener,
+            broker.upstreams(),
+            select,
+            commits_tx,
+            FrontOptions::default(),
+            shutdown.clone(),
+        ));
+        Ok(Self {
+            broker,
+            addr,
+            shutdown,
+            front,
+            pipeline,
+            committed,
+        })
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        timeout(WAIT, self.front)
+            .await
+            .context("front did not stop")???;
+        timeout(WAIT, self.pipeline)
+            .await
+            .context("pipeline did not stop")??;
+        self.broker.stop().await;
+        Ok(())
+    }
+
+    pub fn committed(&self) -> Vec<String> {
+        self.committed.lock().expect("lock").clone()
+    }
 }

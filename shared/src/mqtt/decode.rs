@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{
     Ack, AckKind, Connect, DecodeError, Filters, PacketType, ProtocolVersion, Publish,
-    PublishProperties, QoS,
+    PublishProperties, QoS, Will,
 };
 
 /// The fixed header of an MQTT packet: first byte plus remaining-length varint.
@@ -222,7 +222,7 @@ impl<'a> Reader<'a> {
 
 impl Connect {
     /// Decodes the CONNECT at the start of `frame` (fixed header included). Reads the fields up to the
-    /// client id; will, username and password are left for the broker.
+    /// client id and the will; username and password are left for the broker.
     ///
     /// # Errors
     /// [`DecodeError::Incomplete`] if `frame` holds less than the whole packet,
@@ -242,13 +242,53 @@ impl Connect {
         if protocol_level == ProtocolVersion::V5.level() {
             r.skip_properties()?;
         }
-        let client_id = r.string("client id")?;
+        let client_id = r.string("client id")?.to_owned();
+        let will = if flags & WILL_FLAG == 0 {
+            None
+        } else {
+            let (properties, delay_secs) = if protocol_level == ProtocolVersion::V5.level() {
+                let len = r.varint("will properties length")?;
+                let len = usize::try_from(len).map_err(|_| DecodeError::Truncated {
+                    field: "will properties",
+                })?;
+                let range = r.take(len, "will properties")?;
+                let body = &frame[header.header_len..header.frame_len()];
+                let block = Bytes::copy_from_slice(&body[range]);
+                decode_properties(&block, true)?
+            } else {
+                (PublishProperties::default(), 0)
+            };
+            let topic = r.string("will topic")?;
+            if topic.is_empty() || topic.contains(['+', '#']) {
+                return Err(DecodeError::ForbiddenCharacter {
+                    field: "will topic",
+                });
+            }
+            let topic = topic.to_owned();
+            let range = r.binary("will payload")?;
+            let body = &frame[header.header_len..header.frame_len()];
+            let payload = Bytes::copy_from_slice(&body[range]);
+            let qos = QoS::from_code((flags >> 3) & 0b11).ok_or(DecodeError::InvalidQoS)?;
+            Some(Will {
+                publish: Publish {
+                    dup: false,
+                    qos,
+                    retain: flags & WILL_RETAIN != 0,
+                    topic,
+                    packet_id: None,
+                    properties,
+                    payload,
+                },
+                delay_secs,
+            })
+        };
         Ok(Self {
             protocol_name: protocol_name.to_owned(),
             protocol_level,
-            client_id: client_id.to_owned(),
+            client_id,
             keep_alive,
             clean_start: flags & 0b10 != 0,
+            will,
         })
     }
 }
@@ -314,12 +354,29 @@ fn set_once<T>(slot: &mut Option<T>, id: u8, value: T) -> Result<(), DecodeError
     Ok(())
 }
 
+/// CONNECT flag bits for the will (MQTT 3.1.1 §3.1.2.3).
+const WILL_FLAG: u8 = 0b0000_0100;
+const WILL_RETAIN: u8 = 0b0010_0000;
+
 fn decode_publish_properties(block: &Bytes) -> Result<PublishProperties, DecodeError> {
+    decode_properties(block, false).map(|(props, _)| props)
+}
+
+/// PUBLISH properties, or (with `will`) CONNECT will properties: the same set plus the Will Delay
+/// Interval (0x18), returned beside them (0 when absent).
+fn decode_properties(block: &Bytes, will: bool) -> Result<(PublishProperties, u32), DecodeError> {
     let mut props = PublishProperties::default();
+    let mut will_delay = None;
     let mut r = Reader::new(block);
     while r.remaining() > 0 {
         let id = r.u8("property identifier")?;
         match id {
+            0x18 if will => {
+                let v = r.u32("will delay interval")?;
+                set_once(&mut will_delay, id, v)?;
+            }
+            // A topic alias or subscription identifier belongs to a PUBLISH on the wire, not to a will.
+            0x0B | 0x23 if will => return Err(DecodeError::InvalidProperty { id }),
             0x01 => {
                 let v = r.u8("payload format indicator")?;
                 if v > 1 {
@@ -370,7 +427,7 @@ fn decode_publish_properties(block: &Bytes) -> Result<PublishProperties, DecodeE
             _ => return Err(DecodeError::InvalidProperty { id }),
         }
     }
-    Ok(props)
+    Ok((props, will_delay.unwrap_or(0)))
 }
 
 impl Ack {

@@ -178,6 +178,20 @@ pub struct Connect {
     pub keep_alive: u16,
     /// Clean session (3.1.1) / clean start (5.0) flag.
     pub clean_start: bool,
+    /// The last will, if the client set one.
+    pub will: Option<Will>,
+}
+
+/// A CONNECT's last will: the message the broker publishes for the client when its connection ends without
+/// a clean DISCONNECT (MQTT 3.1.1 §3.1.2.5, 5.0 §3.1.2.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    /// The will as a PUBLISH: topic, payload, QoS, retain and the v5 will properties that are PUBLISH
+    /// properties (no packet id, DUP clear).
+    pub publish: Publish,
+    /// v5 Will Delay Interval in seconds (0 for 3.1.1 or when absent): the will waits this long, and is
+    /// not sent if the client connects again meanwhile.
+    pub delay_secs: u32,
 }
 
 impl Connect {

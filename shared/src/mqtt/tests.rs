@@ -119,6 +119,62 @@ fn split_frame_takes_one_packet_and_leaves_the_rest() {
     assert_eq!(&buf[..], &[0x30]);
 }
 
+/// The will of a CONNECT: 3.1.1 (flags only) and 5.0 (will properties with a delay and a user property),
+/// with username and password after it; and no will when the flag is clear.
+#[test]
+fn connect_wills() {
+    fn connect(level: u8, flags: u8, will_props: Option<&[u8]>) -> Vec<u8> {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, flags, 0, 30];
+        if level == 5 {
+            body.push(0); // CONNECT properties
+        }
+        body.extend_from_slice(&[0, 2, b'i', b'd']);
+        if let Some(props) = will_props {
+            body.push(u8::try_from(props.len()).expect("short"));
+            body.extend_from_slice(props);
+        }
+        if flags & 0x04 != 0 {
+            body.extend_from_slice(&[0, 3, b'a', b'/', b'w', 0, 4, b'd', b'e', b'a', b'd']);
+        }
+        body.extend_from_slice(&[0, 1, b'u', 0, 1, b'p']);
+        let mut out = vec![0x10, u8::try_from(body.len()).expect("short")];
+        out.extend_from_slice(&body);
+        out
+    }
+    // 3.1.1: will flag, QoS 1, retain; username and password follow.
+    let c = Connect::decode(&connect(4, 0x04 | 0x08 | 0x20 | 0xC0 | 0x02, None)).expect("valid");
+    let will = c.will.expect("a will");
+    assert_eq!(will.publish.topic, "a/w");
+    assert_eq!(&will.publish.payload[..], b"dead");
+    assert_eq!(will.publish.qos, QoS::AtLeastOnce);
+    assert!(will.publish.retain);
+    assert_eq!(will.delay_secs, 0);
+    // 5.0: QoS 2, will delay 7 s, a user property, message expiry.
+    let props: &[u8] = &[
+        0x18, 0, 0, 0, 7, 0x26, 0, 1, b'k', 0, 1, b'v', 0x02, 0, 0, 0, 60,
+    ];
+    let c = Connect::decode(&connect(5, 0x04 | 0x10 | 0xC0, Some(props))).expect("valid");
+    let will = c.will.expect("a will");
+    assert_eq!(will.delay_secs, 7);
+    assert_eq!(will.publish.qos, QoS::ExactlyOnce);
+    assert!(!will.publish.retain);
+    assert_eq!(
+        will.publish.properties.user_properties,
+        vec![("k".to_owned(), "v".to_owned())]
+    );
+    assert_eq!(will.publish.properties.message_expiry_interval, Some(60));
+    // No will flag: no will, even with credentials.
+    let c = Connect::decode(&connect(4, 0xC0 | 0x02, None)).expect("valid");
+    assert_eq!(c.will, None);
+    // A will delay is a will property only, and a will topic may not hold wildcards.
+    let publish_only: &[u8] = &[0x23, 0, 1];
+    assert!(Connect::decode(&connect(5, 0x04, Some(publish_only))).is_err());
+    let mut wild = connect(4, 0x04, None);
+    let at = wild.iter().position(|&b| b == b'w').expect("topic");
+    wild[at] = b'#';
+    assert!(Connect::decode(&wild).is_err());
+}
+
 /// CONNECT packets as clients send them: MQTT 3.1, 3.1.1 and 5.0 (with properties before the id).
 #[test]
 fn connect_versions() {
