@@ -80,6 +80,11 @@ pub(crate) struct Ingest {
     pub(crate) appended: Arc<Notify>,
     /// What the path to the hub carries; messages beyond it are refused before they are committed.
     pub(crate) limits: Arc<shared::limits::SharedLimits>,
+    /// Most payload bytes one commit group may hold: [`MAX_GROUP_BYTES`], or a quarter of the queue's
+    /// `max_bytes` when that is less. A group larger than the whole queue could never be appended
+    /// (`BatchTooLarge`), and the external mode would retry it forever; a quarter leaves room for groups
+    /// to go in while the uplink drains.
+    pub(crate) max_group_bytes: usize,
 }
 
 impl Ingest {
@@ -137,7 +142,7 @@ impl Ingest {
         let mut waiting = Vec::new();
         while let Some(first) = requests.recv().await {
             waiting.push(first);
-            while group_has_room(&waiting) {
+            while group_has_room(&waiting, self.max_group_bytes) {
                 match requests.try_recv() {
                     Ok(next) => waiting.push(next),
                     Err(_) => break,
@@ -193,7 +198,14 @@ impl Ingest {
     }
 }
 
-fn group_has_room(waiting: &[CommitRequest]) -> bool {
+/// The group byte budget for a queue of `queue_max_bytes` (see [`Ingest::max_group_bytes`]).
+pub(crate) fn group_budget(queue_max_bytes: u64) -> usize {
+    usize::try_from(queue_max_bytes / 4)
+        .unwrap_or(usize::MAX)
+        .min(MAX_GROUP_BYTES)
+}
+
+fn group_has_room(waiting: &[CommitRequest], max_bytes: usize) -> bool {
     let (count, bytes) = waiting.iter().fold((0, 0), |(c, b), r| {
         (
             c + r.messages.len(),
@@ -204,7 +216,7 @@ fn group_has_room(waiting: &[CommitRequest]) -> bool {
                 .sum::<usize>(),
         )
     });
-    count < MAX_GROUP_MESSAGES && bytes < MAX_GROUP_BYTES
+    count < MAX_GROUP_MESSAGES && bytes < max_bytes
 }
 
 /// Logs a failed commit once, at the level that says whether an operator must act.
@@ -402,6 +414,14 @@ mod tests {
         assert!(!e.retain);
         assert_eq!(e.properties.user, user(&[("k", "v")]));
         assert_eq!(e.trace.map(|t| t.traceparent), Some("tp".to_owned()));
+    }
+
+    #[test]
+    fn a_commit_group_always_fits_the_queue() {
+        // A quarter of the queue, capped; the smallest queue (1 MiB) still takes a 256 KiB message.
+        assert_eq!(group_budget(1 << 20), 256 << 10);
+        assert_eq!(group_budget(16 << 20), 4 << 20);
+        assert_eq!(group_budget(u64::MAX), MAX_GROUP_BYTES);
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         site: Arc::clone(&site),
         appended: Arc::clone(&appended),
         limits: Arc::clone(&limits),
+        max_group_bytes: ingest::group_budget(cfg.queue.max_bytes.as_u64()),
     };
 
     let tracker = TaskTracker::new();

@@ -156,6 +156,8 @@ pub struct AgentSpec {
     pub window: u32,
     /// Longest reconnect delay; short in tests so a restarted hub is found quickly.
     pub reconnect_max: Duration,
+    /// `queue.max_bytes` (at least `"1 MiB"`) with `full_policy = "block"`; the agent's default when `None`.
+    pub queue_max_bytes: Option<String>,
     /// `tracing` filter.
     pub log: String,
 }
@@ -176,6 +178,7 @@ impl AgentSpec {
             batch_max_messages: 128,
             window: 4,
             reconnect_max: Duration::from_millis(500),
+            queue_max_bytes: None,
             log: "info".to_owned(),
         }
     }
@@ -210,6 +213,13 @@ impl AgentSpec {
             self.window,
             self.reconnect_max.as_millis().max(50),
         );
+        if let Some(max) = &self.queue_max_bytes {
+            let _ = writeln!(
+                out,
+                "[queue]\nmax_bytes = {}\nfull_policy = \"block\"\n",
+                quote(max)
+            );
+        }
         for filter in &self.routes {
             let _ = writeln!(out, "[[routes]]\nfilter = {}\n", quote(filter));
         }

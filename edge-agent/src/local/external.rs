@@ -7,8 +7,14 @@
 //! - Subscribes QoS 1 to every route filter when the broker has no session for us (first start, or the
 //!   broker lost it); with a session the subscriptions are the broker's to keep, and resubscribing would
 //!   replay retained messages.
-//! - A full queue stops acknowledging and retries the commit with a short backoff; nothing is dropped:
-//!   the broker holds the messages meanwhile (up to its own queue limit, hence the warning below).
+//! - Bounded memory, back-pressure to the broker (issue 7, hole 6): the agent asks the broker for at most
+//!   [`RECEIVE_MAXIMUM`] unacknowledged QoS 1/2 messages (MQTT 5 Receive Maximum), and hands publishes to
+//!   the ingest task through a channel with room for all of them plus [`QOS0_ROOM`] QoS 0 ones. A full
+//!   queue stops acknowledging and retries the commit with a short backoff; the broker then stops sending
+//!   QoS 1/2 and holds them (up to its own queue limit, hence the warning below): nothing is dropped at
+//!   the edge. QoS 0 has no flow control in MQTT, so under that pressure (the QoS 0 room is used up) a
+//!   QoS 0 message is dropped, counted and logged, as QoS 0 allows; the QoS 1/2 room is never taken by
+//!   QoS 0.
 //! - The broker may drop messages it queued for the session: Mosquitto's default `max_queued_messages
 //!   1000` does. The agent warns once at startup, and watches `$SYS/broker/publish/messages/dropped`,
 //!   warning whenever it increases.
@@ -46,6 +52,13 @@ pub(crate) const DROPPED_TOPIC: &str = "$SYS/broker/publish/messages/dropped";
 const REQUESTS: usize = 10_000;
 /// Largest packet accepted from the broker.
 const MAX_PACKET: u32 = 256 << 20;
+/// MQTT 5 Receive Maximum the agent announces: the most unacknowledged QoS 1/2 publishes the broker may
+/// have in flight to it, so the agent never buffers more than this many of them.
+pub(crate) const RECEIVE_MAXIMUM: u16 = 1_000;
+/// Channel room for QoS 0 publishes on top of the QoS 1/2 ones; beyond it QoS 0 is dropped (counted).
+pub(crate) const QOS0_ROOM: usize = 1_000;
+/// Most often a "QoS 0 dropped" warning is logged (the count in it covers the interval).
+const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 /// Reconnect delays to the broker.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -70,6 +83,7 @@ pub(crate) async fn run(
         .set_manual_acks(true)
         .set_keep_alive(cfg.keep_alive)
         .set_max_packet_size(Some(MAX_PACKET))
+        .set_receive_maximum(Some(RECEIVE_MAXIMUM))
         .set_request_channel_capacity(REQUESTS);
     if let (Some(username), Some(password)) = (&cfg.username, &cfg.password) {
         options.set_credentials(username.clone(), password.expose().to_owned());
@@ -90,7 +104,8 @@ pub(crate) async fn run(
          `max_queued_messages 0` (unlimited) in the broker's config; drops are reported from {DROPPED_TOPIC}"
     );
 
-    let (publishes_tx, publishes_rx) = mpsc::unbounded_channel();
+    let (publishes_tx, publishes_rx) = mpsc::channel(usize::from(RECEIVE_MAXIMUM) + QOS0_ROOM);
+    let mut qos0_drops = Qos0Drops::default();
     let stop_retrying = CancellationToken::new();
     let mut ingest_task = tokio::spawn(ingest_loop(
         ingest.clone(),
@@ -127,8 +142,19 @@ pub(crate) async fn run(
                     if publish.topic.as_ref() == DROPPED_TOPIC.as_bytes() {
                         watch_dropped(&publish.payload, &mut dropped_seen);
                     } else if let Some(tx) = &publishes {
-                        // A send error means the ingest task ended; the loop sees that next.
-                        let _ = tx.send(publish);
+                        if publish.qos == MqttQoS::AtMostOnce {
+                            // Only while the QoS 0 room lasts: the rest of the channel is the QoS 1/2
+                            // messages' (the broker never has more than RECEIVE_MAXIMUM in flight).
+                            if tx.capacity() > usize::from(RECEIVE_MAXIMUM) {
+                                let _ = tx.try_send(publish);
+                            } else {
+                                qos0_drops.count();
+                            }
+                        } else {
+                            // Cannot wait long: the broker respects Receive Maximum, so there is room. A
+                            // send error means the ingest task ended; the loop sees that next.
+                            let _ = tx.send(publish).await;
+                        }
                     }
                     // After shutdown began, a publish is left unacknowledged: the broker redelivers it.
                 }
@@ -162,6 +188,31 @@ pub(crate) async fn run(
         task: "external ingest",
         source,
     })
+}
+
+/// QoS 0 messages dropped under back-pressure, logged at most every [`DROP_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct Qos0Drops {
+    total: u64,
+    since_log: u64,
+    logged_at: Option<tokio::time::Instant>,
+}
+
+impl Qos0Drops {
+    fn count(&mut self) {
+        self.total += 1;
+        self.since_log += 1;
+        let now = tokio::time::Instant::now();
+        if self.logged_at.is_none_or(|t| now - t >= DROP_LOG_EVERY) {
+            warn!(
+                dropped = self.since_log,
+                dropped_total = self.total,
+                "QoS 0 messages dropped: the agent is behind (queue full or committing slower than the broker sends)"
+            );
+            self.logged_at = Some(now);
+            self.since_log = 0;
+        }
+    }
 }
 
 /// Asks for QoS 1 on every route filter plus the broker's drop counter.
@@ -207,16 +258,20 @@ fn watch_dropped(payload: &Bytes, seen: &mut Option<u64>) {
 async fn ingest_loop(
     ingest: Ingest,
     client: AsyncClient,
-    mut publishes: mpsc::UnboundedReceiver<Publish>,
+    mut publishes: mpsc::Receiver<Publish>,
     stop_retrying: CancellationToken,
 ) {
     let mut group = Group::new(&ingest.site);
     let mut taken: Vec<Publish> = Vec::new();
     while let Some(first) = publishes.recv().await {
+        let mut bytes = first.payload.len();
         taken.push(first);
-        while taken.len() < MAX_GROUP_MESSAGES {
+        while taken.len() < MAX_GROUP_MESSAGES && bytes < ingest.max_group_bytes {
             match publishes.try_recv() {
-                Ok(next) => taken.push(next),
+                Ok(next) => {
+                    bytes += next.payload.len();
+                    taken.push(next);
+                }
                 Err(_) => break,
             }
         }
