@@ -135,6 +135,8 @@ pub struct Captured {
     /// The message: topic alias-resolved (the `topic_alias` property cleared), payload zero-copy,
     /// QoS, retain and v5 properties as sent by the client.
     pub publish: Publish,
+    /// The client id of the connection it came on (with the packet id, what recognises a resend).
+    pub client: Arc<str>,
 }
 
 /// Why the commit pipeline refused a batch.
@@ -502,6 +504,7 @@ async fn connection(
     let (registrations_tx, registrations_rx) = mpsc::unbounded_channel();
     let disconnected = AtomicBool::new(false);
     let up = ClientToBroker {
+        client_id: Arc::from(connect.client_id.as_str()),
         disconnected: &disconnected,
         shared,
         version,
@@ -600,6 +603,7 @@ async fn commit_will(shared: &Shared, client_id: &str, will: Will, shutdown: &Ca
     let request = CommitRequest {
         messages: vec![Captured {
             publish: will.publish,
+            client: Arc::from(client_id),
         }],
         done,
     };
@@ -757,6 +761,8 @@ enum Registration {
 /// The client→broker half: relays bytes, captures selected PUBLISHes, sends commit batches.
 struct ClientToBroker<'a> {
     shared: &'a Shared,
+    /// The connection's client id, for [`Captured::client`].
+    client_id: Arc<str>,
     /// Set when the client sent DISCONNECT (other than MQTT 5's "with will message"): no will then.
     disconnected: &'a AtomicBool,
     version: ProtocolVersion,
@@ -905,7 +911,10 @@ impl ClientToBroker<'_> {
             {
                 waits.push(id);
             }
-            messages.push(Captured { publish });
+            messages.push(Captured {
+                publish,
+                client: Arc::clone(&self.client_id),
+            });
         }
         let done = if messages.is_empty() {
             None

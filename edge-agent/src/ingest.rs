@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use meshbridge_broker::front::{CommitRejected, CommitRequest};
 use shared::envelope::{Envelope, Properties, QoS, TraceContext};
-use shared::queue::{AppendOutcome, Queue, QueueError, RedbQueue};
+use shared::queue::{AppendOutcome, Mark, Queue, QueueError, RedbQueue};
 use shared::wire::EncodeError;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, warn};
@@ -93,6 +93,7 @@ impl Ingest {
     pub(crate) async fn commit(&self, group: &mut Group) -> Result<AppendOutcome, CommitError> {
         let bodies = group.buf.split().freeze();
         let ends = std::mem::take(&mut group.ends);
+        let marks = std::mem::take(&mut group.marks);
         let queue = Arc::clone(&self.queue);
         let result = tokio::task::spawn_blocking(move || {
             let mut slices: Vec<&[u8]> = Vec::with_capacity(ends.len());
@@ -101,12 +102,23 @@ impl Ingest {
                 slices.push(&bodies[start..end]);
                 start = end;
             }
-            let outcome = queue.append(&slices, now_ms());
+            let outcome = if marks.is_empty() {
+                queue.append(&slices, now_ms())
+            } else {
+                let refs: Vec<Mark<'_>> = marks
+                    .iter()
+                    .map(|(key, digest)| Mark {
+                        key,
+                        digest: *digest,
+                    })
+                    .collect();
+                queue.append_marked(&slices, &refs, now_ms())
+            };
             drop(slices);
-            (outcome, bodies, ends)
+            (outcome, bodies, ends, marks)
         })
         .await;
-        let (outcome, bodies, mut ends) = result.map_err(CommitError::Panicked)?;
+        let (outcome, bodies, mut ends, mut marks) = result.map_err(CommitError::Panicked)?;
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -114,11 +126,14 @@ impl Ingest {
                 // in `ends` are valid again. A rare path, so the copy does not matter.
                 group.buf.extend_from_slice(&bodies);
                 group.ends = ends;
+                group.marks = marks;
                 return Err(e.into());
             }
         };
         ends.clear();
         group.ends = ends;
+        marks.clear();
+        group.marks = marks;
         if outcome.dropped > 0 {
             warn!(
                 dropped = outcome.dropped,
@@ -154,6 +169,16 @@ impl Ingest {
                     let Some(rule) = self.routes.decide(&publish.topic) else {
                         continue;
                     };
+                    let mark = resend_key(&captured.client, &publish);
+                    if let Some((key, digest)) = &mark {
+                        if publish.dup && self.already_committed(&group, key, *digest) {
+                            debug!(
+                                packet_id = publish.packet_id,
+                                "resend of a committed message: acknowledged, not queued again"
+                            );
+                            continue;
+                        }
+                    }
                     let qos = match publish.qos {
                         shared::mqtt::QoS::AtMostOnce => QoS::AtMostOnce,
                         shared::mqtt::QoS::AtLeastOnce => QoS::AtLeastOnce,
@@ -168,7 +193,7 @@ impl Ingest {
                         message_expiry: p.message_expiry_interval,
                         payload_format_utf8: p.payload_format_indicator == Some(1),
                     };
-                    group.push(
+                    let pushed = group.push(
                         rule,
                         publish.topic,
                         publish.payload,
@@ -176,6 +201,9 @@ impl Ingest {
                         publish.retain,
                         properties,
                     );
+                    if let (true, Some((key, digest))) = (pushed, mark) {
+                        group.mark(key, digest);
+                    }
                 }
             }
             let answer = if group.is_empty() {
@@ -203,6 +231,37 @@ pub(crate) fn group_budget(queue_max_bytes: u64) -> usize {
     usize::try_from(queue_max_bytes / 4)
         .unwrap_or(usize::MAX)
         .min(MAX_GROUP_BYTES)
+}
+
+/// The mark of a QoS 1/2 PUBLISH from a client with a stable id: (client id, packet id) as the key, and a
+/// digest of what it carries, so a packet id reused for another message is not taken for a resend.
+/// `None` for QoS 0 and for clients without an id (their sessions do not outlive a connection).
+fn resend_key(client: &str, publish: &shared::mqtt::Publish) -> Option<(Vec<u8>, u64)> {
+    use std::hash::{Hash, Hasher};
+    let packet_id = publish.packet_id?;
+    if client.is_empty() {
+        return None;
+    }
+    let mut key = Vec::with_capacity(client.len() + 3);
+    key.extend_from_slice(client.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&packet_id.to_be_bytes());
+    // SipHash with fixed keys: the same digest in every process, so marks hold across restarts.
+    let mut h = std::hash::DefaultHasher::new();
+    publish.topic.hash(&mut h);
+    publish.payload.hash(&mut h);
+    (publish.qos as u8).hash(&mut h);
+    publish.retain.hash(&mut h);
+    Some((key, h.finish()))
+}
+
+impl Ingest {
+    /// Whether a resent message (DUP set) was committed before: in this group, or in the queue by its mark.
+    /// A failed read counts as "not committed": queueing twice is the safe side.
+    fn already_committed(&self, group: &Group, key: &[u8], digest: u64) -> bool {
+        group.has_mark(key, digest)
+            || matches!(self.queue.mark(key), Ok(Some(marked)) if marked == digest)
+    }
 }
 
 fn group_has_room(waiting: &[CommitRequest], max_bytes: usize) -> bool {
@@ -234,6 +293,8 @@ pub(crate) fn log_commit_error(error: &CommitError) {
 pub(crate) struct Group {
     buf: BytesMut,
     ends: Vec<usize>,
+    /// Publisher marks to commit with the group (see `shared::queue::Mark`): (key, digest).
+    marks: Vec<(Vec<u8>, u64)>,
     scratch: Envelope,
 }
 
@@ -243,6 +304,7 @@ impl Group {
         Self {
             buf: BytesMut::with_capacity(64 * 1024),
             ends: Vec::new(),
+            marks: Vec::new(),
             scratch: Envelope {
                 origin: site.to_owned(),
                 seq: 0,
@@ -266,6 +328,17 @@ impl Group {
     pub(crate) fn clear(&mut self) {
         self.buf.clear();
         self.ends.clear();
+        self.marks.clear();
+    }
+
+    /// Marks the message just pushed as `key` with `digest`, committed with it.
+    pub(crate) fn mark(&mut self, key: Vec<u8>, digest: u64) {
+        self.marks.push((key, digest));
+    }
+
+    /// Whether a message of this group carries this mark (a resend within one group).
+    fn has_mark(&self, key: &[u8], digest: u64) -> bool {
+        self.marks.iter().any(|(k, d)| k == key && *d == digest)
     }
 
     /// Encodes one message under `rule`: QoS capped, retain kept or cleared, `traceparent`/`tracestate`

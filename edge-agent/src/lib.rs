@@ -147,7 +147,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     })
 }
 
-/// Expires messages older than `queue.max_age` and logs the queue's state, every
+/// How long a publisher mark (client id + packet id of a committed QoS 1/2 PUBLISH) is kept to recognise a
+/// resend: publishers resend right after reconnecting, so ten minutes covers an agent restart with room.
+const MARK_RETENTION_MS: u64 = 10 * 60 * 1000;
+
+/// Expires messages older than `queue.max_age`, forgets old publisher marks and logs the queue's state, every
 /// [`HOUSEKEEPING_INTERVAL`].
 async fn housekeeping(queue: Arc<RedbQueue>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
@@ -166,6 +170,13 @@ async fn housekeeping(queue: Arc<RedbQueue>, stop: CancellationToken) {
             ),
             Ok(Err(cause)) => warn!(%cause, "expiring old messages failed"),
             Err(cause) => warn!(%cause, "expiry task panicked"),
+        }
+        let q = Arc::clone(&queue);
+        let before = now_ms().saturating_sub(MARK_RETENTION_MS);
+        match tokio::task::spawn_blocking(move || q.forget_marks(before)).await {
+            Ok(Ok(forgotten)) => debug!(forgotten, "old publisher marks forgotten"),
+            Ok(Err(cause)) => warn!(%cause, "forgetting old publisher marks failed"),
+            Err(cause) => warn!(%cause, "mark cleanup task panicked"),
         }
         log_stats(&queue.stats());
     }

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::dead::{DeadLetter, DeadLetterLimits, DeadLetters, NewDeadLetter};
 pub use self::mem::MemQueue;
-pub use self::redb::RedbQueue;
+pub use self::redb::{Mark, RedbQueue};
 
 /// What the queue does when an append would go over [`QueueLimits::max_bytes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -44,12 +44,27 @@ use super::{
 const BATCHES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("batches");
 const INDEX: TableDefinition<'_, u64, (u64, u64, u64)> = TableDefinition::new("index");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// Publisher marks (see [`Mark`]): key -> (digest, unix ms when written).
+const MARKS: TableDefinition<'_, &[u8], (u64, u64)> = TableDefinition::new("marks");
 
 /// Version of the record layout above; a file of another version is refused, not misread.
 const FORMAT: u64 = 1;
 /// redb's page cache. Its default (1 GiB) would let a long backlog drain grow the agent's memory with
 /// pages it reads once; the queue reads forward, so a small cache loses nothing.
 const CACHE_BYTES: usize = 16 << 20;
+
+/// A note written in the same transaction as an append: "the message with this `key` (a publisher's client
+/// id and packet id) and this content `digest` is committed". A PUBLISH the publisher sends again with DUP
+/// set (its PUBACK was lost, or the agent was killed before sending it) is recognised by its mark and
+/// acknowledged without being queued twice: [`RedbQueue::mark`]. Because the mark commits with the message,
+/// the two survive or vanish together, `kill -9` and power cuts included.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark<'a> {
+    /// Identifies the message at its publisher (e.g. client id and packet id).
+    pub key: &'a [u8],
+    /// A digest of its content, so a reused packet id with other content is not mistaken for a resend.
+    pub digest: u64,
+}
 
 /// A durable [`super::Queue`] in one redb file.
 #[derive(Debug)]
@@ -161,7 +176,7 @@ impl RedbQueue {
             }
         };
         let previous = std::mem::replace(&mut w.ledger, shifted);
-        let result = self.write(&mut w, Durability::Immediate, |t, _| {
+        let result = self.write(&mut w, Durability::Immediate, false, |t, _| {
             if by > 0 {
                 // Highest first, so a moved batch never lands on a key not yet moved.
                 for b in old_batches.iter().rev() {
@@ -197,6 +212,107 @@ impl RedbQueue {
     /// The queue file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Appends like [`Queue::append`], writing `marks` in the same transaction.
+    ///
+    /// # Errors
+    /// As [`Queue::append`]; on error neither the batch nor the marks are written.
+    pub fn append_marked<B: AsRef<[u8]>>(
+        &self,
+        bodies: &[B],
+        marks: &[Mark<'_>],
+        now_ms: u64,
+    ) -> Result<AppendOutcome, QueueError> {
+        self.append_with(bodies, marks, now_ms)
+    }
+
+    /// The digest marked for `key`, if any (see [`Mark`]).
+    ///
+    /// # Errors
+    /// A storage error reading the file.
+    pub fn mark(&self, key: &[u8]) -> Result<Option<u64>, QueueError> {
+        let db = self.db()?;
+        let err = |e: redb::Error| self.error(e);
+        let txn = db.begin_read().map_err(|e| err(e.into()))?;
+        let table = match txn.open_table(MARKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(err(e.into())),
+        };
+        Ok(table
+            .get(key)
+            .map_err(|e| err(e.into()))?
+            .map(|v| v.value().0))
+    }
+
+    /// Deletes marks written before `before_ms` (unix ms); returns how many. Publishers resend within
+    /// seconds of a lost acknowledgement, so old marks only take space.
+    ///
+    /// # Errors
+    /// As any write.
+    pub fn forget_marks(&self, before_ms: u64) -> Result<u64, QueueError> {
+        let mut w = self.lock();
+        self.recover(&mut w)?;
+        let mut forgotten = 0;
+        self.write(&mut w, Durability::None, true, |t, _| {
+            let Some(marks) = t.marks.as_mut() else {
+                return Ok(());
+            };
+            let old: Vec<Vec<u8>> = marks
+                .iter()?
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.value().1 < before_ms)
+                .map(|(k, _)| k.value().to_vec())
+                .collect();
+            for key in &old {
+                marks.remove(key.as_slice())?;
+            }
+            forgotten = old.len() as u64;
+            Ok(())
+        })?;
+        Ok(forgotten)
+    }
+
+    fn append_with<B: AsRef<[u8]>>(
+        &self,
+        bodies: &[B],
+        marks: &[Mark<'_>],
+        now_ms: u64,
+    ) -> Result<AppendOutcome, QueueError> {
+        let mut w = self.lock();
+        self.recover(&mut w)?;
+        if bodies.is_empty() {
+            return Ok(w.ledger.empty_append());
+        }
+        let cost = batch_cost(bodies);
+        let removal = w.ledger.make_room(cost, &self.limits)?;
+        let meta = w.ledger.push(bodies.len() as u64, cost, now_ms);
+        self.write(
+            &mut w,
+            Durability::Immediate,
+            !marks.is_empty(),
+            |t, scratch| {
+                t.remove(&removal)?;
+                encode_record(scratch, bodies, now_ms);
+                debug_assert_eq!(scratch.len() as u64, cost);
+                t.batches.insert(meta.first, scratch.as_slice())?;
+                t.index
+                    .insert(meta.first, (meta.last, meta.bytes, meta.enqueued_ms))?;
+                if let Some(table) = t.marks.as_mut() {
+                    for m in marks {
+                        table.insert(m.key, (m.digest, now_ms))?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        self.acked.store(w.ledger.acked, Ordering::Release);
+        Ok(AppendOutcome {
+            first_seq: meta.first,
+            last_seq: meta.last,
+            dropped: removal.passed,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Writer> {
@@ -249,6 +365,7 @@ impl RedbQueue {
         &self,
         w: &mut Writer,
         durability: Durability,
+        with_marks: bool,
         f: impl FnOnce(&mut Tables<'_>, &mut Vec<u8>) -> Result<(), redb::Error>,
     ) -> Result<(), QueueError> {
         let db = self.db()?;
@@ -260,6 +377,11 @@ impl RedbQueue {
                     batches: txn.open_table(BATCHES)?,
                     index: txn.open_table(INDEX)?,
                     meta: txn.open_table(META)?,
+                    marks: if with_marks {
+                        Some(txn.open_table(MARKS)?)
+                    } else {
+                        None
+                    },
                 };
                 f(&mut t, &mut w.scratch)?;
                 t.write_ledger(&w.ledger)?;
@@ -283,6 +405,8 @@ struct Tables<'t> {
     batches: redb::Table<'t, u64, &'static [u8]>,
     index: redb::Table<'t, u64, (u64, u64, u64)>,
     meta: redb::Table<'t, &'static str, u64>,
+    /// Opened only by the writes that need it (most appends carry no marks).
+    marks: Option<redb::Table<'t, &'static [u8], (u64, u64)>>,
 }
 
 impl Tables<'_> {
@@ -469,29 +593,7 @@ impl Queue for RedbQueue {
         bodies: &[B],
         now_ms: u64,
     ) -> Result<AppendOutcome, QueueError> {
-        let mut w = self.lock();
-        self.recover(&mut w)?;
-        if bodies.is_empty() {
-            return Ok(w.ledger.empty_append());
-        }
-        let cost = batch_cost(bodies);
-        let removal = w.ledger.make_room(cost, &self.limits)?;
-        let meta = w.ledger.push(bodies.len() as u64, cost, now_ms);
-        self.write(&mut w, Durability::Immediate, |t, scratch| {
-            t.remove(&removal)?;
-            encode_record(scratch, bodies, now_ms);
-            debug_assert_eq!(scratch.len() as u64, cost);
-            t.batches.insert(meta.first, scratch.as_slice())?;
-            t.index
-                .insert(meta.first, (meta.last, meta.bytes, meta.enqueued_ms))?;
-            Ok(())
-        })?;
-        self.acked.store(w.ledger.acked, Ordering::Release);
-        Ok(AppendOutcome {
-            first_seq: meta.first,
-            last_seq: meta.last,
-            dropped: removal.passed,
-        })
+        self.append_with(bodies, &[], now_ms)
     }
 
     fn read(
@@ -554,7 +656,7 @@ impl Queue for RedbQueue {
         if removal.passed == 0 {
             return Ok(0);
         }
-        self.write(&mut w, Durability::None, |t, _| t.remove(&removal))?;
+        self.write(&mut w, Durability::None, false, |t, _| t.remove(&removal))?;
         self.acked.store(w.ledger.acked, Ordering::Release);
         Ok(removal.passed)
     }
@@ -567,7 +669,9 @@ impl Queue for RedbQueue {
             return Ok(0);
         }
         // Durable: an expiry is a decision to drop data, and the counters must not go back after a crash.
-        self.write(&mut w, Durability::Immediate, |t, _| t.remove(&removal))?;
+        self.write(&mut w, Durability::Immediate, false, |t, _| {
+            t.remove(&removal)
+        })?;
         self.acked.store(w.ledger.acked, Ordering::Release);
         Ok(removal.passed)
     }
