@@ -9,8 +9,8 @@ use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use meshbridge_tests::cloud::CloudBroker;
-use meshbridge_tests::mesh::{restart, Mesh, STOP_TIMEOUT};
+use meshbridge_tests::faults::FaultMesh;
+use meshbridge_tests::mesh::{restart, STOP_TIMEOUT};
 use meshbridge_tests::mqtt::{Collector, MsgId, PublishOutcome, PublishPlan, Publisher, Report};
 use meshbridge_tests::spec::BrokerSpec;
 
@@ -61,17 +61,13 @@ fn ids_of(cloud: &Collector, outcome: &PublishOutcome) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_data_directory_loses_no_new_message() {
-    let mesh = Mesh::new(&["line1"]);
-    let cloud_broker = CloudBroker::start().await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
-    let mut hub = mesh.start_hub(&hub_spec).await;
-    let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
+    let FaultMesh {
+        mesh,
+        cloud_broker: _cloud_broker,
+        cloud,
+        hub_spec,
+        mut hub,
+    } = FaultMesh::start("line1").await;
     let spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
     let edge = spec.broker.client_addr();
 

@@ -7,8 +7,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use meshbridge_tests::cloud::CloudBroker;
-use meshbridge_tests::mesh::{restart, Mesh};
+use meshbridge_tests::faults::FaultMesh;
+use meshbridge_tests::mesh::restart;
 use meshbridge_tests::mqtt::Collector;
 use meshbridge_tests::spec::BrokerSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,17 +78,13 @@ fn count(cloud: &Collector, payload: &[u8]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resent_publish_is_committed_once_even_across_an_agent_kill() {
-    let mesh = Mesh::new(&["line1"]);
-    let cloud_broker = CloudBroker::start().await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
-    let _hub = mesh.start_hub(&hub_spec).await;
-    let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
+    let FaultMesh {
+        mesh,
+        cloud_broker: _cloud_broker,
+        cloud,
+        hub_spec,
+        hub: _hub,
+    } = FaultMesh::start("line1").await;
     let spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
     let mut agent = mesh.start_agent("line1", &spec).await;
     let edge = spec.broker.client_addr();

@@ -15,8 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshbridge_tests::bins::{bin, EDGE_AGENT};
-use meshbridge_tests::cloud::CloudBroker;
-use meshbridge_tests::mesh::{restart, wait_ready, Mesh, STOP_TIMEOUT};
+use meshbridge_tests::faults::FaultMesh;
+use meshbridge_tests::mesh::{restart, wait_ready, STOP_TIMEOUT};
 use meshbridge_tests::mqtt::{Collector, MsgId, PublishOutcome, PublishPlan, Publisher, Report};
 use meshbridge_tests::prereq;
 use meshbridge_tests::process::Proc;
@@ -82,17 +82,13 @@ async fn failing_fsyncs_are_never_acknowledged_and_do_not_stop_the_agent() {
         ));
         return;
     };
-    let mesh = Mesh::new(&["line1"]);
-    let cloud_broker = CloudBroker::start().await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
-    let _hub = mesh.start_hub(&hub_spec).await;
-    let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
+    let FaultMesh {
+        mesh,
+        cloud_broker: _cloud_broker,
+        cloud,
+        hub_spec,
+        hub: _hub,
+    } = FaultMesh::start("line1").await;
     let spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
     let config = spec.write(&mesh.path().join("line1.toml"));
     // fiu-run sets LD_PRELOAD and execs the agent: same process, with libc's fdatasync under control.
@@ -153,17 +149,13 @@ async fn a_full_disk_refuses_new_messages_loses_nothing_and_recovers_without_res
         return;
     }
     let fs = Tmpfs::mount("24m").expect("mount a tmpfs as root");
-    let mesh = Mesh::new(&["line1"]);
-    let cloud_broker = CloudBroker::start().await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
-    let mut hub = mesh.start_hub(&hub_spec).await;
-    let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
+    let FaultMesh {
+        mesh,
+        cloud_broker: _cloud_broker,
+        cloud,
+        hub_spec,
+        mut hub,
+    } = FaultMesh::start("line1").await;
     let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
     spec.data_dir = fs.dir.join("line1");
     let mut agent = mesh.start_agent("line1", &spec).await;
