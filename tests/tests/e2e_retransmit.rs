@@ -26,6 +26,11 @@ fn connect_packet(client_id: &str) -> Vec<u8> {
 }
 
 fn publish_qos1(topic: &str, packet_id: u16, payload: &[u8], dup: bool) -> Vec<u8> {
+    publish(topic, packet_id, payload, 1, dup)
+}
+
+/// A 3.1.1 PUBLISH at QoS 1 or 2.
+fn publish(topic: &str, packet_id: u16, payload: &[u8], qos: u8, dup: bool) -> Vec<u8> {
     let mut body = u16::try_from(topic.len())
         .expect("short")
         .to_be_bytes()
@@ -33,7 +38,7 @@ fn publish_qos1(topic: &str, packet_id: u16, payload: &[u8], dup: bool) -> Vec<u
     body.extend_from_slice(topic.as_bytes());
     body.extend_from_slice(&packet_id.to_be_bytes());
     body.extend_from_slice(payload);
-    let first = if dup { 0x3A } else { 0x32 };
+    let first = 0x30 | (qos << 1) | if dup { 0x08 } else { 0 };
     let mut out = vec![first, u8::try_from(body.len()).expect("short")];
     out.extend_from_slice(&body);
     out
@@ -58,14 +63,24 @@ async fn client(addr: SocketAddr, id: &str) -> TcpStream {
 
 /// Sends `packet` and waits for the PUBACK of `packet_id`.
 async fn publish_acked(s: &mut TcpStream, packet: &[u8], packet_id: u16) {
-    s.write_all(packet).await.expect("PUBLISH");
-    let mut puback = [0u8; 4];
-    tokio::time::timeout(WAIT, s.read_exact(&mut puback))
+    exchange(s, packet, 0x40, packet_id).await;
+}
+
+/// Sends `packet` and waits for the 4-byte answer `kind` (0x40 PUBACK, 0x50 PUBREC, 0x70 PUBCOMP) for
+/// `packet_id`.
+async fn exchange(s: &mut TcpStream, packet: &[u8], kind: u8, packet_id: u16) {
+    s.write_all(packet).await.expect("write");
+    let mut answer = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut answer))
         .await
-        .expect("PUBACK in time")
-        .expect("PUBACK");
+        .expect("answer in time")
+        .expect("answer");
     let [hi, lo] = packet_id.to_be_bytes();
-    assert_eq!(puback, [0x40, 2, hi, lo], "PUBACK for packet {packet_id}");
+    assert_eq!(
+        answer,
+        [kind, 2, hi, lo],
+        "answer {kind:#04x} for packet {packet_id}"
+    );
 }
 
 fn count(cloud: &Collector, payload: &[u8]) -> usize {
@@ -131,4 +146,58 @@ async fn a_resent_publish_is_committed_once_even_across_an_agent_kill() {
         [1, 1, 1],
         "each message reached the cloud exactly once"
     );
+}
+
+/// QoS 2 across an agent `kill -9` after PUBREC: the publisher resends the PUBLISH (DUP) to the restarted
+/// agent, then completes with PUBREL/PUBCOMP; the message reaches the cloud once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_stays_exactly_once_across_an_agent_kill() {
+    let FaultMesh {
+        mesh,
+        cloud_broker: _cloud_broker,
+        cloud,
+        hub_spec,
+        hub: _hub,
+    } = FaultMesh::start("line1").await;
+    let spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
+    let mut agent = mesh.start_agent("line1", &spec).await;
+    let edge = spec.broker.client_addr();
+    let topic = "telemetry/robot9/batch";
+
+    let mut c = client(edge, "robot-9").await;
+    exchange(
+        &mut c,
+        &publish(topic, 21, b"exactly-once", 2, false),
+        0x50,
+        21,
+    )
+    .await;
+    // PUBREC came (so the message is committed); the agent dies before the PUBREL.
+    agent.kill9();
+    drop(c);
+    restart(&mut agent, &spec.broker).await;
+    let mut c = client(edge, "robot-9").await;
+    exchange(
+        &mut c,
+        &publish(topic, 21, b"exactly-once", 2, true),
+        0x50,
+        21,
+    )
+    .await;
+    exchange(&mut c, &[0x62, 2, 0, 21], 0x70, 21).await;
+
+    assert!(
+        cloud
+            .wait_until(WAIT * 3, |r| r
+                .iter()
+                .any(|m| m.payload.as_ref() == b"exactly-once"))
+            .await,
+        "it arrives"
+    );
+    cloud
+        .settle(Duration::from_secs(1), Duration::from_secs(5))
+        .await;
+    let n = count(&cloud, b"exactly-once");
+    println!("scenario=qos2-across-kill delivered={n}");
+    assert_eq!(n, 1, "a QoS 2 message reached the cloud exactly once");
 }
