@@ -102,6 +102,45 @@ impl Pki {
         self.write_site(&other, site, validity, "foreign")
     }
 
+    /// A self-signed certificate naming `site` (its own issuer, trusted by nobody).
+    pub fn self_signed_site(&self, site: &str) -> CertFiles {
+        let now = OffsetDateTime::now_utc();
+        let validity = Validity::starting_at(now, SITE_LIFETIME).expect("a valid window");
+        let own = Ca::generate(site, validity).expect("generate a self-signed certificate");
+        let files = CertFiles {
+            cert: self.dir.join(format!("self-signed-{site}.pem")),
+            key: self.dir.join(format!("self-signed-{site}.key")),
+        };
+        own.write_new(&files.cert, &files.key)
+            .expect("write the certificate");
+        files
+    }
+
+    /// A certificate for `site` signed by this CA, valid now, but for TLS *servers* only (extended key
+    /// usage serverAuth, no clientAuth): not a client identity.
+    pub fn server_only_site(&self, site: &str) -> CertFiles {
+        let now = OffsetDateTime::now_utc();
+        let validity = Validity::starting_at(now, SITE_LIFETIME).expect("a valid window");
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, site);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let issued = self
+            .load_ca()
+            .issue_custom(params, validity)
+            .expect("issue a server-only certificate");
+        let files = CertFiles {
+            cert: self.dir.join(format!("server-only-{site}.pem")),
+            key: self.dir.join(format!("server-only-{site}.key")),
+        };
+        issued
+            .write(&files.cert, &files.key)
+            .expect("write the certificate");
+        files
+    }
+
     fn load_ca(&self) -> Ca {
         Ca::load(&self.paths.ca_cert, &self.paths.ca_key).expect("load the test CA")
     }

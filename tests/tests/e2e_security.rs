@@ -1,5 +1,6 @@
-//! The hub takes a site's identity only from a certificate its CA signed, valid now, naming a configured
-//! site. Each refused agent runs beside a good one (line2) on the same hub: line2's messages arriving shows
+//! The hub takes a site's identity only from a certificate its CA signed for a TLS client, valid now,
+//! naming a configured site (fault scenario 14: other CA, self-signed, expired, not yet valid, wrong key
+//! usage, unknown site; no certificate at all is covered at the TLS level in `cloud-hub/tests/tls.rs`). Each refused agent runs beside a good one (line2) on the same hub: line2's messages arriving shows
 //! the hub works, so the refused agent's silence means refusal, not a broken setup.
 
 use std::collections::BTreeSet;
@@ -88,6 +89,21 @@ async fn expired_certificate_is_refused() {
 async fn not_yet_valid_certificate_is_refused() {
     refused("not yet valid", "line1", |m| {
         m.pki.not_yet_valid_site("line1")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_certificate_is_refused() {
+    refused("self-signed", "line1", |m| m.pki.self_signed_site("line1")).await;
+}
+
+/// Signed by the hub's CA, valid, naming a configured site, but issued for TLS servers only: a client
+/// certificate needs the clientAuth extended key usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_without_client_auth_usage_is_refused() {
+    refused("server-only key usage", "line1", |m| {
+        m.pki.server_only_site("line1")
     })
     .await;
 }
