@@ -217,18 +217,26 @@ async fn random_loss(name: &str, p_loss: f64) {
     ));
     extra.push(("longest_stall", format!("{:.2}s", stall.as_secs_f64())));
     extra.push(("secs", format!("{:.1}", started.elapsed().as_secs_f64())));
-    // Timing is printed, not asserted (stalls under loss are the link team's open work); delivery is.
     conclude(name, &p.fm, &outcome, pad, recovery, 0, &extra).await;
+    // Issue 7 hole 12: the link keeps moving under loss (it used to stop until the 15 s idle timeout,
+    // 16.4 s at 30 %). The target is 2 s; measured 0.4-0.9 s; asserted with room for a loaded CI machine.
+    assert!(
+        stall < STALL_BOUND,
+        "{name}: deliveries stopped for {stall:?} under random loss (bound {STALL_BOUND:?})"
+    );
     drop(p.agent);
 }
 
-/// (2a) 10 % random loss both ways: nothing lost, nothing duplicated; rate and longest stall printed.
+/// Longest stall of deliveries tolerated under random loss (see `random_loss`).
+const STALL_BOUND: Duration = Duration::from_secs(5);
+
+/// (2a) 10 % random loss both ways: nothing lost, nothing duplicated, no long stall; rate printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_loss_10_percent() {
     random_loss("loss_10pct", 0.10).await;
 }
 
-/// (2b) 30 % random loss both ways: nothing lost, nothing duplicated; rate and longest stall printed.
+/// (2b) 30 % random loss both ways: nothing lost, nothing duplicated, no long stall; rate printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_loss_30_percent() {
     random_loss("loss_30pct", 0.30).await;
