@@ -2,8 +2,7 @@
 //! one crypto provider in the whole mesh.
 //!
 //! - [`provider`]: ring, passed explicitly to every `builder_with_provider`, so no process-wide default is
-//!   needed (rustls panics at config time when two providers are compiled in and none was installed; see
-//!   CRATE-NOTES).
+//!   needed (rustls panics at config time when two providers are compiled in and none was installed).
 //! - [`ALPN`]: the agent↔hub protocol id, one constant for both ends.
 //! - [`load_certs`], [`load_key`], [`load_roots`]: PEM files to rustls types, every error naming its file.
 //! - [`mqtt_client_config`]: TLS to an external MQTT broker (the site's Mosquitto, the cloud broker).
