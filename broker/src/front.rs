@@ -135,7 +135,8 @@ pub struct Captured {
     /// The message: topic alias-resolved (the `topic_alias` property cleared), payload zero-copy,
     /// QoS, retain and v5 properties as sent by the client.
     pub publish: Publish,
-    /// The client id of the connection it came on (with the packet id, what recognises a resend).
+    /// The client id of the connection it came on (with the packet id, what recognises a resend); empty
+    /// for a 3.1.1 clean session, which never sees a resend.
     pub client: Arc<str>,
 }
 
@@ -504,7 +505,15 @@ async fn connection(
     let (registrations_tx, registrations_rx) = mpsc::unbounded_channel();
     let disconnected = AtomicBool::new(false);
     let up = ClientToBroker {
-        client_id: Arc::from(connect.client_id.as_str()),
+        // Only a session that outlives the connection can see a resend (3.1.1 §4.4, 5.0 §4.4): a 3.1.1
+        // clean session discards its in-flight messages, so it gets no resend marks (an empty client id
+        // means none; marks cost a B-tree insert per message). MQTT 5 may keep a clean-start session by
+        // its expiry interval, so every MQTT 5 client is marked.
+        client_id: if connect.clean_start && version != ProtocolVersion::V5 {
+            Arc::from("")
+        } else {
+            Arc::from(connect.client_id.as_str())
+        },
         disconnected: &disconnected,
         shared,
         version,
