@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the tests need and is not built by cargo: Debian's Mosquitto broker (the e2e tests run it at
 # the edge and at the cloud) and its command-line clients, and fiu-utils (fiu-run/fiu-ctrl make fsync fail
-# under a running agent in tests/tests/fault_disk.rs). Does nothing when they are already there.
+# under a running agent in tests/tests/fault_disk.rs), and iproute2 (ip netns, veth and tc for the slow link of
+# tests/tests/fault_slow.rs). Does nothing when they are already there.
 set -euo pipefail
 
-PACKAGES=(mosquitto mosquitto-clients fiu-utils)
+PACKAGES=(mosquitto mosquitto-clients fiu-utils iproute2)
 
 have() { command -v "$1" >/dev/null 2>&1 || [[ -x "/usr/sbin/$1" ]]; }
 
@@ -12,6 +13,7 @@ missing=()
 have mosquitto || missing+=(mosquitto)
 have mosquitto_pub || missing+=(mosquitto-clients)
 have fiu-run || missing+=(fiu-utils)
+have tc || missing+=(iproute2)
 
 if ((${#missing[@]} > 0)); then
     if [[ $(id -u) -eq 0 ]]; then

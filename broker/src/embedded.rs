@@ -71,9 +71,28 @@ impl Default for EmbeddedSettings {
             max_connections: 10_000,
             max_inflight_count: 1_000,
             connect_timeout: Duration::from_secs(30),
-            max_segment_size: 100 * 1024 * 1024,
-            max_segment_count: 10,
+            max_segment_size: DEFAULT_LOG_PER_FILTER / LOG_SEGMENTS,
+            max_segment_count: LOG_SEGMENTS - 1,
         }
+    }
+}
+
+/// Segments of a filter's log: rumqttd keeps `max_segment_count` full segments plus the active one, and
+/// drops the oldest whole segment, so a log holds between 3/4 of its bound and the bound itself.
+const LOG_SEGMENTS: usize = 4;
+/// Default memory per subscription filter (the config's `broker.max_log_per_filter`).
+const DEFAULT_LOG_PER_FILTER: usize = 32 * 1024 * 1024;
+
+impl EmbeddedSettings {
+    /// Bounds the in-memory log rumqttd keeps per subscription filter to about `bytes` (at least 4 KiB per
+    /// segment, rumqttd's floor being 1 KiB). rumqttd keeps every message published to a subscribed
+    /// filter in that log whether or not it was delivered, so this, not the subscribers' speed, is what
+    /// bounds the broker's memory; its own default was 10 × 100 MiB per filter.
+    #[must_use]
+    pub fn with_log_per_filter(mut self, bytes: usize) -> Self {
+        self.max_segment_size = (bytes / LOG_SEGMENTS).max(4096);
+        self.max_segment_count = LOG_SEGMENTS - 1;
+        self
     }
 }
 

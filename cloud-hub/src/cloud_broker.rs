@@ -58,7 +58,8 @@ impl RunningEmbedded {
             max_packet_size,
             max_connections: usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
             ..EmbeddedSettings::default()
-        };
+        }
+        .with_log_per_filter(cfg.max_log_per_filter.as_usize());
         let broker = EmbeddedBroker::start(&settings).await?;
         let listener =
             TcpListener::bind(cfg.listen)

@@ -18,6 +18,7 @@
 //!   for every acknowledged message, and the one-line scenario summary.
 //! - [`prereq`]: what a test needs beyond cargo (root, Mosquitto), failing under `CI=true` when missing.
 //! - [`tmpfs`]: a small tmpfs to fill a disk on purpose (root).
+//! - [`netns`]: a network namespace behind a veth pair whose uplink `tc` can slow down (root).
 //! - [`mqtt`]: a publisher that knows exactly which messages were acknowledged, a collecting subscriber,
 //!   and the [`mqtt::Report`] that compares the two.
 
@@ -28,6 +29,7 @@ pub mod mesh;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod net;
+pub mod netns;
 pub mod pki;
 pub mod prereq;
 pub mod process;

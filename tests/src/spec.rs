@@ -76,6 +76,8 @@ pub struct HubSpec {
     pub broker: BrokerSpec,
     /// `(site, namespace template)` pairs.
     pub sites: Vec<(String, String)>,
+    /// Extra `key = value` lines for the `[broker]` table (e.g. `max_log_per_filter = "4MiB"`).
+    pub broker_extra: Vec<String>,
     /// `tracing` filter.
     pub log: String,
 }
@@ -94,6 +96,7 @@ impl HubSpec {
                 .iter()
                 .map(|s| ((*s).to_owned(), "acme/plant1/{site}".to_owned()))
                 .collect(),
+            broker_extra: Vec::new(),
             log: "info".to_owned(),
         }
     }
@@ -112,6 +115,10 @@ impl HubSpec {
             quote_path(&self.cert.key),
         );
         self.broker.write(&mut out);
+        // Still inside `[broker]`: the broker's own lines end with a blank line, which TOML allows.
+        for line in &self.broker_extra {
+            let _ = writeln!(out, "{line}");
+        }
         for (name, namespace) in &self.sites {
             let _ = writeln!(
                 out,

@@ -235,10 +235,16 @@ async fn a_message_the_broker_hangs_up_on_is_dead_lettered_as_poison() {
         let (ok, listing) = dead_letters(&config, &["list"]);
         assert!(ok, "{listing}");
         if listing.contains("1 dead letter(s)") {
-            assert!(
-                listing.contains("reason=0x80") && listing.contains("secret/door"),
-                "{listing}"
-            );
+            // Mosquitto sends PUBACK 0x87 and then closes the connection. When the hub's client reads the
+            // PUBACK before it sees the close, the refusal is final at once (0x87, as for any refusing
+            // broker); when the close wins, the poison isolation finds the message (0x80). Both are right;
+            // which one happens is a race inside the broker's socket writes.
+            assert!(listing.contains("secret/door"), "{listing}");
+            if listing.contains("reason=0x80") {
+                assert!(hub.log_text().contains("refused as poison"));
+            } else {
+                assert!(listing.contains("reason=0x87"), "{listing}");
+            }
             break;
         }
         assert!(
@@ -247,5 +253,4 @@ async fn a_message_the_broker_hangs_up_on_is_dead_lettered_as_poison() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(hub.log_text().contains("refused as poison"));
 }

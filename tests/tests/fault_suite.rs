@@ -192,7 +192,9 @@ async fn acks_lost_then_healed() {
 }
 
 /// Random loss of `p` in both directions for the whole run.
-async fn random_loss(name: &str, p_loss: f64) {
+/// `min_rate_share`: the share of the offered rate that must be delivered over the run (publishing and
+/// draining), i.e. the rate is sustained.
+async fn random_loss(name: &str, p_loss: f64, min_rate_share: f64) {
     let started = Instant::now();
     let p = proxied(name).await;
     p.proxy.set_both(Faults::loss(p_loss));
@@ -219,27 +221,35 @@ async fn random_loss(name: &str, p_loss: f64) {
     extra.push(("secs", format!("{:.1}", started.elapsed().as_secs_f64())));
     conclude(name, &p.fm, &outcome, pad, recovery, 0, &extra).await;
     // Issue 7 hole 12: the link keeps moving under loss (it used to stop until the 15 s idle timeout,
-    // 16.4 s at 30 %). The target is 2 s; measured 0.4-0.9 s; asserted with room for a loaded CI machine.
+    // 16.4 s at 30 %): no stall of 2 s (measured 0.4-0.9 s), and the offered rate is sustained.
     assert!(
         stall < STALL_BOUND,
         "{name}: deliveries stopped for {stall:?} under random loss (bound {STALL_BOUND:?})"
     );
+    let rate = delivered as f64 / elapsed.as_secs_f64();
+    assert!(
+        rate >= f64::from(RATE) * min_rate_share,
+        "{name}: {rate:.0} msg/s delivered of {RATE} offered (at least {:.0} expected)",
+        f64::from(RATE) * min_rate_share
+    );
     drop(p.agent);
 }
 
-/// Longest stall of deliveries tolerated under random loss (see `random_loss`).
-const STALL_BOUND: Duration = Duration::from_secs(5);
+/// Longest stall of deliveries tolerated under random loss (issue 7, hole 12).
+const STALL_BOUND: Duration = Duration::from_secs(2);
 
-/// (2a) 10 % random loss both ways: nothing lost, nothing duplicated, no long stall; rate printed.
+/// (2a) 10 % random loss both ways: nothing lost, nothing duplicated, no stall of 2 s, and at least 90 %
+/// of the offered rate delivered over the run (measured 293 of 300 msg/s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_loss_10_percent() {
-    random_loss("loss_10pct", 0.10).await;
+    random_loss("loss_10pct", 0.10, 0.9).await;
 }
 
-/// (2b) 30 % random loss both ways: nothing lost, nothing duplicated, no long stall; rate printed.
+/// (2b) 30 % random loss both ways: nothing lost, nothing duplicated, no stall of 2 s, at least half the
+/// offered rate delivered over the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_loss_30_percent() {
-    random_loss("loss_30pct", 0.30).await;
+    random_loss("loss_30pct", 0.30, 0.5).await;
 }
 
 /// (3) A bad but working link for the whole run: 30 ms ± 25 ms per packet (so packets overtake each

@@ -48,7 +48,8 @@ pub(crate) async fn run(
         max_packet_size,
         max_connections: usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
         ..EmbeddedSettings::default()
-    };
+    }
+    .with_log_per_filter(cfg.max_log_per_filter.as_usize());
     let broker = EmbeddedBroker::start(&settings).await?;
     let options = FrontOptions {
         max_packet_size,

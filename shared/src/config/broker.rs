@@ -49,6 +49,15 @@ pub struct EmbeddedBroker {
     /// Most concurrent client connections; protects the agent's memory from a misbehaving client fleet.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Memory the broker keeps per subscription filter. The embedded broker (rumqttd) holds everything
+    /// published to a filter that has subscribers in one in-memory log, delivered or not, and trims only
+    /// the oldest part of it; this bounds that log. A subscriber (or an offline persistent session) more
+    /// than this far behind loses the oldest messages, as Mosquitto drops beyond `max_queued_messages`.
+    /// The hub's own cloud broker keeps one such log per filter its consumers use, so this is what a
+    /// stalled consumer can cost the hub's memory. Before this bound existed, the log kept up to 1 GiB per
+    /// filter (fault scenario 11 in `tests/tests/fault_slow.rs`).
+    #[serde(default = "default_max_log_per_filter")]
+    pub max_log_per_filter: ByteSize,
 }
 
 /// An existing broker joined as a client.
@@ -120,6 +129,10 @@ fn default_max_connections() -> u32 {
     1024
 }
 
+fn default_max_log_per_filter() -> ByteSize {
+    ByteSize::mib(32)
+}
+
 fn default_keep_alive() -> Duration {
     Duration::from_secs(30)
 }
@@ -179,6 +192,12 @@ impl BrokerConfig {
                     embedded.max_connections.into(),
                     1,
                     1_000_000,
+                );
+                report.size_range(
+                    &format!("{prefix}max_log_per_filter"),
+                    embedded.max_log_per_filter,
+                    ByteSize::kib(256),
+                    ByteSize::gib(16),
                 );
             }
             Self::External(external) => {
