@@ -22,17 +22,25 @@
 
 mod agent;
 mod broker;
+mod effective;
 mod hub;
 mod load;
+mod route;
 mod units;
 mod validate;
 
 pub use agent::{
     load_agent, AgentConfig, FullPolicy, QueueConfig, Route, UplinkConfig, FRAME_OVERHEAD,
 };
+pub use effective::{version_of, Accept, Capture, EffectiveConfig, PushedConfig, EFFECTIVE_FORMAT};
 pub use broker::{BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, ServerTls};
 pub use hub::{load_hub, DedupConfig, HubConfig, HubTls, LimitsConfig, ListenConfig, SiteConfig};
 pub use load::{ConfigError, ConfigSource, ENV_PREFIX, ENV_SPLIT};
+pub(crate) use route::compile;
+pub use route::{
+    DedupKeyKind, RetainHandling, RouteConfig, RouteDedupConfig, RouteKind, SiteSelector,
+    MAX_DEDUP_KEYS, MAX_DEDUP_WINDOW, MAX_PRIORITY, MAX_TTL, MIN_TTL,
+};
 pub use units::{ByteSize, ByteSizeError, HostPort, HostPortError, Secret};
 pub use validate::{
     check_namespace_template, check_site_name, check_topic_filter, expand_namespace, FieldError,
