@@ -92,7 +92,11 @@ pub struct Capture {
     #[serde(default)]
     pub priority: u8,
     /// Messages older than this need not be sent; unset: the queue's `max_age` only.
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ttl: Option<Duration>,
     /// Names of the hub routes this capture serves (for logs).
     #[serde(default)]
@@ -215,7 +219,8 @@ impl EffectiveConfig {
     /// The canonical TOML text.
     #[must_use]
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("invariant: plain strings, integers and lists always serialize")
+        toml::to_string(self)
+            .expect("invariant: plain strings, integers and lists always serialize")
     }
 
     /// The text and version to send in a `ConfigPush`.
@@ -288,9 +293,9 @@ impl EffectiveConfig {
     /// Whether the hub may deliver `topic` here (it matches an `accept` filter).
     #[must_use]
     pub fn accepts(&self, topic: &str) -> bool {
-        self.accept.iter().any(|a| {
-            TopicFilter::parse(&a.filter).is_ok_and(|f| f.matches_str(topic))
-        })
+        self.accept
+            .iter()
+            .any(|a| TopicFilter::parse(&a.filter).is_ok_and(|f| f.matches_str(topic)))
     }
 }
 

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::agent::FRAME_OVERHEAD;
 use super::broker::BrokerConfig;
-use super::route::{compile_routes, RouteConfig};
 use super::load::{lenient, load_file, load_text, resolve, ConfigError, Model};
+use super::route::{compile_routes, RouteConfig};
 use super::units::ByteSize;
 use super::validate::{
     check_namespace_template, check_site_name, expand_namespace, level_prefix, FieldError, Problem,

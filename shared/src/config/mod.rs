@@ -32,8 +32,8 @@ mod validate;
 pub use agent::{
     load_agent, AgentConfig, FullPolicy, QueueConfig, Route, UplinkConfig, FRAME_OVERHEAD,
 };
-pub use effective::{version_of, Accept, Capture, EffectiveConfig, PushedConfig, EFFECTIVE_FORMAT};
 pub use broker::{BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, ServerTls};
+pub use effective::{version_of, Accept, Capture, EffectiveConfig, PushedConfig, EFFECTIVE_FORMAT};
 pub use hub::{load_hub, DedupConfig, HubConfig, HubTls, LimitsConfig, ListenConfig, SiteConfig};
 pub use load::{ConfigError, ConfigSource, ENV_PREFIX, ENV_SPLIT};
 pub(crate) use route::compile;

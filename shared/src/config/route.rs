@@ -57,9 +57,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::hub::HubConfig;
 use super::validate::{check_site_name, FieldError, Problem, Report};
 use crate::envelope::QoS;
-use crate::policy::route::{
-    default_template, placeholders, CompiledRoute, RouteTable, SiteEntry,
-};
+use crate::policy::route::{default_template, placeholders, CompiledRoute, RouteTable, SiteEntry};
 use crate::site::SiteId;
 use crate::topic::{Namespace, TopicFilter, TopicTemplate};
 
@@ -96,7 +94,11 @@ pub struct RouteConfig {
     pub priority: u8,
     /// Longest time a message may take from its capture to its delivery (humantime, `"1h"`); an older one is
     /// dropped and counted rather than delivered late. Unset: no limit beyond the queues' own `max_age`.
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ttl: Option<Duration>,
     /// Drop messages whose key was seen recently on this route (a redundant pair of agents on one site
     /// broker both forward every message). Unset: only the link's own (site, seq) dedup applies.
@@ -136,7 +138,9 @@ impl fmt::Display for RouteKind {
 
 /// What a route does with retained messages. The names follow MQTT 5's "Retain As Published" subscription
 /// option, which bridges (Mosquitto, NanoMQ, HiveMQ Edge) expose per mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum RetainHandling {
     /// Deliver with the retain flag as published (`retain_as_published = true`), so the destination broker

@@ -75,7 +75,11 @@ pub struct CompiledRoute {
 /// The placeholders each kind of route may use.
 pub(crate) fn placeholders(kind: RouteKind) -> &'static [Placeholder] {
     match kind {
-        RouteKind::Uplink => &[Placeholder::Topic, Placeholder::Site, Placeholder::Namespace],
+        RouteKind::Uplink => &[
+            Placeholder::Topic,
+            Placeholder::Site,
+            Placeholder::Namespace,
+        ],
         RouteKind::Downlink | RouteKind::SiteToSite => &[Placeholder::Topic, Placeholder::Site],
     }
 }
@@ -385,7 +389,17 @@ impl RouteTable {
                 user: msg.user,
                 seq: msg.seq,
             };
-            self.apply(route, msg, &key, vars, targets, &path, dedups, now_ms, &mut decision);
+            self.apply(
+                route,
+                msg,
+                &key,
+                vars,
+                targets,
+                &path,
+                dedups,
+                now_ms,
+                &mut decision,
+            );
         }
         Ok(decision)
     }
@@ -438,7 +452,17 @@ impl RouteTable {
                 seq: msg.seq,
             };
             let targets = vec![Target::Site(site.name.clone())];
-            self.apply(route, msg, &key, vars, targets, &path, dedups, now_ms, &mut decision);
+            self.apply(
+                route,
+                msg,
+                &key,
+                vars,
+                targets,
+                &path,
+                dedups,
+                now_ms,
+                &mut decision,
+            );
         }
         Ok(decision)
     }

@@ -487,7 +487,7 @@ mod tests {
             let _ = dedups.observe("b-route", &config, Some(i), 1000 + i);
             let _ = dedups.observe("a-route", &config, Some(i * 7), 1000 + i);
         }
-        dedups.observe("a-route", &config, None, 2000);
+        let _ = dedups.observe("a-route", &config, None, 2000);
         let snap = dedups.snapshot();
         assert_eq!(snap.routes[0].0, "a-route");
         let bytes = snap.encode();
@@ -517,10 +517,7 @@ mod tests {
         }
         .encode();
         let cases: Vec<(Vec<u8>, DedupError)> = vec![
-            (
-                b"XXXX".to_vec(),
-                DedupError::BadMagic { found: *b"XXXX" },
-            ),
+            (b"XXXX".to_vec(), DedupError::BadMagic { found: *b"XXXX" }),
             (
                 [&MAGIC[..], &[9]].concat(),
                 DedupError::UnsupportedVersion { version: 9 },
@@ -558,15 +555,16 @@ mod tests {
             max_keys: 1,
         };
         let with_id = user(&[(MESHBRIDGE_ID, "line1/7")]);
-        let msg = |origin, topic, payload: &'static [u8], user: &'static [(String, String)], seq| {
-            KeyInput {
-                origin,
-                topic,
-                payload,
-                user,
-                seq,
-            }
-        };
+        let msg =
+            |origin, topic, payload: &'static [u8], user: &'static [(String, String)], seq| {
+                KeyInput {
+                    origin,
+                    topic,
+                    payload,
+                    user,
+                    seq,
+                }
+            };
         let empty: &'static [(String, String)] = Box::leak(Box::new([]));
         let with_id: &'static [(String, String)] = Box::leak(with_id.into_boxed_slice());
         let with_msg_id: &'static [(String, String)] =
@@ -582,7 +580,10 @@ mod tests {
 
         let tp = config(DedupKeyKind::TopicPayload, None);
         let k = dedup_key(&tp, &msg("line1", "t", b"a", empty, Some(1)));
-        assert_eq!(k, dedup_key(&tp, &msg("line1", "t", b"a", with_id, Some(2))));
+        assert_eq!(
+            k,
+            dedup_key(&tp, &msg("line1", "t", b"a", with_id, Some(2)))
+        );
         assert_ne!(k, dedup_key(&tp, &msg("line1", "t", b"b", empty, Some(1))));
         assert_ne!(
             k,

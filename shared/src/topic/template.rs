@@ -282,9 +282,21 @@ mod tests {
                     wildcard: '#',
                 }),
             ),
-            ("a/{topic", "x", Err(TemplateError::UnbalancedBrace { at: 2 })),
-            ("a/{to{pic}", "x", Err(TemplateError::UnbalancedBrace { at: 2 })),
-            ("a/topic}", "x", Err(TemplateError::UnbalancedBrace { at: 7 })),
+            (
+                "a/{topic",
+                "x",
+                Err(TemplateError::UnbalancedBrace { at: 2 }),
+            ),
+            (
+                "a/{to{pic}",
+                "x",
+                Err(TemplateError::UnbalancedBrace { at: 2 }),
+            ),
+            (
+                "a/topic}",
+                "x",
+                Err(TemplateError::UnbalancedBrace { at: 7 }),
+            ),
             (
                 "a/{plant}",
                 "x",
@@ -295,11 +307,8 @@ mod tests {
             ("a\0", "x", Err(TemplateError::ContainsNul)),
         ];
         for (text, topic, want) in cases {
-            let got = TopicTemplate::parse(text, ALL).map(|t| {
-                t.expand(vars(topic))
-                    .expect("expands")
-                    .into_string()
-            });
+            let got = TopicTemplate::parse(text, ALL)
+                .map(|t| t.expand(vars(topic)).expect("expands").into_string());
             assert_eq!(
                 got.as_deref().map_err(Clone::clone),
                 *want,
