@@ -442,8 +442,9 @@ filter = "shared/#"
 /// Returns every delivery made. Panics if it does not settle: that would be a loop.
 fn propagate(t: &RouteTable, origin: Option<&str>, topic: &str) -> Vec<(String, String, String)> {
     let mut dd = RouteDedups::new();
-    let mut pending: Vec<(Option<String>, String, Vec<(String, String)>)> =
-        vec![(origin.map(str::to_owned), topic.to_owned(), Vec::new())];
+    /// (where it is published: a site or the cloud, topic, user properties)
+    type Pending = (Option<String>, String, Vec<(String, String)>);
+    let mut pending: Vec<Pending> = vec![(origin.map(str::to_owned), topic.to_owned(), Vec::new())];
     let mut made = Vec::new();
     let mut steps = 0;
     while let Some((at, topic, user)) = pending.pop() {
