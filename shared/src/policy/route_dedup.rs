@@ -4,7 +4,7 @@
 //! two agents, because each agent numbers its own queue. That is the redundant pair: two agents on one site
 //! broker both capture every message and both forward it. A route with `dedup` drops a message whose key was
 //! already seen on that route within a time window. The key is, per route (see
-//! [`DedupKeyKind`](crate::config::DedupKeyKind)):
+//! [`crate::config::DedupKeyKind`]):
 //! - `meshbridge-id`: the `meshbridge-id` user property if present, else `<origin>/<seq>`;
 //! - `topic-payload`: a hash of topic and payload (what a redundant pair produces twice);
 //! - `property`: a user property the publisher sets (`msg-id`); a message without it is never dropped.
