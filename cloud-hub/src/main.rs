@@ -37,6 +37,25 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Inspect hub configs without running the hub.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Dry run: show which sites and routes NEW adds, removes or alters compared with the current config,
+    /// which sites' agents would get a new pushed config, and which changes need a restart. NEW is
+    /// validated first, with every problem listed.
+    Diff {
+        /// The config the hub runs now.
+        #[arg(long)]
+        config: PathBuf,
+        /// The edited config.
+        new: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +87,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match (cli.command, cli.config) {
         (Some(Command::Pki { command }), None) => return report(pki_command(command)),
+        (Some(Command::Config { command }), None) => return report(config_command(command)),
         (Some(Command::Run { config }), None) | (None, Some(config)) => config,
         (Some(_), Some(_)) => {
             eprintln!(
@@ -140,6 +160,19 @@ fn pki_command(command: PkiCommand) -> anyhow::Result<()> {
                 paths.cert.display(),
                 paths.key.display()
             );
+        }
+    }
+    Ok(())
+}
+
+fn config_command(command: ConfigCommand) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Diff { config, new } => {
+            let old = shared::config::load_hub(&config)
+                .with_context(|| format!("loading the current config {}", config.display()))?;
+            let new_cfg = shared::config::load_hub(&new)
+                .with_context(|| format!("loading the new config {}", new.display()))?;
+            print!("{}", shared::config::HubConfigDiff::between(&old, &new_cfg));
         }
     }
     Ok(())

@@ -8,7 +8,9 @@
 //! - [`envelope`]: the unit of data that crosses the mesh, with everything an MQTT message must keep.
 //! - [`wire`]: the length-framed, versioned agent↔hub protocol and its total decoder.
 //! - [`topic`]: MQTT topic names and filters, wildcard matching and namespace mapping.
-//! - [`policy`]: pure policies, starting with the per-origin dedup window.
+//! - [`policy`]: pure policies: the per-origin dedup window, the routing engine (routes, loop prevention,
+//!   per-route dedup).
+//! - [`hash`]: a stable 64-bit hash for config versions and persisted dedup keys.
 //! - [`config`]: the serde config model of both programs, loading and `validate()`.
 //! - [`limits`]: the message size and topic length a message must meet to cross the whole path, announced
 //!   by the hub and checked by the agent at PUBLISH time.
@@ -19,6 +21,7 @@
 
 pub mod config;
 pub mod envelope;
+pub mod hash;
 pub mod limits;
 pub mod mqtt;
 pub mod policy;

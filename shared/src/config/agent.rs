@@ -36,7 +36,10 @@ pub struct AgentConfig {
     /// The on-disk queue that holds messages until the hub acknowledges them.
     #[serde(default)]
     pub queue: QueueConfig,
-    /// Which local messages go up. At least one: an agent that forwards nothing is a misconfiguration.
+    /// Which local messages go up: the bootstrap config, used only until the hub has pushed one. Once a
+    /// pushed config exists (kept as last-good in `data_dir`), it replaces these on every start, even while
+    /// the hub is unreachable; see [`EffectiveConfig::bootstrap`](super::EffectiveConfig::bootstrap). At
+    /// least one: an agent that forwards nothing before its first push is a misconfiguration.
     pub routes: Vec<Route>,
 }
 
@@ -194,8 +197,9 @@ pub fn load_agent(path: &Path) -> Result<AgentConfig, ConfigError> {
 }
 
 impl AgentConfig {
-    /// Parses and validates agent config text (a config pushed by the hub), resolving relative paths against
-    /// `base_dir`. Environment overrides are not applied: a pushed config runs exactly as sent.
+    /// Parses and validates agent config text, resolving relative paths against `base_dir`. Environment
+    /// overrides are not applied. (What the hub pushes is not an agent config but an
+    /// [`EffectiveConfig`](super::EffectiveConfig).)
     pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
         load_text(text, base_dir)
     }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::agent::FRAME_OVERHEAD;
 use super::broker::BrokerConfig;
 use super::load::{lenient, load_file, load_text, resolve, ConfigError, Model};
+use super::route::{compile_routes, RouteConfig};
 use super::units::ByteSize;
 use super::validate::{
     check_namespace_template, check_site_name, expand_namespace, level_prefix, FieldError, Problem,
@@ -37,6 +38,11 @@ pub struct HubConfig {
     pub limits: LimitsConfig,
     /// The sites allowed to connect. An agent whose certificate names no site here is refused.
     pub sites: Vec<SiteConfig>,
+    /// What flows where: uplink, downlink and site-to-site routes (see [`RouteConfig`] for the shape). Each
+    /// site's share is pushed to its agent ([`EffectiveConfig`](super::EffectiveConfig)). Optional, so
+    /// configs written before routes existed still load.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
 }
 
 /// The QUIC listener.
@@ -195,6 +201,7 @@ impl HubConfig {
             );
         }
         self.validate_sites(&mut report);
+        let _ = compile_routes(self, &mut report);
         report.finish()
     }
 

@@ -4,7 +4,14 @@
 //! [`load_agent`] and [`load_hub`] read a TOML file, apply `MESHBRIDGE_*` environment overrides
 //! (`MESHBRIDGE_UPLINK__WINDOW=16` sets `uplink.window`), resolve relative paths against the file's directory,
 //! fill defaults and validate. [`AgentConfig::from_toml_str`] and [`HubConfig::from_toml_str`] do the same for
-//! text (a config pushed by the hub) without environment overrides.
+//! text without environment overrides.
+//!
+//! # Routes and what the hub pushes
+//! Routes are declared once in the hub's config ([`RouteConfig`], `[[routes]]`, with the TOML shape in its
+//! module docs) and compiled into a [`RouteTable`](crate::policy::route::RouteTable). Each site's share is an
+//! [`EffectiveConfig`]: a small TOML document with a content-derived version, pushed in `ConfigPush` and
+//! parsed on the agent by [`EffectiveConfig::from_toml_str`]. [`HubConfigDiff`] lists what a new hub config
+//! changes (sites, routes, which agents get a new push).
 //!
 //! # Conventions
 //! - Every struct refuses unknown keys (`deny_unknown_fields`), so a typo is an error naming the key rather
@@ -22,8 +29,11 @@
 
 mod agent;
 mod broker;
+mod diff;
+mod effective;
 mod hub;
 mod load;
+mod route;
 mod units;
 mod validate;
 
@@ -31,13 +41,22 @@ pub use agent::{
     load_agent, AgentConfig, FullPolicy, QueueConfig, Route, UplinkConfig, FRAME_OVERHEAD,
 };
 pub use broker::{BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, ServerTls};
+pub use diff::{Change, HubConfigDiff, NamedChange, VersionChange};
+pub use effective::{version_of, Accept, Capture, EffectiveConfig, PushedConfig, EFFECTIVE_FORMAT};
 pub use hub::{load_hub, DedupConfig, HubConfig, HubTls, LimitsConfig, ListenConfig, SiteConfig};
 pub use load::{ConfigError, ConfigSource, ENV_PREFIX, ENV_SPLIT};
+pub(crate) use route::compile;
+pub use route::{
+    DedupKeyKind, RetainHandling, RouteConfig, RouteDedupConfig, RouteKind, SiteSelector,
+    MAX_DEDUP_KEYS, MAX_DEDUP_WINDOW, MAX_PRIORITY, MAX_TTL, MIN_TTL,
+};
 pub use units::{ByteSize, ByteSizeError, HostPort, HostPortError, Secret};
 pub use validate::{
     check_namespace_template, check_site_name, check_topic_filter, expand_namespace, FieldError,
     Problem, TopicTextError, SITE_PLACEHOLDER,
 };
 
+#[cfg(test)]
+mod route_tests;
 #[cfg(test)]
 mod tests;

@@ -143,6 +143,53 @@ pub enum Problem {
         /// Why it is refused.
         reason: TopicTextError,
     },
+    /// A route names a site that is not in `sites`.
+    #[error("no site named `{name}` in `sites` (write \"*\" alone for every site)")]
+    UnknownSite {
+        /// The name as written.
+        name: String,
+    },
+    /// A setting this kind of entry needs is missing (`from` on an uplink route).
+    #[error("must be set {context}")]
+    Required {
+        /// Which entries need it, e.g. `for uplink routes`.
+        context: String,
+    },
+    /// A setting is present where it has no meaning (`to` on an uplink route, whose destination is the
+    /// cloud); refused rather than ignored, since the operator clearly expected it to do something.
+    #[error("is not used {context}; remove it")]
+    NotUsed {
+        /// Where it is meaningless, e.g. `by uplink routes`.
+        context: String,
+    },
+    /// A route name breaks the naming rules (those of site names, so it is safe in logs, metrics and files).
+    #[error("invalid route name `{name}`: {reason}")]
+    InvalidRouteName {
+        /// The configured name.
+        name: String,
+        /// Why it is refused.
+        reason: SiteNameError,
+    },
+    /// A route's topic template is not valid.
+    #[error("invalid topic template `{template}`: {reason}")]
+    InvalidTemplate {
+        /// The configured template.
+        template: String,
+        /// Why it is refused.
+        reason: crate::topic::TemplateError,
+    },
+    /// An uplink template does not keep the topic inside the site's namespace.
+    #[error("uplink topic `{template}` must start with `{{namespace}}/`, so a site only publishes into its own namespace")]
+    TemplateOutsideNamespace {
+        /// The configured template.
+        template: String,
+    },
+    /// A route would deliver into `$` topics, which are reserved for brokers.
+    #[error("filter `{filter}` with a topic template starting with `{{topic}}` would deliver into `$` topics")]
+    ReservedTopic {
+        /// The configured filter.
+        filter: String,
+    },
 }
 
 /// Why a topic filter, namespace template or site name was refused by the minimal checks here.
@@ -287,6 +334,11 @@ impl Report {
             ),
             _ => {}
         }
+    }
+
+    /// Number of problems so far.
+    pub(crate) fn len(&self) -> usize {
+        self.errors.len()
     }
 
     pub(crate) fn finish(self) -> Result<(), Vec<FieldError>> {

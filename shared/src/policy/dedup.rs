@@ -643,17 +643,17 @@ impl DedupSnapshot {
 }
 
 /// A bounds-checked cursor over the encoded bytes.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+pub(super) struct Reader<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
+    pub(super) fn remaining(&self) -> usize {
         self.bytes.len() - self.at
     }
 
-    fn take(&mut self, needed: usize) -> Result<&'a [u8], DedupError> {
+    pub(super) fn take(&mut self, needed: usize) -> Result<&'a [u8], DedupError> {
         if needed > self.remaining() {
             return Err(DedupError::Truncated {
                 at: self.at,
@@ -666,17 +666,17 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DedupError> {
+    pub(super) fn array<const N: usize>(&mut self) -> Result<[u8; N], DedupError> {
         let mut out = [0; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
-    fn u32(&mut self) -> Result<u32, DedupError> {
+    pub(super) fn u32(&mut self) -> Result<u32, DedupError> {
         self.array().map(u32::from_le_bytes)
     }
 
-    fn u64(&mut self) -> Result<u64, DedupError> {
+    pub(super) fn u64(&mut self) -> Result<u64, DedupError> {
         self.array().map(u64::from_le_bytes)
     }
 }

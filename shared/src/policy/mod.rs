@@ -1,3 +1,7 @@
-//! Pure policies.
+//! Pure policies: the per-origin dedup window, the path that keeps routes from looping, the routing engine
+//! and per-route dedup by message key.
 
 pub mod dedup;
+pub mod path;
+pub mod route;
+pub mod route_dedup;

@@ -18,6 +18,7 @@
 //! back, in a way that a site can never name a topic outside its own prefix.
 
 mod namespace;
+mod template;
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use thiserror::Error;
 
 pub use namespace::{validate_site_name, Namespace, SITE_PLACEHOLDER};
+pub use template::{Placeholder, TemplateError, TemplateVars, TopicTemplate};
 
 /// Largest topic (name or filter) in bytes: MQTT carries topic lengths as a `u16`.
 pub const MAX_TOPIC_LEN: usize = 65_535;
