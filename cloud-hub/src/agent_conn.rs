@@ -21,8 +21,11 @@ use bytes::BytesMut;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS as MqttQoS;
+use shared::config::{EffectiveConfig, PushedConfig};
 use shared::envelope::{Envelope, QoS};
 use shared::policy::dedup::Dedup;
+use shared::policy::route::{Message as RouteMessage, RouteTable, Target};
+use shared::queue::Queue as _;
 use shared::topic::{Namespace, TopicName};
 use shared::wire::{self, Capabilities, DecodeError, Frame, GoAwayCode, SUPPORTED};
 use tokio::io::AsyncReadExt;
@@ -30,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::downlink::{encode_delivery, Dedups, DownlinkStore, Routes};
 use crate::publisher::{OutMessage, PublishError, Publisher, Refusal, Refusals};
 use crate::store::DedupStore;
 use crate::tls;
@@ -51,6 +55,10 @@ const REPLACED_ACK_SLACK: Duration = Duration::from_millis(50);
 /// backoff. One attempt per second per site (the agent adds up to half of it as jitter) is cheap for the hub,
 /// and delivery resumes at most about this long after the broker is back.
 const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// What the hub offers: config push and downlink (retry-after needs no answer).
+const HUB_CAPABILITIES: Capabilities = Capabilities::CONFIG_PUSH.union(Capabilities::DOWNLINK);
+/// Most messages in one `Downlink` frame.
+const DOWNLINK_BATCH: usize = 256;
 /// Batches read but not yet acknowledged, per connection; beyond it the reader stops (QUIC flow control).
 const MAX_PENDING_BATCHES: usize = 64;
 /// Read buffer growth step.
@@ -85,6 +93,13 @@ pub(crate) struct Hub {
     pub(crate) store: DedupStore,
     pub(crate) max_frame_size: usize,
     pub(crate) max_message_size: usize,
+    /// The routes in force (swapped on a config reload); empty: the agents' own files decide what is
+    /// forwarded, and everything forwarded is published under the site's namespace.
+    pub(crate) routes: Routes,
+    /// Per-route dedup sets.
+    pub(crate) dedups: Dedups,
+    /// What waits for each site.
+    pub(crate) downlinks: Arc<DownlinkStore>,
     live: Mutex<HashMap<String, Live>>,
     next_id: AtomicU64,
 }
@@ -96,6 +111,7 @@ impl Hub {
         store: DedupStore,
         max_frame_size: usize,
         max_message_size: usize,
+        (routes, dedups, downlinks): (Routes, Dedups, Arc<DownlinkStore>),
     ) -> Self {
         Self {
             sites,
@@ -103,6 +119,9 @@ impl Hub {
             store,
             max_frame_size,
             max_message_size,
+            routes,
+            dedups,
+            downlinks,
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
@@ -161,7 +180,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         agent_name,
         incarnation,
         last_acked,
-        ..
+        config_version,
     }) = hello
     else {
         let what = hello.map_or("end of stream", |f| f.frame_type().name());
@@ -286,19 +305,38 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             None => 0,
         }
     };
+    let capabilities = capabilities.intersection(HUB_CAPABILITIES);
+    let push = pushed_config(&hub.routes.borrow(), &site.name);
     let welcome = Frame::Welcome {
         version,
-        capabilities: capabilities.intersection(Capabilities::EMPTY),
+        capabilities,
         max_frame_size: u32::try_from(hub.max_frame_size).unwrap_or(u32::MAX),
         hub_high_water,
-        config_version: 0,
+        config_version: push.as_ref().map_or(0, |p| p.version),
         // The limits `to_message` enforces, stated up front so the agent refuses at PUBLISH time what
         // would otherwise be acknowledged to its publisher and dropped here (see `shared::limits`).
         max_message_size: u32::try_from(hub.max_message_size).unwrap_or(u32::MAX),
         max_topic_len: u16::try_from(site.namespace.local_topic_room()).unwrap_or(u16::MAX),
     };
     let mut out = BytesMut::new();
-    let sent = match welcome.encode(&mut out) {
+    let mut pushed_version = config_version;
+    let mut encoded = welcome.encode(&mut out);
+    if let Some(push) = push.filter(|_| capabilities.contains(Capabilities::CONFIG_PUSH)) {
+        if push.version != config_version && encoded.is_ok() {
+            info!(
+                version = push.version,
+                agent_version = config_version,
+                "pushing the site's config"
+            );
+            pushed_version = push.version;
+            encoded = Frame::ConfigPush {
+                version: push.version,
+                body: push.toml,
+            }
+            .encode(&mut out);
+        }
+    }
+    let sent = match encoded {
         Ok(()) => send.write_all(&out).await.map_err(SessionError::from),
         Err(e) => Err(SessionError::Encode(e)),
     };
@@ -320,6 +358,9 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             stops: &stops,
             replaced: &replaced,
             failed: CancellationToken::new(),
+            capabilities,
+            pushed_version: std::sync::atomic::AtomicU64::new(pushed_version),
+            downlink_acked: tokio::sync::watch::Sender::new(0),
         };
         let end = session.run(recv, buf, &mut send).await;
         let (code, reason) = match &end {
@@ -357,6 +398,13 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             End::Store(error) => {
                 error!(cause = %error, "cannot persist dedup state; closing the agent connection without acking");
                 (GoAwayCode::Overloaded, "hub storage failed".to_owned())
+            }
+            End::Downlink(error) => {
+                error!(cause = %error, "a downlink queue failed; closing the agent connection without acking");
+                (
+                    GoAwayCode::Overloaded,
+                    "hub downlink storage failed".to_owned(),
+                )
             }
         };
         match end {
@@ -497,6 +545,8 @@ enum End {
     PublishTimeout,
     /// The dedup state could not be committed.
     Store(crate::store::StoreError),
+    /// A site's downlink queue failed.
+    Downlink(crate::HubError),
 }
 
 /// A batch on its way through the pipeline.
@@ -527,6 +577,8 @@ impl Pending {
 enum Item {
     Batch(Pending),
     Pong(u64),
+    /// Frames to write as they are, in stream order (config pushes, downlink batches).
+    Frames(Vec<Frame>),
 }
 
 struct Session<'a> {
@@ -537,6 +589,12 @@ struct Session<'a> {
     replaced: &'a CancellationToken,
     /// Cancelled by the acker when it gives up, to stop the reader.
     failed: CancellationToken,
+    /// What both sides support.
+    capabilities: Capabilities,
+    /// The config version last pushed on this connection (or the agent's, when none was needed).
+    pushed_version: AtomicU64,
+    /// The agent's cumulative `DownlinkAck` on this connection.
+    downlink_acked: tokio::sync::watch::Sender<u64>,
 }
 
 /// Per-batch counters of messages not published, and the refusals the hub decided itself.
@@ -546,13 +604,19 @@ struct Drops {
     foreign_origin: usize,
     /// Entries that can never be published (too large, topic invalid once mapped): reported to the agent.
     refused: Refusals,
+    /// Entries the routes send nowhere.
+    unroutable: usize,
 }
 
 impl Session<'_> {
     async fn run(&self, recv: RecvStream, buf: BytesMut, send: &mut SendStream) -> End {
         let (tx, rx) = mpsc::channel(MAX_PENDING_BATCHES);
-        let (reader_end, acker_end) =
-            tokio::join!(self.reader(recv, buf, tx), self.acker(rx, send));
+        let downlink_tx = tx.clone();
+        let (reader_end, acker_end, ()) = tokio::join!(
+            self.reader(recv, buf, tx),
+            self.acker(rx, send),
+            self.downlink(downlink_tx)
+        );
         // The acker's failure is the root cause when both ended badly.
         match acker_end {
             Some(end) => end,
@@ -561,22 +625,39 @@ impl Session<'_> {
     }
 
     async fn reader(&self, mut recv: RecvStream, mut buf: BytesMut, tx: mpsc::Sender<Item>) -> End {
+        let mut routes = self.hub.routes.clone();
+        routes.mark_unchanged();
         loop {
             let step = async {
                 let frame = read_frame(&mut recv, &mut buf, self.hub.max_frame_size).await;
                 match frame {
-                    Ok(Some(Frame::Batch { entries })) => {
-                        if let Some(pending) = self.submit(entries).await {
+                    Ok(Some(Frame::Batch { entries })) => match self.submit(entries).await {
+                        Ok(Some(pending)) => {
                             // The acker only drops its receiver after failing; its End wins then.
                             let _ = tx.send(Item::Batch(pending)).await;
+                            None
                         }
-                        None
-                    }
+                        Ok(None) => None,
+                        Err(end) => Some(end),
+                    },
                     Ok(Some(Frame::Ping { nonce })) => {
                         let _ = tx.send(Item::Pong(nonce)).await;
                         None
                     }
                     Ok(Some(Frame::Pong { .. })) => None,
+                    Ok(Some(Frame::ConfigAck { version, result })) => {
+                        match result {
+                            Ok(()) => info!(version, "agent applied the pushed config"),
+                            Err(rejection) => error!(
+                                version,
+                                reason = %rejection.reason,
+                                detail = %rejection.detail,
+                                "agent refused the pushed config and keeps running its previous one"
+                            ),
+                        }
+                        None
+                    }
+                    Ok(Some(Frame::DownlinkAck { upto })) => self.downlink_acked(upto).await,
                     Ok(Some(Frame::GoAway { code, reason, .. })) => {
                         Some(End::PeerGoAway { code, reason })
                     }
@@ -593,6 +674,13 @@ impl Session<'_> {
                 () = self.stops.shutdown.cancelled() => Some(End::Stopped),
                 () = self.replaced.cancelled() => Some(End::Stopped),
                 () = self.failed.cancelled() => Some(End::Stopped),
+                changed = routes.changed() => {
+                    if changed.is_ok() {
+                        let table = Arc::clone(&routes.borrow_and_update());
+                        self.push_if_changed(&table, &tx).await;
+                    }
+                    None
+                }
                 end = step => end,
             };
             if let Some(end) = end {
@@ -601,12 +689,19 @@ impl Session<'_> {
         }
     }
 
-    /// Filters, maps and hands one batch to the publisher; `None` for an empty batch.
-    async fn submit(&self, entries: Vec<Envelope>) -> Option<Pending> {
-        let upto = entries.last()?.seq;
+    /// Filters, routes and hands one batch to the publisher; `None` for an empty batch. What the routes
+    /// send to other sites is committed to their downlink queues first, so the batch's `Ack` (which waits
+    /// for the publisher) never covers a message that is neither published nor queued.
+    async fn submit(&self, entries: Vec<Envelope>) -> Result<Option<Pending>, End> {
+        let Some(upto) = entries.last().map(|e| e.seq) else {
+            return Ok(None);
+        };
         let mut seqs = Vec::with_capacity(entries.len());
         let mut out = Vec::with_capacity(entries.len());
         let mut drops = Drops::default();
+        let table = Arc::clone(&self.hub.routes.borrow());
+        let routed = !table.routes().is_empty();
+        let mut to_sites: Vec<(String, bytes::Bytes)> = Vec::new();
         {
             let dedup = self
                 .site
@@ -624,7 +719,9 @@ impl Session<'_> {
                     continue;
                 }
                 seqs.push(env.seq);
-                if let Some(message) = to_message(
+                if routed {
+                    self.route(env, &table, &mut out, &mut to_sites, &mut drops);
+                } else if let Some(message) = to_message(
                     env,
                     &self.site.name,
                     &self.site.namespace,
@@ -633,6 +730,30 @@ impl Session<'_> {
                 ) {
                     out.push(message);
                 }
+            }
+        }
+        if drops.unroutable > 0 {
+            debug!(
+                count = drops.unroutable,
+                "entries no route sends anywhere (or already delivered here); acknowledged"
+            );
+        }
+        if !to_sites.is_empty() {
+            to_sites.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut i = 0;
+            while i < to_sites.len() {
+                let dest = to_sites[i].0.clone();
+                let bodies: Vec<bytes::Bytes> = to_sites[i..]
+                    .iter()
+                    .take_while(|(d, _)| *d == dest)
+                    .map(|(_, b)| b.clone())
+                    .collect();
+                i += bodies.len();
+                let count = bodies.len();
+                if let Err(error) = self.hub.downlinks.append(&dest, bodies).await {
+                    return Err(End::Downlink(error));
+                }
+                debug!(to = %dest, count, "queued for another site");
             }
         }
         if drops.foreign_origin > 0 {
@@ -649,12 +770,232 @@ impl Session<'_> {
             );
         }
         let done = self.hub.publisher.submit(&self.site.name, out).await;
-        Some(Pending {
+        Ok(Some(Pending {
             seqs,
             upto,
             refused: drops.refused,
             done,
-        })
+        }))
+    }
+
+    /// Routes one entry by the hub's routes: cloud deliveries into `out`, other sites' into `to_sites`.
+    fn route(
+        &self,
+        env: Envelope,
+        table: &RouteTable,
+        out: &mut Vec<OutMessage>,
+        to_sites: &mut Vec<(String, bytes::Bytes)>,
+        drops: &mut Drops,
+    ) {
+        if let Some(refusal) = oversize(&env, self.hub.max_message_size) {
+            drops.refused.push(refusal);
+            return;
+        }
+        let decision = {
+            let mut dedups = self
+                .hub
+                .dedups
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            table.from_site(
+                &self.site.name,
+                &RouteMessage::from_envelope(&env),
+                &mut dedups,
+                crate::downlink::now_ms(),
+            )
+        };
+        let decision = match decision {
+            Ok(decision) => decision,
+            Err(error) => {
+                // A malformed or full path, or a message this site was itself delivered: never forwarded.
+                debug!(seq = env.seq, cause = %error, "not routable");
+                drops.unroutable += 1;
+                return;
+            }
+        };
+        if decision.deliveries.is_empty() {
+            drops.unroutable += 1;
+        }
+        let id = format!("{}/{}", self.site.name, env.seq);
+        for delivery in &decision.deliveries {
+            match &delivery.target {
+                Target::Cloud => {
+                    let mut user = delivery.user_properties(&env.properties.user);
+                    if let Some(trace) = &env.trace {
+                        user.push(("traceparent".to_owned(), trace.traceparent.clone()));
+                        if let Some(state) = &trace.tracestate {
+                            user.push(("tracestate".to_owned(), state.clone()));
+                        }
+                    }
+                    user.push((MESHBRIDGE_ID.to_owned(), id.clone()));
+                    out.push(OutMessage {
+                        topic: delivery.topic.as_str().to_owned(),
+                        qos: mqtt_qos(delivery.qos),
+                        retain: delivery.retain,
+                        payload: env.payload.clone(),
+                        properties: PublishProperties {
+                            payload_format_indicator: env
+                                .properties
+                                .payload_format_utf8
+                                .then_some(1),
+                            message_expiry_interval: env.properties.message_expiry,
+                            topic_alias: None,
+                            response_topic: env.properties.response_topic.clone(),
+                            correlation_data: env.properties.correlation_data.clone(),
+                            user_properties: user,
+                            subscription_identifiers: Vec::new(),
+                            content_type: env.properties.content_type.clone(),
+                        },
+                        seq: env.seq,
+                    });
+                }
+                Target::Site(dest) => {
+                    let mut properties = env.properties.clone();
+                    properties.user.push((MESHBRIDGE_ID.to_owned(), id.clone()));
+                    match encode_delivery(&env.payload, &properties, delivery, env.enqueued_at_ms) {
+                        Ok(body) => to_sites.push((dest.clone(), body)),
+                        Err(error) => {
+                            warn!(seq = env.seq, to = %dest, cause = %error, "cannot encode a message for another site; not delivered there");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A config push for this connection if the routes changed this site's share.
+    async fn push_if_changed(&self, table: &RouteTable, tx: &mpsc::Sender<Item>) {
+        if !self.capabilities.contains(Capabilities::CONFIG_PUSH) {
+            return;
+        }
+        let Some(push) = pushed_config(table, &self.site.name) else {
+            return;
+        };
+        if self.pushed_version.swap(push.version, Ordering::Relaxed) == push.version {
+            return;
+        }
+        info!(
+            version = push.version,
+            "routes changed; pushing the site's config"
+        );
+        let _ = tx
+            .send(Item::Frames(vec![Frame::ConfigPush {
+                version: push.version,
+                body: push.toml,
+            }]))
+            .await;
+    }
+
+    /// The agent handed downlink messages up to `upto` to its broker: they leave the site's queue.
+    async fn downlink_acked(&self, upto: u64) -> Option<End> {
+        let site = match self.hub.downlinks.site(&self.site.name).await {
+            Ok(site) => site,
+            Err(error) => return Some(End::Downlink(error)),
+        };
+        let acked = tokio::task::spawn_blocking(move || site.queue.ack_upto(upto)).await;
+        match acked {
+            Ok(Ok(_)) => {}
+            Ok(Err(source)) => {
+                return Some(End::Downlink(crate::HubError::DownlinkQueue {
+                    site: self.site.name.clone(),
+                    source: Box::new(source),
+                }))
+            }
+            Err(e) => return Some(End::Downlink(crate::HubError::Join(e))),
+        }
+        self.downlink_acked.send_replace(upto);
+        None
+    }
+
+    /// Sends what waits in the site's downlink queue, one batch at a time, each after the previous one
+    /// was acknowledged; returns when the connection ends.
+    async fn downlink(&self, tx: mpsc::Sender<Item>) {
+        if !self.capabilities.contains(Capabilities::DOWNLINK) {
+            return;
+        }
+        let stopped = async {
+            tokio::select! {
+                () = self.stops.shutdown.cancelled() => {}
+                () = self.replaced.cancelled() => {}
+                () = self.failed.cancelled() => {}
+                () = tx.closed() => {}
+            }
+        };
+        tokio::select! {
+            () = stopped => {}
+            () = self.downlink_loop(&tx) => {}
+        }
+    }
+
+    async fn downlink_loop(&self, tx: &mpsc::Sender<Item>) {
+        let site = match self.hub.downlinks.site(&self.site.name).await {
+            Ok(site) => site,
+            Err(error) => {
+                error!(cause = %error, "cannot open the site's downlink queue; nothing is sent down");
+                return;
+            }
+        };
+        let mut acked = self.downlink_acked.subscribe();
+        let max_bytes = self.hub.max_frame_size / 2;
+        let mut next = site.queue.stats().acked + 1;
+        loop {
+            let grew = site.grew.notified();
+            let mut grew = std::pin::pin!(grew);
+            grew.as_mut().enable();
+            let reader = Arc::clone(&site);
+            let read = tokio::task::spawn_blocking(move || {
+                let now = crate::downlink::now_ms();
+                let expired = reader.queue.expire(now).unwrap_or(0);
+                let entries = reader.queue.read(next, DOWNLINK_BATCH, max_bytes);
+                (expired, entries)
+            })
+            .await;
+            let entries = match read {
+                Ok((expired, Ok(entries))) => {
+                    if expired > 0 {
+                        warn!(
+                            expired,
+                            "downlink messages waited longer than downlink.max_age; dropped"
+                        );
+                    }
+                    entries
+                }
+                Ok((_, Err(error))) => {
+                    error!(cause = %error, "cannot read the site's downlink queue");
+                    return;
+                }
+                Err(_) => return,
+            };
+            if entries.is_empty() {
+                grew.await;
+                continue;
+            }
+            let mut envelopes = Vec::with_capacity(entries.len());
+            for entry in entries {
+                match Envelope::decode_body(entry.seq, entry.body) {
+                    Ok(env) => envelopes.push(env),
+                    Err(error) => {
+                        error!(seq = entry.seq, cause = %error, "unreadable downlink entry; skipped");
+                    }
+                }
+            }
+            let Some(upto) = envelopes.last().map(|e| e.seq) else {
+                continue;
+            };
+            let count = envelopes.len();
+            if tx
+                .send(Item::Frames(vec![Frame::Downlink { entries: envelopes }]))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            debug!(count, upto, "downlink batch sent");
+            if acked.wait_for(|a| *a >= upto).await.is_err() {
+                return;
+            }
+            next = upto + 1;
+        }
     }
 
     /// Acknowledges batches in order; `None` when the reader ended and everything was drained.
@@ -677,6 +1018,12 @@ impl Session<'_> {
             let mut group = match item {
                 Item::Pong(nonce) => {
                     if let Err(end) = self.write(send, &mut out, &[Frame::Pong { nonce }]).await {
+                        return Some(end);
+                    }
+                    continue;
+                }
+                Item::Frames(frames) => {
+                    if let Err(end) = self.write(send, &mut out, &frames).await {
                         return Some(end);
                     }
                     continue;
@@ -708,8 +1055,8 @@ impl Session<'_> {
                             break;
                         }
                     },
-                    pong @ Item::Pong(_) => {
-                        next = Some(pong);
+                    other @ (Item::Pong(_) | Item::Frames(_)) => {
+                        next = Some(other);
                         break;
                     }
                 }
@@ -795,15 +1142,8 @@ fn to_message(
     if env.origin != site {
         drops.foreign_origin += 1;
     }
-    if env.payload.len() > max_message_size {
-        drops.refused.push(Refusal {
-            seq: env.seq,
-            reason_code: REASON_PACKET_TOO_LARGE,
-            detail: format!(
-                "{}-byte payload over the hub's limits.max_message_size of {max_message_size}",
-                env.payload.len()
-            ),
-        });
+    if let Some(refusal) = oversize(&env, max_message_size) {
+        drops.refused.push(refusal);
         return None;
     }
     let topic = match TopicName::parse(&env.topic).and_then(|t| namespace.apply(&t)) {
@@ -848,6 +1188,35 @@ fn to_message(
         properties,
         seq: env.seq,
     })
+}
+
+/// The refusal of an entry whose payload is over the hub's limit.
+fn oversize(env: &Envelope, max_message_size: usize) -> Option<Refusal> {
+    (env.payload.len() > max_message_size).then(|| Refusal {
+        seq: env.seq,
+        reason_code: REASON_PACKET_TOO_LARGE,
+        detail: format!(
+            "{}-byte payload over the hub's limits.max_message_size of {max_message_size}",
+            env.payload.len()
+        ),
+    })
+}
+
+fn mqtt_qos(qos: QoS) -> MqttQoS {
+    match qos {
+        QoS::AtMostOnce => MqttQoS::AtMostOnce,
+        QoS::AtLeastOnce => MqttQoS::AtLeastOnce,
+        QoS::ExactlyOnce => MqttQoS::ExactlyOnce,
+    }
+}
+
+/// What the hub pushes to `site`: its share of the routes, or `None` when the hub has no routes at all
+/// (the agents then run the routes of their own files, as before routes moved to the hub).
+fn pushed_config(table: &RouteTable, site: &str) -> Option<PushedConfig> {
+    if table.routes().is_empty() {
+        return None;
+    }
+    EffectiveConfig::for_site(table, site).map(|c| c.to_push())
 }
 
 /// MQTT 5 reason codes for the refusals the hub decides itself.

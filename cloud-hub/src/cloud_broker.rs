@@ -110,6 +110,17 @@ impl RunningEmbedded {
         )
     }
 
+    /// Options for the hub's downlink subscriber on this broker (its own client id and session).
+    pub(crate) fn subscriber_options(&self) -> MqttOptions {
+        let addr = self.broker.v5_addr;
+        base_options(
+            &format!("{EMBEDDED_CLIENT_ID}-downlink"),
+            &addr.ip().to_string(),
+            addr.port(),
+            EMBEDDED_KEEP_ALIVE,
+        )
+    }
+
     /// The front's task, to notice it failing.
     pub(crate) fn front_task(&mut self) -> &mut JoinHandle<Result<(), FrontError>> {
         &mut self.front
@@ -134,7 +145,17 @@ impl RunningEmbedded {
 
 /// Client options for an external cloud broker: address, client id, credentials and TLS from the config.
 pub(crate) fn external_options(cfg: &ExternalBroker) -> Result<MqttOptions, HubError> {
-    let client_id = cfg.client_id.as_deref().unwrap_or(EMBEDDED_CLIENT_ID);
+    external_options_as(cfg, cfg.client_id.as_deref().unwrap_or(EMBEDDED_CLIENT_ID))
+}
+
+/// Options for the hub's downlink subscriber on an external broker: the publisher's settings under the
+/// client id `<client_id>-downlink`, so its persistent session is its own.
+pub(crate) fn external_subscriber_options(cfg: &ExternalBroker) -> Result<MqttOptions, HubError> {
+    let id = cfg.client_id.as_deref().unwrap_or(EMBEDDED_CLIENT_ID);
+    external_options_as(cfg, &format!("{id}-downlink"))
+}
+
+fn external_options_as(cfg: &ExternalBroker, client_id: &str) -> Result<MqttOptions, HubError> {
     let mut options = base_options(
         client_id,
         cfg.address.host(),

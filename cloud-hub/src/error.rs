@@ -107,4 +107,25 @@ pub enum HubError {
     /// The embedded broker has credentials configured, which the hub's embedded cloud broker does not check yet.
     #[error("broker.username/password are not supported for the hub's embedded cloud broker")]
     EmbeddedAuthUnsupported,
+
+    /// A site's downlink queue (`data_dir/downlink/<site>.redb`) failed: open, append, read or ack.
+    #[error("downlink queue of site {site:?}")]
+    DownlinkQueue {
+        /// The site.
+        site: String,
+        /// What the queue said (full, disk full, storage); boxed, as it is large and rare.
+        #[source]
+        source: Box<shared::queue::QueueError>,
+    },
+
+    /// The routes do not compile (load-time validation should have caught it).
+    #[error("invalid routes: {}", errors.join("; "))]
+    Routes {
+        /// Every problem, with its key path.
+        errors: Vec<String>,
+    },
+
+    /// A blocking task (a queue operation) panicked or was cancelled.
+    #[error("a blocking hub task failed")]
+    Join(#[source] tokio::task::JoinError),
 }

@@ -21,10 +21,12 @@
 mod accept;
 mod agent_conn;
 mod cloud_broker;
+mod downlink;
 mod endpoint_key;
 mod error;
 pub mod pki;
 mod publisher;
+mod reload;
 pub mod store;
 pub mod tls;
 
@@ -36,7 +38,11 @@ use std::time::Duration;
 use quinn::Endpoint;
 use shared::config::{BrokerConfig, HubConfig};
 use shared::policy::dedup::Dedup;
+use shared::policy::route::RouteTable;
+use shared::policy::route_dedup::{RouteDedups, RouteDedupsSnapshot};
+use shared::queue::QueueLimits;
 use shared::topic::Namespace;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -47,6 +53,7 @@ pub use publisher::PublishError;
 
 use agent_conn::{Hub, Site, Stops};
 use cloud_broker::RunningEmbedded;
+use downlink::DownlinkStore;
 use publisher::Publisher;
 use store::DedupStore;
 
@@ -68,6 +75,20 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// [`HubError`] when something needed at startup is unusable (data dir, dedup store, TLS files, ports, the
 /// embedded broker), or when the embedded broker's client port fails while running.
 pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), HubError> {
+    run_reloading(None, cfg, shutdown).await
+}
+
+/// [`run`], also reloading the config from `config_file` (when given) on SIGHUP and when the file
+/// changes: routes take effect live, a config that fails validation is refused with every problem logged
+/// and the running one stays (see `reload.rs`).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_reloading(
+    config_file: Option<std::path::PathBuf>,
+    cfg: HubConfig,
+    shutdown: CancellationToken,
+) -> Result<(), HubError> {
     fs::create_dir_all(&cfg.data_dir).map_err(|source| HubError::DataDir {
         path: cfg.data_dir.clone(),
         source,
@@ -130,18 +151,83 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), HubE
         BrokerConfig::External(external) => (None, cloud_broker::external_options(external)?),
     };
     let publisher = Publisher::spawn(options, &tracker, publisher_stop.clone());
+
+    // Routes: compiled once here (the config was validated at load), swapped whole on a reload.
+    let table = RouteTable::new(&cfg).map_err(|errors| HubError::Routes {
+        errors: errors.iter().map(ToString::to_string).collect(),
+    })?;
+    let route_dedups = match store.load_route_dedup() {
+        Ok(Some(bytes)) => match RouteDedupsSnapshot::decode(&bytes) {
+            Ok(snapshot) => RouteDedups::restore(&snapshot, |r| table.dedup_config(r)),
+            Err(e) => {
+                warn!(cause = %e, "the routes' saved dedup state is unreadable; starting empty");
+                RouteDedups::new()
+            }
+        },
+        Ok(None) => RouteDedups::new(),
+        Err(e) => {
+            warn!(cause = %e, "cannot read the routes' saved dedup state; starting empty");
+            RouteDedups::new()
+        }
+    };
+    let (routes_tx, routes) = watch::channel(Arc::new(table));
+    let dedups = Arc::new(Mutex::new(route_dedups));
+    tracker.spawn(save_route_dedups(
+        store.clone(),
+        Arc::clone(&dedups),
+        publisher_stop.clone(),
+    ));
+    let downlinks = Arc::new(DownlinkStore::new(
+        &cfg.data_dir.join("downlink"),
+        QueueLimits {
+            max_bytes: cfg.downlink.max_bytes.0,
+            max_age: Some(cfg.downlink.max_age),
+            full_policy: cfg.downlink.full_policy,
+        },
+    ));
+    let subscriber_options = match (&cfg.broker, &embedded) {
+        (_, Some(running)) => running.subscriber_options(),
+        (BrokerConfig::External(external), None) => {
+            cloud_broker::external_subscriber_options(external)?
+        }
+        (BrokerConfig::Embedded(_), None) => {
+            unreachable!("an embedded broker config always starts one")
+        }
+    };
+    if let Some(path) = config_file {
+        tracker.spawn(reload::follow(
+            path,
+            cfg.clone(),
+            routes_tx.clone(),
+            publisher_stop.clone(),
+        ));
+    }
+    downlink::spawn_subscriber(
+        subscriber_options,
+        routes.clone(),
+        Arc::clone(&dedups),
+        Arc::clone(&downlinks),
+        &tracker,
+        publisher_stop.clone(),
+    );
     let served = serve(
         &cfg,
         server_config,
         &publisher,
         store,
-        sites,
         embedded.as_mut(),
+        Routing {
+            sites,
+            routes,
+            dedups,
+            downlinks,
+        },
         &shutdown,
     )
     .await;
 
     publisher_stop.cancel();
+    drop(routes_tx);
     tracker.close();
     tracker.wait().await;
     let stopped = match embedded {
@@ -153,15 +239,68 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), HubE
 }
 
 /// Waits for the cloud broker, binds the QUIC endpoint, accepts agents until shutdown, then drains.
+/// How often the routes' dedup sets are saved (when they changed): a hub crash forgets at most this much
+/// of what they had seen, so a duplicate within that time may pass once.
+const ROUTE_DEDUP_SAVE: Duration = Duration::from_secs(1);
+
+/// Saves the routes' dedup sets every [`ROUTE_DEDUP_SAVE`] while they change, and once more at `stop`.
+async fn save_route_dedups(
+    store: DedupStore,
+    dedups: Arc<Mutex<RouteDedups>>,
+    stop: CancellationToken,
+) {
+    let mut last: Vec<u8> = Vec::new();
+    let mut tick = tokio::time::interval(ROUTE_DEDUP_SAVE);
+    loop {
+        let stopping = tokio::select! {
+            () = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let snapshot = dedups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .snapshot()
+            .encode();
+        if snapshot != last {
+            let saving = store.clone();
+            let bytes = snapshot.clone();
+            match tokio::task::spawn_blocking(move || saving.save_route_dedup_blocking(&bytes))
+                .await
+            {
+                Ok(Ok(())) => last = snapshot,
+                Ok(Err(e)) => warn!(cause = %e, "cannot save the routes' dedup state"),
+                Err(e) => warn!(cause = %e, "saving the routes' dedup state failed"),
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// The sites and what the connections route by.
+struct Routing {
+    sites: HashMap<String, Arc<Site>>,
+    routes: watch::Receiver<Arc<RouteTable>>,
+    dedups: Arc<Mutex<RouteDedups>>,
+    downlinks: Arc<DownlinkStore>,
+}
+
 async fn serve(
     cfg: &HubConfig,
     server_config: quinn::ServerConfig,
     publisher: &Publisher,
     store: DedupStore,
-    sites: HashMap<String, Arc<Site>>,
     mut embedded: Option<&mut RunningEmbedded>,
+    routing: Routing,
     shutdown: &CancellationToken,
 ) -> Result<(), HubError> {
+    let Routing {
+        sites,
+        routes,
+        dedups,
+        downlinks,
+    } = routing;
     match &embedded {
         Some(_) => {
             if !publisher.wait_connected(EMBEDDED_CONNECT_WAIT).await {
@@ -203,6 +342,7 @@ async fn serve(
         store,
         cfg.limits.max_frame_size.as_usize(),
         cfg.limits.max_message_size.as_usize(),
+        (routes, dedups, downlinks),
     ));
     let broker = match (&embedded, &cfg.broker) {
         (Some(e), _) => format!("mqtt://{}", e.listen),

@@ -118,7 +118,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    report(run_hub(cfg))
+    report(run_hub(config, cfg))
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {
@@ -178,7 +178,7 @@ fn config_command(command: ConfigCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_hub(cfg: shared::config::HubConfig) -> anyhow::Result<()> {
+fn run_hub(config: PathBuf, cfg: shared::config::HubConfig) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives),
         _ => EnvFilter::try_new(format!("{},{QUIET_RUMQTTD_LOGS}", cfg.log)),
@@ -193,7 +193,7 @@ fn run_hub(cfg: shared::config::HubConfig) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
-        let result = cloud_hub::run(cfg, shutdown).await;
+        let result = cloud_hub::run_reloading(Some(config), cfg, shutdown).await;
         signals.abort();
         result.context("cloud-hub failed")
     })

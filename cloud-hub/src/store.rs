@@ -18,6 +18,10 @@ pub const DB_FILE: &str = "hub.redb";
 
 /// site name -> encoded [`DedupSnapshot`] of a [`Dedup`] holding only that site.
 const DEDUP: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("dedup");
+/// One row, [`ROUTE_DEDUP_KEY`]: the routes' dedup sets (`shared::policy::route_dedup`), saved
+/// periodically so a hub restart keeps most of what they had seen.
+const ROUTE_DEDUP: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("route_dedup");
+const ROUTE_DEDUP_KEY: &str = "routes";
 
 /// Errors of the dedup store.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +132,40 @@ impl DedupStore {
     ///
     /// # Errors
     /// As `save_blocking`, plus [`StoreError::Join`].
+    /// The routes' dedup snapshot saved last, if any.
+    pub fn load_route_dedup(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let result = (|| -> Result<Option<Vec<u8>>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = match txn.open_table(ROUTE_DEDUP) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            Ok(table.get(ROUTE_DEDUP_KEY)?.map(|v| v.value().to_vec()))
+        })();
+        result.map_err(|source| StoreError::Redb {
+            path: self.path.as_ref().clone(),
+            source,
+        })
+    }
+
+    /// Saves the routes' dedup snapshot (replacing the last one).
+    pub fn save_route_dedup_blocking(&self, snapshot: &[u8]) -> Result<(), StoreError> {
+        let result = (|| -> Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            {
+                let mut table = txn.open_table(ROUTE_DEDUP)?;
+                table.insert(ROUTE_DEDUP_KEY, snapshot)?;
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        result.map_err(|source| StoreError::Redb {
+            path: self.path.as_ref().clone(),
+            source,
+        })
+    }
+
     pub async fn save(&self, site: String, snapshot: Vec<u8>) -> Result<(), StoreError> {
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.save_blocking(&site, &snapshot))
@@ -139,6 +177,23 @@ impl DedupStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_routes_dedup_state_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (store, _) = DedupStore::open(dir.path()).expect("open");
+            assert_eq!(store.load_route_dedup().expect("load"), None);
+            store.save_route_dedup_blocking(b"first").expect("save");
+            store.save_route_dedup_blocking(b"second").expect("save");
+        }
+        let (store, sites) = DedupStore::open(dir.path()).expect("reopen");
+        assert!(sites.is_empty(), "the routes' row is not a site");
+        assert_eq!(
+            store.load_route_dedup().expect("load").as_deref(),
+            Some(&b"second"[..])
+        );
+    }
 
     #[test]
     fn state_survives_reopen() {

@@ -20,7 +20,7 @@ use shared::wire::EncodeError;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, warn};
 
-use crate::routes::{Routes, Rule};
+use crate::routes::{LiveRoutes, Rule};
 
 /// Most messages one group commit takes before it is written, so one commit stays short and a queue
 /// limit far above it is never hit by the group alone.
@@ -74,7 +74,10 @@ pub(crate) struct Ingest {
     /// The durable queue.
     pub(crate) queue: Arc<RedbQueue>,
     /// Which topics go up, and with which QoS/retain rule.
-    pub(crate) routes: Arc<Routes>,
+    pub(crate) routes: Arc<LiveRoutes>,
+    /// Where the uplink publishes downlink messages; the local side fills it in once it is up.
+    pub(crate) downlink_target:
+        Arc<tokio::sync::watch::Sender<Option<crate::local::deliver::Target>>>,
     /// Site name, written as every envelope's origin.
     pub(crate) site: Arc<str>,
     /// Wakes the uplink after each append.

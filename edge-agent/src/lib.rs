@@ -22,6 +22,7 @@ pub mod tls;
 mod ingest;
 pub mod limits;
 mod local;
+mod pushed;
 mod routes;
 mod uplink;
 
@@ -38,7 +39,7 @@ use tracing::{debug, info, warn};
 pub use error::AgentError;
 
 use crate::ingest::{now_ms, Ingest};
-use crate::routes::Routes;
+use crate::routes::LiveRoutes;
 use crate::uplink::Uplink;
 
 /// File name of the durable queue inside `data_dir`.
@@ -88,7 +89,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         "queue opened"
     );
     let limits = limits::load(&cfg);
-    let routes = Arc::new(Routes::new(&cfg.routes)?);
+    let (routes, version) = pushed::initial_routes(&cfg.data_dir, &cfg.site, &cfg.routes)?;
+    let routes = Arc::new(LiveRoutes::new(routes, version));
     let transport = tls::ClientTransport {
         idle_timeout: cfg.uplink.idle_timeout,
         keep_alive_interval: Some(cfg.uplink.keep_alive),
@@ -103,8 +105,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     .map_err(AgentError::UplinkTls)?;
     let site: Arc<str> = Arc::from(cfg.site.as_str());
     let appended = Arc::new(Notify::new());
+    let pushed = Arc::new(pushed::Pushed::new(
+        &cfg.data_dir,
+        &cfg.site,
+        Arc::clone(&routes),
+    ));
+    let (downlink_target, downlink_target_rx) = tokio::sync::watch::channel(None);
     let ingest = Ingest {
         queue: Arc::clone(&queue),
+        downlink_target: Arc::new(downlink_target),
         routes,
         site: Arc::clone(&site),
         appended: Arc::clone(&appended),
@@ -122,8 +131,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         Arc::clone(&queue),
         appended,
         client_config,
-        limits,
         cfg.data_dir.clone(),
+        uplink::FromHub {
+            limits,
+            pushed,
+            delivery: local::deliver::Delivery::new(downlink_target_rx),
+        },
     );
     let uplink_task = tracker.spawn(uplink.run(uplink_stop.clone()));
     tracker.spawn(housekeeping(Arc::clone(&queue), housekeeping_stop.clone()));

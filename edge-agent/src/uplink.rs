@@ -41,6 +41,9 @@ use shared::wire::{
     GoAwayCode, SUPPORTED,
 };
 use tokio::sync::Notify;
+
+use crate::local::deliver::Delivery;
+use crate::pushed::Pushed;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -189,6 +192,10 @@ pub(crate) enum UplinkError {
     /// A blocking queue task panicked.
     #[error("queue task panicked")]
     Panicked(#[source] tokio::task::JoinError),
+
+    /// The local broker did not take a downlink batch; the hub sends it again on the next connection.
+    #[error("downlink delivery to the local broker failed")]
+    Downlink(#[source] crate::local::deliver::DeliverError),
 }
 
 impl UplinkError {
@@ -220,6 +227,10 @@ pub(crate) struct Uplink {
     limits: Arc<SharedLimits>,
     /// Where the hub's last limits are persisted.
     data_dir: PathBuf,
+    /// Configs the hub pushes: checked, kept, put in force.
+    pushed: Arc<Pushed>,
+    /// Publishes downlink messages into the local broker (one batch at a time).
+    delivery: tokio::sync::Mutex<Delivery>,
 }
 
 /// How a connection ended.
@@ -233,6 +244,16 @@ struct SessionEnd {
     result: Result<(), UplinkError>,
 }
 
+/// Where what the hub sends down goes: its limits, its configs, its downlink messages.
+pub(crate) struct FromHub {
+    /// The path's limits, which every `Welcome` updates.
+    pub(crate) limits: Arc<SharedLimits>,
+    /// Pushed configs.
+    pub(crate) pushed: Arc<Pushed>,
+    /// Downlink delivery into the local broker.
+    pub(crate) delivery: Delivery,
+}
+
 impl Uplink {
     /// Prepares the uplink; no I/O yet.
     pub(crate) fn new(
@@ -241,10 +262,17 @@ impl Uplink {
         queue: Arc<RedbQueue>,
         appended: Arc<Notify>,
         client_config: quinn::ClientConfig,
-        limits: Arc<SharedLimits>,
         data_dir: PathBuf,
+        from_hub: FromHub,
     ) -> Self {
+        let FromHub {
+            limits,
+            pushed,
+            delivery,
+        } = from_hub;
         Self {
+            pushed,
+            delivery: tokio::sync::Mutex::new(delivery),
             dead_letters: data_dir.join(crate::DEAD_LETTERS_FILE),
             cfg,
             site,
@@ -370,6 +398,7 @@ impl Uplink {
             welcomed: false,
             acked: false,
             started: Instant::now(),
+            downlink_delivered: 0,
         };
         let result = session.run(shutdown).instrument(span).await;
         let welcomed = session.welcomed;
@@ -487,6 +516,8 @@ struct Session<'a> {
     acked: bool,
     /// When the QUIC handshake completed.
     started: Instant,
+    /// Highest downlink seq this session handed to the local broker.
+    downlink_delivered: u64,
 }
 
 /// Frames read from the hub.
@@ -525,11 +556,13 @@ impl Session<'_> {
         let mut out = BytesMut::with_capacity(64 * 1024);
         Frame::Hello {
             versions: SUPPORTED,
-            capabilities: Capabilities::RETRY_AFTER,
+            capabilities: Capabilities::RETRY_AFTER
+                .union(Capabilities::CONFIG_PUSH)
+                .union(Capabilities::DOWNLINK),
             agent_name: self.uplink.site.to_string(),
             incarnation: queue.incarnation(),
             last_acked: stats.acked,
-            config_version: 0,
+            config_version: self.uplink.pushed.version(),
         }
         .encode(&mut out)?;
         send.write_all(&out).await?;
@@ -767,6 +800,43 @@ impl Session<'_> {
                         Ok(())
                     }
                 }
+            }
+            Frame::ConfigPush { version, body } => {
+                let pushed = Arc::clone(&self.uplink.pushed);
+                let result = tokio::task::spawn_blocking(move || pushed.apply(version, &body))
+                    .await
+                    .map_err(UplinkError::Panicked)?;
+                if let Err(rejection) = &result {
+                    warn!(version, reason = %rejection.reason, detail = %rejection.detail, "refused the config the hub pushed; the running one stays");
+                }
+                Ok(Frame::ConfigAck { version, result }.encode(out)?)
+            }
+            Frame::Downlink { entries } => {
+                let Some(upto) = entries.last().map(|e| e.seq) else {
+                    return Ok(());
+                };
+                if upto <= self.downlink_delivered {
+                    // A resend of what this session already delivered: acknowledge again.
+                    return Ok(Frame::DownlinkAck { upto }.encode(out)?);
+                }
+                let fresh: Vec<_> = entries
+                    .into_iter()
+                    .filter(|e| e.seq > self.downlink_delivered)
+                    .collect();
+                let published = self
+                    .uplink
+                    .delivery
+                    .lock()
+                    .await
+                    .deliver(&fresh, crate::ingest::now_ms())
+                    .await
+                    .map_err(UplinkError::Downlink)?;
+                debug!(
+                    upto,
+                    published, "downlink batch delivered to the local broker"
+                );
+                self.downlink_delivered = upto;
+                Ok(Frame::DownlinkAck { upto }.encode(out)?)
             }
             Frame::Ping { nonce } => Ok(Frame::Pong { nonce }.encode(out)?),
             Frame::Pong { .. } => Ok(()),

@@ -78,6 +78,8 @@ pub struct HubSpec {
     pub sites: Vec<(String, String)>,
     /// Extra `key = value` lines for the `[broker]` table (e.g. `max_log_per_filter = "4MiB"`).
     pub broker_extra: Vec<String>,
+    /// TOML appended at the end, e.g. `[[routes]]` tables.
+    pub tail: Vec<String>,
     /// `tracing` filter.
     pub log: String,
 }
@@ -97,6 +99,7 @@ impl HubSpec {
                 .map(|s| ((*s).to_owned(), "acme/plant1/{site}".to_owned()))
                 .collect(),
             broker_extra: Vec::new(),
+            tail: Vec::new(),
             log: "info".to_owned(),
         }
     }
@@ -126,6 +129,9 @@ impl HubSpec {
                 quote(name),
                 quote(namespace)
             );
+        }
+        for block in &self.tail {
+            let _ = writeln!(out, "{block}");
         }
         out
     }

@@ -65,6 +65,16 @@ pub(crate) async fn run(
     let routes = Arc::clone(&ingest.routes);
     let select: Select = Arc::new(move |topic: &str| routes.decide(topic).is_some());
     let site = Arc::clone(&ingest.site);
+    // Downlink messages go to rumqttd's internal port, behind the front, so they are never captured again.
+    ingest
+        .downlink_target
+        .send_replace(Some(super::deliver::Target {
+            client_id: format!("meshbridge-{site}-downlink"),
+            host: broker.v5_addr.ip().to_string(),
+            port: broker.v5_addr.port(),
+            credentials: None,
+            transport: None,
+        }));
     // Ends by itself once the front (the only sender) is gone, after answering every request it took.
     let commits = tokio::spawn(ingest.run_front_commits(commits_rx));
     info!(%listen, internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, %site, mode = "embedded", "ready");

@@ -28,6 +28,7 @@
 //!
 //! The EventLoop is polled by this task alone and never blocked: commits and acks run in the ingest task.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,6 +98,30 @@ pub(crate) async fn run(
         )));
     }
     let (client, mut eventloop) = AsyncClient::new(options, REQUESTS);
+    // Downlink messages are published on a connection of their own; see `deliver`.
+    let transport = match &cfg.tls {
+        Some(t) => {
+            let client_auth = t.cert.as_deref().zip(t.key.as_deref());
+            let config = meshbridge_tls::mqtt_client_config(&t.ca, client_auth)
+                .map_err(AgentError::BrokerTls)?;
+            Some(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(config),
+            )))
+        }
+        None => None,
+    };
+    ingest
+        .downlink_target
+        .send_replace(Some(super::deliver::Target {
+            client_id: format!("{client_id}-downlink"),
+            host: cfg.address.host().to_owned(),
+            port: cfg.address.port(),
+            credentials: cfg
+                .username
+                .clone()
+                .zip(cfg.password.as_ref().map(|p| p.expose().to_owned())),
+            transport,
+        }));
     warn!(
         broker = %cfg.address,
         "an external broker may drop messages it queued for the agent's session when the agent falls \
@@ -116,6 +141,9 @@ pub(crate) async fn run(
     let mut publishes = Some(publishes_tx);
     let mut dropped_seen: Option<u64> = None;
     let mut ready = false;
+    let mut connected = false;
+    let mut subscribed = BTreeSet::new();
+    let mut routes_changed = ingest.routes.subscribe();
     let mut backoff = RECONNECT_MIN;
     let ingest_result = loop {
         tokio::select! {
@@ -126,13 +154,25 @@ pub(crate) async fn run(
                 stop_retrying.cancel();
             }
             joined = &mut ingest_task => break joined,
+            changed = routes_changed.changed() => {
+                // The hub pushed a config: follow its captures on the broker, without reconnecting.
+                if changed.is_ok() && connected {
+                    sync_subscriptions(&client, &ingest, &mut subscribed);
+                }
+            }
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = RECONNECT_MIN;
                     info!(broker = %cfg.address, %client_id, session_present = ack.session_present, "connected to the site broker");
+                    connected = true;
                     if !ack.session_present {
-                        subscribe(&client, &ingest);
+                        subscribed.clear();
+                        subscribe_dropped(&client);
                     }
+                    // A resumed session keeps what it subscribed to, but the routes may have changed
+                    // while the agent was away: subscribing again is harmless, and filters this process
+                    // never knew of only bring messages no route takes (acknowledged, not forwarded).
+                    sync_subscriptions(&client, &ingest, &mut subscribed);
                     if !ready {
                         ready = true;
                         info!(broker = %cfg.address, site = %ingest.site, mode = "external", "ready");
@@ -160,6 +200,7 @@ pub(crate) async fn run(
                 }
                 Ok(_) => {}
                 Err(cause) => {
+                    connected = false;
                     warn!(broker = %cfg.address, %cause, retry_in = ?backoff, "site broker connection failed");
                     tokio::select! {
                         () = shutdown.cancelled(), if publishes.is_some() => {
@@ -215,20 +256,38 @@ impl Qos0Drops {
     }
 }
 
-/// Asks for QoS 1 on every route filter plus the broker's drop counter.
-fn subscribe(client: &AsyncClient, ingest: &Ingest) {
-    let filters: Vec<Filter> = ingest
-        .routes
-        .filters()
-        .map(|f| Filter::new(f, MqttQoS::AtLeastOnce))
-        .chain(std::iter::once(Filter::new(
-            DROPPED_TOPIC,
-            MqttQoS::AtMostOnce,
-        )))
-        .collect();
-    if let Err(cause) = client.try_subscribe_many(filters) {
-        warn!(%cause, "cannot subscribe to the route filters");
+/// Asks for the broker's drop counter.
+fn subscribe_dropped(client: &AsyncClient) {
+    if let Err(cause) = client.try_subscribe(DROPPED_TOPIC, MqttQoS::AtMostOnce) {
+        warn!(%cause, "cannot subscribe to the broker's drop counter");
     }
+}
+
+/// Subscribes (QoS 1) to the route filters in force that `subscribed` lacks and unsubscribes from those
+/// no longer in force.
+fn sync_subscriptions(client: &AsyncClient, ingest: &Ingest, subscribed: &mut BTreeSet<String>) {
+    let wanted: BTreeSet<String> = ingest.routes.load().filters().map(str::to_owned).collect();
+    let added: Vec<Filter> = wanted
+        .difference(subscribed)
+        .map(|f| Filter::new(f.clone(), MqttQoS::AtLeastOnce))
+        .collect();
+    if !added.is_empty() {
+        if let Err(cause) = client.try_subscribe_many(added) {
+            warn!(%cause, "cannot subscribe to the route filters");
+            return;
+        }
+    }
+    for filter in subscribed.difference(&wanted) {
+        if let Err(cause) = client.try_unsubscribe(filter.clone()) {
+            warn!(%cause, %filter, "cannot unsubscribe from a filter no route uses any more");
+        }
+    }
+    info!(
+        filters = wanted.len(),
+        version = ingest.routes.version(),
+        "subscribed to the route filters in force"
+    );
+    *subscribed = wanted;
 }
 
 /// Warns when the broker's drop counter goes up.
@@ -350,6 +409,14 @@ fn add(group: &mut Group, ingest: &Ingest, publish: &mut Publish) {
         debug!(%topic, "no route matches; acknowledged but not forwarded");
         return;
     };
+    if publish
+        .properties
+        .as_ref()
+        .is_some_and(|p| super::deliver::arrived_from_the_mesh(&ingest.site, &p.user_properties))
+    {
+        debug!(%topic, "delivered here by the mesh (downlink or site-to-site); not forwarded again");
+        return;
+    }
     if let Err(refusal) = ingest.limits.check(
         topic.len(),
         publish.payload.len(),

@@ -8,5 +8,6 @@
 //! Both run until the shutdown token is cancelled and return only after every message they took has been
 //! committed (or refused), so the uplink can drain afterwards.
 
+pub(crate) mod deliver;
 pub(crate) mod embedded;
 pub(crate) mod external;

@@ -43,6 +43,46 @@ pub struct HubConfig {
     /// configs written before routes existed still load.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,
+    /// The durable per-site queues of messages bound for sites (downlink and site-to-site routes).
+    #[serde(default)]
+    pub downlink: DownlinkConfig,
+}
+
+/// Bounds of each site's downlink queue at the hub (`data_dir/downlink/<site>.redb`), which holds what is
+/// bound for a site until its agent has handed it to the site broker, across an offline site and a hub
+/// restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownlinkConfig {
+    /// Most bytes queued per site.
+    #[serde(default = "default_downlink_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Messages older than this are dropped (and counted) instead of delivered; a route's `ttl` may be
+    /// shorter.
+    #[serde(default = "default_downlink_max_age", with = "humantime_serde")]
+    pub max_age: std::time::Duration,
+    /// What happens when a site's queue is full: `block` stops taking messages from the cloud broker
+    /// (which keeps them, or drops them by its own policy); `drop-oldest` makes room, counted.
+    #[serde(default)]
+    pub full_policy: super::FullPolicy,
+}
+
+impl Default for DownlinkConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_downlink_max_bytes(),
+            max_age: default_downlink_max_age(),
+            full_policy: super::FullPolicy::Block,
+        }
+    }
+}
+
+fn default_downlink_max_bytes() -> ByteSize {
+    ByteSize::mib(64)
+}
+
+fn default_downlink_max_age() -> std::time::Duration {
+    std::time::Duration::from_secs(7 * 24 * 3600)
 }
 
 /// The QUIC listener.
@@ -202,6 +242,18 @@ impl HubConfig {
         }
         self.validate_sites(&mut report);
         let _ = compile_routes(self, &mut report);
+        report.size_range(
+            "downlink.max_bytes",
+            self.downlink.max_bytes,
+            ByteSize::mib(1),
+            ByteSize::gib(1024),
+        );
+        report.duration_range(
+            "downlink.max_age",
+            self.downlink.max_age,
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(10 * 365 * 24 * 3600),
+        );
         report.finish()
     }
 

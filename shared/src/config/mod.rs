@@ -43,7 +43,10 @@ pub use agent::{
 pub use broker::{BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, ServerTls};
 pub use diff::{Change, HubConfigDiff, NamedChange, VersionChange};
 pub use effective::{version_of, Accept, Capture, EffectiveConfig, PushedConfig, EFFECTIVE_FORMAT};
-pub use hub::{load_hub, DedupConfig, HubConfig, HubTls, LimitsConfig, ListenConfig, SiteConfig};
+pub use hub::{
+    load_hub, DedupConfig, DownlinkConfig, HubConfig, HubTls, LimitsConfig, ListenConfig,
+    SiteConfig,
+};
 pub use load::{ConfigError, ConfigSource, ENV_PREFIX, ENV_SPLIT};
 pub(crate) use route::compile;
 pub use route::{
