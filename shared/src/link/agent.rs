@@ -496,7 +496,8 @@ impl AgentLink {
         self.actions.pop_front()
     }
 
-    /// The queue holds entries up to `upto` (its `next_seq - 1`, or less if a read found nothing).
+    /// The queue holds entries up to `upto` (its `next_seq - 1`, or less if a read found nothing;
+    /// `u64::MAX` when new entries were appended and the shell would rather read than count them).
     pub fn queue_written(&mut self, upto: u64) {
         if let Some(open) = self.open_mut() {
             open.available = upto;
@@ -582,6 +583,18 @@ impl AgentLink {
         self.open().is_some_and(|o| {
             o.acked_any || now.saturating_duration_since(o.welcomed_at) >= healthy_after
         })
+    }
+
+    /// Whether the hub acknowledged anything on the current connection.
+    pub fn acked_any(&self) -> bool {
+        self.open().is_some_and(|o| o.acked_any)
+    }
+
+    /// Whether the current connection could send more if the queue had more: open, not stopping, window
+    /// not full. The shell waits for new entries only then.
+    pub fn wants_data(&self) -> bool {
+        self.open()
+            .is_some_and(|o| o.stopping.is_none() && o.inflight.len() < self.cfg.window)
     }
 
     /// Batches sent and not yet acknowledged on the current connection.
