@@ -1,18 +1,23 @@
 //! One agent connection: handshake checks, `Hello`/`Welcome`, then batches → dedup → namespace → publish →
 //! persist dedup → `Ack`, pipelined and in order.
 //!
-//! The connection runs two futures in one task, joined:
-//! - the *reader* decodes frames, filters each `Batch` through the site's dedup window, maps topics into the
-//!   site's namespace and hands the batch to the publisher without waiting for the broker, so batch N+1 is
-//!   being published while batch N waits for its PUBACKs;
-//! - the *acker* takes the batches in arrival order, waits for each one's broker completion, groups every
-//!   batch already complete behind it, marks their seqs in the dedup window, commits the site's dedup state
-//!   once for the group, and only then writes their `Ack`s.
+//! The protocol (which frame may come when, what is acknowledged, when to say `GoAway`) is the link
+//! machine's, `shared::link::hub::HubConn`; this task moves bytes and does the hub's work for it, in one
+//! `select!` loop:
+//! - frames read go into the machine; each `PublishBatch` it emits is filtered through the site's dedup
+//!   window, mapped into the site's namespace and handed to the publisher without waiting for the broker,
+//!   so batch N+1 is being published while batch N waits for its PUBACKs;
+//! - batches complete in arrival order; every batch already complete behind the first is grouped, their
+//!   seqs are marked in the dedup window, the site's dedup state is committed once for the group (while
+//!   reading goes on), and only then does the machine get `committed`, which writes the `Refused` frames
+//!   and `Ack`s.
 //!
 //! Identity is the client certificate's ([`crate::tls::site_identity`]); the `origin` inside entry bodies
 //! and the `agent_name` in `Hello` are never trusted (they are only logged when they disagree).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -22,11 +27,13 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS as MqttQoS;
 use shared::envelope::{Envelope, QoS};
+use shared::link::hub::{Admission, HubConfig, HubConn, HubEnd, HubEvent, Resume};
+use shared::link::{ProtocolViolation, Refusal as LinkRefusal};
 use shared::policy::dedup::Dedup;
 use shared::topic::{Namespace, TopicName};
-use shared::wire::{self, Capabilities, DecodeError, Frame, GoAwayCode, SUPPORTED};
+use shared::wire::{self, Capabilities, DecodeError, Frame, GoAwayCode};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -135,6 +142,37 @@ pub(crate) async fn serve(hub: Arc<Hub>, incoming: quinn::Incoming, stops: Stops
 }
 
 async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: tracing::Span) {
+    // Identity: the certificate only, known before any byte of the stream; the link machine answers
+    // `Hello` with `GoAway{Unauthorized}` if it names no site we serve.
+    let identity = tls::site_identity(&conn);
+    let (admission, site) = match &identity {
+        Ok(name) => {
+            span.record("site", name.as_str());
+            match hub.sites.get(name.as_str()).cloned() {
+                Some(site) => (
+                    Admission::Site {
+                        max_topic_len: u16::try_from(site.namespace.local_topic_room())
+                            .unwrap_or(u16::MAX),
+                    },
+                    Some(site),
+                ),
+                None => (
+                    Admission::Unauthorized {
+                        reason: format!("site {name} is not configured on this hub"),
+                    },
+                    None,
+                ),
+            }
+        }
+        Err(error) => (
+            Admission::Unauthorized {
+                reason: format!("unusable client certificate: {error}"),
+            },
+            None,
+        ),
+    };
+    let mut link = HubConn::new(now(), link_config(&hub), admission);
+
     let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
         let (send, mut recv) = conn.accept_bi().await?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -155,85 +193,66 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             return;
         }
     };
-    let Some(Frame::Hello {
-        versions,
-        capabilities,
-        agent_name,
-        incarnation,
-        last_acked,
-        ..
-    }) = hello
-    else {
-        let what = hello.map_or("end of stream", |f| f.frame_type().name());
-        warn!(frame = what, "agent did not start with Hello");
-        go_away(
-            &mut send,
-            &conn,
+    let Some(hello) = hello else {
+        warn!(frame = "end of stream", "agent did not start with Hello");
+        link.close(
             GoAwayCode::ProtocolError,
-            &format!("expected Hello, got {what}"),
-        )
-        .await;
+            "expected Hello, got end of stream".into(),
+        );
+        go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await;
         return;
     };
-
-    // Identity: the certificate only.
-    let site = match tls::site_identity(&conn) {
-        Ok(site) => site,
-        Err(error) => {
-            error!(cause = %error, "agent certificate names no usable site");
-            go_away(
-                &mut send,
-                &conn,
-                GoAwayCode::Unauthorized,
-                &format!("unusable client certificate: {error}"),
-            )
-            .await;
+    link.handle_frame(hello, now());
+    let (agent_name, version, capabilities, incarnation, last_acked) = match link.poll_event() {
+        Some(HubEvent::Hello {
+            agent_name,
+            version,
+            capabilities,
+            incarnation,
+            last_acked,
+            ..
+        }) => (agent_name, version, capabilities, incarnation, last_acked),
+        other => {
+            match other {
+                Some(HubEvent::Closed {
+                    end: HubEnd::Refused { code, reason },
+                }) => match code {
+                    GoAwayCode::IncompatibleVersion => {
+                        error!(cause = %reason, "refusing agent: incompatible protocol version");
+                    }
+                    _ if identity.is_err() => {
+                        error!(cause = %reason, "agent certificate names no usable site");
+                    }
+                    _ => error!("refusing agent: {reason}"),
+                },
+                Some(HubEvent::Closed {
+                    end: HubEnd::Protocol(violation),
+                }) => warn!(cause = %violation, "agent did not start with Hello"),
+                _ => {}
+            }
+            go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await;
             return;
         }
     };
-    span.record("site", site.as_str());
-    let Some(site) = hub.sites.get(site.as_str()).cloned() else {
-        let reason = format!("site {site} is not configured on this hub");
-        error!(agent_name = %agent_name, "refusing agent: {reason}");
-        go_away(&mut send, &conn, GoAwayCode::Unauthorized, &reason).await;
-        return;
-    };
+    let site = site.expect("invariant: admitted agents have a site");
     if agent_name != site.name {
         warn!(agent_name = %agent_name, "agent's configured name differs from its certificate; the certificate wins");
     }
-    let version = match wire::negotiate(versions, SUPPORTED) {
-        Ok(version) => version,
-        Err(mismatch) => {
-            error!(cause = %mismatch, "refusing agent: incompatible protocol version");
-            go_away(
-                &mut send,
-                &conn,
-                GoAwayCode::IncompatibleVersion,
-                &mismatch.to_string(),
-            )
-            .await;
-            return;
-        }
-    };
 
     // Refuse before `Welcome` while the cloud broker is away: the first batch would fail anyway.
     if !hub.publisher.is_connected() {
-        let retry_after = capabilities
-            .contains(Capabilities::RETRY_AFTER)
-            .then(|| u32::try_from(UNAVAILABLE_RETRY_AFTER.as_millis()).unwrap_or(u32::MAX));
         debug!(
-            retry_after_ms = retry_after,
+            retry_after_ms = capabilities
+                .contains(Capabilities::RETRY_AFTER)
+                .then_some(UNAVAILABLE_RETRY_AFTER.as_millis()),
             "refusing agent: the cloud broker is not connected"
         );
-        go_away_with(
-            &mut send,
-            &conn,
+        link.refuse(
             GoAwayCode::Unavailable,
-            "the hub's cloud broker is not connected",
-            retry_after,
-            GOAWAY_LINGER,
-        )
-        .await;
+            "the hub's cloud broker is not connected".into(),
+            Some(UNAVAILABLE_RETRY_AFTER),
+        );
+        go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await;
         return;
     }
 
@@ -268,41 +287,39 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         }
     }
 
-    let hub_high_water = {
-        let dedup = site.dedup.lock().unwrap_or_else(PoisonError::into_inner);
-        match dedup.high_water(&site.name) {
-            Some((known, hw)) if known == incarnation => hw,
-            Some((known, hw)) => {
-                // A new queue file (new disk, wiped data directory) or an agent that found its restored
-                // copy behind this hub and renumbered above our mark: either way its numbering starts over.
-                warn!(
-                    old_incarnation = known,
-                    old_high_water = hw,
-                    incarnation,
-                    "site's queue has a new incarnation: a new, wiped or restored data directory"
-                );
-                0
-            }
-            None => 0,
+    let committed = site
+        .dedup
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .high_water(&site.name);
+    let max_topic_len = u16::try_from(site.namespace.local_topic_room()).unwrap_or(u16::MAX);
+    let hub_high_water = link.welcome(
+        now(),
+        max_topic_len,
+        Resume {
+            committed,
+            ..Resume::default()
+        },
+    );
+    while let Some(event) = link.poll_event() {
+        if let HubEvent::NewIncarnation {
+            old_incarnation,
+            old_high_water,
+            incarnation,
+        } = event
+        {
+            // A new queue file (new disk, wiped data directory) or an agent that found its restored copy
+            // behind this hub and renumbered above our mark: either way its numbering starts over.
+            warn!(
+                old_incarnation,
+                old_high_water,
+                incarnation,
+                "site's queue has a new incarnation: a new, wiped or restored data directory"
+            );
         }
-    };
-    let welcome = Frame::Welcome {
-        version,
-        capabilities: capabilities.intersection(Capabilities::EMPTY),
-        max_frame_size: u32::try_from(hub.max_frame_size).unwrap_or(u32::MAX),
-        hub_high_water,
-        config_version: 0,
-        // The limits `to_message` enforces, stated up front so the agent refuses at PUBLISH time what
-        // would otherwise be acknowledged to its publisher and dropped here (see `shared::limits`).
-        max_message_size: u32::try_from(hub.max_message_size).unwrap_or(u32::MAX),
-        max_topic_len: u16::try_from(site.namespace.local_topic_room()).unwrap_or(u16::MAX),
-    };
+    }
     let mut out = BytesMut::new();
-    let sent = match welcome.encode(&mut out) {
-        Ok(()) => send.write_all(&out).await.map_err(SessionError::from),
-        Err(e) => Err(SessionError::Encode(e)),
-    };
-    if let Err(error) = sent {
+    if let Err(error) = write_transmits(&mut link, &mut send, &mut out).await {
         info!(cause = %error, "agent left before Welcome");
     } else {
         info!(
@@ -319,57 +336,34 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             incarnation,
             stops: &stops,
             replaced: &replaced,
-            failed: CancellationToken::new(),
         };
-        let end = session.run(recv, buf, &mut send).await;
-        let (code, reason) = match &end {
-            End::Stopped if replaced.is_cancelled() => (
-                GoAwayCode::Replaced,
-                "another connection for this site took over".to_owned(),
-            ),
-            End::Stopped => (
-                GoAwayCode::ShuttingDown,
-                "the hub is shutting down".to_owned(),
-            ),
-            End::PeerGone(error) => {
-                info!(cause = %error, "agent disconnected");
-                (GoAwayCode::Normal, String::new())
-            }
-            End::PeerGoAway { code, reason } => {
-                info!(?code, %reason, "agent said GoAway");
-                (GoAwayCode::Normal, String::new())
-            }
-            End::Protocol(error) => {
-                warn!(cause = %error, "agent broke the protocol; closing");
-                (GoAwayCode::ProtocolError, error.to_string())
-            }
+        let end = session.run(&mut link, recv, buf, &mut send).await;
+        match &end {
+            End::Stopped(_) => {}
+            End::PeerGone(error) => info!(cause = %error, "agent disconnected"),
+            End::PeerGoAway { code, reason } => info!(?code, %reason, "agent said GoAway"),
+            End::Protocol(error) => warn!(cause = %error, "agent broke the protocol; closing"),
             End::Publish(error) => {
                 warn!(cause = %error, "cloud broker did not accept a batch; closing the agent connection so it resends");
-                (GoAwayCode::Overloaded, format!("cloud broker: {error}"))
             }
             End::PublishTimeout => {
                 warn!(timeout = ?PUBLISH_TIMEOUT, "cloud broker did not acknowledge a batch in time; closing the agent connection");
-                (
-                    GoAwayCode::Overloaded,
-                    "cloud broker did not acknowledge in time".to_owned(),
-                )
             }
             End::Store(error) => {
                 error!(cause = %error, "cannot persist dedup state; closing the agent connection without acking");
-                (GoAwayCode::Overloaded, "hub storage failed".to_owned())
             }
-        };
+        }
         match end {
             End::PeerGone(_) | End::PeerGoAway { .. } => conn.close(VarInt::from_u32(0), b""),
             // The site's new connection waits for this one to finish, so linger only as long as a live
             // peer needs to acknowledge the GoAway. An agent that restarted is not there to read it, and
             // lingering the full `GOAWAY_LINGER` made every restarted agent wait that long to be served; a
             // peer still there that misses it learns the same code from the connection close.
-            _ if code == GoAwayCode::Replaced => {
+            End::Stopped(GoAwayCode::Replaced) => {
                 let linger = (conn.rtt() * 4 + REPLACED_ACK_SLACK).min(GOAWAY_LINGER);
-                go_away_with(&mut send, &conn, code, &reason, None, linger).await;
+                go_away(&mut send, &conn, &mut link, linger).await;
             }
-            _ => go_away(&mut send, &conn, code, &reason).await,
+            _ => go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await,
         }
     }
 
@@ -379,37 +373,74 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     }
 }
 
+/// The link machine's settings for this hub. Nothing optional is offered yet (`Welcome` carries no
+/// capability): config push and downlink come with the route work of issue 8.
+fn link_config(hub: &Hub) -> HubConfig {
+    HubConfig {
+        max_frame_size: u32::try_from(hub.max_frame_size).unwrap_or(u32::MAX),
+        // The limit `to_message` enforces, stated up front so the agent refuses at PUBLISH time what would
+        // otherwise be acknowledged to its publisher and dropped here (see `shared::limits`).
+        max_message_size: u32::try_from(hub.max_message_size).unwrap_or(u32::MAX),
+        capabilities: Capabilities::EMPTY,
+        hello_timeout: HELLO_TIMEOUT,
+        keepalive: None,
+        downlink_window: 0,
+    }
+}
+
+/// The link machine's clock: tokio's, so that paused-time tests drive it too.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Writes every frame the link machine has queued, in one write.
+async fn write_transmits(
+    link: &mut HubConn,
+    send: &mut SendStream,
+    out: &mut BytesMut,
+) -> Result<(), SessionError> {
+    out.clear();
+    while let Some(frame) = link.poll_transmit() {
+        frame.encode(out)?;
+    }
+    if !out.is_empty() {
+        send.write_all(out).await?;
+    }
+    Ok(())
+}
+
 /// The QUIC application close code for a GoAway code (the same number).
 fn code(code: GoAwayCode) -> VarInt {
     VarInt::from_u32(code.code().into())
 }
 
-/// Sends `GoAway` as the stream's last frame, gives it a moment to arrive, then closes the connection with the
-/// same code.
-async fn go_away(send: &mut SendStream, conn: &Connection, goaway: GoAwayCode, reason: &str) {
-    go_away_with(send, conn, goaway, reason, None, GOAWAY_LINGER).await;
-}
-
-/// [`go_away`] with a retry-after, which must be `None` unless the agent announced
-/// [`Capabilities::RETRY_AFTER`] (an older agent refuses the extra bytes), and with how long the `GoAway`
-/// may take to be read before the connection is closed.
-async fn go_away_with(
-    send: &mut SendStream,
-    conn: &Connection,
-    goaway: GoAwayCode,
-    reason: &str,
-    retry_after_ms: Option<u32>,
-    linger: Duration,
-) {
+/// Writes what the closed link machine still has to say (its `GoAway`, last frame on the stream), gives it
+/// `linger` to be read, then closes the connection with the `GoAway`'s code and reason.
+async fn go_away(send: &mut SendStream, conn: &Connection, link: &mut HubConn, linger: Duration) {
     let mut buf = BytesMut::new();
-    // A reason can only be too long for its u16 prefix; then send none rather than no GoAway.
-    let frame = |reason: &str| Frame::GoAway {
-        code: goaway,
-        reason: reason.to_owned(),
-        retry_after_ms,
-    };
-    if frame(reason).encode(&mut buf).is_err() {
-        let _ = frame("").encode(&mut buf);
+    let mut close = (GoAwayCode::Normal, String::new());
+    while let Some(frame) = link.poll_transmit() {
+        if let Frame::GoAway { code, reason, .. } = &frame {
+            close = (*code, reason.clone());
+        }
+        if let Err(error) = frame.encode(&mut buf) {
+            // A reason can only be too long for its u16 prefix; then send none rather than no GoAway.
+            if let Frame::GoAway {
+                code,
+                retry_after_ms,
+                ..
+            } = frame
+            {
+                let _ = Frame::GoAway {
+                    code,
+                    reason: String::new(),
+                    retry_after_ms,
+                }
+                .encode(&mut buf);
+            } else {
+                debug!(cause = %error, "frame dropped at close");
+            }
+        }
     }
     if send.write_all(&buf).await.is_ok() && send.finish().is_ok() {
         let _ = tokio::time::timeout(linger, async {
@@ -420,7 +451,7 @@ async fn go_away_with(
         })
         .await;
     }
-    conn.close(code(goaway), reason.as_bytes());
+    conn.close(code(close.0), close.1.as_bytes());
 }
 
 /// Reads until one whole frame is decoded; `Ok(None)` when the peer finished the stream cleanly.
@@ -472,19 +503,17 @@ pub(crate) enum SessionError {
     /// The agent finished its stream (a clean end of the session from its side).
     #[error("the agent finished its stream")]
     Finished,
-    /// A frame that is not allowed after `Hello`.
-    #[error("unexpected {frame} frame")]
-    Unexpected {
-        /// Its type name.
-        frame: &'static str,
-    },
+    /// The agent broke the link protocol (a frame out of place, seqs going backwards); the link machine
+    /// answered with `GoAway{ProtocolError}`.
+    #[error("{0}")]
+    Protocol(#[from] ProtocolViolation),
 }
 
 /// Why a session ended.
 #[derive(Debug)]
 enum End {
-    /// Shutdown or replacement; in-flight batches were drained.
-    Stopped,
+    /// Shutdown or replacement (the code says which); in-flight batches were drained.
+    Stopped(GoAwayCode),
     /// The stream or connection ended under us.
     PeerGone(SessionError),
     /// The agent sent `GoAway`.
@@ -497,6 +526,17 @@ enum End {
     PublishTimeout,
     /// The dedup state could not be committed.
     Store(crate::store::StoreError),
+}
+
+impl From<HubEnd> for End {
+    fn from(end: HubEnd) -> Self {
+        match end {
+            HubEnd::Protocol(violation) => Self::Protocol(SessionError::Protocol(violation)),
+            HubEnd::PeerGoAway { code, reason } => Self::PeerGoAway { code, reason },
+            // Only `drain` closes an open link without the session choosing an `End` first.
+            other => Self::Stopped(other.code()),
+        }
+    }
 }
 
 /// A batch on its way through the pipeline.
@@ -522,12 +562,8 @@ impl Pending {
     }
 }
 
-/// What the reader hands the acker, in stream order.
-#[derive(Debug)]
-enum Item {
-    Batch(Pending),
-    Pong(u64),
-}
+/// A dedup commit in progress, with the batches it covers.
+type Saving<'a> = Pin<Box<dyn Future<Output = Result<(), crate::store::StoreError>> + Send + 'a>>;
 
 struct Session<'a> {
     hub: &'a Hub,
@@ -535,8 +571,6 @@ struct Session<'a> {
     incarnation: u64,
     stops: &'a Stops,
     replaced: &'a CancellationToken,
-    /// Cancelled by the acker when it gives up, to stop the reader.
-    failed: CancellationToken,
 }
 
 /// Per-batch counters of messages not published, and the refusals the hub decided itself.
@@ -549,56 +583,156 @@ struct Drops {
 }
 
 impl Session<'_> {
-    async fn run(&self, recv: RecvStream, buf: BytesMut, send: &mut SendStream) -> End {
-        let (tx, rx) = mpsc::channel(MAX_PENDING_BATCHES);
-        let (reader_end, acker_end) =
-            tokio::join!(self.reader(recv, buf, tx), self.acker(rx, send));
-        // The acker's failure is the root cause when both ended badly.
-        match acker_end {
-            Some(end) => end,
-            None => reader_end,
+    /// Drives the link machine: frames read go in; each `PublishBatch` is filtered, mapped and handed to
+    /// the publisher without waiting for the broker (batch N+1 is published while batch N waits for its
+    /// PUBACKs); completed batches are grouped, marked in the dedup window, committed once per group, and
+    /// only then reported to the machine, which writes their `Refused` frames and `Ack`s.
+    async fn run(
+        &self,
+        link: &mut HubConn,
+        mut recv: RecvStream,
+        mut buf: BytesMut,
+        send: &mut SendStream,
+    ) -> End {
+        let mut out = BytesMut::with_capacity(256);
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        // When the batch at the head of `pending` must be done.
+        let mut head_deadline: Option<tokio::time::Instant> = None;
+        let mut saving: Option<Saving<'_>> = None;
+        let mut saving_group: Vec<Done> = Vec::new();
+        // Why the session ends, when the shell decided it (the machine's `Closed` follows).
+        let mut end: Option<End> = None;
+        loop {
+            while let Some(event) = link.poll_event() {
+                match event {
+                    HubEvent::PublishBatch { entries } => {
+                        if let Some(p) = self.submit(entries).await {
+                            pending.push_back(p);
+                        }
+                    }
+                    HubEvent::Closed { end: closed } => {
+                        return end.take().unwrap_or_else(|| End::from(closed));
+                    }
+                    // Not negotiated (see `link_config`), so never emitted on this connection.
+                    HubEvent::Hello { .. }
+                    | HubEvent::NewIncarnation { .. }
+                    | HubEvent::ConfigApplied { .. }
+                    | HubEvent::ConfigRejected { .. }
+                    | HubEvent::DownlinkAcked { .. } => {}
+                }
+            }
+            if pending.is_empty() {
+                head_deadline = None;
+            } else if head_deadline.is_none() {
+                head_deadline = Some(tokio::time::Instant::now() + PUBLISH_TIMEOUT);
+            }
+            if link.is_closed() {
+                // Closed by the shell: its `GoAway` is written by the caller.
+                return end.take().unwrap_or(End::Stopped(GoAwayCode::Normal));
+            }
+            if let Err(error) = write_transmits(link, send, &mut out).await {
+                return End::PeerGone(error);
+            }
+            let reading = !link.is_draining() && pending.len() < MAX_PENDING_BATCHES;
+            let timeout = link.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                biased;
+                () = self.stops.shutdown.cancelled(), if !link.is_draining() => {
+                    link.drain(GoAwayCode::ShuttingDown, "the hub is shutting down".into());
+                }
+                () = self.replaced.cancelled(), if !link.is_draining() => {
+                    link.drain(GoAwayCode::Replaced, "another connection for this site took over".into());
+                }
+                () = self.stops.hard.cancelled(), if !pending.is_empty() => {
+                    end = Some(End::PublishTimeout);
+                    link.close(GoAwayCode::Overloaded, "cloud broker did not acknowledge in time".into());
+                }
+                saved = async { saving.as_mut().expect("guarded by the condition").await }, if saving.is_some() => {
+                    saving = None;
+                    match saved {
+                        Err(error) => {
+                            end = Some(End::Store(error));
+                            link.close(GoAwayCode::Overloaded, "hub storage failed".into());
+                        }
+                        Ok(()) => {
+                            for (_, upto, refused) in saving_group.drain(..) {
+                                report_refusals(&refused);
+                                let refusals = refused
+                                    .into_iter()
+                                    .map(|r| LinkRefusal {
+                                        seq: r.seq,
+                                        reason_code: r.reason_code,
+                                        detail: r.detail,
+                                    })
+                                    .collect();
+                                link.committed(upto, refusals);
+                            }
+                        }
+                    }
+                }
+                done = async { (&mut pending.front_mut().expect("guarded by the condition").done).await }, if saving.is_none() && !pending.is_empty() => {
+                    let head = pending.pop_front().expect("guarded by the condition");
+                    head_deadline = None;
+                    let mut group = match done {
+                        Err(_) => vec![Err(PublishError::Stopped)],
+                        Ok(Err(error)) => vec![Err(error)],
+                        Ok(Ok(refused)) => vec![Ok(head.finish(refused))],
+                    };
+                    // Group every batch already complete behind it: one dedup commit for all of them.
+                    while let Some(next) = pending.front_mut() {
+                        let result = match next.done.try_recv() {
+                            Ok(result) => result,
+                            Err(oneshot::error::TryRecvError::Closed) => Err(PublishError::Stopped),
+                            Err(oneshot::error::TryRecvError::Empty) => break,
+                        };
+                        let next = pending.pop_front().expect("just seen");
+                        group.push(result.map(|refused| next.finish(refused)));
+                    }
+                    match group.into_iter().collect::<Result<Vec<Done>, PublishError>>() {
+                        Err(error) => {
+                            link.close(GoAwayCode::Overloaded, format!("cloud broker: {error}"));
+                            end = Some(End::Publish(error));
+                        }
+                        Ok(group) => {
+                            let snapshot = self.observe(&group);
+                            saving_group = group;
+                            saving = Some(Box::pin(self.hub.store.save(self.site.name.clone(), snapshot)));
+                        }
+                    }
+                }
+                () = sleep_until(head_deadline), if saving.is_none() && head_deadline.is_some() => {
+                    end = Some(End::PublishTimeout);
+                    link.close(GoAwayCode::Overloaded, "cloud broker did not acknowledge in time".into());
+                }
+                () = sleep_until(timeout), if timeout.is_some() => link.handle_timeout(now()),
+                frame = read_frame(&mut recv, &mut buf, self.hub.max_frame_size), if reading => {
+                    match frame {
+                        Ok(Some(frame)) => link.handle_frame(frame, now()),
+                        Ok(None) => return End::PeerGone(SessionError::Finished),
+                        Err(error @ SessionError::Decode(_)) => {
+                            link.close(GoAwayCode::ProtocolError, error.to_string());
+                            end = Some(End::Protocol(error));
+                        }
+                        Err(error) => return End::PeerGone(error),
+                    }
+                }
+            }
         }
     }
 
-    async fn reader(&self, mut recv: RecvStream, mut buf: BytesMut, tx: mpsc::Sender<Item>) -> End {
-        loop {
-            let step = async {
-                let frame = read_frame(&mut recv, &mut buf, self.hub.max_frame_size).await;
-                match frame {
-                    Ok(Some(Frame::Batch { entries })) => {
-                        if let Some(pending) = self.submit(entries).await {
-                            // The acker only drops its receiver after failing; its End wins then.
-                            let _ = tx.send(Item::Batch(pending)).await;
-                        }
-                        None
-                    }
-                    Ok(Some(Frame::Ping { nonce })) => {
-                        let _ = tx.send(Item::Pong(nonce)).await;
-                        None
-                    }
-                    Ok(Some(Frame::Pong { .. })) => None,
-                    Ok(Some(Frame::GoAway { code, reason, .. })) => {
-                        Some(End::PeerGoAway { code, reason })
-                    }
-                    Ok(Some(other)) => Some(End::Protocol(SessionError::Unexpected {
-                        frame: other.frame_type().name(),
-                    })),
-                    Ok(None) => Some(End::PeerGone(SessionError::Finished)),
-                    Err(e @ SessionError::Decode(_)) => Some(End::Protocol(e)),
-                    Err(e) => Some(End::PeerGone(e)),
-                }
-            };
-            let end = tokio::select! {
-                biased;
-                () = self.stops.shutdown.cancelled() => Some(End::Stopped),
-                () = self.replaced.cancelled() => Some(End::Stopped),
-                () = self.failed.cancelled() => Some(End::Stopped),
-                end = step => end,
-            };
-            if let Some(end) = end {
-                return end;
+    /// Marks every seq of `group` in the site's dedup window; returns the snapshot to commit.
+    fn observe(&self, group: &[Done]) -> Vec<u8> {
+        let mut dedup = self
+            .site
+            .dedup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (seqs, _, _) in group {
+            for &seq in seqs {
+                let _ = dedup.observe(&self.site.name, self.incarnation, seq);
             }
         }
+        dedup.snapshot().encode()
     }
 
     /// Filters, maps and hands one batch to the publisher; `None` for an empty batch.
@@ -656,127 +790,32 @@ impl Session<'_> {
             done,
         })
     }
+}
 
-    /// Acknowledges batches in order; `None` when the reader ended and everything was drained.
-    async fn acker(&self, mut rx: mpsc::Receiver<Item>, send: &mut SendStream) -> Option<End> {
-        let end = self.ack_loop(&mut rx, send).await;
-        if end.is_some() {
-            self.failed.cancel();
-        }
-        end
+/// Logs a batch's refusals once, where they are handled (the agent files them as dead letters before the
+/// `Ack` lets its queue forget them).
+fn report_refusals(refused: &Refusals) {
+    if refused.is_empty() {
+        return;
     }
+    let codes: Vec<String> = refused
+        .iter()
+        .map(|r| format!("{:#04x}", r.reason_code))
+        .collect();
+    warn!(
+        count = refused.len(),
+        first_seq = refused.first().map(|r| r.seq),
+        reason_codes = %codes.join(","),
+        first_detail = refused.first().map(|r| r.detail.as_str()),
+        "messages refused for good; reported to the agent's dead-letter store"
+    );
+}
 
-    async fn ack_loop(&self, rx: &mut mpsc::Receiver<Item>, send: &mut SendStream) -> Option<End> {
-        let mut next: Option<Item> = None;
-        let mut out = BytesMut::with_capacity(256);
-        loop {
-            let item = match next.take() {
-                Some(item) => item,
-                None => rx.recv().await?,
-            };
-            let mut group = match item {
-                Item::Pong(nonce) => {
-                    if let Err(end) = self.write(send, &mut out, &[Frame::Pong { nonce }]).await {
-                        return Some(end);
-                    }
-                    continue;
-                }
-                Item::Batch(mut pending) => {
-                    let waited = tokio::select! {
-                        () = self.stops.hard.cancelled() => return Some(End::PublishTimeout),
-                        waited = tokio::time::timeout(PUBLISH_TIMEOUT, &mut pending.done) => waited,
-                    };
-                    match waited {
-                        Err(_) => return Some(End::PublishTimeout),
-                        Ok(Err(_)) => return Some(End::Publish(PublishError::Stopped)),
-                        Ok(Ok(Err(error))) => return Some(End::Publish(error)),
-                        Ok(Ok(Ok(refused))) => vec![pending.finish(refused)],
-                    }
-                }
-            };
-            // Group every batch already complete behind it: one dedup commit for all of them.
-            while let Ok(item) = rx.try_recv() {
-                match item {
-                    Item::Batch(mut pending) => match pending.done.try_recv() {
-                        Ok(Ok(refused)) => group.push(pending.finish(refused)),
-                        Ok(Err(error)) => return Some(End::Publish(error)),
-                        Err(oneshot::error::TryRecvError::Closed) => {
-                            return Some(End::Publish(PublishError::Stopped))
-                        }
-                        Err(oneshot::error::TryRecvError::Empty) => {
-                            next = Some(Item::Batch(pending));
-                            break;
-                        }
-                    },
-                    pong @ Item::Pong(_) => {
-                        next = Some(pong);
-                        break;
-                    }
-                }
-            }
-            let snapshot = {
-                let mut dedup = self
-                    .site
-                    .dedup
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                for (seqs, _, _) in &group {
-                    for &seq in seqs {
-                        let _ = dedup.observe(&self.site.name, self.incarnation, seq);
-                    }
-                }
-                dedup.snapshot().encode()
-            };
-            if let Err(error) = self.hub.store.save(self.site.name.clone(), snapshot).await {
-                return Some(End::Store(error));
-            }
-            // Each batch's refusals go before its Ack: the agent files them as dead letters before the Ack
-            // lets its queue forget them.
-            let mut frames = Vec::with_capacity(group.len());
-            for (_, upto, refused) in group {
-                if !refused.is_empty() {
-                    let codes: Vec<String> = refused
-                        .iter()
-                        .map(|r| format!("{:#04x}", r.reason_code))
-                        .collect();
-                    warn!(
-                        count = refused.len(),
-                        first_seq = refused.first().map(|r| r.seq),
-                        reason_codes = %codes.join(","),
-                        first_detail = refused.first().map(|r| r.detail.as_str()),
-                        "messages refused for good; reported to the agent's dead-letter store"
-                    );
-                }
-                let mut refused = refused;
-                refused.sort_by_key(|r| r.seq);
-                frames.extend(refused.into_iter().map(|r| Frame::Refused {
-                    seq: r.seq,
-                    reason_code: r.reason_code,
-                    detail: r.detail,
-                }));
-                frames.push(Frame::Ack { upto });
-            }
-            if let Err(end) = self.write(send, &mut out, &frames).await {
-                return Some(end);
-            }
-        }
-    }
-
-    async fn write(
-        &self,
-        send: &mut SendStream,
-        out: &mut BytesMut,
-        frames: &[Frame],
-    ) -> Result<(), End> {
-        out.clear();
-        for frame in frames {
-            frame
-                .encode(out)
-                .map_err(|e| End::Protocol(SessionError::Encode(e)))?;
-        }
-        send.write_all(out)
-            .await
-            .map_err(|e| End::PeerGone(SessionError::Write(e)))
+/// Sleeps until `at`; only polled when `at` is `Some`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -208,10 +208,8 @@ struct Hello {
 struct Open {
     capabilities: Capabilities,
     hub_high_water: u64,
-    /// Highest uplink seq received on this connection (the high-water mark before any).
-    received: u64,
-    /// Highest uplink seq acknowledged on this connection.
-    committed: u64,
+    /// Last seq of every batch received and not yet committed, oldest first.
+    uncommitted: VecDeque<u64>,
     draining: Option<(GoAwayCode, String)>,
     config: Option<ConfigOffer>,
     config_rejected: Option<u64>,
@@ -340,8 +338,7 @@ impl HubConn {
         self.phase = Phase::Open(Box::new(Open {
             capabilities,
             hub_high_water,
-            received: hub_high_water,
-            committed: hub_high_water,
+            uncommitted: VecDeque::new(),
             draining: None,
             config: None,
             config_rejected: resume.config_rejected,
@@ -371,11 +368,13 @@ impl HubConn {
                     // The shell stopped reading; whatever still arrives is resent on the next connection.
                     return Ok(());
                 }
-                match increasing(entries.iter().map(|e| e.seq), open.received) {
+                // Seqs at or below ones already received (a replay after a lost `Ack`) are accepted: the
+                // shell's dedup window drops them and the batch is acknowledged again.
+                match increasing(entries.iter().map(|e| e.seq), 0) {
                     Err(v) => violation(v),
                     Ok(None) => Ok(()),
                     Ok(Some(last)) => {
-                        open.received = last;
+                        open.uncommitted.push_back(last);
                         self.events.push_back(HubEvent::PublishBatch { entries });
                         Ok(())
                     }
@@ -434,15 +433,16 @@ impl HubConn {
         }
     }
 
-    /// The batch ending at `upto` (the last seq of a [`HubEvent::PublishBatch`], reported in order) is
-    /// published and its mark durable; `refusals` are its entries that will never be published. Queues
-    /// their `Refused` frames, then the `Ack`.
+    /// The oldest batch not committed yet, ending at `upto` (the last seq of its
+    /// [`HubEvent::PublishBatch`]), is published and its mark durable; `refusals` are its entries that will
+    /// never be published. Queues their `Refused` frames, then the `Ack`. A report that is not about that
+    /// batch is ignored.
     pub fn committed(&mut self, upto: u64, mut refusals: Vec<Refusal>) {
         let Some(open) = self.open_mut() else { return };
-        if upto <= open.committed || upto > open.received {
+        if open.uncommitted.front() != Some(&upto) {
             return;
         }
-        open.committed = upto;
+        open.uncommitted.pop_front();
         refusals.sort_by_key(|r| r.seq);
         for r in refusals {
             self.transmits.push_back(Frame::Refused {
@@ -587,10 +587,9 @@ impl HubConn {
         self.open().is_some_and(|o| o.draining.is_some())
     }
 
-    /// Uplink batches received and not committed yet (by their last seqs, the count is not kept): whether
-    /// any is outstanding.
-    pub fn has_uncommitted(&self) -> bool {
-        self.open().is_some_and(|o| o.committed < o.received)
+    /// Uplink batches received and not committed yet.
+    pub fn uncommitted_batches(&self) -> usize {
+        self.open().map_or(0, |o| o.uncommitted.len())
     }
 
     /// The high-water mark announced in `Welcome`.
@@ -614,7 +613,7 @@ impl HubConn {
 
     fn drained_check(&mut self) {
         let done = match self.open() {
-            Some(open) if open.committed >= open.received => open.draining.clone(),
+            Some(open) if open.uncommitted.is_empty() => open.draining.clone(),
             _ => None,
         };
         if let Some((code, reason)) = done {
