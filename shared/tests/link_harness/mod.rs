@@ -1,6 +1,5 @@
 //! An in-memory world for the link machines (`shared::link`): one agent, the hub's connections for its
-//! site, the network between them and a virtual clock, in the shape of quinn-proto's `Pair` and raft-rs's
-//! `Network`. The shells are models: a queue of message ids numbered by seq, a cloud broker that publishes
+//! site, the network between them and a virtual clock. The shells are models: a queue of message ids numbered by seq, a cloud broker that publishes
 //! (and refuses every message whose id is 3 mod 7), a local broker that takes downlink messages, a config
 //! applier that refuses bodies containing "bad".
 //!
@@ -162,8 +161,9 @@ pub struct World {
     downlink_acked: u64,
     downlink_next: u64,
     next_dl_msg: u64,
-    /// Refusals whose `Refused` was lost with a connection after the hub committed them: the resume skip
-    /// acknowledges them with no dead letter (a known limit, counted, see the README of issue 8's report).
+    /// Refusals whose `Refused` was lost with a connection after the hub committed them: the next
+    /// `Welcome`'s high-water mark covers them, so the resume skip acknowledges them with no dead letter.
+    /// The protocol cannot avoid it (the hub keeps no refusal once committed); counted, not failed.
     pub refusals_lost_at_resume: usize,
     /// Messages appended after a restore on seqs the hub had committed (undetectable by the protocol).
     pub at_risk_after_restore: usize,
