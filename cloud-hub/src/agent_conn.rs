@@ -630,10 +630,16 @@ impl Session<'_> {
                 // Closed by the shell: its `GoAway` is written by the caller.
                 return end.take().unwrap_or(End::Stopped(GoAwayCode::Normal));
             }
+            if matches!(end, Some(End::PeerGone(_))) && pending.is_empty() && saving.is_none() {
+                // The agent left; what it had sent is published and committed (so its resend is
+                // dropped as a duplicate), and there is nobody to tell.
+                return end.take().expect("just matched");
+            }
             if let Err(error) = write_transmits(link, send, &mut out).await {
                 return End::PeerGone(error);
             }
-            let reading = !link.is_draining() && pending.len() < MAX_PENDING_BATCHES;
+            let reading =
+                end.is_none() && !link.is_draining() && pending.len() < MAX_PENDING_BATCHES;
             let timeout = link.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
@@ -708,12 +714,13 @@ impl Session<'_> {
                 frame = read_frame(&mut recv, &mut buf, self.hub.max_frame_size), if reading => {
                     match frame {
                         Ok(Some(frame)) => link.handle_frame(frame, now()),
-                        Ok(None) => return End::PeerGone(SessionError::Finished),
+                        // Stop reading but finish the batches in flight, as for a shutdown.
+                        Ok(None) => end = Some(End::PeerGone(SessionError::Finished)),
                         Err(error @ SessionError::Decode(_)) => {
-                            link.close(GoAwayCode::ProtocolError, error.to_string());
+                            link.drain(GoAwayCode::ProtocolError, error.to_string());
                             end = Some(End::Protocol(error));
                         }
-                        Err(error) => return End::PeerGone(error),
+                        Err(error) => end = Some(End::PeerGone(error)),
                     }
                 }
             }
