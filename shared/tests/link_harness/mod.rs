@@ -108,8 +108,6 @@ struct Link {
     closing_by_agent: bool,
     /// The hub ended it.
     closing_by_hub: bool,
-    /// The agent process it belonged to is gone: nothing on it can reach the agent any more.
-    orphaned: bool,
     /// Frames of a dead connection that may still arrive.
     stale_to_hub: VecDeque<Frame>,
     stale_to_agent: VecDeque<Frame>,
@@ -443,7 +441,7 @@ impl World {
             if !self.links[i].dead {
                 self.cut(i, 0);
             }
-            self.links[i].orphaned = true;
+            // Nothing of the old process's connections can reach the new process.
             self.links[i].stale_to_agent.clear();
         }
         if let Some(snapshot) = restore {
@@ -601,7 +599,6 @@ impl World {
                 dead: false,
                 closing_by_agent: false,
                 closing_by_hub: false,
-                orphaned: false,
                 stale_to_hub: VecDeque::new(),
                 stale_to_agent: VecDeque::new(),
             });
@@ -907,10 +904,9 @@ impl World {
         for i in 0..self.links.len() {
             while let Some(frame) = self.links[i].hub.poll_transmit() {
                 progress = true;
-                if self.links[i].orphaned {
-                    // Nobody to read it.
-                } else if self.links[i].dead {
-                    self.links[i].stale_to_agent.push_back(frame);
+                if self.links[i].dead {
+                    // Written into a connection that is already cut: never arrives (only what was in
+                    // flight at the cut may, and a stream cannot skip a frame to deliver a later one).
                 } else {
                     let at = self.arrival(&self.links[i].to_agent);
                     self.links[i].to_agent.push_back((at, frame));
