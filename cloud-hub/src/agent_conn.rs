@@ -1,18 +1,23 @@
 //! One agent connection: handshake checks, `Hello`/`Welcome`, then batches → dedup → namespace → publish →
 //! persist dedup → `Ack`, pipelined and in order.
 //!
-//! The connection runs two futures in one task, joined:
-//! - the *reader* decodes frames, filters each `Batch` through the site's dedup window, maps topics into the
-//!   site's namespace and hands the batch to the publisher without waiting for the broker, so batch N+1 is
-//!   being published while batch N waits for its PUBACKs;
-//! - the *acker* takes the batches in arrival order, waits for each one's broker completion, groups every
-//!   batch already complete behind it, marks their seqs in the dedup window, commits the site's dedup state
-//!   once for the group, and only then writes their `Ack`s.
+//! The protocol (which frame may come when, what is acknowledged, when to say `GoAway`) is the link
+//! machine's, `shared::link::hub::HubConn`; this task moves bytes and does the hub's work for it, in one
+//! `select!` loop:
+//! - frames read go into the machine; each `PublishBatch` it emits is filtered through the site's dedup
+//!   window, mapped into the site's namespace and handed to the publisher without waiting for the broker,
+//!   so batch N+1 is being published while batch N waits for its PUBACKs;
+//! - batches complete in arrival order; every batch already complete behind the first is grouped, their
+//!   seqs are marked in the dedup window, the site's dedup state is committed once for the group (while
+//!   reading goes on), and only then does the machine get `committed`, which writes the `Refused` frames
+//!   and `Ack`s.
 //!
 //! Identity is the client certificate's ([`crate::tls::site_identity`]); the `origin` inside entry bodies
 //! and the `agent_name` in `Hello` are never trusted (they are only logged when they disagree).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -21,19 +26,21 @@ use bytes::BytesMut;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS as MqttQoS;
-use shared::config::{EffectiveConfig, PushedConfig};
+use shared::config::EffectiveConfig;
 use shared::envelope::{Envelope, QoS};
+use shared::link::hub::{Admission, ConfigOffer, HubConfig, HubConn, HubEnd, HubEvent, Resume};
+use shared::link::{ProtocolViolation, Refusal as LinkRefusal};
 use shared::policy::dedup::Dedup;
 use shared::policy::route::{Message as RouteMessage, RouteTable, Target};
 use shared::queue::Queue as _;
 use shared::topic::{Namespace, TopicName};
-use shared::wire::{self, Capabilities, DecodeError, Frame, GoAwayCode, SUPPORTED};
+use shared::wire::{self, Capabilities, DecodeError, Frame, GoAwayCode};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::downlink::{encode_delivery, Dedups, DownlinkStore, Routes};
+use crate::downlink::{encode_delivery, Dedups, DownlinkStore, Routes, SiteDownlink};
 use crate::publisher::{OutMessage, PublishError, Publisher, Refusal, Refusals};
 use crate::store::DedupStore;
 use crate::tls;
@@ -55,8 +62,8 @@ const REPLACED_ACK_SLACK: Duration = Duration::from_millis(50);
 /// backoff. One attempt per second per site (the agent adds up to half of it as jitter) is cheap for the hub,
 /// and delivery resumes at most about this long after the broker is back.
 const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(1);
-/// What the hub offers: config push and downlink (retry-after needs no answer).
-const HUB_CAPABILITIES: Capabilities = Capabilities::CONFIG_PUSH.union(Capabilities::DOWNLINK);
+/// `Downlink` frames in flight per connection before the agent's `DownlinkAck`.
+const DOWNLINK_WINDOW: usize = 2;
 /// Most messages in one `Downlink` frame.
 const DOWNLINK_BATCH: usize = 256;
 /// Batches read but not yet acknowledged, per connection; beyond it the reader stops (QUIC flow control).
@@ -154,6 +161,37 @@ pub(crate) async fn serve(hub: Arc<Hub>, incoming: quinn::Incoming, stops: Stops
 }
 
 async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: tracing::Span) {
+    // Identity: the certificate only, known before any byte of the stream; the link machine answers
+    // `Hello` with `GoAway{Unauthorized}` if it names no site we serve.
+    let identity = tls::site_identity(&conn);
+    let (admission, site) = match &identity {
+        Ok(name) => {
+            span.record("site", name.as_str());
+            match hub.sites.get(name.as_str()).cloned() {
+                Some(site) => (
+                    Admission::Site {
+                        max_topic_len: u16::try_from(site.namespace.local_topic_room())
+                            .unwrap_or(u16::MAX),
+                    },
+                    Some(site),
+                ),
+                None => (
+                    Admission::Unauthorized {
+                        reason: format!("site {name} is not configured on this hub"),
+                    },
+                    None,
+                ),
+            }
+        }
+        Err(error) => (
+            Admission::Unauthorized {
+                reason: format!("unusable client certificate: {error}"),
+            },
+            None,
+        ),
+    };
+    let mut link = HubConn::new(now(), link_config(&hub), admission);
+
     let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
         let (send, mut recv) = conn.accept_bi().await?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -174,85 +212,66 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             return;
         }
     };
-    let Some(Frame::Hello {
-        versions,
-        capabilities,
-        agent_name,
-        incarnation,
-        last_acked,
-        config_version,
-    }) = hello
-    else {
-        let what = hello.map_or("end of stream", |f| f.frame_type().name());
-        warn!(frame = what, "agent did not start with Hello");
-        go_away(
-            &mut send,
-            &conn,
+    let Some(hello) = hello else {
+        warn!(frame = "end of stream", "agent did not start with Hello");
+        link.close(
             GoAwayCode::ProtocolError,
-            &format!("expected Hello, got {what}"),
-        )
-        .await;
+            "expected Hello, got end of stream".into(),
+        );
+        go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await;
         return;
     };
-
-    // Identity: the certificate only.
-    let site = match tls::site_identity(&conn) {
-        Ok(site) => site,
-        Err(error) => {
-            error!(cause = %error, "agent certificate names no usable site");
-            go_away(
-                &mut send,
-                &conn,
-                GoAwayCode::Unauthorized,
-                &format!("unusable client certificate: {error}"),
-            )
-            .await;
+    link.handle_frame(hello, now());
+    let (agent_name, version, capabilities, incarnation, last_acked) = match link.poll_event() {
+        Some(HubEvent::Hello {
+            agent_name,
+            version,
+            capabilities,
+            incarnation,
+            last_acked,
+            ..
+        }) => (agent_name, version, capabilities, incarnation, last_acked),
+        other => {
+            match other {
+                Some(HubEvent::Closed {
+                    end: HubEnd::Refused { code, reason },
+                }) => match code {
+                    GoAwayCode::IncompatibleVersion => {
+                        error!(cause = %reason, "refusing agent: incompatible protocol version");
+                    }
+                    _ if identity.is_err() => {
+                        error!(cause = %reason, "agent certificate names no usable site");
+                    }
+                    _ => error!("refusing agent: {reason}"),
+                },
+                Some(HubEvent::Closed {
+                    end: HubEnd::Protocol(violation),
+                }) => warn!(cause = %violation, "agent did not start with Hello"),
+                _ => {}
+            }
+            go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await;
             return;
         }
     };
-    span.record("site", site.as_str());
-    let Some(site) = hub.sites.get(site.as_str()).cloned() else {
-        let reason = format!("site {site} is not configured on this hub");
-        error!(agent_name = %agent_name, "refusing agent: {reason}");
-        go_away(&mut send, &conn, GoAwayCode::Unauthorized, &reason).await;
-        return;
-    };
+    let site = site.expect("invariant: admitted agents have a site");
     if agent_name != site.name {
         warn!(agent_name = %agent_name, "agent's configured name differs from its certificate; the certificate wins");
     }
-    let version = match wire::negotiate(versions, SUPPORTED) {
-        Ok(version) => version,
-        Err(mismatch) => {
-            error!(cause = %mismatch, "refusing agent: incompatible protocol version");
-            go_away(
-                &mut send,
-                &conn,
-                GoAwayCode::IncompatibleVersion,
-                &mismatch.to_string(),
-            )
-            .await;
-            return;
-        }
-    };
 
     // Refuse before `Welcome` while the cloud broker is away: the first batch would fail anyway.
     if !hub.publisher.is_connected() {
-        let retry_after = capabilities
-            .contains(Capabilities::RETRY_AFTER)
-            .then(|| u32::try_from(UNAVAILABLE_RETRY_AFTER.as_millis()).unwrap_or(u32::MAX));
         debug!(
-            retry_after_ms = retry_after,
+            retry_after_ms = capabilities
+                .contains(Capabilities::RETRY_AFTER)
+                .then_some(UNAVAILABLE_RETRY_AFTER.as_millis()),
             "refusing agent: the cloud broker is not connected"
         );
-        go_away_with(
-            &mut send,
-            &conn,
+        link.refuse(
             GoAwayCode::Unavailable,
-            "the hub's cloud broker is not connected",
-            retry_after,
-            GOAWAY_LINGER,
-        )
-        .await;
+            "the hub's cloud broker is not connected".into(),
+            Some(UNAVAILABLE_RETRY_AFTER),
+        );
+        go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await;
         return;
     }
 
@@ -287,60 +306,58 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         }
     }
 
-    let hub_high_water = {
-        let dedup = site.dedup.lock().unwrap_or_else(PoisonError::into_inner);
-        match dedup.high_water(&site.name) {
-            Some((known, hw)) if known == incarnation => hw,
-            Some((known, hw)) => {
-                // A new queue file (new disk, wiped data directory) or an agent that found its restored
-                // copy behind this hub and renumbered above our mark: either way its numbering starts over.
-                warn!(
-                    old_incarnation = known,
-                    old_high_water = hw,
-                    incarnation,
-                    "site's queue has a new incarnation: a new, wiped or restored data directory"
-                );
-                0
-            }
-            None => 0,
+    let committed = site
+        .dedup
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .high_water(&site.name);
+    let max_topic_len = u16::try_from(site.namespace.local_topic_room()).unwrap_or(u16::MAX);
+    let downlink = match hub.downlinks.site(&site.name).await {
+        Ok(downlink) => downlink,
+        Err(error) => {
+            error!(cause = %error, "cannot open the site's downlink queue; refusing the agent for now");
+            link.refuse(
+                GoAwayCode::Overloaded,
+                "hub downlink storage failed".into(),
+                None,
+            );
+            let mut out = BytesMut::new();
+            let _ = write_transmits(&mut link, &mut send, &mut out).await;
+            conn.close(code(GoAwayCode::Overloaded), b"hub downlink storage failed");
+            return;
         }
     };
-    let capabilities = capabilities.intersection(HUB_CAPABILITIES);
-    let push = pushed_config(&hub.routes.borrow(), &site.name);
-    let welcome = Frame::Welcome {
-        version,
-        capabilities,
-        max_frame_size: u32::try_from(hub.max_frame_size).unwrap_or(u32::MAX),
-        hub_high_water,
-        config_version: push.as_ref().map_or(0, |p| p.version),
-        // The limits `to_message` enforces, stated up front so the agent refuses at PUBLISH time what
-        // would otherwise be acknowledged to its publisher and dropped here (see `shared::limits`).
-        max_message_size: u32::try_from(hub.max_message_size).unwrap_or(u32::MAX),
-        max_topic_len: u16::try_from(site.namespace.local_topic_room()).unwrap_or(u16::MAX),
-    };
-    let mut out = BytesMut::new();
-    let mut pushed_version = config_version;
-    let mut encoded = welcome.encode(&mut out);
-    if let Some(push) = push.filter(|_| capabilities.contains(Capabilities::CONFIG_PUSH)) {
-        if push.version != config_version && encoded.is_ok() {
-            info!(
-                version = push.version,
-                agent_version = config_version,
-                "pushing the site's config"
+    let downlink_stats = downlink.queue.stats();
+    let hub_high_water = link.welcome(
+        now(),
+        max_topic_len,
+        Resume {
+            committed,
+            config: offer(&hub.routes.borrow(), &site.name),
+            config_rejected: None,
+            downlink_acked: downlink_stats.acked,
+            downlink_written: downlink_stats.next_seq.saturating_sub(1),
+        },
+    );
+    while let Some(event) = link.poll_event() {
+        if let HubEvent::NewIncarnation {
+            old_incarnation,
+            old_high_water,
+            incarnation,
+        } = event
+        {
+            // A new queue file (new disk, wiped data directory) or an agent that found its restored copy
+            // behind this hub and renumbered above our mark: either way its numbering starts over.
+            warn!(
+                old_incarnation,
+                old_high_water,
+                incarnation,
+                "site's queue has a new incarnation: a new, wiped or restored data directory"
             );
-            pushed_version = push.version;
-            encoded = Frame::ConfigPush {
-                version: push.version,
-                body: push.toml,
-            }
-            .encode(&mut out);
         }
     }
-    let sent = match encoded {
-        Ok(()) => send.write_all(&out).await.map_err(SessionError::from),
-        Err(e) => Err(SessionError::Encode(e)),
-    };
-    if let Err(error) = sent {
+    let mut out = BytesMut::new();
+    if let Err(error) = write_transmits(&mut link, &mut send, &mut out).await {
         info!(cause = %error, "agent left before Welcome");
     } else {
         info!(
@@ -357,67 +374,38 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             incarnation,
             stops: &stops,
             replaced: &replaced,
-            failed: CancellationToken::new(),
-            capabilities,
-            pushed_version: std::sync::atomic::AtomicU64::new(pushed_version),
-            downlink_acked: tokio::sync::watch::Sender::new(0),
+            downlink: &downlink,
         };
-        let end = session.run(recv, buf, &mut send).await;
-        let (code, reason) = match &end {
-            End::Stopped if replaced.is_cancelled() => (
-                GoAwayCode::Replaced,
-                "another connection for this site took over".to_owned(),
-            ),
-            End::Stopped => (
-                GoAwayCode::ShuttingDown,
-                "the hub is shutting down".to_owned(),
-            ),
-            End::PeerGone(error) => {
-                info!(cause = %error, "agent disconnected");
-                (GoAwayCode::Normal, String::new())
-            }
-            End::PeerGoAway { code, reason } => {
-                info!(?code, %reason, "agent said GoAway");
-                (GoAwayCode::Normal, String::new())
-            }
-            End::Protocol(error) => {
-                warn!(cause = %error, "agent broke the protocol; closing");
-                (GoAwayCode::ProtocolError, error.to_string())
-            }
+        let end = session.run(&mut link, recv, buf, &mut send).await;
+        match &end {
+            End::Stopped(_) => {}
+            End::PeerGone(error) => info!(cause = %error, "agent disconnected"),
+            End::PeerGoAway { code, reason } => info!(?code, %reason, "agent said GoAway"),
+            End::Protocol(error) => warn!(cause = %error, "agent broke the protocol; closing"),
             End::Publish(error) => {
                 warn!(cause = %error, "cloud broker did not accept a batch; closing the agent connection so it resends");
-                (GoAwayCode::Overloaded, format!("cloud broker: {error}"))
             }
             End::PublishTimeout => {
                 warn!(timeout = ?PUBLISH_TIMEOUT, "cloud broker did not acknowledge a batch in time; closing the agent connection");
-                (
-                    GoAwayCode::Overloaded,
-                    "cloud broker did not acknowledge in time".to_owned(),
-                )
             }
             End::Store(error) => {
                 error!(cause = %error, "cannot persist dedup state; closing the agent connection without acking");
-                (GoAwayCode::Overloaded, "hub storage failed".to_owned())
             }
             End::Downlink(error) => {
                 error!(cause = %error, "a downlink queue failed; closing the agent connection without acking");
-                (
-                    GoAwayCode::Overloaded,
-                    "hub downlink storage failed".to_owned(),
-                )
             }
-        };
+        }
         match end {
             End::PeerGone(_) | End::PeerGoAway { .. } => conn.close(VarInt::from_u32(0), b""),
             // The site's new connection waits for this one to finish, so linger only as long as a live
             // peer needs to acknowledge the GoAway. An agent that restarted is not there to read it, and
             // lingering the full `GOAWAY_LINGER` made every restarted agent wait that long to be served; a
             // peer still there that misses it learns the same code from the connection close.
-            _ if code == GoAwayCode::Replaced => {
+            End::Stopped(GoAwayCode::Replaced) => {
                 let linger = (conn.rtt() * 4 + REPLACED_ACK_SLACK).min(GOAWAY_LINGER);
-                go_away_with(&mut send, &conn, code, &reason, None, linger).await;
+                go_away(&mut send, &conn, &mut link, linger).await;
             }
-            _ => go_away(&mut send, &conn, code, &reason).await,
+            _ => go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await,
         }
     }
 
@@ -427,37 +415,73 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     }
 }
 
+/// The link machine's settings for this hub: config push and downlink offered.
+fn link_config(hub: &Hub) -> HubConfig {
+    HubConfig {
+        max_frame_size: u32::try_from(hub.max_frame_size).unwrap_or(u32::MAX),
+        // The limit `to_message` enforces, stated up front so the agent refuses at PUBLISH time what would
+        // otherwise be acknowledged to its publisher and dropped here (see `shared::limits`).
+        max_message_size: u32::try_from(hub.max_message_size).unwrap_or(u32::MAX),
+        capabilities: Capabilities::CONFIG_PUSH.union(Capabilities::DOWNLINK),
+        hello_timeout: HELLO_TIMEOUT,
+        keepalive: None,
+        downlink_window: DOWNLINK_WINDOW,
+    }
+}
+
+/// The link machine's clock: tokio's, so that paused-time tests drive it too.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Writes every frame the link machine has queued, in one write.
+async fn write_transmits(
+    link: &mut HubConn,
+    send: &mut SendStream,
+    out: &mut BytesMut,
+) -> Result<(), SessionError> {
+    out.clear();
+    while let Some(frame) = link.poll_transmit() {
+        frame.encode(out)?;
+    }
+    if !out.is_empty() {
+        send.write_all(out).await?;
+    }
+    Ok(())
+}
+
 /// The QUIC application close code for a GoAway code (the same number).
 fn code(code: GoAwayCode) -> VarInt {
     VarInt::from_u32(code.code().into())
 }
 
-/// Sends `GoAway` as the stream's last frame, gives it a moment to arrive, then closes the connection with the
-/// same code.
-async fn go_away(send: &mut SendStream, conn: &Connection, goaway: GoAwayCode, reason: &str) {
-    go_away_with(send, conn, goaway, reason, None, GOAWAY_LINGER).await;
-}
-
-/// [`go_away`] with a retry-after, which must be `None` unless the agent announced
-/// [`Capabilities::RETRY_AFTER`] (an older agent refuses the extra bytes), and with how long the `GoAway`
-/// may take to be read before the connection is closed.
-async fn go_away_with(
-    send: &mut SendStream,
-    conn: &Connection,
-    goaway: GoAwayCode,
-    reason: &str,
-    retry_after_ms: Option<u32>,
-    linger: Duration,
-) {
+/// Writes what the closed link machine still has to say (its `GoAway`, last frame on the stream), gives it
+/// `linger` to be read, then closes the connection with the `GoAway`'s code and reason.
+async fn go_away(send: &mut SendStream, conn: &Connection, link: &mut HubConn, linger: Duration) {
     let mut buf = BytesMut::new();
-    // A reason can only be too long for its u16 prefix; then send none rather than no GoAway.
-    let frame = |reason: &str| Frame::GoAway {
-        code: goaway,
-        reason: reason.to_owned(),
-        retry_after_ms,
-    };
-    if frame(reason).encode(&mut buf).is_err() {
-        let _ = frame("").encode(&mut buf);
+    let mut close = (GoAwayCode::Normal, String::new());
+    while let Some(frame) = link.poll_transmit() {
+        if let Frame::GoAway { code, reason, .. } = &frame {
+            close = (*code, reason.clone());
+        }
+        if let Err(error) = frame.encode(&mut buf) {
+            // A reason can only be too long for its u16 prefix; then send none rather than no GoAway.
+            if let Frame::GoAway {
+                code,
+                retry_after_ms,
+                ..
+            } = frame
+            {
+                let _ = Frame::GoAway {
+                    code,
+                    reason: String::new(),
+                    retry_after_ms,
+                }
+                .encode(&mut buf);
+            } else {
+                debug!(cause = %error, "frame dropped at close");
+            }
+        }
     }
     if send.write_all(&buf).await.is_ok() && send.finish().is_ok() {
         let _ = tokio::time::timeout(linger, async {
@@ -468,7 +492,7 @@ async fn go_away_with(
         })
         .await;
     }
-    conn.close(code(goaway), reason.as_bytes());
+    conn.close(code(close.0), close.1.as_bytes());
 }
 
 /// Reads until one whole frame is decoded; `Ok(None)` when the peer finished the stream cleanly.
@@ -520,19 +544,17 @@ pub(crate) enum SessionError {
     /// The agent finished its stream (a clean end of the session from its side).
     #[error("the agent finished its stream")]
     Finished,
-    /// A frame that is not allowed after `Hello`.
-    #[error("unexpected {frame} frame")]
-    Unexpected {
-        /// Its type name.
-        frame: &'static str,
-    },
+    /// The agent broke the link protocol (a frame out of place, seqs going backwards); the link machine
+    /// answered with `GoAway{ProtocolError}`.
+    #[error("{0}")]
+    Protocol(#[from] ProtocolViolation),
 }
 
 /// Why a session ended.
 #[derive(Debug)]
 enum End {
-    /// Shutdown or replacement; in-flight batches were drained.
-    Stopped,
+    /// Shutdown or replacement (the code says which); in-flight batches were drained.
+    Stopped(GoAwayCode),
     /// The stream or connection ended under us.
     PeerGone(SessionError),
     /// The agent sent `GoAway`.
@@ -547,6 +569,17 @@ enum End {
     Store(crate::store::StoreError),
     /// A site's downlink queue failed.
     Downlink(crate::HubError),
+}
+
+impl From<HubEnd> for End {
+    fn from(end: HubEnd) -> Self {
+        match end {
+            HubEnd::Protocol(violation) => Self::Protocol(SessionError::Protocol(violation)),
+            HubEnd::PeerGoAway { code, reason } => Self::PeerGoAway { code, reason },
+            // Only `drain` closes an open link without the session choosing an `End` first.
+            other => Self::Stopped(other.code()),
+        }
+    }
 }
 
 /// A batch on its way through the pipeline.
@@ -572,14 +605,8 @@ impl Pending {
     }
 }
 
-/// What the reader hands the acker, in stream order.
-#[derive(Debug)]
-enum Item {
-    Batch(Pending),
-    Pong(u64),
-    /// Frames to write as they are, in stream order (config pushes, downlink batches).
-    Frames(Vec<Frame>),
-}
+/// A dedup commit in progress, with the batches it covers.
+type Saving<'a> = Pin<Box<dyn Future<Output = Result<(), crate::store::StoreError>> + Send + 'a>>;
 
 struct Session<'a> {
     hub: &'a Hub,
@@ -587,14 +614,8 @@ struct Session<'a> {
     incarnation: u64,
     stops: &'a Stops,
     replaced: &'a CancellationToken,
-    /// Cancelled by the acker when it gives up, to stop the reader.
-    failed: CancellationToken,
-    /// What both sides support.
-    capabilities: Capabilities,
-    /// The config version last pushed on this connection (or the agent's, when none was needed).
-    pushed_version: AtomicU64,
-    /// The agent's cumulative `DownlinkAck` on this connection.
-    downlink_acked: tokio::sync::watch::Sender<u64>,
+    /// The site's downlink queue.
+    downlink: &'a SiteDownlink,
 }
 
 /// Per-batch counters of messages not published, and the refusals the hub decided itself.
@@ -609,90 +630,216 @@ struct Drops {
 }
 
 impl Session<'_> {
-    async fn run(&self, recv: RecvStream, buf: BytesMut, send: &mut SendStream) -> End {
-        let (tx, rx) = mpsc::channel(MAX_PENDING_BATCHES);
-        let downlink_tx = tx.clone();
-        let (reader_end, acker_end, ()) = tokio::join!(
-            self.reader(recv, buf, tx),
-            self.acker(rx, send),
-            self.downlink(downlink_tx)
-        );
-        // The acker's failure is the root cause when both ended badly.
-        match acker_end {
-            Some(end) => end,
-            None => reader_end,
-        }
-    }
-
-    async fn reader(&self, mut recv: RecvStream, mut buf: BytesMut, tx: mpsc::Sender<Item>) -> End {
+    /// Drives the link machine: frames read go in; each `PublishBatch` is filtered, mapped and handed to
+    /// the publisher without waiting for the broker (batch N+1 is published while batch N waits for its
+    /// PUBACKs); completed batches are grouped, marked in the dedup window, committed once per group, and
+    /// only then reported to the machine, which writes their `Refused` frames and `Ack`s.
+    async fn run(
+        &self,
+        link: &mut HubConn,
+        mut recv: RecvStream,
+        mut buf: BytesMut,
+        send: &mut SendStream,
+    ) -> End {
+        let mut out = BytesMut::with_capacity(256);
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        // When the batch at the head of `pending` must be done.
+        let mut head_deadline: Option<tokio::time::Instant> = None;
+        let mut saving: Option<Saving<'_>> = None;
+        let mut saving_group: Vec<Done> = Vec::new();
+        // Why the session ends, when the shell decided it (the machine's `Closed` follows).
+        let mut end: Option<End> = None;
         let mut routes = self.hub.routes.clone();
         routes.mark_unchanged();
+        let grew = self.downlink.grew.notified();
+        let mut grew = std::pin::pin!(grew);
+        grew.as_mut().enable();
         loop {
-            let step = async {
-                let frame = read_frame(&mut recv, &mut buf, self.hub.max_frame_size).await;
-                match frame {
-                    Ok(Some(Frame::Batch { entries })) => match self.submit(entries).await {
-                        Ok(Some(pending)) => {
-                            // The acker only drops its receiver after failing; its End wins then.
-                            let _ = tx.send(Item::Batch(pending)).await;
-                            None
+            while let Some(event) = link.poll_event() {
+                match event {
+                    HubEvent::PublishBatch { entries } => match self.submit(entries).await {
+                        Ok(Some(p)) => pending.push_back(p),
+                        Ok(None) => {}
+                        Err(error) => {
+                            end = Some(End::Downlink(error));
+                            link.close(
+                                GoAwayCode::Overloaded,
+                                "hub downlink storage failed".into(),
+                            );
                         }
-                        Ok(None) => None,
-                        Err(end) => Some(end),
                     },
-                    Ok(Some(Frame::Ping { nonce })) => {
-                        let _ = tx.send(Item::Pong(nonce)).await;
-                        None
+                    HubEvent::Closed { end: closed } => {
+                        return end.take().unwrap_or_else(|| End::from(closed));
                     }
-                    Ok(Some(Frame::Pong { .. })) => None,
-                    Ok(Some(Frame::ConfigAck { version, result })) => {
-                        match result {
-                            Ok(()) => info!(version, "agent applied the pushed config"),
-                            Err(rejection) => error!(
-                                version,
-                                reason = %rejection.reason,
-                                detail = %rejection.detail,
-                                "agent refused the pushed config and keeps running its previous one"
-                            ),
+                    HubEvent::ConfigApplied { version } => {
+                        info!(version, "agent applied the pushed config");
+                    }
+                    HubEvent::ConfigRejected { version, rejection } => error!(
+                        version,
+                        reason = %rejection.reason,
+                        detail = %rejection.detail,
+                        "agent refused the pushed config and keeps running its previous one"
+                    ),
+                    HubEvent::DownlinkAcked { upto } => {
+                        if let Err(error) = self.downlink_acked(upto).await {
+                            end = Some(End::Downlink(error));
+                            link.close(
+                                GoAwayCode::Overloaded,
+                                "hub downlink storage failed".into(),
+                            );
                         }
-                        None
                     }
-                    Ok(Some(Frame::DownlinkAck { upto })) => self.downlink_acked(upto).await,
-                    Ok(Some(Frame::GoAway { code, reason, .. })) => {
-                        Some(End::PeerGoAway { code, reason })
-                    }
-                    Ok(Some(other)) => Some(End::Protocol(SessionError::Unexpected {
-                        frame: other.frame_type().name(),
-                    })),
-                    Ok(None) => Some(End::PeerGone(SessionError::Finished)),
-                    Err(e @ SessionError::Decode(_)) => Some(End::Protocol(e)),
-                    Err(e) => Some(End::PeerGone(e)),
+                    // Handled before the session started.
+                    HubEvent::Hello { .. } | HubEvent::NewIncarnation { .. } => {}
                 }
-            };
-            let end = tokio::select! {
+            }
+            if pending.is_empty() {
+                head_deadline = None;
+            } else if head_deadline.is_none() {
+                head_deadline = Some(tokio::time::Instant::now() + PUBLISH_TIMEOUT);
+            }
+            if link.is_closed() {
+                // Closed by the shell: its `GoAway` is written by the caller.
+                return end.take().unwrap_or(End::Stopped(GoAwayCode::Normal));
+            }
+            if matches!(end, Some(End::PeerGone(_))) && pending.is_empty() && saving.is_none() {
+                // The agent left; what it had sent is published and committed (so its resend is
+                // dropped as a duplicate), and there is nobody to tell.
+                return end.take().expect("just matched");
+            }
+            if let Err(error) = self.send_downlink(link, send, &mut out).await {
+                match error {
+                    DownlinkSendError::Write(error) => return End::PeerGone(error),
+                    DownlinkSendError::Queue(error) => {
+                        end = Some(End::Downlink(error));
+                        link.close(GoAwayCode::Overloaded, "hub downlink storage failed".into());
+                    }
+                }
+            }
+            if let Err(error) = write_transmits(link, send, &mut out).await {
+                return End::PeerGone(error);
+            }
+            let reading =
+                end.is_none() && !link.is_draining() && pending.len() < MAX_PENDING_BATCHES;
+            let timeout = link.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
                 biased;
-                () = self.stops.shutdown.cancelled() => Some(End::Stopped),
-                () = self.replaced.cancelled() => Some(End::Stopped),
-                () = self.failed.cancelled() => Some(End::Stopped),
+                () = self.stops.shutdown.cancelled(), if !link.is_draining() => {
+                    link.drain(GoAwayCode::ShuttingDown, "the hub is shutting down".into());
+                }
+                () = self.replaced.cancelled(), if !link.is_draining() => {
+                    link.drain(GoAwayCode::Replaced, "another connection for this site took over".into());
+                }
+                () = self.stops.hard.cancelled(), if !pending.is_empty() => {
+                    end = Some(End::PublishTimeout);
+                    link.close(GoAwayCode::Overloaded, "cloud broker did not acknowledge in time".into());
+                }
+                saved = async { saving.as_mut().expect("guarded by the condition").await }, if saving.is_some() => {
+                    saving = None;
+                    match saved {
+                        Err(error) => {
+                            end = Some(End::Store(error));
+                            link.close(GoAwayCode::Overloaded, "hub storage failed".into());
+                        }
+                        Ok(()) => {
+                            for (_, upto, refused) in saving_group.drain(..) {
+                                report_refusals(&refused);
+                                let refusals = refused
+                                    .into_iter()
+                                    .map(|r| LinkRefusal {
+                                        seq: r.seq,
+                                        reason_code: r.reason_code,
+                                        detail: r.detail,
+                                    })
+                                    .collect();
+                                link.committed(upto, refusals);
+                            }
+                        }
+                    }
+                }
+                done = async { (&mut pending.front_mut().expect("guarded by the condition").done).await }, if saving.is_none() && !pending.is_empty() => {
+                    let head = pending.pop_front().expect("guarded by the condition");
+                    head_deadline = None;
+                    let mut group = match done {
+                        Err(_) => vec![Err(PublishError::Stopped)],
+                        Ok(Err(error)) => vec![Err(error)],
+                        Ok(Ok(refused)) => vec![Ok(head.finish(refused))],
+                    };
+                    // Group every batch already complete behind it: one dedup commit for all of them.
+                    while let Some(next) = pending.front_mut() {
+                        let result = match next.done.try_recv() {
+                            Ok(result) => result,
+                            Err(oneshot::error::TryRecvError::Closed) => Err(PublishError::Stopped),
+                            Err(oneshot::error::TryRecvError::Empty) => break,
+                        };
+                        let next = pending.pop_front().expect("just seen");
+                        group.push(result.map(|refused| next.finish(refused)));
+                    }
+                    match group.into_iter().collect::<Result<Vec<Done>, PublishError>>() {
+                        Err(error) => {
+                            link.close(GoAwayCode::Overloaded, format!("cloud broker: {error}"));
+                            end = Some(End::Publish(error));
+                        }
+                        Ok(group) => {
+                            let snapshot = self.observe(&group);
+                            saving_group = group;
+                            saving = Some(Box::pin(self.hub.store.save(self.site.name.clone(), snapshot)));
+                        }
+                    }
+                }
+                () = sleep_until(head_deadline), if saving.is_none() && head_deadline.is_some() => {
+                    end = Some(End::PublishTimeout);
+                    link.close(GoAwayCode::Overloaded, "cloud broker did not acknowledge in time".into());
+                }
+                () = sleep_until(timeout), if timeout.is_some() => link.handle_timeout(now()),
                 changed = routes.changed() => {
                     if changed.is_ok() {
                         let table = Arc::clone(&routes.borrow_and_update());
-                        self.push_if_changed(&table, &tx).await;
+                        if let Some(offer) = offer(&table, &self.site.name) {
+                            info!(version = offer.version, "routes changed; offering the site's config");
+                            link.push_config(offer);
+                        }
                     }
-                    None
                 }
-                end = step => end,
-            };
-            if let Some(end) = end {
-                return end;
+                () = &mut grew => {
+                    grew.set(self.downlink.grew.notified());
+                    link.downlink_written(self.downlink.queue.stats().next_seq.saturating_sub(1));
+                }
+                frame = read_frame(&mut recv, &mut buf, self.hub.max_frame_size), if reading => {
+                    match frame {
+                        Ok(Some(frame)) => link.handle_frame(frame, now()),
+                        // Stop reading but finish the batches in flight, as for a shutdown.
+                        Ok(None) => end = Some(End::PeerGone(SessionError::Finished)),
+                        Err(error @ SessionError::Decode(_)) => {
+                            link.drain(GoAwayCode::ProtocolError, error.to_string());
+                            end = Some(End::Protocol(error));
+                        }
+                        Err(error) => end = Some(End::PeerGone(error)),
+                    }
+                }
             }
         }
+    }
+
+    /// Marks every seq of `group` in the site's dedup window; returns the snapshot to commit.
+    fn observe(&self, group: &[Done]) -> Vec<u8> {
+        let mut dedup = self
+            .site
+            .dedup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (seqs, _, _) in group {
+            for &seq in seqs {
+                let _ = dedup.observe(&self.site.name, self.incarnation, seq);
+            }
+        }
+        dedup.snapshot().encode()
     }
 
     /// Filters, routes and hands one batch to the publisher; `None` for an empty batch. What the routes
     /// send to other sites is committed to their downlink queues first, so the batch's `Ack` (which waits
     /// for the publisher) never covers a message that is neither published nor queued.
-    async fn submit(&self, entries: Vec<Envelope>) -> Result<Option<Pending>, End> {
+    async fn submit(&self, entries: Vec<Envelope>) -> Result<Option<Pending>, crate::HubError> {
         let Some(upto) = entries.last().map(|e| e.seq) else {
             return Ok(None);
         };
@@ -738,23 +885,14 @@ impl Session<'_> {
                 "entries no route sends anywhere (or already delivered here); acknowledged"
             );
         }
-        if !to_sites.is_empty() {
-            to_sites.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut i = 0;
-            while i < to_sites.len() {
-                let dest = to_sites[i].0.clone();
-                let bodies: Vec<bytes::Bytes> = to_sites[i..]
-                    .iter()
-                    .take_while(|(d, _)| *d == dest)
-                    .map(|(_, b)| b.clone())
-                    .collect();
-                i += bodies.len();
-                let count = bodies.len();
-                if let Err(error) = self.hub.downlinks.append(&dest, bodies).await {
-                    return Err(End::Downlink(error));
-                }
-                debug!(to = %dest, count, "queued for another site");
-            }
+        to_sites.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut rest = to_sites.as_slice();
+        while let Some((dest, _)) = rest.first() {
+            let count = rest.iter().take_while(|(d, _)| d == dest).count();
+            let bodies: Vec<bytes::Bytes> = rest[..count].iter().map(|(_, b)| b.clone()).collect();
+            self.hub.downlinks.append(dest, bodies).await?;
+            debug!(to = %dest, count, "queued for another site");
+            rest = &rest[count..];
         }
         if drops.foreign_origin > 0 {
             warn!(
@@ -863,113 +1001,64 @@ impl Session<'_> {
         }
     }
 
-    /// A config push for this connection if the routes changed this site's share.
-    async fn push_if_changed(&self, table: &RouteTable, tx: &mpsc::Sender<Item>) {
-        if !self.capabilities.contains(Capabilities::CONFIG_PUSH) {
-            return;
-        }
-        let Some(push) = pushed_config(table, &self.site.name) else {
-            return;
-        };
-        if self.pushed_version.swap(push.version, Ordering::Relaxed) == push.version {
-            return;
-        }
-        info!(
-            version = push.version,
-            "routes changed; pushing the site's config"
-        );
-        let _ = tx
-            .send(Item::Frames(vec![Frame::ConfigPush {
-                version: push.version,
-                body: push.toml,
-            }]))
-            .await;
-    }
-
     /// The agent handed downlink messages up to `upto` to its broker: they leave the site's queue.
-    async fn downlink_acked(&self, upto: u64) -> Option<End> {
-        let site = match self.hub.downlinks.site(&self.site.name).await {
-            Ok(site) => site,
-            Err(error) => return Some(End::Downlink(error)),
-        };
-        let acked = tokio::task::spawn_blocking(move || site.queue.ack_upto(upto)).await;
-        match acked {
-            Ok(Ok(_)) => {}
-            Ok(Err(source)) => {
-                return Some(End::Downlink(crate::HubError::DownlinkQueue {
-                    site: self.site.name.clone(),
-                    source: Box::new(source),
-                }))
-            }
-            Err(e) => return Some(End::Downlink(crate::HubError::Join(e))),
-        }
-        self.downlink_acked.send_replace(upto);
-        None
+    async fn downlink_acked(&self, upto: u64) -> Result<(), crate::HubError> {
+        let site = self.site.name.clone();
+        let downlink = Arc::clone(&self.hub.downlinks.site(&site).await?);
+        tokio::task::spawn_blocking(move || downlink.queue.ack_upto(upto))
+            .await
+            .map_err(crate::HubError::Join)?
+            .map_err(|source| crate::HubError::DownlinkQueue {
+                site,
+                source: Box::new(source),
+            })?;
+        Ok(())
     }
 
-    /// Sends what waits in the site's downlink queue, one batch at a time, each after the previous one
-    /// was acknowledged; returns when the connection ends.
-    async fn downlink(&self, tx: mpsc::Sender<Item>) {
-        if !self.capabilities.contains(Capabilities::DOWNLINK) {
-            return;
-        }
-        let stopped = async {
-            tokio::select! {
-                () = self.stops.shutdown.cancelled() => {}
-                () = self.replaced.cancelled() => {}
-                () = self.failed.cancelled() => {}
-                () = tx.closed() => {}
-            }
-        };
-        tokio::select! {
-            () = stopped => {}
-            () = self.downlink_loop(&tx) => {}
-        }
-    }
-
-    async fn downlink_loop(&self, tx: &mpsc::Sender<Item>) {
-        let site = match self.hub.downlinks.site(&self.site.name).await {
-            Ok(site) => site,
-            Err(error) => {
-                error!(cause = %error, "cannot open the site's downlink queue; nothing is sent down");
-                return;
-            }
-        };
-        let mut acked = self.downlink_acked.subscribe();
-        let max_bytes = self.hub.max_frame_size / 2;
-        let mut next = site.queue.stats().acked + 1;
-        loop {
-            let grew = site.grew.notified();
-            let mut grew = std::pin::pin!(grew);
-            grew.as_mut().enable();
-            let reader = Arc::clone(&site);
+    /// Sends what the machine lets out of the site's downlink queue: `Downlink` frames read straight from
+    /// the queue (expired batches dropped first), each at most half a frame limit.
+    async fn send_downlink(
+        &self,
+        link: &mut HubConn,
+        send: &mut SendStream,
+        out: &mut BytesMut,
+    ) -> Result<(), DownlinkSendError> {
+        while let Some(from) = link.next_downlink_send() {
+            let site = self.site.name.clone();
+            let downlink = self
+                .hub
+                .downlinks
+                .site(&site)
+                .await
+                .map_err(DownlinkSendError::Queue)?;
+            let max_bytes = self.hub.max_frame_size / 2;
             let read = tokio::task::spawn_blocking(move || {
-                let now = crate::downlink::now_ms();
-                let expired = reader.queue.expire(now).unwrap_or(0);
-                let entries = reader.queue.read(next, DOWNLINK_BATCH, max_bytes);
-                (expired, entries)
+                let expired = downlink.queue.expire(crate::downlink::now_ms())?;
+                Ok::<_, shared::queue::QueueError>((
+                    expired,
+                    downlink.queue.read(from, DOWNLINK_BATCH, max_bytes)?,
+                ))
             })
-            .await;
-            let entries = match read {
-                Ok((expired, Ok(entries))) => {
-                    if expired > 0 {
-                        warn!(
-                            expired,
-                            "downlink messages waited longer than downlink.max_age; dropped"
-                        );
-                    }
-                    entries
-                }
-                Ok((_, Err(error))) => {
-                    error!(cause = %error, "cannot read the site's downlink queue");
-                    return;
-                }
-                Err(_) => return,
-            };
-            if entries.is_empty() {
-                grew.await;
-                continue;
+            .await
+            .map_err(|e| DownlinkSendError::Queue(crate::HubError::Join(e)))?
+            .map_err(|source| {
+                DownlinkSendError::Queue(crate::HubError::DownlinkQueue {
+                    site: site.clone(),
+                    source: Box::new(source),
+                })
+            })?;
+            let (expired, entries) = read;
+            if expired > 0 {
+                warn!(
+                    expired,
+                    "downlink messages waited longer than downlink.max_age; dropped"
+                );
             }
+            let Some(read_upto) = entries.last().map(|e| e.seq) else {
+                // Nothing stored from `from` on (expired): nothing to send until it grows.
+                link.downlink_written(from.saturating_sub(1));
+                break;
+            };
             let mut envelopes = Vec::with_capacity(entries.len());
             for entry in entries {
                 match Envelope::decode_body(entry.seq, entry.body) {
@@ -979,151 +1068,91 @@ impl Session<'_> {
                     }
                 }
             }
-            let Some(upto) = envelopes.last().map(|e| e.seq) else {
-                continue;
-            };
-            let count = envelopes.len();
-            if tx
-                .send(Item::Frames(vec![Frame::Downlink { entries: envelopes }]))
-                .await
-                .is_err()
-            {
-                return;
+            let last = envelopes.last().map(|e| e.seq);
+            if last.is_some() {
+                out.clear();
+                Frame::Downlink { entries: envelopes }
+                    .encode(out)
+                    .map_err(|e| DownlinkSendError::Write(SessionError::Encode(e)))?;
+                send.write_all(out)
+                    .await
+                    .map_err(|e| DownlinkSendError::Write(SessionError::Write(e)))?;
+                out.clear();
             }
-            debug!(count, upto, "downlink batch sent");
-            if acked.wait_for(|a| *a >= upto).await.is_err() {
-                return;
-            }
-            next = upto + 1;
+            debug!(from, read_upto, "downlink batch sent");
+            link.downlink_sent(read_upto, last);
         }
+        Ok(())
     }
+}
 
-    /// Acknowledges batches in order; `None` when the reader ended and everything was drained.
-    async fn acker(&self, mut rx: mpsc::Receiver<Item>, send: &mut SendStream) -> Option<End> {
-        let end = self.ack_loop(&mut rx, send).await;
-        if end.is_some() {
-            self.failed.cancel();
-        }
-        end
+/// Why downlink sending stopped.
+enum DownlinkSendError {
+    /// The stream failed.
+    Write(SessionError),
+    /// The site's queue failed.
+    Queue(crate::HubError),
+}
+
+/// The refusal of an entry whose payload is over the hub's limit.
+fn oversize(env: &Envelope, max_message_size: usize) -> Option<Refusal> {
+    (env.payload.len() > max_message_size).then(|| Refusal {
+        seq: env.seq,
+        reason_code: REASON_PACKET_TOO_LARGE,
+        detail: format!(
+            "{}-byte payload over the hub's limits.max_message_size of {max_message_size}",
+            env.payload.len()
+        ),
+    })
+}
+
+fn mqtt_qos(qos: QoS) -> MqttQoS {
+    match qos {
+        QoS::AtMostOnce => MqttQoS::AtMostOnce,
+        QoS::AtLeastOnce => MqttQoS::AtLeastOnce,
+        QoS::ExactlyOnce => MqttQoS::ExactlyOnce,
     }
+}
 
-    async fn ack_loop(&self, rx: &mut mpsc::Receiver<Item>, send: &mut SendStream) -> Option<End> {
-        let mut next: Option<Item> = None;
-        let mut out = BytesMut::with_capacity(256);
-        loop {
-            let item = match next.take() {
-                Some(item) => item,
-                None => rx.recv().await?,
-            };
-            let mut group = match item {
-                Item::Pong(nonce) => {
-                    if let Err(end) = self.write(send, &mut out, &[Frame::Pong { nonce }]).await {
-                        return Some(end);
-                    }
-                    continue;
-                }
-                Item::Frames(frames) => {
-                    if let Err(end) = self.write(send, &mut out, &frames).await {
-                        return Some(end);
-                    }
-                    continue;
-                }
-                Item::Batch(mut pending) => {
-                    let waited = tokio::select! {
-                        () = self.stops.hard.cancelled() => return Some(End::PublishTimeout),
-                        waited = tokio::time::timeout(PUBLISH_TIMEOUT, &mut pending.done) => waited,
-                    };
-                    match waited {
-                        Err(_) => return Some(End::PublishTimeout),
-                        Ok(Err(_)) => return Some(End::Publish(PublishError::Stopped)),
-                        Ok(Ok(Err(error))) => return Some(End::Publish(error)),
-                        Ok(Ok(Ok(refused))) => vec![pending.finish(refused)],
-                    }
-                }
-            };
-            // Group every batch already complete behind it: one dedup commit for all of them.
-            while let Ok(item) = rx.try_recv() {
-                match item {
-                    Item::Batch(mut pending) => match pending.done.try_recv() {
-                        Ok(Ok(refused)) => group.push(pending.finish(refused)),
-                        Ok(Err(error)) => return Some(End::Publish(error)),
-                        Err(oneshot::error::TryRecvError::Closed) => {
-                            return Some(End::Publish(PublishError::Stopped))
-                        }
-                        Err(oneshot::error::TryRecvError::Empty) => {
-                            next = Some(Item::Batch(pending));
-                            break;
-                        }
-                    },
-                    other @ (Item::Pong(_) | Item::Frames(_)) => {
-                        next = Some(other);
-                        break;
-                    }
-                }
-            }
-            let snapshot = {
-                let mut dedup = self
-                    .site
-                    .dedup
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                for (seqs, _, _) in &group {
-                    for &seq in seqs {
-                        let _ = dedup.observe(&self.site.name, self.incarnation, seq);
-                    }
-                }
-                dedup.snapshot().encode()
-            };
-            if let Err(error) = self.hub.store.save(self.site.name.clone(), snapshot).await {
-                return Some(End::Store(error));
-            }
-            // Each batch's refusals go before its Ack: the agent files them as dead letters before the Ack
-            // lets its queue forget them.
-            let mut frames = Vec::with_capacity(group.len());
-            for (_, upto, refused) in group {
-                if !refused.is_empty() {
-                    let codes: Vec<String> = refused
-                        .iter()
-                        .map(|r| format!("{:#04x}", r.reason_code))
-                        .collect();
-                    warn!(
-                        count = refused.len(),
-                        first_seq = refused.first().map(|r| r.seq),
-                        reason_codes = %codes.join(","),
-                        first_detail = refused.first().map(|r| r.detail.as_str()),
-                        "messages refused for good; reported to the agent's dead-letter store"
-                    );
-                }
-                let mut refused = refused;
-                refused.sort_by_key(|r| r.seq);
-                frames.extend(refused.into_iter().map(|r| Frame::Refused {
-                    seq: r.seq,
-                    reason_code: r.reason_code,
-                    detail: r.detail,
-                }));
-                frames.push(Frame::Ack { upto });
-            }
-            if let Err(end) = self.write(send, &mut out, &frames).await {
-                return Some(end);
-            }
-        }
+/// What the hub pushes to `site`: its share of the routes, or `None` when the hub has no routes at all
+/// (the agents then run the routes of their own files, as before routes moved to the hub).
+fn offer(table: &RouteTable, site: &str) -> Option<ConfigOffer> {
+    if table.routes().is_empty() {
+        return None;
     }
-
-    async fn write(
-        &self,
-        send: &mut SendStream,
-        out: &mut BytesMut,
-        frames: &[Frame],
-    ) -> Result<(), End> {
-        out.clear();
-        for frame in frames {
-            frame
-                .encode(out)
-                .map_err(|e| End::Protocol(SessionError::Encode(e)))?;
+    EffectiveConfig::for_site(table, site).map(|c| {
+        let push = c.to_push();
+        ConfigOffer {
+            version: push.version,
+            body: push.toml,
         }
-        send.write_all(out)
-            .await
-            .map_err(|e| End::PeerGone(SessionError::Write(e)))
+    })
+}
+
+/// Logs a batch's refusals once, where they are handled (the agent files them as dead letters before the
+/// `Ack` lets its queue forget them).
+fn report_refusals(refused: &Refusals) {
+    if refused.is_empty() {
+        return;
+    }
+    let codes: Vec<String> = refused
+        .iter()
+        .map(|r| format!("{:#04x}", r.reason_code))
+        .collect();
+    warn!(
+        count = refused.len(),
+        first_seq = refused.first().map(|r| r.seq),
+        reason_codes = %codes.join(","),
+        first_detail = refused.first().map(|r| r.detail.as_str()),
+        "messages refused for good; reported to the agent's dead-letter store"
+    );
+}
+
+/// Sleeps until `at`; only polled when `at` is `Some`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1142,8 +1171,15 @@ fn to_message(
     if env.origin != site {
         drops.foreign_origin += 1;
     }
-    if let Some(refusal) = oversize(&env, max_message_size) {
-        drops.refused.push(refusal);
+    if env.payload.len() > max_message_size {
+        drops.refused.push(Refusal {
+            seq: env.seq,
+            reason_code: REASON_PACKET_TOO_LARGE,
+            detail: format!(
+                "{}-byte payload over the hub's limits.max_message_size of {max_message_size}",
+                env.payload.len()
+            ),
+        });
         return None;
     }
     let topic = match TopicName::parse(&env.topic).and_then(|t| namespace.apply(&t)) {
@@ -1188,35 +1224,6 @@ fn to_message(
         properties,
         seq: env.seq,
     })
-}
-
-/// The refusal of an entry whose payload is over the hub's limit.
-fn oversize(env: &Envelope, max_message_size: usize) -> Option<Refusal> {
-    (env.payload.len() > max_message_size).then(|| Refusal {
-        seq: env.seq,
-        reason_code: REASON_PACKET_TOO_LARGE,
-        detail: format!(
-            "{}-byte payload over the hub's limits.max_message_size of {max_message_size}",
-            env.payload.len()
-        ),
-    })
-}
-
-fn mqtt_qos(qos: QoS) -> MqttQoS {
-    match qos {
-        QoS::AtMostOnce => MqttQoS::AtMostOnce,
-        QoS::AtLeastOnce => MqttQoS::AtLeastOnce,
-        QoS::ExactlyOnce => MqttQoS::ExactlyOnce,
-    }
-}
-
-/// What the hub pushes to `site`: its share of the routes, or `None` when the hub has no routes at all
-/// (the agents then run the routes of their own files, as before routes moved to the hub).
-fn pushed_config(table: &RouteTable, site: &str) -> Option<PushedConfig> {
-    if table.routes().is_empty() {
-        return None;
-    }
-    EffectiveConfig::for_site(table, site).map(|c| c.to_push())
 }
 
 /// MQTT 5 reason codes for the refusals the hub decides itself.

@@ -32,13 +32,14 @@ use std::time::Duration;
 use bytes::BytesMut;
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use shared::config::UplinkConfig;
-use shared::limits::{PathLimits, SharedLimits};
+use shared::limits::SharedLimits;
+use shared::link::agent::{AgentAction, AgentConfig, AgentEnd, AgentLink, QueueMarks};
+use shared::link::ProtocolViolation;
 use shared::queue::{
     DeadLetterLimits, DeadLetters, Entry, NewDeadLetter, Queue, QueueError, RedbQueue,
 };
 use shared::wire::{
-    self, BatchEncoder, BatchKind, Capabilities, DecodeError, EncodeError, Frame, FrameType,
-    GoAwayCode, SUPPORTED,
+    self, BatchEncoder, BatchKind, Capabilities, DecodeError, EncodeError, Frame, GoAwayCode,
 };
 use tokio::sync::Notify;
 
@@ -134,14 +135,13 @@ pub(crate) enum UplinkError {
         /// How long the hub asked us to wait before the next attempt (honoured, plus jitter).
         retry_after: Option<Duration>,
     },
-    /// The hub sent a frame that makes no sense at this point.
-    #[error("unexpected {frame} frame from the hub while {state}")]
-    Unexpected {
-        /// The frame type received.
-        frame: FrameType,
-        /// What the agent was waiting for.
-        state: &'static str,
-    },
+    /// The hub broke the link protocol (a frame out of place, an `Ack` beyond what was sent, ...); the
+    /// link machine answered with `GoAway{ProtocolError}`.
+    #[error("the hub broke the protocol")]
+    Protocol(#[from] ProtocolViolation),
+    /// A `Ping` went unanswered (only with a keepalive configured in the link machine).
+    #[error("the hub stopped answering pings")]
+    KeepaliveTimeout,
     /// The hub answered no QUIC handshake attempt of a whole connect phase (it is down or unreachable);
     /// retried at once, because the phase itself paced its attempts.
     #[error("no answer to the QUIC handshake within {after:?}")]
@@ -154,15 +154,6 @@ pub(crate) enum UplinkError {
     HandshakeTimeout {
         /// The timeout.
         after: Duration,
-    },
-    /// The hub acknowledged a seq the agent never sent on this connection (a hub bug; acking it would
-    /// delete unsent messages).
-    #[error("hub acknowledged up to {upto} but only {sent} was sent")]
-    AckBeyondSent {
-        /// The ack received.
-        upto: u64,
-        /// Highest seq sent.
-        sent: u64,
     },
     /// The dead-letter store could not take a refused message; it stays in the queue and the session
     /// restarts, so nothing is lost (the refusal comes again).
@@ -233,6 +224,16 @@ pub(crate) struct Uplink {
     delivery: tokio::sync::Mutex<Delivery>,
 }
 
+/// Where what the hub sends down goes: its limits, its configs, its downlink messages.
+pub(crate) struct FromHub {
+    /// The path's limits, which every `Welcome` updates.
+    pub(crate) limits: Arc<SharedLimits>,
+    /// Pushed configs.
+    pub(crate) pushed: Arc<Pushed>,
+    /// Downlink delivery into the local broker.
+    pub(crate) delivery: Delivery,
+}
+
 /// How a connection ended.
 struct SessionEnd {
     /// The hub answered `Hello` with `Welcome` (for the log level only).
@@ -242,16 +243,6 @@ struct SessionEnd {
     healthy: bool,
     /// `Ok` on a clean shutdown.
     result: Result<(), UplinkError>,
-}
-
-/// Where what the hub sends down goes: its limits, its configs, its downlink messages.
-pub(crate) struct FromHub {
-    /// The path's limits, which every `Welcome` updates.
-    pub(crate) limits: Arc<SharedLimits>,
-    /// Pushed configs.
-    pub(crate) pushed: Arc<Pushed>,
-    /// Downlink delivery into the local broker.
-    pub(crate) delivery: Delivery,
 }
 
 impl Uplink {
@@ -289,9 +280,22 @@ impl Uplink {
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = self.cfg.reconnect_min;
         let mut attempt: u64 = 0;
+        // Lives across connections: the protocol state of the link (see `shared::link`).
+        let mut link = AgentLink::new(
+            AgentConfig {
+                agent_name: self.site.to_string(),
+                capabilities: Capabilities::RETRY_AFTER
+                    .union(Capabilities::CONFIG_PUSH)
+                    .union(Capabilities::DOWNLINK),
+                window: usize::try_from(self.cfg.window).unwrap_or(usize::MAX),
+                handshake_timeout: HANDSHAKE_TIMEOUT,
+                keepalive: None,
+            },
+            self.pushed.version(),
+        );
         while !shutdown.is_cancelled() {
             attempt += 1;
-            let end = self.connect_and_stream(&shutdown, attempt).await;
+            let end = self.connect_and_stream(&mut link, &shutdown, attempt).await;
             // Only a session that worked resets the backoff. A `Welcome` alone proves nothing: a hub whose
             // cloud broker is down used to welcome and then fail the first batch, and resetting on it made
             // every site re-handshake ~10 times a second.
@@ -363,6 +367,7 @@ impl Uplink {
     /// One connection: handshake (see [`handshake`]), then the session.
     async fn connect_and_stream(
         &mut self,
+        link: &mut AgentLink,
         shutdown: &CancellationToken,
         attempt: u64,
     ) -> SessionEnd {
@@ -398,9 +403,8 @@ impl Uplink {
             welcomed: false,
             acked: false,
             started: Instant::now(),
-            downlink_delivered: 0,
         };
-        let result = session.run(shutdown).instrument(span).await;
+        let result = session.run(link, shutdown).instrument(span).await;
         let welcomed = session.welcomed;
         let healthy = session.healthy();
         match &result {
@@ -408,9 +412,7 @@ impl Uplink {
             Err(UplinkError::GoAway { .. } | UplinkError::Connection(_)) => {}
             Err(e) => {
                 let code = match e {
-                    UplinkError::Decode(_)
-                    | UplinkError::Unexpected { .. }
-                    | UplinkError::AckBeyondSent { .. } => GoAwayCode::ProtocolError,
+                    UplinkError::Decode(_) | UplinkError::Protocol(_) => GoAwayCode::ProtocolError,
                     _ => GoAwayCode::Normal,
                 };
                 conn.close(VarInt::from(code.code()), e.to_string().as_bytes());
@@ -516,8 +518,6 @@ struct Session<'a> {
     acked: bool,
     /// When the QUIC handshake completed.
     started: Instant,
-    /// Highest downlink seq this session handed to the local broker.
-    downlink_delivered: u64,
 }
 
 /// Frames read from the hub.
@@ -543,7 +543,13 @@ impl Reader {
 }
 
 impl Session<'_> {
-    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
+    /// Drives the link machine over this connection: frames read go in, frames it transmits are written,
+    /// its actions become queue and dead-letter operations, and its timeout is slept on.
+    async fn run(
+        &mut self,
+        link: &mut AgentLink,
+        shutdown: &CancellationToken,
+    ) -> Result<(), UplinkError> {
         let cfg = &self.uplink.cfg;
         let queue = &self.uplink.queue;
         let (mut send, recv) = self.conn.open_bi().await?;
@@ -554,109 +560,108 @@ impl Session<'_> {
         };
         let stats = queue.stats();
         let mut out = BytesMut::with_capacity(64 * 1024);
-        Frame::Hello {
-            versions: SUPPORTED,
-            capabilities: Capabilities::RETRY_AFTER
-                .union(Capabilities::CONFIG_PUSH)
-                .union(Capabilities::DOWNLINK),
-            agent_name: self.uplink.site.to_string(),
-            incarnation: queue.incarnation(),
-            last_acked: stats.acked,
-            config_version: self.uplink.pushed.version(),
-        }
-        .encode(&mut out)?;
-        send.write_all(&out).await?;
-        out.clear();
-
-        let welcome = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()) => {
-                frame.map_err(|_| UplinkError::HandshakeTimeout { after: HANDSHAKE_TIMEOUT })??
-            }
-        };
-        let (max_frame_size, hub_high_water) = match welcome {
-            Frame::Welcome {
-                version,
-                max_frame_size,
-                hub_high_water,
-                max_message_size,
-                max_topic_len,
-                ..
-            } => {
-                debug!(
-                    version,
-                    max_frame_size, max_message_size, max_topic_len, "welcomed"
-                );
-                let announced = PathLimits {
-                    max_message_size,
-                    max_topic_len,
-                    max_frame_size,
-                };
-                crate::limits::announce(&self.uplink.limits, &self.uplink.data_dir, announced)
-                    .await;
-                let hub_max = usize::try_from(max_frame_size).unwrap_or(usize::MAX);
-                (hub_max.min(cfg.max_frame_size.as_usize()), hub_high_water)
-            }
-            Frame::GoAway {
-                code,
-                reason,
-                retry_after_ms,
-            } => return Err(go_away(code, reason, retry_after_ms)),
-            other => {
-                return Err(UplinkError::Unexpected {
-                    frame: other.frame_type(),
-                    state: "waiting for Welcome",
-                })
-            }
-        };
-        self.welcomed = true;
-        let written = stats.next_seq - 1;
-        if hub_high_water > written {
-            // Acknowledging up to the hub's mark would delete messages the hub never saw, and new ones
-            // would reuse seqs it has: start over above its mark instead, and reconnect as the new
-            // incarnation.
-            let old_incarnation = queue.incarnation();
-            let incarnation = blocking(queue, move |q| q.restart_above(hub_high_water)).await?;
-            return Err(UplinkError::Restarted {
-                hub_high_water,
-                written,
-                old_incarnation,
-                incarnation,
-            });
-        }
-        if hub_high_water > stats.acked {
-            let skipped = blocking(queue, move |q| q.ack_upto(hub_high_water)).await?;
-            debug!(
-                hub_high_water,
-                skipped, "hub already has these; acknowledged locally"
-            );
-        }
-        let stats = queue.stats();
-        info!(
-            hub = %self.addr,
-            depth = stats.depth,
-            acked = stats.acked,
-            hub_high_water,
-            "uplink connected"
+        let conn = link.connect(
+            now(),
+            QueueMarks {
+                incarnation: queue.incarnation(),
+                acked: stats.acked,
+                written: stats.next_seq - 1,
+            },
         );
-
-        let window = usize::try_from(cfg.window).unwrap_or(usize::MAX);
         let batch_messages = usize::try_from(cfg.batch_max_messages).unwrap_or(usize::MAX);
         let batch_bytes = cfg.batch_max_bytes.as_usize();
-        let mut cursor = stats.acked + 1;
-        // Last seq of each unacknowledged batch, oldest first.
-        let mut inflight: VecDeque<u64> = VecDeque::new();
-        let mut stopping: Option<Instant> = None;
+        // The smaller of ours and the hub's, once welcomed.
+        let mut max_frame_size = cfg.max_frame_size.as_usize();
+        let mut batch_lasts: VecDeque<u64> = VecDeque::new();
+        let mut stopping = false;
 
         loop {
+            while let Some(action) = link.poll_action() {
+                match action {
+                    AgentAction::Welcomed {
+                        version,
+                        limits,
+                        hub_high_water,
+                        ..
+                    } => {
+                        debug!(
+                            version,
+                            max_frame_size = limits.max_frame_size,
+                            max_message_size = limits.max_message_size,
+                            max_topic_len = limits.max_topic_len,
+                            "welcomed"
+                        );
+                        crate::limits::announce(&self.uplink.limits, &self.uplink.data_dir, limits)
+                            .await;
+                        let hub_max = usize::try_from(limits.max_frame_size).unwrap_or(usize::MAX);
+                        max_frame_size = hub_max.min(cfg.max_frame_size.as_usize());
+                        self.welcomed = true;
+                        if hub_high_water < stats.next_seq {
+                            info!(
+                                hub = %self.addr,
+                                depth = stats.depth,
+                                acked = stats.acked.max(hub_high_water),
+                                hub_high_water,
+                                "uplink connected"
+                            );
+                        }
+                    }
+                    AgentAction::AckUpTo { upto } => {
+                        blocking(queue, move |q| q.ack_upto(upto)).await?;
+                        self.acked |= link.acked_any();
+                    }
+                    AgentAction::DeadLetter {
+                        seq,
+                        reason_code,
+                        detail,
+                    } => self.dead_letter(seq, reason_code, detail).await?,
+                    AgentAction::ApplyConfig { version, body } => {
+                        let pushed = Arc::clone(&self.uplink.pushed);
+                        let result =
+                            tokio::task::spawn_blocking(move || pushed.apply(version, &body))
+                                .await
+                                .map_err(UplinkError::Panicked)?;
+                        if let Err(rejection) = &result {
+                            warn!(version, reason = %rejection.reason, detail = %rejection.detail, "refused the config the hub pushed; the running one stays");
+                        }
+                        link.config_applied(version, result);
+                    }
+                    AgentAction::DeliverDownlink { conn, entries } => {
+                        let Some(upto) = entries.last().map(|e| e.seq) else {
+                            continue;
+                        };
+                        let published = self
+                            .uplink
+                            .delivery
+                            .lock()
+                            .await
+                            .deliver(&entries, crate::ingest::now_ms())
+                            .await
+                            .map_err(UplinkError::Downlink)?;
+                        debug!(
+                            upto,
+                            published, "downlink batch delivered to the local broker"
+                        );
+                        link.downlink_delivered(conn, upto);
+                    }
+                    AgentAction::Closed { end, .. } => {
+                        flush(link, &mut out, &mut send).await?;
+                        return self.closed(end, &mut send).await;
+                    }
+                }
+            }
+
             // Fill the window straight from the queue.
-            while stopping.is_none() && inflight.len() < window {
-                let from = cursor;
+            while let Some(from) = link.next_send() {
                 let entries =
                     blocking(queue, move |q| q.read(from, batch_messages, batch_bytes)).await?;
-                let Some(last) = entries.last() else { break };
-                cursor = last.seq + 1;
-                let too_large = encode_batches(&entries, &mut out, max_frame_size, &mut inflight)?;
+                let Some(last) = entries.last().map(|e| e.seq) else {
+                    link.queue_written(from - 1);
+                    break;
+                };
+                let too_large =
+                    encode_batches(&entries, &mut out, max_frame_size, &mut batch_lasts)?;
+                link.batches_sent(last, batch_lasts.drain(..));
                 if !too_large.is_empty() {
                     let letters = too_large
                         .into_iter()
@@ -673,45 +678,104 @@ impl Session<'_> {
                     self.file_dead_letters(letters).await?;
                 }
             }
-            if !out.is_empty() {
-                send.write_all(&out).await?;
-                out.clear();
-            }
-            if let Some(deadline) = stopping {
-                if inflight.is_empty() || Instant::now() >= deadline {
-                    if !inflight.is_empty() {
-                        warn!(
-                            unacked_batches = inflight.len(),
-                            "shutdown timeout: closing with batches unacknowledged (they are resent next time)"
-                        );
-                    }
-                    Frame::GoAway {
-                        code: GoAwayCode::Normal,
-                        reason: "agent shutting down".into(),
-                        retry_after_ms: None,
-                    }
-                    .encode(&mut out)?;
-                    send.write_all(&out).await?;
-                    // Closing the connection discards unsent stream data, so give the GoAway a moment to
-                    // be delivered (the stream may already be reset by the hub: closing follows either way).
-                    if send.finish().is_ok() {
-                        let _ = tokio::time::timeout(GOAWAY_GRACE, send.stopped()).await;
-                    }
-                    return Ok(());
-                }
-            }
-            let want_data = stopping.is_none() && inflight.len() < window;
-            let deadline = stopping.unwrap_or_else(Instant::now);
+            flush(link, &mut out, &mut send).await?;
+
+            let timeout = link.poll_timeout().map(Instant::from_std);
             tokio::select! {
-                () = shutdown.cancelled(), if stopping.is_none() => {
-                    stopping = Some(Instant::now() + cfg.shutdown_timeout);
-                    debug!(unacked_batches = inflight.len(), "uplink draining for shutdown");
+                () = shutdown.cancelled(), if !stopping => {
+                    if !link.is_open() {
+                        // Still in the handshake: nothing in flight to wait for.
+                        return Ok(());
+                    }
+                    stopping = true;
+                    debug!(unacked_batches = link.inflight_batches(), "uplink draining for shutdown");
+                    let at = now();
+                    link.shutdown(at, at + cfg.shutdown_timeout);
                 }
-                () = tokio::time::sleep_until(deadline), if stopping.is_some() => {}
-                () = self.uplink.appended.notified(), if want_data => {}
-                frame = reader.next() => {
-                    self.handle(frame?, &mut inflight, &mut out, &mut send).await?;
+                () = sleep_until(timeout), if timeout.is_some() => link.handle_timeout(now()),
+                () = self.uplink.appended.notified(), if link.wants_data() => {
+                    // Read to find out how much: cheaper than asking the queue for its stats.
+                    link.queue_written(u64::MAX);
                 }
+                frame = reader.next() => link.handle_frame(conn, frame?, now()),
+            }
+        }
+    }
+
+    /// What the end of the connection means for the reconnect loop.
+    async fn closed(&mut self, end: AgentEnd, send: &mut SendStream) -> Result<(), UplinkError> {
+        match end {
+            AgentEnd::Shutdown { unacked_batches } => {
+                if unacked_batches > 0 {
+                    warn!(
+                        unacked_batches,
+                        "shutdown timeout: closing with batches unacknowledged (they are resent next time)"
+                    );
+                }
+                // Closing the connection discards unsent stream data, so give the GoAway a moment to be
+                // delivered (the stream may already be reset by the hub: closing follows either way).
+                if send.finish().is_ok() {
+                    let _ = tokio::time::timeout(GOAWAY_GRACE, send.stopped()).await;
+                }
+                Ok(())
+            }
+            AgentEnd::GoAway {
+                code,
+                reason,
+                retry_after,
+            } => Err(UplinkError::GoAway {
+                code,
+                reason,
+                retry_after,
+            }),
+            AgentEnd::Protocol(violation) => Err(UplinkError::Protocol(violation)),
+            AgentEnd::HandshakeTimeout { after } => Err(UplinkError::HandshakeTimeout { after }),
+            AgentEnd::KeepaliveTimeout => Err(UplinkError::KeepaliveTimeout),
+            AgentEnd::Restarted {
+                hub_high_water,
+                written,
+            } => {
+                // Acknowledging up to the hub's mark would delete messages the hub never saw, and new ones
+                // would reuse seqs it has: start over above its mark instead, and reconnect as the new
+                // incarnation.
+                let queue = &self.uplink.queue;
+                let old_incarnation = queue.incarnation();
+                let incarnation = blocking(queue, move |q| q.restart_above(hub_high_water)).await?;
+                Err(UplinkError::Restarted {
+                    hub_high_water,
+                    written,
+                    old_incarnation,
+                    incarnation,
+                })
+            }
+        }
+    }
+
+    /// Files the refused entry `seq` in the dead-letter store; it is still stored, because the `Ack` that
+    /// covers it comes after the `Refused`.
+    async fn dead_letter(
+        &self,
+        seq: u64,
+        reason_code: u8,
+        detail: String,
+    ) -> Result<(), UplinkError> {
+        let entry = blocking(&self.uplink.queue, move |q| q.read(seq, 1, usize::MAX))
+            .await?
+            .into_iter()
+            .find(|e| e.seq == seq);
+        match entry {
+            Some(entry) => {
+                self.file_dead_letters(vec![NewDeadLetter {
+                    seq,
+                    reason_code,
+                    detail,
+                    body: entry.body,
+                }])
+                .await
+            }
+            None => {
+                warn!(seq, reason_code, %detail, "hub refused a message this queue no longer holds");
+                Ok(())
             }
         }
     }
@@ -753,112 +817,34 @@ impl Session<'_> {
     fn healthy(&self) -> bool {
         self.acked || (self.welcomed && self.started.elapsed() >= HEALTHY_AFTER)
     }
-
-    async fn handle(
-        &mut self,
-        frame: Frame,
-        inflight: &mut VecDeque<u64>,
-        out: &mut BytesMut,
-        _send: &mut SendStream,
-    ) -> Result<(), UplinkError> {
-        match frame {
-            Frame::Ack { upto } => {
-                let sent = inflight.back().copied().unwrap_or(0);
-                let acked = self.uplink.queue.stats().acked;
-                if upto > sent.max(acked) {
-                    return Err(UplinkError::AckBeyondSent { upto, sent });
-                }
-                blocking(&self.uplink.queue, move |q| q.ack_upto(upto)).await?;
-                self.acked = true;
-                while inflight.front().is_some_and(|&last| last <= upto) {
-                    inflight.pop_front();
-                }
-                Ok(())
-            }
-            Frame::Refused {
-                seq,
-                reason_code,
-                detail,
-            } => {
-                // Still stored: the Ack covering it comes after this frame.
-                let entry = blocking(&self.uplink.queue, move |q| q.read(seq, 1, usize::MAX))
-                    .await?
-                    .into_iter()
-                    .find(|e| e.seq == seq);
-                match entry {
-                    Some(entry) => {
-                        self.file_dead_letters(vec![NewDeadLetter {
-                            seq,
-                            reason_code,
-                            detail,
-                            body: entry.body,
-                        }])
-                        .await
-                    }
-                    None => {
-                        warn!(seq, reason_code, %detail, "hub refused a message this queue no longer holds");
-                        Ok(())
-                    }
-                }
-            }
-            Frame::ConfigPush { version, body } => {
-                let pushed = Arc::clone(&self.uplink.pushed);
-                let result = tokio::task::spawn_blocking(move || pushed.apply(version, &body))
-                    .await
-                    .map_err(UplinkError::Panicked)?;
-                if let Err(rejection) = &result {
-                    warn!(version, reason = %rejection.reason, detail = %rejection.detail, "refused the config the hub pushed; the running one stays");
-                }
-                Ok(Frame::ConfigAck { version, result }.encode(out)?)
-            }
-            Frame::Downlink { entries } => {
-                let Some(upto) = entries.last().map(|e| e.seq) else {
-                    return Ok(());
-                };
-                if upto <= self.downlink_delivered {
-                    // A resend of what this session already delivered: acknowledge again.
-                    return Ok(Frame::DownlinkAck { upto }.encode(out)?);
-                }
-                let fresh: Vec<_> = entries
-                    .into_iter()
-                    .filter(|e| e.seq > self.downlink_delivered)
-                    .collect();
-                let published = self
-                    .uplink
-                    .delivery
-                    .lock()
-                    .await
-                    .deliver(&fresh, crate::ingest::now_ms())
-                    .await
-                    .map_err(UplinkError::Downlink)?;
-                debug!(
-                    upto,
-                    published, "downlink batch delivered to the local broker"
-                );
-                self.downlink_delivered = upto;
-                Ok(Frame::DownlinkAck { upto }.encode(out)?)
-            }
-            Frame::Ping { nonce } => Ok(Frame::Pong { nonce }.encode(out)?),
-            Frame::Pong { .. } => Ok(()),
-            Frame::GoAway {
-                code,
-                reason,
-                retry_after_ms,
-            } => Err(go_away(code, reason, retry_after_ms)),
-            other => Err(UplinkError::Unexpected {
-                frame: other.frame_type(),
-                state: "streaming",
-            }),
-        }
-    }
 }
 
-/// The error for a hub's `GoAway`.
-fn go_away(code: GoAwayCode, reason: String, retry_after_ms: Option<u32>) -> UplinkError {
-    UplinkError::GoAway {
-        code,
-        reason,
-        retry_after: retry_after_ms.map(|ms| Duration::from_millis(ms.into())),
+/// Writes every frame the machine has queued, in one write.
+async fn flush(
+    link: &mut AgentLink,
+    out: &mut BytesMut,
+    send: &mut SendStream,
+) -> Result<(), UplinkError> {
+    while let Some(frame) = link.poll_transmit() {
+        frame.encode(out)?;
+    }
+    if !out.is_empty() {
+        send.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// The machine's clock: tokio's, so that paused-time tests drive it too.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Sleeps until `at`; only polled when `at` is `Some`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -14,6 +14,8 @@
 //! - [`config`]: the serde config model of both programs, loading and `validate()`.
 //! - [`limits`]: the message size and topic length a message must meet to cross the whole path, announced
 //!   by the hub and checked by the agent at PUBLISH time.
+//! - [`link`]: the agent↔hub link protocol as two pure state machines (handshake, window, acks, resume,
+//!   config push, downlink) that the async shells drive.
 //! - [`site`]: the rules of a site name, shared by the config model, the PKI and the hub.
 //! - [`queue`]: the durable outbound queue (redb) and its in-memory model. The one module that touches the
 //!   disk, because the guarantee it gives (committed before acknowledged) is the product's core promise.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod envelope;
 pub mod hash;
 pub mod limits;
+pub mod link;
 pub mod mqtt;
 pub mod policy;
 pub mod queue;
