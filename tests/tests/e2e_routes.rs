@@ -229,7 +229,9 @@ async fn downlink_and_site_to_site(line2_broker: BrokerSpec) {
     // Store and forward: line2's agent is down while the command is published. An embedded site broker
     // goes down with its agent, and a subscriber that reconnects after the agent came back may miss a
     // live delivery, as with any broker restart: there the command is retained, which also shows that a
-    // retained message under a downlink route reaches a subscriber that connects later.
+    // retained message under a downlink route reaches a subscriber that connects later. (That needs Retain
+    // As Published on the hub's embedded cloud broker, which rumqttd lacked: see vendor/rumqttd/PATCHED.md.
+    // Without it this failed whenever the delivery beat the subscriber's reconnect.)
     let embedded = matches!(t.specs[1].broker, BrokerSpec::Embedded { .. });
     t.agents[1].terminate(STOP_TIMEOUT).await;
     let plan = PublishPlan::new("resume", "acme/plant1/line2/cmd/resume", 1).retain(embedded);

@@ -975,6 +975,7 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                preserve_retain: filter.preserve_retain,
             };
 
             self.scheduler.track(id, request);
@@ -1233,9 +1234,8 @@ fn append_to_commitlog(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // meshbridge patch: the log keeps the retain flag as published; `forward_device_data` clears it
+    // for subscriptions without Retain As Published (MQTT 5 §3.3.1.3), where upstream cleared it for all.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1304,9 +1304,8 @@ fn append_will_message(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // meshbridge patch: the log keeps the retain flag as published; `forward_device_data` clears it
+    // for subscriptions without Retain As Published (MQTT 5 §3.3.1.3), where upstream cleared it for all.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1484,11 +1483,14 @@ fn forward_device_data(
             }
         };
 
-    publishes.extend(
-        publishes_from_datalog
-            .into_iter()
-            .map(|(p, offset)| (p, Some(offset))),
-    );
+    let preserve_retain = request.preserve_retain;
+    publishes.extend(publishes_from_datalog.into_iter().map(|((mut p, props), offset)| {
+        // meshbridge patch: live deliveries carry retain = 1 only to Retain As Published subscriptions.
+        if !preserve_retain {
+            p.retain = false;
+        }
+        ((p, props), Some(offset))
+    }));
 
     let (start, next, caughtup) = match next {
         Position::Next { start, end } => (start, end, false),
