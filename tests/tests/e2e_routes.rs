@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use meshbridge_tests::cloud::CloudBroker;
 use meshbridge_tests::mesh::{prove_path, restart, Mesh, STOP_TIMEOUT};
 use meshbridge_tests::mosquitto::{self, Mosquitto, MosquittoOptions};
 use meshbridge_tests::mqtt::{Collector, PublishPlan, Publisher, Received};
@@ -123,6 +124,71 @@ async fn routes_declared_at_the_hub_are_pushed_to_the_agents() {
     );
     drop(t.agents);
     drop(t.hub);
+}
+
+/// An agent that starts while the hub is unreachable runs on the last config the hub pushed: it captures
+/// what the pushed routes select (not its own file's bootstrap routes), queues it, and delivers it once the
+/// hub is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_while_the_hub_is_down_runs_its_last_pushed_config() {
+    // A cloud broker that outlives the hub, so its subscriber sees what the hub publishes as it comes back.
+    let cloud_broker = CloudBroker::start().await;
+    let mesh = Mesh::new(&["line1"]);
+    let mut hub_spec = mesh.hub_spec(
+        BrokerSpec::External {
+            address: cloud_broker.addr,
+            client_id: "meshbridge-hub".to_owned(),
+        },
+        &["line1"],
+    );
+    hub_spec.tail = vec![TELEMETRY_UP.to_owned()];
+    let mut hub = mesh.start_hub(&hub_spec).await;
+    let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
+    spec.routes = vec!["boot/#".to_owned()];
+    let mut agent = mesh.start_agent("line1", &spec).await;
+    let cloud = Collector::start(cloud_broker.addr, "cloud", &["acme/#"], false).await;
+    let edge1 = spec.broker.client_addr();
+    flows(
+        edge1,
+        &cloud,
+        "telemetry/a",
+        "acme/plant1/line1/telemetry/a",
+    )
+    .await;
+
+    // Hub down, then the agent restarted: it cannot reach the hub.
+    hub.terminate(STOP_TIMEOUT).await;
+    agent.terminate(STOP_TIMEOUT).await;
+    restart(&mut agent, &spec.broker).await;
+    let log = agent
+        .wait_log("running the last config the hub pushed", ARRIVE)
+        .await;
+    assert!(log.contains("running the last config"), "{log}");
+    // The pushed route captures telemetry (acknowledged and queued); the file's bootstrap route does not
+    // apply any more.
+    publish_one(edge1, "offline", "telemetry/while-hub-down").await;
+    publish_one(edge1, "boot", "boot/while-hub-down").await;
+    restart(&mut hub, &hub_spec.broker).await;
+    assert!(
+        cloud
+            .wait_until(ARRIVE, |r| r
+                .iter()
+                .any(|m| m.topic == "acme/plant1/line1/telemetry/while-hub-down"))
+            .await,
+        "what the last pushed routes captured while the hub was down was not delivered: {:?}",
+        topics(&cloud.received())
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !cloud
+            .received()
+            .iter()
+            .any(|m| m.topic.ends_with("boot/while-hub-down")),
+        "the bootstrap route was used although a pushed config was kept: {:?}",
+        topics(&cloud.received())
+    );
+    drop(agent);
+    drop(hub);
 }
 
 /// Editing the hub's file adds a route: it takes effect without restarting anything. A file that fails
