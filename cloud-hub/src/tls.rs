@@ -80,7 +80,11 @@ pub enum TlsError {
 pub struct ServerTransport {
     /// Close a connection after this long without any packet from the agent.
     pub idle_timeout: Duration,
-    /// Send a keep-alive after this long without traffic (`None`: rely on the agent's keep-alives).
+    /// Send a keep-alive after this long without hearing from the agent. The agent pings too, but under
+    /// heavy loss its own probes back off exponentially and it can go silent for longer than its idle
+    /// timeout (2 s by default): the hub's pings then keep the link from being torn down and re-handshaken
+    /// through the same loss (issue 7, hole 12: a 3.2 s stall at 30 % loss was exactly that). Costs nothing
+    /// on a healthy link, where the agent's packets reset this timer.
     pub keep_alive_interval: Option<Duration>,
     /// Per-stream flow-control window in bytes. The agent pushes its whole backlog on one stream after a
     /// reconnect, so this bounds throughput to `window / RTT`: several MiB keeps a WAN link busy.
@@ -93,18 +97,22 @@ pub struct ServerTransport {
     pub max_concurrent_bidi_streams: u32,
     /// How many unidirectional streams an agent may have open at once.
     pub max_concurrent_uni_streams: u32,
+    /// Largest ACK delay the hub asks each agent to use (QUIC ACK-frequency extension); it is part of the
+    /// hub's probe timeout for its acks and config pushes. See the agent's `ClientTransport` for why 5 ms.
+    pub max_ack_delay: Duration,
 }
 
 impl Default for ServerTransport {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(30),
-            keep_alive_interval: None,
+            keep_alive_interval: Some(Duration::from_millis(500)),
             stream_receive_window: 8 << 20,
             receive_window: 16 << 20,
             send_window: 8 << 20,
             max_concurrent_bidi_streams: 16,
             max_concurrent_uni_streams: 16,
+            max_ack_delay: Duration::from_millis(5),
         }
     }
 }
@@ -124,6 +132,9 @@ impl ServerTransport {
             .send_window(self.send_window)
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(self.max_concurrent_uni_streams));
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.max_ack_delay(Some(self.max_ack_delay));
+        t.ack_frequency_config(Some(ack));
         Ok(t)
     }
 }

@@ -53,6 +53,12 @@ pub struct ClientTransport {
     /// an attempt started is noticed only ~1 s later. A lower guess costs at most a few spurious resends of
     /// the first packet on a long-RTT link; the estimate is replaced by the first real sample.
     pub initial_rtt: Duration,
+    /// Largest ACK delay the agent asks the hub to use (QUIC ACK-frequency extension). It is part of every
+    /// probe timeout, and under loss the probe timeout doubles with each unanswered probe: with QUIC's
+    /// default 25 ms, 30 % loss stalled the link for over 3 s at times (issue 7, hole 12; measured in
+    /// `tests/tests/fault_suite.rs`). Peers clamp it to at most the RTT (or 25 ms), so on a long link
+    /// this changes nothing; the cost is an ACK for nearly every packet from the hub.
+    pub max_ack_delay: Duration,
 }
 
 impl Default for ClientTransport {
@@ -64,6 +70,7 @@ impl Default for ClientTransport {
             receive_window: 4 << 20,
             send_window: 16 << 20,
             initial_rtt: Duration::from_millis(100),
+            max_ack_delay: Duration::from_millis(5),
         }
     }
 }
@@ -82,6 +89,9 @@ impl ClientTransport {
             .receive_window(VarInt::from_u32(self.receive_window))
             .send_window(self.send_window)
             .initial_rtt(self.initial_rtt);
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.max_ack_delay(Some(self.max_ack_delay));
+        t.ack_frequency_config(Some(ack));
         Ok(t)
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::cloud::CloudBroker;
 use crate::mesh::Mesh;
@@ -151,25 +151,35 @@ pub async fn caught_up(
 }
 
 /// Runs `work` while watching the cloud: returns its output and the longest time no new message arrived
-/// (sampled every 50 ms).
+/// (sampled every 50 ms). When that stall began is printed in UTC, to find it in the programs' logs.
 pub async fn longest_stall<F: Future>(cloud: &Collector, work: F) -> (F::Output, Duration) {
     let mut work = std::pin::pin!(work);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut last_count = cloud.count();
-    let mut last_change = Instant::now();
-    let mut longest = Duration::ZERO;
+    let mut last_change = (Instant::now(), SystemTime::now());
+    let mut longest = (Duration::ZERO, last_change.1);
     loop {
         tokio::select! {
             out = &mut work => {
-                longest = longest.max(last_change.elapsed());
-                return (out, longest);
+                if last_change.0.elapsed() > longest.0 {
+                    longest = (last_change.0.elapsed(), last_change.1);
+                }
+                eprintln!(
+                    "longest stall of deliveries: {:.2}s from {} (count {})",
+                    longest.0.as_secs_f64(),
+                    humantime::format_rfc3339_millis(longest.1),
+                    cloud.count()
+                );
+                return (out, longest.0);
             }
             _ = tick.tick() => {
                 let count = cloud.count();
                 if count != last_count {
-                    longest = longest.max(last_change.elapsed());
+                    if last_change.0.elapsed() > longest.0 {
+                        longest = (last_change.0.elapsed(), last_change.1);
+                    }
                     last_count = count;
-                    last_change = Instant::now();
+                    last_change = (Instant::now(), SystemTime::now());
                 }
             }
         }

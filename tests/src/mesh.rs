@@ -23,7 +23,8 @@ pub const READY_LOG: &str = ": ready";
 /// A test's working directory and certificates.
 #[derive(Debug)]
 pub struct Mesh {
-    dir: TempDir,
+    /// `None` only after a failing test kept the directory (see `Drop`).
+    dir: Option<TempDir>,
     /// CA, hub and site certificates.
     pub pki: Pki,
 }
@@ -33,12 +34,15 @@ impl Mesh {
     pub fn new(sites: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = Pki::new(&dir.path().join("pki"), sites);
-        Self { dir, pki }
+        Self {
+            dir: Some(dir),
+            pki,
+        }
     }
 
     /// The working directory (configs, logs, data dirs).
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_ref().expect("the mesh directory").path()
     }
 
     /// A hub spec in this mesh for `sites`.
@@ -65,6 +69,18 @@ impl Mesh {
         let mut proc = Proc::start(name, &bin(EDGE_AGENT), &config, self.path());
         wait_ready(&mut proc, &spec.broker).await;
         proc
+    }
+}
+
+/// A failing test keeps its directory: the programs' logs (printed by each `Proc` as it drops, which may
+/// be after the `Mesh` that holds them), their configs and data dirs are what explains the failure.
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("test failed: kept its directory {}", dir.keep().display());
+            }
+        }
     }
 }
 

@@ -69,6 +69,10 @@ async fn proxied(scenario: &str) -> Proxied {
         .mesh
         .agent_spec(SITE, BrokerSpec::embedded(), &fm.hub_spec);
     spec.hub = proxy.addr();
+    // To look inside a failure: e.g. FAULT_AGENT_LOG="info,quinn_proto::connection=trace".
+    if let Ok(directive) = std::env::var("FAULT_AGENT_LOG") {
+        spec.log = directive;
+    }
     let agent = fm.mesh.start_agent(SITE, &spec).await;
     Proxied {
         fm,
@@ -218,12 +222,22 @@ async fn random_loss(name: &str, p_loss: f64, min_rate_share: f64) {
         format!("{:.0}msg/s", delivered as f64 / elapsed.as_secs_f64()),
     ));
     extra.push(("longest_stall", format!("{:.2}s", stall.as_secs_f64())));
+    // Reconnects under loss cost a handshake through the same loss: the line says how many there were.
+    extra.push((
+        "connects",
+        p.agent
+            .log_text()
+            .matches("uplink connected")
+            .count()
+            .to_string(),
+    ));
     extra.push(("secs", format!("{:.1}", started.elapsed().as_secs_f64())));
     conclude(name, &p.fm, &outcome, pad, recovery, 0, &extra).await;
     // Issue 7 hole 12: the link keeps moving under loss (it used to stop until the 15 s idle timeout,
-    // 16.4 s at 30 %). The target is no stall of 2 s: measured 0.24-0.9 s on runs of this file, but 3.2 s
-    // once in a CI run with a release build sharing the two cores, so the assertion leaves room for a
-    // loaded machine. The offered rate is sustained.
+    // 16.4 s at 30 %). Stalls over 2 s had two causes, both mended in the transports
+    // (`edge-agent/src/tls.rs`, `cloud-hub/src/tls.rs`): probe timeouts built on QUIC's 25 ms ACK delay,
+    // and the agent's 2 s idle timeout firing while its own probes backed off (then a handshake through
+    // the same loss). The offered rate is sustained.
     assert!(
         stall < STALL_BOUND,
         "{name}: deliveries stopped for {stall:?} under random loss (bound {STALL_BOUND:?})"
@@ -237,18 +251,18 @@ async fn random_loss(name: &str, p_loss: f64, min_rate_share: f64) {
     drop(p.agent);
 }
 
-/// Longest stall of deliveries tolerated under random loss (issue 7, hole 12; its target is 2 s, see
-/// `random_loss`).
-const STALL_BOUND: Duration = Duration::from_secs(5);
+/// Longest stall of deliveries tolerated under random loss: issue 7's target for hole 12. Measured
+/// 0.15-1.85 s over 40 seeds of the 30 % scenario on a quiet machine; see the README.
+const STALL_BOUND: Duration = Duration::from_secs(2);
 
-/// (2a) 10 % random loss both ways: nothing lost, nothing duplicated, no stall of 5 s, and at least 90 %
+/// (2a) 10 % random loss both ways: nothing lost, nothing duplicated, no stall of 2 s, and at least 90 %
 /// of the offered rate delivered over the run (measured 293 of 300 msg/s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_loss_10_percent() {
     random_loss("loss_10pct", 0.10, 0.9).await;
 }
 
-/// (2b) 30 % random loss both ways: nothing lost, nothing duplicated, no stall of 5 s, at least half the
+/// (2b) 30 % random loss both ways: nothing lost, nothing duplicated, no stall of 2 s, at least half the
 /// offered rate delivered over the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_loss_30_percent() {
