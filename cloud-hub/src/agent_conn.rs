@@ -36,7 +36,7 @@ use shared::queue::Queue as _;
 use shared::topic::{Namespace, TopicName};
 use shared::wire::{self, Capabilities, DecodeError, Frame, GoAwayCode};
 use tokio::io::AsyncReadExt;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -78,8 +78,66 @@ pub const MESHBRIDGE_ID: &str = "meshbridge-id";
 pub(crate) struct Site {
     pub(crate) name: String,
     pub(crate) namespace: Namespace,
-    /// A [`Dedup`] holding only this site, so its snapshot is the site's row in the store.
+    /// A [`Dedup`] holding only this site's links (one origin per agent of the site: see [`origin`]), so
+    /// its snapshot is the site's row in the store.
     pub(crate) dedup: Mutex<Dedup>,
+    /// Serialises the commits of the site's dedup row. The agents of a redundant pair commit it from two
+    /// connections; each snapshot is taken under this lock, so a slower write never replaces a newer row.
+    pub(crate) save_lock: tokio::sync::Mutex<()>,
+    /// The connection that serves the site's downlink, if one does. At most one: the agents of a redundant
+    /// pair share one site broker, and each command must reach it once. The others watch it and reconnect
+    /// to take it over when it is released.
+    pub(crate) downlink_lease: watch::Sender<Option<u64>>,
+}
+
+impl Site {
+    /// A site with its restored dedup state.
+    pub(crate) fn new(name: String, namespace: Namespace, dedup: Dedup) -> Self {
+        Self {
+            name,
+            namespace,
+            dedup: Mutex::new(dedup),
+            save_lock: tokio::sync::Mutex::new(()),
+            downlink_lease: watch::Sender::new(None),
+        }
+    }
+}
+
+/// Longest agent name a member of a redundant pair may give in its `Hello`.
+const MAX_AGENT_NAME: usize = 64;
+
+/// The origin of one agent's link in the site's dedup state and in `meshbridge-id`: the site itself for
+/// the usual single agent (whose `Hello` names the site), `<site>/<agent name>` for each member of a
+/// redundant pair. Each agent has its own queue and numbering, so each needs its own window; the name is
+/// only trusted within the site its certificate names. `None`: a name that cannot be an origin.
+fn origin(site: &str, agent_name: &str) -> Option<String> {
+    if agent_name == site {
+        return Some(site.to_owned());
+    }
+    let valid = !agent_name.is_empty()
+        && agent_name.len() <= MAX_AGENT_NAME
+        && agent_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    valid.then(|| format!("{site}/{agent_name}"))
+}
+
+/// Releases the site's downlink lease when the connection that holds it ends, however it ends.
+struct LeaseGuard<'a> {
+    site: &'a Site,
+    id: u64,
+}
+
+impl Drop for LeaseGuard<'_> {
+    fn drop(&mut self) {
+        self.site.downlink_lease.send_if_modified(|holder| {
+            let mine = *holder == Some(self.id);
+            if mine {
+                *holder = None;
+            }
+            mine
+        });
+    }
 }
 
 /// The live connection of a site, as seen by a connection that replaces it.
@@ -254,8 +312,18 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         }
     };
     let site = site.expect("invariant: admitted agents have a site");
-    if agent_name != site.name {
-        warn!(agent_name = %agent_name, "agent's configured name differs from its certificate; the certificate wins");
+    let Some(origin) = origin(&site.name, &agent_name) else {
+        warn!(agent_name = %agent_name, "refusing agent: its name is not usable (1-64 of A-Z a-z 0-9 - _ .)");
+        link.refuse(
+            GoAwayCode::ProtocolError,
+            format!("agent name {agent_name:?} must be the site's name or 1-{MAX_AGENT_NAME} of A-Z a-z 0-9 - _ ."),
+            None,
+        );
+        go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await;
+        return;
+    };
+    if origin != site.name {
+        info!(agent = %agent_name, "agent joins as a named member of the site (redundant pair): its own queue, window and ids");
     }
 
     // Refuse before `Welcome` while the cloud broker is away: the first batch would fail anyway.
@@ -275,7 +343,9 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         return;
     }
 
-    // One live connection per site: the newest wins, after the old one finished what it had in flight.
+    // One live connection per agent of a site: the newest wins, after the old one finished what it had in
+    // flight. Two agents sharing one certificate and one name replace each other; a redundant pair names
+    // its members.
     let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
     let replaced = CancellationToken::new();
     let finished = CancellationToken::new();
@@ -285,7 +355,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .insert(
-            site.name.clone(),
+            origin.clone(),
             Live {
                 id,
                 replaced: replaced.clone(),
@@ -295,7 +365,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     if let Some(old) = old {
         warn!(
             old_connection = old.id,
-            "site connected again; replacing its existing connection"
+            "agent connected again; replacing its existing connection"
         );
         old.replaced.cancel();
         if tokio::time::timeout(REPLACE_WAIT, old.finished.cancelled())
@@ -310,7 +380,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         .dedup
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .high_water(&site.name);
+        .high_water(&origin);
     let max_topic_len = u16::try_from(site.namespace.local_topic_room()).unwrap_or(u16::MAX);
     let downlink = match hub.downlinks.site(&site.name).await {
         Ok(downlink) => downlink,
@@ -327,7 +397,21 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             return;
         }
     };
+    let serves_downlink = site.downlink_lease.send_if_modified(|holder| {
+        let free = holder.is_none();
+        if free {
+            *holder = Some(id);
+        }
+        free
+    });
+    let _lease = LeaseGuard { site: &site, id };
     let downlink_stats = downlink.queue.stats();
+    // A connection without the lease is told the queue is empty, and is never fed (see `Session`).
+    let downlink_written = if serves_downlink {
+        downlink_stats.next_seq.saturating_sub(1)
+    } else {
+        downlink_stats.acked
+    };
     let hub_high_water = link.welcome(
         now(),
         max_topic_len,
@@ -336,7 +420,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             config: offer(&hub.routes.borrow(), &site.name),
             config_rejected: None,
             downlink_acked: downlink_stats.acked,
-            downlink_written: downlink_stats.next_seq.saturating_sub(1),
+            downlink_written,
         },
     );
     while let Some(event) = link.poll_event() {
@@ -366,6 +450,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             incarnation,
             agent_last_acked = last_acked,
             hub_high_water,
+            serves_downlink,
             "agent connected"
         );
         let session = Session {
@@ -375,6 +460,8 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             stops: &stops,
             replaced: &replaced,
             downlink: &downlink,
+            origin: &origin,
+            serves_downlink,
         };
         let end = session.run(&mut link, recv, buf, &mut send).await;
         match &end {
@@ -410,8 +497,8 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     }
 
     let mut live = hub.live.lock().unwrap_or_else(PoisonError::into_inner);
-    if live.get(&site.name).is_some_and(|l| l.id == id) {
-        live.remove(&site.name);
+    if live.get(&origin).is_some_and(|l| l.id == id) {
+        live.remove(&origin);
     }
 }
 
@@ -616,6 +703,10 @@ struct Session<'a> {
     replaced: &'a CancellationToken,
     /// The site's downlink queue.
     downlink: &'a SiteDownlink,
+    /// This agent's origin (see [`origin`]): its dedup window and its `meshbridge-id` prefix.
+    origin: &'a str,
+    /// Whether this connection holds the site's downlink lease.
+    serves_downlink: bool,
 }
 
 /// Per-batch counters of messages not published, and the refusals the hub decided itself.
@@ -654,6 +745,8 @@ impl Session<'_> {
         let grew = self.downlink.grew.notified();
         let mut grew = std::pin::pin!(grew);
         grew.as_mut().enable();
+        let mut lease = self.site.downlink_lease.subscribe();
+        lease.mark_unchanged();
         loop {
             while let Some(event) = link.poll_event() {
                 match event {
@@ -707,7 +800,9 @@ impl Session<'_> {
                 // dropped as a duplicate), and there is nobody to tell.
                 return end.take().expect("just matched");
             }
-            if let Err(error) = self.send_downlink(link, send, &mut out).await {
+            if !self.serves_downlink {
+                // Nothing to send: the lease holder serves the site's downlink.
+            } else if let Err(error) = self.send_downlink(link, send, &mut out).await {
                 match error {
                     DownlinkSendError::Write(error) => return End::PeerGone(error),
                     DownlinkSendError::Queue(error) => {
@@ -729,6 +824,14 @@ impl Session<'_> {
                 }
                 () = self.replaced.cancelled(), if !link.is_draining() => {
                     link.drain(GoAwayCode::Replaced, "another connection for this site took over".into());
+                }
+                changed = lease.changed(), if !self.serves_downlink && !link.is_draining() => {
+                    // The member that served the site's downlink left: this one reconnects to take it
+                    // over (its uplink resumes from its queue; nothing is lost).
+                    if changed.is_ok() && lease.borrow_and_update().is_none() {
+                        info!("the site's downlink is free; asking this agent to reconnect and serve it");
+                        link.drain(GoAwayCode::Normal, "the site's downlink is free: reconnect to serve it".into());
+                    }
                 }
                 () = self.stops.hard.cancelled(), if !pending.is_empty() => {
                     end = Some(End::PublishTimeout);
@@ -781,9 +884,9 @@ impl Session<'_> {
                             end = Some(End::Publish(error));
                         }
                         Ok(group) => {
-                            let snapshot = self.observe(&group);
+                            self.observe(&group);
                             saving_group = group;
-                            saving = Some(Box::pin(self.hub.store.save(self.site.name.clone(), snapshot)));
+                            saving = Some(Box::pin(self.save_dedup()));
                         }
                     }
                 }
@@ -803,7 +906,9 @@ impl Session<'_> {
                 }
                 () = &mut grew => {
                     grew.set(self.downlink.grew.notified());
-                    link.downlink_written(self.downlink.queue.stats().next_seq.saturating_sub(1));
+                    if self.serves_downlink {
+                        link.downlink_written(self.downlink.queue.stats().next_seq.saturating_sub(1));
+                    }
                 }
                 frame = read_frame(&mut recv, &mut buf, self.hub.max_frame_size), if reading => {
                     match frame {
@@ -821,8 +926,8 @@ impl Session<'_> {
         }
     }
 
-    /// Marks every seq of `group` in the site's dedup window; returns the snapshot to commit.
-    fn observe(&self, group: &[Done]) -> Vec<u8> {
+    /// Marks every seq of `group` in this agent's dedup window.
+    fn observe(&self, group: &[Done]) {
         let mut dedup = self
             .site
             .dedup
@@ -830,10 +935,23 @@ impl Session<'_> {
             .unwrap_or_else(PoisonError::into_inner);
         for (seqs, _, _) in group {
             for &seq in seqs {
-                let _ = dedup.observe(&self.site.name, self.incarnation, seq);
+                let _ = dedup.observe(self.origin, self.incarnation, seq);
             }
         }
-        dedup.snapshot().encode()
+    }
+
+    /// Commits the site's dedup row: the snapshot is taken once the site's previous commit is done, so
+    /// what is on disk only moves forward when two members of a pair commit at once.
+    async fn save_dedup(&self) -> Result<(), crate::store::StoreError> {
+        let _turn = self.site.save_lock.lock().await;
+        let snapshot = self
+            .site
+            .dedup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .snapshot()
+            .encode();
+        self.hub.store.save(self.site.name.clone(), snapshot).await
     }
 
     /// Filters, routes and hands one batch to the publisher; `None` for an empty batch. What the routes
@@ -855,8 +973,8 @@ impl Session<'_> {
                 .dedup
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let window = match dedup.high_water(&self.site.name) {
-                Some((known, _)) if known == self.incarnation => dedup.window(&self.site.name),
+            let window = match dedup.high_water(self.origin) {
+                Some((known, _)) if known == self.incarnation => dedup.window(self.origin),
                 _ => None,
             };
             for env in entries {
@@ -870,7 +988,7 @@ impl Session<'_> {
                     self.route(env, &table, &mut out, &mut to_sites, &mut drops);
                 } else if let Some(message) = to_message(
                     env,
-                    &self.site.name,
+                    (&self.site.name, self.origin),
                     &self.site.namespace,
                     self.hub.max_message_size,
                     &mut drops,
@@ -954,7 +1072,7 @@ impl Session<'_> {
         if decision.deliveries.is_empty() {
             drops.unroutable += 1;
         }
-        let id = format!("{}/{}", self.site.name, env.seq);
+        let id = format!("{}/{}", self.origin, env.seq);
         for delivery in &decision.deliveries {
             match &delivery.target {
                 Target::Cloud => {
@@ -1160,10 +1278,11 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 ///
 /// The topic goes under the site's namespace whatever the entry's `origin` says; QoS, retain, payload and the
 /// MQTT 5 properties are kept; the trace context becomes `traceparent`/`tracestate` user properties and
-/// `meshbridge-id = <site>/<seq>` is appended.
+/// `meshbridge-id = <origin>/<seq>` is appended (`origin`: the site, or `<site>/<agent>` for a member of a
+/// redundant pair).
 fn to_message(
     env: Envelope,
-    site: &str,
+    (site, origin): (&str, &str),
     namespace: &Namespace,
     max_message_size: usize,
     drops: &mut Drops,
@@ -1201,7 +1320,7 @@ fn to_message(
             user.push(("tracestate".to_owned(), state));
         }
     }
-    user.push((MESHBRIDGE_ID.to_owned(), format!("{site}/{}", env.seq)));
+    user.push((MESHBRIDGE_ID.to_owned(), format!("{origin}/{}", env.seq)));
     let properties = PublishProperties {
         payload_format_indicator: env.properties.payload_format_utf8.then_some(1),
         message_expiry_interval: env.properties.message_expiry,
@@ -1247,6 +1366,19 @@ mod tests {
             properties: Properties::default(),
             trace: None,
             enqueued_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_named_member_of_a_site_has_its_own_origin() {
+        assert_eq!(origin("line1", "line1").as_deref(), Some("line1"));
+        assert_eq!(origin("line1", "a").as_deref(), Some("line1/a"));
+        assert_eq!(
+            origin("line1", "pair.b-2_x").as_deref(),
+            Some("line1/pair.b-2_x")
+        );
+        for bad in ["", "a/b", "a b", "line2/#", &"x".repeat(MAX_AGENT_NAME + 1)] {
+            assert_eq!(origin("line1", bad), None, "{bad:?}");
         }
     }
 
@@ -1309,7 +1441,7 @@ mod tests {
         let mut drops = Drops::default();
         for (entry, want_topic, want_qos, want_retain) in cases {
             let label = format!("{:?}", entry.topic);
-            let got = to_message(entry, "line1", &ns, 8, &mut drops);
+            let got = to_message(entry, ("line1", "line1"), &ns, 8, &mut drops);
             match (got, want_topic) {
                 (Some(m), Some(topic)) => {
                     assert_eq!(m.topic, topic, "{label}");
@@ -1365,7 +1497,7 @@ mod tests {
             traceparent: "tp".into(),
             tracestate: None,
         });
-        let m = to_message(entry, "s", &ns, 1024, &mut Drops::default()).expect("published");
+        let m = to_message(entry, ("s", "s"), &ns, 1024, &mut Drops::default()).expect("published");
         let p = m.properties;
         assert_eq!(
             p.user_properties,

@@ -121,11 +121,7 @@ pub async fn run_reloading(
         }
         sites.insert(
             site.name.clone(),
-            Arc::new(Site {
-                name: site.name.clone(),
-                namespace,
-                dedup: Mutex::new(dedup),
-            }),
+            Arc::new(Site::new(site.name.clone(), namespace, dedup)),
         );
     }
     for forgotten in restored.keys() {

@@ -160,6 +160,9 @@ namespace = "{NAMESPACE}"
 
 /// A minimal agent: one QUIC connection, one bidi stream, raw frames.
 struct FakeAgent {
+    /// The site its certificate names, which its `Hello` gives as its name (a single agent, not a member
+    /// of a redundant pair).
+    site: String,
     _endpoint: Endpoint,
     conn: Connection,
     send: SendStream,
@@ -180,6 +183,7 @@ impl FakeAgent {
         let conn = endpoint.connect(hub, "localhost")?.await?;
         let (send, recv) = conn.open_bi().await?;
         Ok(Self {
+            site: site.to_owned(),
             _endpoint: endpoint,
             conn,
             send,
@@ -209,7 +213,7 @@ impl FakeAgent {
         self.write(&Frame::Hello {
             versions,
             capabilities,
-            agent_name: "whatever-the-agent-says".to_owned(),
+            agent_name: self.site.clone(),
             incarnation,
             last_acked: 0,
             config_version: 0,

@@ -127,7 +127,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let housekeeping_stop = CancellationToken::new();
     let uplink = Uplink::new(
         cfg.uplink.clone(),
-        site,
+        Arc::from(cfg.agent_name.as_deref().unwrap_or(&cfg.site)),
         Arc::clone(&queue),
         appended,
         client_config,

@@ -207,7 +207,8 @@ impl UplinkError {
 /// The uplink task's state across connections.
 pub(crate) struct Uplink {
     cfg: UplinkConfig,
-    site: Arc<str>,
+    /// The name `Hello` gives: the site's, or this member's in a redundant pair (`agent_name`).
+    agent_name: Arc<str>,
     queue: Arc<RedbQueue>,
     appended: Arc<Notify>,
     /// The dead-letter store's file (opened only while filing; see `shared::queue::DeadLetters`).
@@ -249,7 +250,7 @@ impl Uplink {
     /// Prepares the uplink; no I/O yet.
     pub(crate) fn new(
         cfg: UplinkConfig,
-        site: Arc<str>,
+        agent_name: Arc<str>,
         queue: Arc<RedbQueue>,
         appended: Arc<Notify>,
         client_config: quinn::ClientConfig,
@@ -266,7 +267,7 @@ impl Uplink {
             delivery: tokio::sync::Mutex::new(delivery),
             dead_letters: data_dir.join(crate::DEAD_LETTERS_FILE),
             cfg,
-            site,
+            agent_name,
             queue,
             appended,
             client_config,
@@ -283,7 +284,7 @@ impl Uplink {
         // Lives across connections: the protocol state of the link (see `shared::link`).
         let mut link = AgentLink::new(
             AgentConfig {
-                agent_name: self.site.to_string(),
+                agent_name: self.agent_name.to_string(),
                 capabilities: Capabilities::RETRY_AFTER
                     .union(Capabilities::CONFIG_PUSH)
                     .union(Capabilities::DOWNLINK),

@@ -173,6 +173,8 @@ pub struct AgentSpec {
     pub queue_max_bytes: Option<String>,
     /// `tracing` filter.
     pub log: String,
+    /// `agent_name`: set for the members of a redundant pair.
+    pub agent_name: Option<String>,
 }
 
 impl AgentSpec {
@@ -193,6 +195,7 @@ impl AgentSpec {
             reconnect_max: Duration::from_millis(500),
             queue_max_bytes: None,
             log: "info".to_owned(),
+            agent_name: None,
         }
     }
 
@@ -211,6 +214,9 @@ impl AgentSpec {
             quote_path(&self.data_dir),
             quote(&self.log)
         );
+        if let Some(name) = &self.agent_name {
+            let _ = writeln!(out, "agent_name = {}\n", quote(name));
+        }
         self.broker.write(&mut out);
         let _ = writeln!(
             out,

@@ -24,6 +24,13 @@ pub struct AgentConfig {
     /// agent's TLS client certificate, never by this value.
     #[serde(deserialize_with = "lenient::string")]
     pub site: String,
+    /// This agent's name within its site, for a redundant pair: two agents joined to one site broker, each
+    /// with its own queue, both forwarding (a route's `dedup` at the hub lets each message through once).
+    /// The hub keeps a link, a dedup window and a `meshbridge-id` prefix (`<site>/<agent_name>`) per name,
+    /// and one of them serves the site's downlink at a time. Unset: the agent is the site's only one.
+    /// 1-64 of `A-Z a-z 0-9 - _ .`.
+    #[serde(default)]
+    pub agent_name: Option<String>,
     /// Directory for the durable queue and the last-good pushed config; relative to the config file.
     pub data_dir: PathBuf,
     /// Default `tracing` env-filter directive, used when `RUST_LOG` is not set.
@@ -215,6 +222,19 @@ impl AgentConfig {
                     reason,
                 },
             );
+        }
+        if let Some(name) = &self.agent_name {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !valid {
+                report.push(
+                    "agent_name",
+                    Problem::InvalidAgentName { name: name.clone() },
+                );
+            }
         }
         report.path("data_dir", &self.data_dir);
         report.text("log", &self.log);

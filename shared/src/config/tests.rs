@@ -634,3 +634,33 @@ fn example_configs_in_repo_load() {
         dir.display()
     );
 }
+
+#[test]
+fn agent_name_of_a_redundant_pair_member_is_checked() {
+    let _env = env_read();
+    let text = std::fs::read_to_string(fixture("agent-valid.toml")).expect("fixture");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = "x".repeat(65);
+    for (name, valid) in [
+        ("a", true),
+        ("pair-1.b_2", true),
+        ("a b", false),
+        ("", false),
+        ("line1/a", false),
+        (long.as_str(), false),
+    ] {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("agent_name = {name:?}\n{text}")).expect("write");
+        let loaded = load_agent(&path);
+        if valid {
+            let config = loaded.unwrap_or_else(|e| panic!("{name:?} refused: {e}"));
+            assert_eq!(config.agent_name.as_deref(), Some(name));
+        } else {
+            let lines = problem_lines(loaded);
+            assert!(
+                lines.iter().any(|l| l.contains("agent_name")),
+                "{name:?}: {lines:?}"
+            );
+        }
+    }
+}
