@@ -120,17 +120,7 @@ async fn two_sites(routes: &[&str], line2_broker: BrokerSpec) -> TwoSites {
 /// stops flowing once the push is applied, and the agent keeps the pushed config on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_declared_at_the_hub_are_pushed_to_the_agents() {
-    let t = two_sites(&[TELEMETRY_UP], BrokerSpec::embedded()).await;
-    let cloud =
-        Collector::start(t.hub_spec.broker.client_addr(), "cloud", &["acme/#"], false).await;
-    let edge1 = t.specs[0].broker.client_addr();
-    flows(
-        edge1,
-        &cloud,
-        "telemetry/robot5/temp",
-        "acme/plant1/line1/telemetry/robot5/temp",
-    )
-    .await;
+    let (t, cloud, edge1) = flowing(&[TELEMETRY_UP]).await;
     assert!(
         t.specs[0].data_dir.join("pushed-config.toml").is_file(),
         "the agent keeps the pushed config as its last good one"
