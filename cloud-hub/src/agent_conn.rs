@@ -42,7 +42,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::downlink::{encode_delivery, Dedups, DownlinkStore, Routes, SiteDownlink};
 use crate::publisher::{OutMessage, PublishError, Publisher, Refusal, Refusals};
-use crate::store::DedupStore;
+use crate::store::{DedupStore, PendingRefusals, MAX_PENDING_REFUSALS};
 use crate::tls;
 
 /// How long an agent may take to open its stream and send `Hello` after the handshake.
@@ -88,17 +88,61 @@ pub(crate) struct Site {
     /// pair share one site broker, and each command must reach it once. The others watch it and reconnect
     /// to take it over when it is released.
     pub(crate) downlink_lease: watch::Sender<Option<u64>>,
+    /// Per origin, the refusals its agent may not have received (see [`PendingRefusals`]); saved with
+    /// the dedup row.
+    pub(crate) refusals: Mutex<HashMap<String, PendingRefusals>>,
 }
 
 impl Site {
     /// A site with its restored dedup state.
-    pub(crate) fn new(name: String, namespace: Namespace, dedup: Dedup) -> Self {
+    pub(crate) fn new(
+        name: String,
+        namespace: Namespace,
+        dedup: Dedup,
+        refusals: HashMap<String, PendingRefusals>,
+    ) -> Self {
         Self {
             name,
             namespace,
             dedup: Mutex::new(dedup),
             save_lock: tokio::sync::Mutex::new(()),
             downlink_lease: watch::Sender::new(None),
+            refusals: Mutex::new(refusals),
+        }
+    }
+
+    /// The mark to resume `origin`'s agent from: the committed one, or just below the oldest refusal the
+    /// agent may not have received (it did not acknowledge past it), so that entry is resent and refused
+    /// again rather than deleted without being dead-lettered. Forgets the refusals the agent's `Hello`
+    /// shows it acknowledged past, and all of another incarnation's.
+    fn resume_mark(
+        &self,
+        origin: &str,
+        incarnation: u64,
+        last_acked: u64,
+        committed: Option<(u64, u64)>,
+    ) -> Option<(u64, u64)> {
+        let mut all = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(pending) = all.get_mut(origin) else {
+            return committed;
+        };
+        if pending.incarnation == incarnation {
+            pending.by_seq.retain(|&seq, _| seq > last_acked);
+        } else {
+            pending.by_seq.clear();
+        }
+        let first = pending.by_seq.keys().next().copied();
+        match (committed, first) {
+            (Some((known, hw)), Some(first)) if known == incarnation && first <= hw => {
+                info!(
+                    first_seq = first,
+                    count = pending.by_seq.len(),
+                    hub_high_water = hw,
+                    "resuming the agent below refusals it may not have received; they are refused again when resent"
+                );
+                Some((known, first - 1))
+            }
+            _ => committed,
         }
     }
 }
@@ -120,6 +164,13 @@ fn origin(site: &str, agent_name: &str) -> Option<String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     valid.then(|| format!("{site}/{agent_name}"))
+}
+
+/// Whether `origin` (see [`origin`]) is `site`'s: the site itself, or one of its named agents.
+pub(crate) fn owned_by(site: &str, origin: &str) -> bool {
+    origin
+        .strip_prefix(site)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Releases the site's downlink lease when the connection that holds it ends, however it ends.
@@ -381,6 +432,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .high_water(&origin);
+    let committed = site.resume_mark(&origin, incarnation, last_acked, committed);
     let max_topic_len = u16::try_from(site.namespace.local_topic_room()).unwrap_or(u16::MAX);
     let downlink = match hub.downlinks.site(&site.name).await {
         Ok(downlink) => downlink,
@@ -926,7 +978,8 @@ impl Session<'_> {
         }
     }
 
-    /// Marks every seq of `group` in this agent's dedup window.
+    /// Marks every seq of `group` in this agent's dedup window, and keeps its refusals until the agent
+    /// shows it received them.
     fn observe(&self, group: &[Done]) {
         let mut dedup = self
             .site
@@ -937,6 +990,30 @@ impl Session<'_> {
             for &seq in seqs {
                 let _ = dedup.observe(self.origin, self.incarnation, seq);
             }
+        }
+        drop(dedup);
+        if group.iter().all(|(_, _, refused)| refused.is_empty()) {
+            return;
+        }
+        let mut all = self
+            .site
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let pending = all.entry(self.origin.to_owned()).or_default();
+        if pending.incarnation != self.incarnation {
+            *pending = PendingRefusals {
+                incarnation: self.incarnation,
+                ..PendingRefusals::default()
+            };
+        }
+        for r in group.iter().flat_map(|(_, _, refused)| refused) {
+            pending
+                .by_seq
+                .insert(r.seq, (r.reason_code, r.detail.clone()));
+        }
+        while pending.by_seq.len() > MAX_PENDING_REFUSALS {
+            pending.by_seq.pop_first();
         }
     }
 
@@ -951,7 +1028,21 @@ impl Session<'_> {
             .unwrap_or_else(PoisonError::into_inner)
             .snapshot()
             .encode();
-        self.hub.store.save(self.site.name.clone(), snapshot).await
+        let refusals = self
+            .site
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(origin, pending)| {
+                let row = (!pending.by_seq.is_empty()).then(|| pending.encode());
+                (origin.clone(), row)
+            })
+            .collect();
+        self.hub
+            .store
+            .save(self.site.name.clone(), snapshot, refusals)
+            .await
     }
 
     /// Filters, routes and hands one batch to the publisher; `None` for an empty batch. What the routes
@@ -967,6 +1058,15 @@ impl Session<'_> {
         let table = Arc::clone(&self.hub.routes.borrow());
         let routed = !table.routes().is_empty();
         let mut to_sites: Vec<(String, bytes::Bytes)> = Vec::new();
+        // Refusals this agent may not have received: their entries are refused again, never published.
+        let refuse_again = self
+            .site
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(self.origin)
+            .filter(|p| p.incarnation == self.incarnation && !p.by_seq.is_empty())
+            .map(|p| p.by_seq.clone());
         {
             let dedup = self
                 .site
@@ -978,6 +1078,16 @@ impl Session<'_> {
                 _ => None,
             };
             for env in entries {
+                if let Some((code, detail)) = refuse_again.as_ref().and_then(|r| r.get(&env.seq)) {
+                    debug!(seq = env.seq, "entry refused before; refused again");
+                    drops.refused.push(Refusal {
+                        seq: env.seq,
+                        reason_code: *code,
+                        detail: detail.clone(),
+                    });
+                    seqs.push(env.seq);
+                    continue;
+                }
                 if window.is_some_and(|w| w.is_seen(env.seq)) {
                     drops.duplicates += 1;
                     debug!(seq = env.seq, "duplicate dropped");

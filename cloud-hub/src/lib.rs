@@ -94,9 +94,13 @@ pub async fn run_reloading(
         source,
     })?;
     let data_dir = cfg.data_dir.clone();
-    let (store, mut restored) = tokio::task::spawn_blocking(move || DedupStore::open(&data_dir))
-        .await
-        .map_err(|e| HubError::Store(store::StoreError::Join(e)))??;
+    let (store, mut restored, refusals) = tokio::task::spawn_blocking(move || {
+        let (store, restored) = DedupStore::open(&data_dir)?;
+        let refusals = store.refusals()?;
+        Ok::<_, store::StoreError>((store, restored, refusals))
+    })
+    .await
+    .map_err(|e| HubError::Store(store::StoreError::Join(e)))??;
 
     let mut sites = HashMap::with_capacity(cfg.sites.len());
     for site in &cfg.sites {
@@ -121,7 +125,16 @@ pub async fn run_reloading(
         }
         sites.insert(
             site.name.clone(),
-            Arc::new(Site::new(site.name.clone(), namespace, dedup)),
+            Arc::new(Site::new(
+                site.name.clone(),
+                namespace,
+                dedup,
+                refusals
+                    .iter()
+                    .filter(|(origin, _)| agent_conn::owned_by(&site.name, origin))
+                    .map(|(origin, pending)| (origin.clone(), pending.clone()))
+                    .collect(),
+            )),
         );
     }
     for forgotten in restored.keys() {

@@ -6,7 +6,7 @@
 //! here, and a restarted hub (graceful or SIGKILL) drops its replay. redb commits with
 //! `Durability::Immediate`: a returned commit survives a crash.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,6 +22,70 @@ const DEDUP: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("dedup");
 /// periodically so a hub restart keeps most of what they had seen.
 const ROUTE_DEDUP: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("route_dedup");
 const ROUTE_DEDUP_KEY: &str = "routes";
+/// origin (`<site>` or `<site>/<agent>`) -> encoded [`PendingRefusals`]: refusals the agent may not have
+/// received. Written in the same commit as the site's dedup row, so a seq marked seen never lost its
+/// refusal.
+const REFUSALS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("refusals");
+/// Most refusals kept per origin; the oldest go first (they are the likeliest to have been received).
+pub const MAX_PENDING_REFUSALS: usize = 1024;
+
+/// The refusals the hub decided or the cloud broker returned for one agent's entries, kept until the
+/// agent's `Hello` shows it acknowledged past them. The `Refused` frames travel before the `Ack` that
+/// covers them; if the connection drops in between, the agent resumes from the hub's mark and would delete
+/// the entries without dead-lettering them. With these kept, the hub resumes the agent below the oldest
+/// one and refuses it again when it is resent (`cloud-hub/src/agent_conn.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingRefusals {
+    /// The agent queue's incarnation the seqs belong to.
+    pub incarnation: u64,
+    /// seq -> (MQTT 5 reason code, detail).
+    pub by_seq: BTreeMap<u64, (u8, String)>,
+}
+
+impl PendingRefusals {
+    /// `u64 incarnation`, `u32 count`, then per refusal `u64 seq` `u8 code` `u32 len` detail bytes.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(12 + self.by_seq.len() * 32);
+        out.extend_from_slice(&self.incarnation.to_be_bytes());
+        let count = u32::try_from(self.by_seq.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&count.to_be_bytes());
+        for (seq, (code, detail)) in self.by_seq.iter().take(count as usize) {
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.push(*code);
+            let len = u32::try_from(detail.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&detail.as_bytes()[..len as usize]);
+        }
+        out
+    }
+
+    /// The inverse of [`encode`](Self::encode); `None` for bytes it did not write.
+    #[must_use]
+    pub fn decode(mut bytes: &[u8]) -> Option<Self> {
+        fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, rest) = bytes.split_at_checked(n)?;
+            *bytes = rest;
+            Some(head)
+        }
+        let u64_of = |b: &[u8]| b.try_into().ok().map(u64::from_be_bytes);
+        let u32_of = |b: &[u8]| b.try_into().ok().map(u32::from_be_bytes);
+        let incarnation = u64_of(take(&mut bytes, 8)?)?;
+        let count = u32_of(take(&mut bytes, 4)?)?;
+        let mut by_seq = BTreeMap::new();
+        for _ in 0..count {
+            let seq = u64_of(take(&mut bytes, 8)?)?;
+            let code = take(&mut bytes, 1)?[0];
+            let len = u32_of(take(&mut bytes, 4)?)? as usize;
+            let detail = String::from_utf8(take(&mut bytes, len)?.to_vec()).ok()?;
+            by_seq.insert(seq, (code, detail));
+        }
+        bytes.is_empty().then_some(Self {
+            incarnation,
+            by_seq,
+        })
+    }
+}
 
 /// Errors of the dedup store.
 #[derive(Debug, thiserror::Error)]
@@ -108,16 +172,74 @@ impl DedupStore {
         ))
     }
 
+    /// Every origin's pending refusals (blocking; call once at start). Unreadable rows are skipped with a
+    /// warning: they only ever re-offer refusals.
+    ///
+    /// # Errors
+    /// [`StoreError::Redb`] if the table cannot be read.
+    pub fn refusals(&self) -> Result<HashMap<String, PendingRefusals>, StoreError> {
+        let result = (|| -> Result<HashMap<String, PendingRefusals>, redb::Error> {
+            let mut out = HashMap::new();
+            let txn = self.db.begin_read()?;
+            let table = match txn.open_table(REFUSALS) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+                Err(e) => return Err(e.into()),
+            };
+            for row in table.iter()? {
+                let (key, value) = row?;
+                match PendingRefusals::decode(value.value()) {
+                    Some(pending) => {
+                        out.insert(key.value().to_owned(), pending);
+                    }
+                    None => {
+                        tracing::warn!(origin = key.value(), "unreadable pending refusals; skipped")
+                    }
+                }
+            }
+            Ok(out)
+        })();
+        result.map_err(|source| StoreError::Redb {
+            path: self.path.as_ref().clone(),
+            source,
+        })
+    }
+
     /// Writes one site's encoded snapshot in one durable commit (blocking).
     ///
     /// # Errors
     /// [`StoreError::Redb`] if the commit fails (nothing is then recorded, and the caller must not ack).
     pub fn save_blocking(&self, site: &str, snapshot: &[u8]) -> Result<(), StoreError> {
+        self.save_site_blocking(site, snapshot, &[])
+    }
+
+    /// Writes one site's encoded snapshot and its origins' pending refusals (`None`: none left, the row is
+    /// removed) in one durable commit (blocking).
+    ///
+    /// # Errors
+    /// [`StoreError::Redb`] if the commit fails (nothing is then recorded, and the caller must not ack).
+    pub fn save_site_blocking(
+        &self,
+        site: &str,
+        snapshot: &[u8],
+        refusals: &[(String, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError> {
         let result = (|| -> Result<(), redb::Error> {
             let txn = self.db.begin_write()?;
             {
                 let mut table = txn.open_table(DEDUP)?;
                 table.insert(site, snapshot)?;
+                let mut pending = txn.open_table(REFUSALS)?;
+                for (origin, row) in refusals {
+                    match row {
+                        Some(bytes) => {
+                            pending.insert(origin.as_str(), bytes.as_slice())?;
+                        }
+                        None => {
+                            pending.remove(origin.as_str())?;
+                        }
+                    }
+                }
             }
             txn.commit()?;
             Ok(())
@@ -166,9 +288,14 @@ impl DedupStore {
         })
     }
 
-    pub async fn save(&self, site: String, snapshot: Vec<u8>) -> Result<(), StoreError> {
+    pub async fn save(
+        &self,
+        site: String,
+        snapshot: Vec<u8>,
+        refusals: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), StoreError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.save_blocking(&site, &snapshot))
+        tokio::task::spawn_blocking(move || store.save_site_blocking(&site, &snapshot, &refusals))
             .await
             .map_err(StoreError::Join)?
     }
@@ -177,6 +304,45 @@ impl DedupStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_refusals_survive_reopen_and_go_when_emptied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pending = PendingRefusals {
+            incarnation: 7,
+            by_seq: BTreeMap::from([
+                (3, (0x95, "too large".to_owned())),
+                (9, (0x87, String::new())),
+            ]),
+        };
+        assert_eq!(
+            PendingRefusals::decode(&pending.encode()),
+            Some(pending.clone())
+        );
+        assert_eq!(PendingRefusals::decode(&pending.encode()[..20]), None);
+        {
+            let (store, _) = DedupStore::open(dir.path()).expect("open");
+            assert!(store.refusals().expect("read").is_empty());
+            let snapshot = Dedup::new(8).expect("window").snapshot().encode();
+            store
+                .save_site_blocking(
+                    "line1",
+                    &snapshot,
+                    &[("line1/a".to_owned(), Some(pending.encode()))],
+                )
+                .expect("save");
+        }
+        let (store, _) = DedupStore::open(dir.path()).expect("reopen");
+        let snapshot = Dedup::new(8).expect("window").snapshot().encode();
+        assert_eq!(
+            store.refusals().expect("read").get("line1/a"),
+            Some(&pending)
+        );
+        store
+            .save_site_blocking("line1", &snapshot, &[("line1/a".to_owned(), None)])
+            .expect("save");
+        assert!(store.refusals().expect("read").is_empty());
+    }
 
     #[test]
     fn the_routes_dedup_state_survives_reopen() {

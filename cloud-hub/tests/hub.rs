@@ -210,12 +210,24 @@ impl FakeAgent {
         capabilities: Capabilities,
         incarnation: u64,
     ) -> anyhow::Result<Frame> {
+        self.hello_acked(versions, capabilities, incarnation, 0)
+            .await
+    }
+
+    /// `Hello` saying the agent's queue acknowledged up to `last_acked`.
+    async fn hello_acked(
+        &mut self,
+        versions: VersionRange,
+        capabilities: Capabilities,
+        incarnation: u64,
+        last_acked: u64,
+    ) -> anyhow::Result<Frame> {
         self.write(&Frame::Hello {
             versions,
             capabilities,
             agent_name: self.site.clone(),
             incarnation,
-            last_acked: 0,
+            last_acked,
             config_version: 0,
         })
         .await?;
@@ -519,6 +531,86 @@ async fn replayed_batch_is_acked_but_not_published_again() -> anyhow::Result<()>
         drop(agent);
         let (_agent, high_water) = FakeAgent::welcomed(hub.quic, &pki, "line1", 1).await?;
         assert_eq!(high_water, 4);
+        hub.stop().await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A refusal whose `Ack` never reached the agent is not lost with it: the hub keeps it (durably, across a
+/// restart), resumes the agent just below it, refuses the resent entry again, and forgets it once the
+/// agent's `Hello` shows it acknowledged past it. Without this the agent deleted the entry on resume
+/// without dead-lettering it.
+#[tokio::test]
+async fn a_refusal_lost_with_the_connection_is_given_again() -> anyhow::Result<()> {
+    bounded(async {
+        let root = tempfile::tempdir()?;
+        let pki = Pki::new(root.path())?;
+        let entries = |seqs: &[u64]| -> Vec<Envelope> {
+            seqs.iter()
+                .map(|&seq| {
+                    let mut e = envelope("line1", seq, "telemetry/x", b"v", QoS::AtLeastOnce);
+                    if seq == 2 {
+                        // Over the hub's 256 KiB limits.max_message_size: refused with 0x95.
+                        e.payload = Bytes::from(vec![0u8; 300 * 1024]);
+                    }
+                    e
+                })
+                .collect()
+        };
+        let expect_refused = |frame: Frame| match frame {
+            Frame::Refused {
+                seq: 2,
+                reason_code: 0x95,
+                ..
+            } => Ok(()),
+            other => bail!("expected Refused{{seq: 2, 0x95}}, got {other:?}"),
+        };
+
+        let hub = RunningHub::start(root.path()).await?;
+        let mut sub = Subscriber::start(hub.mqtt, "sub", "acme/#").await?;
+        let (mut agent, high_water) = FakeAgent::welcomed(hub.quic, &pki, "line1", 1).await?;
+        assert_eq!(high_water, 0);
+        agent.batch(entries(&[1, 2, 3])).await?;
+        expect_refused(agent.next().await?)?;
+        agent.expect_ack(3).await?;
+        let ids = [
+            meshbridge_id(&sub.next().await?),
+            meshbridge_id(&sub.next().await?),
+        ];
+        assert_eq!(
+            ids,
+            [Some("line1/1".to_owned()), Some("line1/3".to_owned())]
+        );
+        // The agent "lost" both frames with the connection, and the hub restarts.
+        drop(agent);
+        hub.stop().await?;
+
+        let hub = RunningHub::start(root.path()).await?;
+        let mut sub = Subscriber::start(hub.mqtt, "sub2", "acme/#").await?;
+        let mut agent = FakeAgent::connect(hub.quic, &pki, "line1").await?;
+        match agent.hello(SUPPORTED, 1).await? {
+            Frame::Welcome { hub_high_water, .. } => assert_eq!(
+                hub_high_water, 1,
+                "resumed at the committed mark (3), past a refusal the agent never received"
+            ),
+            other => bail!("expected Welcome, got {other:?}"),
+        }
+        agent.batch(entries(&[2, 3])).await?;
+        expect_refused(agent.next().await?)?;
+        agent.expect_ack(3).await?;
+        sub.expect_nothing().await?;
+
+        // Once the agent says it acknowledged past it, the refusal is forgotten.
+        drop(agent);
+        let mut agent = FakeAgent::connect(hub.quic, &pki, "line1").await?;
+        match agent
+            .hello_acked(SUPPORTED, Capabilities::EMPTY, 1, 3)
+            .await?
+        {
+            Frame::Welcome { hub_high_water, .. } => assert_eq!(hub_high_water, 3),
+            other => bail!("expected Welcome, got {other:?}"),
+        }
         hub.stop().await?;
         Ok(())
     })
