@@ -1185,36 +1185,19 @@ impl Session<'_> {
         let id = format!("{}/{}", self.origin, env.seq);
         for delivery in &decision.deliveries {
             match &delivery.target {
-                Target::Cloud => {
-                    let mut user = delivery.user_properties(&env.properties.user);
-                    if let Some(trace) = &env.trace {
-                        user.push(("traceparent".to_owned(), trace.traceparent.clone()));
-                        if let Some(state) = &trace.tracestate {
-                            user.push(("tracestate".to_owned(), state.clone()));
-                        }
-                    }
-                    user.push((MESHBRIDGE_ID.to_owned(), id.clone()));
-                    out.push(OutMessage {
-                        topic: delivery.topic.as_str().to_owned(),
-                        qos: mqtt_qos(delivery.qos),
-                        retain: delivery.retain,
-                        payload: env.payload.clone(),
-                        properties: PublishProperties {
-                            payload_format_indicator: env
-                                .properties
-                                .payload_format_utf8
-                                .then_some(1),
-                            message_expiry_interval: env.properties.message_expiry,
-                            topic_alias: None,
-                            response_topic: env.properties.response_topic.clone(),
-                            correlation_data: env.properties.correlation_data.clone(),
-                            user_properties: user,
-                            subscription_identifiers: Vec::new(),
-                            content_type: env.properties.content_type.clone(),
-                        },
-                        seq: env.seq,
-                    });
-                }
+                Target::Cloud => out.push(OutMessage {
+                    topic: delivery.topic.as_str().to_owned(),
+                    qos: mqtt_qos(delivery.qos),
+                    retain: delivery.retain,
+                    payload: env.payload.clone(),
+                    properties: cloud_properties(
+                        &env.properties,
+                        delivery.user_properties(&env.properties.user),
+                        env.trace.as_ref(),
+                        id.clone(),
+                    ),
+                    seq: env.seq,
+                }),
                 Target::Site(dest) => {
                     let mut properties = env.properties.clone();
                     properties.user.push((MESHBRIDGE_ID.to_owned(), id.clone()));
@@ -1384,6 +1367,35 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// The MQTT 5 properties of a cloud PUBLISH of an entry with `props`: its own, with `user` as the user
+/// properties (the entry's, or what a route made of them), then the trace context as
+/// `traceparent`/`tracestate` and `meshbridge-id = <id>`.
+fn cloud_properties(
+    props: &shared::envelope::Properties,
+    mut user: Vec<(String, String)>,
+    trace: Option<&shared::envelope::TraceContext>,
+    id: String,
+) -> PublishProperties {
+    user.reserve(3);
+    if let Some(trace) = trace {
+        user.push(("traceparent".to_owned(), trace.traceparent.clone()));
+        if let Some(state) = &trace.tracestate {
+            user.push(("tracestate".to_owned(), state.clone()));
+        }
+    }
+    user.push((MESHBRIDGE_ID.to_owned(), id));
+    PublishProperties {
+        payload_format_indicator: props.payload_format_utf8.then_some(1),
+        message_expiry_interval: props.message_expiry,
+        topic_alias: None,
+        response_topic: props.response_topic.clone(),
+        correlation_data: props.correlation_data.clone(),
+        user_properties: user,
+        subscription_identifiers: Vec::new(),
+        content_type: props.content_type.clone(),
+    }
+}
+
 /// The cloud PUBLISH for one entry of `site`, or `None` if it must be dropped (counted in `drops`).
 ///
 /// The topic goes under the site's namespace whatever the entry's `origin` says; QoS, retain, payload and the
@@ -1400,15 +1412,8 @@ fn to_message(
     if env.origin != site {
         drops.foreign_origin += 1;
     }
-    if env.payload.len() > max_message_size {
-        drops.refused.push(Refusal {
-            seq: env.seq,
-            reason_code: REASON_PACKET_TOO_LARGE,
-            detail: format!(
-                "{}-byte payload over the hub's limits.max_message_size of {max_message_size}",
-                env.payload.len()
-            ),
-        });
+    if let Some(refusal) = oversize(&env, max_message_size) {
+        drops.refused.push(refusal);
         return None;
     }
     let topic = match TopicName::parse(&env.topic).and_then(|t| namespace.apply(&t)) {
@@ -1422,32 +1427,13 @@ fn to_message(
             return None;
         }
     };
-    let mut user = env.properties.user;
-    user.reserve(3);
-    if let Some(trace) = env.trace {
-        user.push(("traceparent".to_owned(), trace.traceparent));
-        if let Some(state) = trace.tracestate {
-            user.push(("tracestate".to_owned(), state));
-        }
-    }
-    user.push((MESHBRIDGE_ID.to_owned(), format!("{origin}/{}", env.seq)));
-    let properties = PublishProperties {
-        payload_format_indicator: env.properties.payload_format_utf8.then_some(1),
-        message_expiry_interval: env.properties.message_expiry,
-        topic_alias: None,
-        response_topic: env.properties.response_topic,
-        correlation_data: env.properties.correlation_data,
-        user_properties: user,
-        subscription_identifiers: Vec::new(),
-        content_type: env.properties.content_type,
-    };
+    let mut props = env.properties;
+    let user = std::mem::take(&mut props.user);
+    let id = format!("{origin}/{}", env.seq);
+    let properties = cloud_properties(&props, user, env.trace.as_ref(), id);
     Some(OutMessage {
         topic,
-        qos: match env.qos {
-            QoS::AtMostOnce => MqttQoS::AtMostOnce,
-            QoS::AtLeastOnce => MqttQoS::AtLeastOnce,
-            QoS::ExactlyOnce => MqttQoS::ExactlyOnce,
-        },
+        qos: mqtt_qos(env.qos),
         retain: env.retain,
         payload: env.payload,
         properties,
