@@ -253,24 +253,46 @@ pub async fn run_reloading(
 /// of what they had seen, so a duplicate within that time may pass once.
 const ROUTE_DEDUP_SAVE: Duration = Duration::from_secs(1);
 
-/// Saves the routes' dedup sets every [`ROUTE_DEDUP_SAVE`] while they change, and once more at `stop`.
+/// How often the routes' dedup counters are logged (when they changed), until metrics export them.
+const ROUTE_DEDUP_REPORT: Duration = Duration::from_secs(10);
+
+/// Saves the routes' dedup sets every [`ROUTE_DEDUP_SAVE`] while they change, and once more at `stop`;
+/// logs their counters (what each route passed and dropped) every [`ROUTE_DEDUP_REPORT`] when they
+/// changed, and at `stop`.
 async fn save_route_dedups(
     store: DedupStore,
     dedups: Arc<Mutex<RouteDedups>>,
     stop: CancellationToken,
 ) {
     let mut last: Vec<u8> = Vec::new();
+    let mut reported = Vec::new();
+    let mut last_report = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(ROUTE_DEDUP_SAVE);
     loop {
         let stopping = tokio::select! {
             () = stop.cancelled() => true,
             _ = tick.tick() => false,
         };
-        let snapshot = dedups
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .snapshot()
-            .encode();
+        let (snapshot, stats) = {
+            let dedups = dedups
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (dedups.snapshot().encode(), dedups.stats())
+        };
+        if stats != reported && (stopping || last_report.elapsed() >= ROUTE_DEDUP_REPORT) {
+            for (route, s) in &stats {
+                info!(
+                    %route,
+                    passed = s.passed,
+                    dropped = s.dropped,
+                    unkeyed = s.unkeyed,
+                    forgotten_early = s.forgotten_early,
+                    "route dedup counters"
+                );
+            }
+            reported = stats;
+            last_report = tokio::time::Instant::now();
+        }
         if snapshot != last {
             let saving = store.clone();
             let bytes = snapshot.clone();

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use meshbridge_tests::mesh::{restart, Mesh};
+use meshbridge_tests::mesh::{restart, Mesh, STOP_TIMEOUT};
 use meshbridge_tests::mosquitto::{self, Mosquitto, MosquittoOptions};
 use meshbridge_tests::mqtt::{Collector, PublishPlan, Publisher, Received, Report};
 use meshbridge_tests::process::Proc;
@@ -182,6 +182,22 @@ async fn a_redundant_pair_on_one_mosquitto_delivers_each_message_once() {
         seen.contains("line1/b"),
         "b delivered nothing after a died: {seen:?}"
     );
+    // The route's dedup counted what it dropped: one copy of every message both members forwarded (a's
+    // queue after its restart may still resend some, so at least the messages published while both ran).
     drop(agents);
-    drop(hub);
+    let mut hub = hub;
+    hub.terminate(STOP_TIMEOUT).await;
+    let log = hub.log_text();
+    let dropped: u64 = log
+        .lines()
+        .filter(|l| l.contains("route dedup counters") && l.contains("route=telemetry"))
+        .filter_map(|l| l.split("dropped=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or_else(|| panic!("no route dedup counters logged for telemetry\n{log}"));
+    assert!(
+        dropped >= first.acked.len() as u64,
+        "the route's dedup dropped {dropped}, fewer than the {} messages both members forwarded",
+        first.acked.len()
+    );
 }

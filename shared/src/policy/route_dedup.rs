@@ -243,6 +243,18 @@ impl RouteDedups {
         self.routes.get(route)
     }
 
+    /// Every route's counters, sorted by route name.
+    #[must_use]
+    pub fn stats(&self) -> Vec<(String, DedupStats)> {
+        let mut all: Vec<(String, DedupStats)> = self
+            .routes
+            .iter()
+            .map(|(name, set)| (name.clone(), set.stats()))
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The whole state, routes sorted by name so equal states give equal snapshots.
     #[must_use]
     pub fn snapshot(&self) -> RouteDedupsSnapshot {
