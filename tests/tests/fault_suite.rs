@@ -252,7 +252,7 @@ async fn random_loss(name: &str, p_loss: f64, min_rate_share: f64) {
 }
 
 /// Longest stall of deliveries tolerated under random loss: issue 7's target for hole 12. Measured
-/// 0.15-1.85 s over 40 seeds of the 30 % scenario on a quiet machine; see the README.
+/// 0.15-1.85 s over 32 runs of the 30 % scenario on a quiet machine; see the README.
 const STALL_BOUND: Duration = Duration::from_secs(2);
 
 /// (2a) 10 % random loss both ways: nothing lost, nothing duplicated, no stall of 2 s, and at least 90 %
