@@ -33,6 +33,7 @@ use shared::link::{ProtocolViolation, Refusal as LinkRefusal};
 use shared::policy::dedup::Dedup;
 use shared::policy::route::{Message as RouteMessage, RouteTable, Target};
 use shared::queue::Queue as _;
+use shared::site::{SiteId, MAX_SITE_NAME_LEN};
 use shared::topic::{Namespace, TopicName};
 use shared::wire::{self, Capabilities, DecodeError, Frame, GoAwayCode};
 use tokio::io::AsyncReadExt;
@@ -147,23 +148,18 @@ impl Site {
     }
 }
 
-/// Longest agent name a member of a redundant pair may give in its `Hello`.
-const MAX_AGENT_NAME: usize = 64;
-
 /// The origin of one agent's link in the site's dedup state and in `meshbridge-id`: the site itself for
 /// the usual single agent (whose `Hello` names the site), `<site>/<agent name>` for each member of a
 /// redundant pair. Each agent has its own queue and numbering, so each needs its own window; the name is
-/// only trusted within the site its certificate names. `None`: a name that cannot be an origin.
+/// only trusted within the site its certificate names, and follows a site name's rules ([`SiteId`]).
+/// `None`: a name that cannot be an origin.
 fn origin(site: &str, agent_name: &str) -> Option<String> {
     if agent_name == site {
         return Some(site.to_owned());
     }
-    let valid = !agent_name.is_empty()
-        && agent_name.len() <= MAX_AGENT_NAME
-        && agent_name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    valid.then(|| format!("{site}/{agent_name}"))
+    SiteId::new(agent_name)
+        .is_ok()
+        .then(|| format!("{site}/{agent_name}"))
 }
 
 /// Whether `origin` (see [`origin`]) is `site`'s: the site itself, or one of its named agents.
@@ -364,10 +360,10 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     };
     let site = site.expect("invariant: admitted agents have a site");
     let Some(origin) = origin(&site.name, &agent_name) else {
-        warn!(agent_name = %agent_name, "refusing agent: its name is not usable (1-64 of A-Z a-z 0-9 - _ .)");
+        warn!(agent_name = %agent_name, "refusing agent: its name does not follow a site name's rules");
         link.refuse(
             GoAwayCode::ProtocolError,
-            format!("agent name {agent_name:?} must be the site's name or 1-{MAX_AGENT_NAME} of A-Z a-z 0-9 - _ ."),
+            format!("agent name {agent_name:?} must be the site's name or follow a site name's rules (1-{MAX_SITE_NAME_LEN} of A-Z a-z 0-9 - _ .)"),
             None,
         );
         go_away(&mut send, &conn, &mut link, GOAWAY_LINGER).await;
@@ -1473,7 +1469,13 @@ mod tests {
             origin("line1", "pair.b-2_x").as_deref(),
             Some("line1/pair.b-2_x")
         );
-        for bad in ["", "a/b", "a b", "line2/#", &"x".repeat(MAX_AGENT_NAME + 1)] {
+        for bad in [
+            "",
+            "a/b",
+            "a b",
+            "line2/#",
+            &"x".repeat(MAX_SITE_NAME_LEN + 1),
+        ] {
             assert_eq!(origin("line1", bad), None, "{bad:?}");
         }
     }

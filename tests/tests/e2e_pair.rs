@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use meshbridge_tests::mesh::{restart, Mesh, STOP_TIMEOUT};
 use meshbridge_tests::mosquitto::{self, Mosquitto, MosquittoOptions};
-use meshbridge_tests::mqtt::{Collector, PublishPlan, Publisher, Received, Report};
+use meshbridge_tests::mqtt::{Collector, PublishOutcome, PublishPlan, Publisher, Received, Report};
 use meshbridge_tests::process::Proc;
 use meshbridge_tests::spec::BrokerSpec;
 
@@ -35,6 +35,18 @@ filter = "cmd/#"
 "#;
 
 const CLOUD_TOPICS: &str = "acme/plant1/line1/telemetry/#";
+
+/// `count` telemetry messages from publisher `name` at 400 msg/s.
+fn plan(name: &str, count: u64) -> PublishPlan {
+    PublishPlan::new(name, "telemetry/press/force", count).rate(400)
+}
+
+/// Publishes [`plan`] at the site broker and checks every message was acknowledged.
+async fn publish_all(broker: std::net::SocketAddr, name: &str, count: u64) -> PublishOutcome {
+    let outcome = Publisher::start(broker, plan(name, count)).finish().await;
+    assert_eq!(outcome.acked.len() as u64, count, "{outcome:?}");
+    outcome
+}
 
 /// Waits until the hub's log holds `n` "agent connected" lines.
 async fn connected(hub: &Proc, n: usize) {
@@ -122,20 +134,11 @@ async fn a_redundant_pair_on_one_mosquitto_delivers_each_message_once() {
     let site_commands = Collector::start(site_broker.addr, "site-cmd", &["cmd/#"], false).await;
 
     // Both members up: each message once, and a command reaches the site broker once.
-    let first = Publisher::start(
-        site_broker.addr,
-        PublishPlan::new("first", "telemetry/press/force", 200).rate(400),
-    )
-    .finish()
-    .await;
-    assert_eq!(first.acked.len(), 200, "{first:?}");
+    let first = publish_all(site_broker.addr, "first", 200).await;
     command_arrives_once(cloud, &site_commands, "start").await;
 
     // Member a dies under load: b forwards everything from then on.
-    let second = Publisher::start(
-        site_broker.addr,
-        PublishPlan::new("second", "telemetry/press/force", 400).rate(400),
-    );
+    let second = Publisher::start(site_broker.addr, plan("second", 400));
     second.wait_acked(100, ARRIVE).await;
     agents[0].kill9();
     let second = second.finish().await;
@@ -146,13 +149,7 @@ async fn a_redundant_pair_on_one_mosquitto_delivers_each_message_once() {
     // a comes back as the standby: still each message once.
     restart(&mut agents[0], &specs[0].broker).await;
     connected(&hub, 4).await;
-    let third = Publisher::start(
-        site_broker.addr,
-        PublishPlan::new("third", "telemetry/press/force", 200).rate(400),
-    )
-    .finish()
-    .await;
-    assert_eq!(third.acked.len(), 200, "{third:?}");
+    let third = publish_all(site_broker.addr, "third", 200).await;
     command_arrives_once(cloud, &site_commands, "resume").await;
 
     let outcomes = [&first, &second, &third];

@@ -46,6 +46,11 @@ topic = "from/{site}/{topic}"
 const ALARMS: &str =
     "[[routes]]\nname = \"alarms\"\nkind = \"uplink\"\nfrom = \"*\"\nfilter = \"alarms/#\"\n";
 
+/// Proves line1's `telemetry/a` at `edge1` reaches the cloud under line1's namespace.
+async fn telemetry_flows(edge1: std::net::SocketAddr, cloud: &Collector) {
+    flows(edge1, cloud, "telemetry/a", "acme/plant1/line1/telemetry/a").await;
+}
+
 /// Two sites on an embedded hub with `routes`, a cloud subscriber on `acme/#`, and line1's telemetry
 /// proven to flow; returns them with line1's broker address.
 async fn flowing(routes: &[&str]) -> (TwoSites, Collector, std::net::SocketAddr) {
@@ -53,13 +58,7 @@ async fn flowing(routes: &[&str]) -> (TwoSites, Collector, std::net::SocketAddr)
     let cloud =
         Collector::start(t.hub_spec.broker.client_addr(), "cloud", &["acme/#"], false).await;
     let edge1 = t.specs[0].broker.client_addr();
-    flows(
-        edge1,
-        &cloud,
-        "telemetry/a",
-        "acme/plant1/line1/telemetry/a",
-    )
-    .await;
+    telemetry_flows(edge1, &cloud).await;
     (t, cloud, edge1)
 }
 
@@ -159,13 +158,7 @@ async fn an_agent_started_while_the_hub_is_down_runs_its_last_pushed_config() {
     let mut agent = mesh.start_agent("line1", &spec).await;
     let cloud = Collector::start(cloud_broker.addr, "cloud", &["acme/#"], false).await;
     let edge1 = spec.broker.client_addr();
-    flows(
-        edge1,
-        &cloud,
-        "telemetry/a",
-        "acme/plant1/line1/telemetry/a",
-    )
-    .await;
+    telemetry_flows(edge1, &cloud).await;
 
     // Hub down, then the agent restarted: it cannot reach the hub.
     hub.terminate(STOP_TIMEOUT).await;

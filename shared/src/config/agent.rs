@@ -10,6 +10,7 @@ use super::broker::BrokerConfig;
 use super::load::{lenient, load_file, load_text, resolve, ConfigError, Model};
 use super::units::{ByteSize, HostPort};
 use super::validate::{check_site_name, check_topic_filter, FieldError, Problem, Report};
+use crate::site::SiteId;
 
 /// Room reserved in a frame for everything that is not message payload: frame header, batch fields and
 /// per-message envelope fields (topic, properties). `uplink.max_frame_size` must be at least
@@ -28,7 +29,7 @@ pub struct AgentConfig {
     /// with its own queue, both forwarding (a route's `dedup` at the hub lets each message through once).
     /// The hub keeps a link, a dedup window and a `meshbridge-id` prefix (`<site>/<agent_name>`) per name,
     /// and one of them serves the site's downlink at a time. Unset: the agent is the site's only one.
-    /// 1-64 of `A-Z a-z 0-9 - _ .`.
+    /// The rules of a site name (1-64 of `A-Z a-z 0-9 - _ .`).
     #[serde(default)]
     pub agent_name: Option<String>,
     /// Directory for the durable queue and the last-good pushed config; relative to the config file.
@@ -224,15 +225,13 @@ impl AgentConfig {
             );
         }
         if let Some(name) = &self.agent_name {
-            let valid = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-            if !valid {
+            if let Err(reason) = SiteId::new(name) {
                 report.push(
                     "agent_name",
-                    Problem::InvalidAgentName { name: name.clone() },
+                    Problem::InvalidAgentName {
+                        name: name.clone(),
+                        reason,
+                    },
                 );
             }
         }

@@ -170,11 +170,14 @@ pub enum Problem {
         /// Why it is refused.
         reason: SiteNameError,
     },
-    /// An agent's `agent_name` is not usable as part of an origin (`<site>/<agent_name>`).
-    #[error("invalid agent name `{name}`: use 1-64 of A-Z a-z 0-9 - _ .")]
+    /// An agent's `agent_name` is not usable as part of an origin (`<site>/<agent_name>`): it follows the
+    /// rules of a site name.
+    #[error("invalid agent name `{name}`: {reason}")]
     InvalidAgentName {
         /// The configured name.
         name: String,
+        /// Why it is refused.
+        reason: SiteNameError,
     },
     /// A route's topic template is not valid.
     #[error("invalid topic template `{template}`: {reason}")]
