@@ -29,6 +29,7 @@ use rumqttc::v5::mqttbytes::QoS as MqttQoS;
 use shared::config::EffectiveConfig;
 use shared::envelope::{Envelope, QoS};
 use shared::link::hub::{Admission, ConfigOffer, HubConfig, HubConn, HubEnd, HubEvent, Resume};
+use shared::link::lane::{self, MAX_LANE};
 use shared::link::{ProtocolViolation, Refusal as LinkRefusal};
 use shared::policy::dedup::Dedup;
 use shared::policy::route::{Message as RouteMessage, RouteTable, Target};
@@ -63,6 +64,10 @@ const REPLACED_ACK_SLACK: Duration = Duration::from_millis(50);
 /// backoff. One attempt per second per site (the agent adds up to half of it as jitter) is cheap for the hub,
 /// and delivery resumes at most about this long after the broker is back.
 const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// After a connection starts, how long its downlink lane waits for a higher lane of the site with a
+/// backlog to connect before it sends anyway: an agent's lanes connect independently, and a bound keeps a
+/// higher lane that never connects from holding the others.
+const LANE_GRACE: Duration = Duration::from_secs(1);
 /// `Downlink` frames in flight per connection before the agent's `DownlinkAck`.
 const DOWNLINK_WINDOW: usize = 2;
 /// Most messages in one `Downlink` frame.
@@ -88,7 +93,12 @@ pub(crate) struct Site {
     /// The connection that serves the site's downlink, if one does. At most one: the agents of a redundant
     /// pair share one site broker, and each command must reach it once. The others watch it and reconnect
     /// to take it over when it is released.
-    pub(crate) downlink_lease: watch::Sender<Option<u64>>,
+    ///
+    /// One lease per priority lane (see `shared::link::lane`): each lane has its own downlink queue.
+    pub(crate) downlink_lease: [watch::Sender<Option<u64>>; MAX_LANE as usize + 1],
+    /// Which downlink lanes have a holder with messages to deliver (bits of `lane::bit`): a lane sends
+    /// nothing new while a higher one is busy.
+    pub(crate) downlink_busy: watch::Sender<u16>,
     /// Per origin, the refusals its agent may not have received (see [`PendingRefusals`]); saved with
     /// the dedup row.
     pub(crate) refusals: Mutex<HashMap<String, PendingRefusals>>,
@@ -107,7 +117,8 @@ impl Site {
             namespace,
             dedup: Mutex::new(dedup),
             save_lock: tokio::sync::Mutex::new(()),
-            downlink_lease: watch::Sender::new(None),
+            downlink_lease: std::array::from_fn(|_| watch::Sender::new(None)),
+            downlink_busy: watch::Sender::new(0),
             refusals: Mutex::new(refusals),
         }
     }
@@ -162,22 +173,29 @@ fn origin(site: &str, agent_name: &str) -> Option<String> {
         .then(|| format!("{site}/{agent_name}"))
 }
 
-/// Whether `origin` (see [`origin`]) is `site`'s: the site itself, or one of its named agents.
+/// Whether `origin` (see [`origin`]) is `site`'s: the site itself, one of its named agents, or a
+/// priority lane of either (`shared::link::lane::origin`).
 pub(crate) fn owned_by(site: &str, origin: &str) -> bool {
-    origin
-        .strip_prefix(site)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    origin.strip_prefix(site).is_some_and(|rest| {
+        rest.is_empty() || rest.starts_with('/') || rest.starts_with(lane::LANE_SEPARATOR)
+    })
 }
 
-/// Releases the site's downlink lease when the connection that holds it ends, however it ends.
+/// Releases the site's downlink lease of a lane when the connection that holds it ends, however it ends.
 struct LeaseGuard<'a> {
     site: &'a Site,
+    lane: u8,
     id: u64,
 }
 
 impl Drop for LeaseGuard<'_> {
     fn drop(&mut self) {
-        self.site.downlink_lease.send_if_modified(|holder| {
+        self.site.downlink_busy.send_if_modified(|mask| {
+            let before = *mask;
+            *mask &= !lane::bit(self.lane);
+            before != *mask
+        });
+        self.site.downlink_lease[usize::from(self.lane)].send_if_modified(|holder| {
             let mine = *holder == Some(self.id);
             if mine {
                 *holder = None;
@@ -259,7 +277,12 @@ pub(crate) async fn serve(hub: Arc<Hub>, incoming: quinn::Incoming, stops: Stops
             return;
         }
     };
-    let span = tracing::info_span!("agent", site = tracing::field::Empty, %remote);
+    let span = tracing::info_span!(
+        "agent",
+        site = tracing::field::Empty,
+        lane = tracing::field::Empty,
+        %remote
+    );
     serve_connection(hub, conn, stops, span.clone())
         .instrument(span)
         .await;
@@ -327,15 +350,24 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         return;
     };
     link.handle_frame(hello, now());
-    let (agent_name, version, capabilities, incarnation, last_acked) = match link.poll_event() {
+    let (agent_name, version, capabilities, incarnation, last_acked, lane) = match link.poll_event()
+    {
         Some(HubEvent::Hello {
             agent_name,
             version,
             capabilities,
             incarnation,
             last_acked,
+            lane,
             ..
-        }) => (agent_name, version, capabilities, incarnation, last_acked),
+        }) => (
+            agent_name,
+            version,
+            capabilities,
+            incarnation,
+            last_acked,
+            lane,
+        ),
         other => {
             match other {
                 Some(HubEvent::Closed {
@@ -371,6 +403,12 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     };
     if origin != site.name {
         info!(agent = %agent_name, "agent joins as a named member of the site (redundant pair): its own queue, window and ids");
+    }
+    let origin = lane::origin(&origin, lane).into_owned();
+    // The downlink queue of this lane: the site's own for lane 0, `<site>+p<lane>` for the others.
+    let downlink_key = lane::origin(&site.name, lane).into_owned();
+    if lane > 0 {
+        span.record("lane", lane);
     }
 
     // Refuse before `Welcome` while the cloud broker is away: the first batch would fail anyway.
@@ -430,7 +468,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         .high_water(&origin);
     let committed = site.resume_mark(&origin, incarnation, last_acked, committed);
     let max_topic_len = u16::try_from(site.namespace.local_topic_room()).unwrap_or(u16::MAX);
-    let downlink = match hub.downlinks.site(&site.name).await {
+    let downlink = match hub.downlinks.site(&downlink_key).await {
         Ok(downlink) => downlink,
         Err(error) => {
             error!(cause = %error, "cannot open the site's downlink queue; refusing the agent for now");
@@ -445,14 +483,24 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             return;
         }
     };
-    let serves_downlink = site.downlink_lease.send_if_modified(|holder| {
+    let serves_downlink = site.downlink_lease[usize::from(lane)].send_if_modified(|holder| {
         let free = holder.is_none();
         if free {
             *holder = Some(id);
         }
         free
     });
-    let _lease = LeaseGuard { site: &site, id };
+    let _lease = LeaseGuard {
+        site: &site,
+        lane,
+        id,
+    };
+    if serves_downlink && downlink.queue.depth() > 0 {
+        // Busy from the moment it holds the lease, so a lower lane's connection never sees a gap between
+        // "nobody serves it" and "its holder is busy".
+        site.downlink_busy
+            .send_modify(|mask| *mask |= lane::bit(lane));
+    }
     let downlink_stats = downlink.queue.stats();
     // A connection without the lease is told the queue is empty, and is never fed (see `Session`).
     let downlink_written = if serves_downlink {
@@ -508,6 +556,8 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             stops: &stops,
             replaced: &replaced,
             downlink: &downlink,
+            downlink_key: &downlink_key,
+            lane,
             origin: &origin,
             serves_downlink,
         };
@@ -749,8 +799,12 @@ struct Session<'a> {
     incarnation: u64,
     stops: &'a Stops,
     replaced: &'a CancellationToken,
-    /// The site's downlink queue.
+    /// The site's downlink queue of this connection's lane.
     downlink: &'a SiteDownlink,
+    /// Its key in the downlink store.
+    downlink_key: &'a str,
+    /// The priority lane this connection carries.
+    lane: u8,
     /// This agent's origin (see [`origin`]): its dedup window and its `meshbridge-id` prefix.
     origin: &'a str,
     /// Whether this connection holds the site's downlink lease.
@@ -793,8 +847,12 @@ impl Session<'_> {
         let grew = self.downlink.grew.notified();
         let mut grew = std::pin::pin!(grew);
         grew.as_mut().enable();
-        let mut lease = self.site.downlink_lease.subscribe();
+        let mut lease = self.site.downlink_lease[usize::from(self.lane)].subscribe();
         lease.mark_unchanged();
+        let mut higher = self.site.downlink_busy.subscribe();
+        // Until then, a higher lane with a backlog and no connection yet holds this one back too: an
+        // agent's lanes connect independently (see `LANE_GRACE`).
+        let mut grace_until = Some(tokio::time::Instant::now() + LANE_GRACE);
         loop {
             while let Some(event) = link.poll_event() {
                 match event {
@@ -848,8 +906,14 @@ impl Session<'_> {
                 // dropped as a duplicate), and there is nobody to tell.
                 return end.take().expect("just matched");
             }
-            if !self.serves_downlink {
-                // Nothing to send: the lease holder serves the site's downlink.
+            let waiting_for_higher = self.serves_downlink
+                && grace_until.is_some_and(|t| tokio::time::Instant::now() < t)
+                && self.higher_downlink_waits();
+            let outranked =
+                waiting_for_higher || lane::outranked(*higher.borrow_and_update(), self.lane);
+            if !self.serves_downlink || outranked {
+                // Nothing to send: the lease holder serves the site's downlink, and a higher lane goes
+                // first (strict priority, see `shared::link::lane`).
             } else if let Err(error) = self.send_downlink(link, send, &mut out).await {
                 match error {
                     DownlinkSendError::Write(error) => return End::PeerGone(error),
@@ -858,6 +922,18 @@ impl Session<'_> {
                         link.close(GoAwayCode::Overloaded, "hub downlink storage failed".into());
                     }
                 }
+            }
+            if self.serves_downlink {
+                let busy = self.downlink.queue.depth() > 0;
+                self.site.downlink_busy.send_if_modified(|mask| {
+                    let before = *mask;
+                    if busy {
+                        *mask |= lane::bit(self.lane);
+                    } else {
+                        *mask &= !lane::bit(self.lane);
+                    }
+                    before != *mask
+                });
             }
             if let Err(error) = write_transmits(link, send, &mut out).await {
                 return End::PeerGone(error);
@@ -951,6 +1027,11 @@ impl Session<'_> {
                             link.push_config(offer);
                         }
                     }
+                }
+                () = sleep_until(grace_until), if waiting_for_higher => grace_until = None,
+                changed = higher.changed(), if outranked && self.serves_downlink => {
+                    // A higher lane finished (or left): this one may send again.
+                    let _ = changed;
                 }
                 () = &mut grew => {
                     grew.set(self.downlink.grew.notified());
@@ -1198,7 +1279,9 @@ impl Session<'_> {
                     let mut properties = env.properties.clone();
                     properties.user.push((MESHBRIDGE_ID.to_owned(), id.clone()));
                     match encode_delivery(&env.payload, &properties, delivery, env.enqueued_at_ms) {
-                        Ok(body) => to_sites.push((dest.clone(), body)),
+                        // The destination's downlink queue of the route's priority lane.
+                        Ok(body) => to_sites
+                            .push((lane::origin(dest, delivery.priority).into_owned(), body)),
                         Err(error) => {
                             warn!(seq = env.seq, to = %dest, cause = %error, "cannot encode a message for another site; not delivered there");
                         }
@@ -1208,9 +1291,21 @@ impl Session<'_> {
         }
     }
 
+    /// Whether a downlink lane of the site above this one holds messages and nobody serves it yet.
+    fn higher_downlink_waits(&self) -> bool {
+        (self.lane + 1..=MAX_LANE).any(|l| {
+            self.site.downlink_lease[usize::from(l)].borrow().is_none()
+                && self
+                    .hub
+                    .downlinks
+                    .opened(&lane::origin(&self.site.name, l))
+                    .is_some_and(|d| d.queue.depth() > 0)
+        })
+    }
+
     /// The agent handed downlink messages up to `upto` to its broker: they leave the site's queue.
     async fn downlink_acked(&self, upto: u64) -> Result<(), crate::HubError> {
-        let site = self.site.name.clone();
+        let site = self.downlink_key.to_owned();
         let downlink = Arc::clone(&self.hub.downlinks.site(&site).await?);
         tokio::task::spawn_blocking(move || downlink.queue.ack_upto(upto))
             .await
@@ -1231,7 +1326,7 @@ impl Session<'_> {
         out: &mut BytesMut,
     ) -> Result<(), DownlinkSendError> {
         while let Some(from) = link.next_downlink_send() {
-            let site = self.site.name.clone();
+            let site = self.downlink_key.to_owned();
             let downlink = self
                 .hub
                 .downlinks

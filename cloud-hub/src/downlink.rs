@@ -142,6 +142,11 @@ impl DownlinkStore {
         Ok(Arc::clone(entry))
     }
 
+    /// The queue of `key` if it is open (no I/O).
+    pub(crate) fn opened(&self, key: &str) -> Option<Arc<SiteDownlink>> {
+        lock(&self.sites).get(key).cloned()
+    }
+
     /// [`Self::site_blocking`] from async code.
     ///
     /// # Errors
@@ -245,6 +250,45 @@ pub(crate) fn spawn_subscriber(
     tracker.spawn(subscriber(options, routes, dedups, store, stop));
 }
 
+/// What the cloud broker connection reports to the committing loop.
+enum FromBroker {
+    /// (Re)connected: subscribe again.
+    Connected,
+    /// A message to commit, then acknowledge.
+    Publish(Publish),
+    /// The connection failed; the poller retries after [`RECONNECT_WAIT`].
+    Lost(rumqttc::v5::ConnectionError),
+}
+
+/// Polls the broker connection without pause and forwards what matters. Acknowledgements and
+/// subscriptions go out through the client's request channel, which only `poll` drains: polled from the
+/// committing loop instead, a burst of messages (more than the channel holds) left every later `ack` waiting
+/// for a `poll` that waited for the `ack`, and the downlink stalled for good. The channel to the committer
+/// is unbounded because the broker bounds it: it sends no more QoS 1 messages than its in-flight window
+/// (our Receive Maximum, [`RECEIVE_MAXIMUM`], or its own `max_inflight_count`) until they are acknowledged.
+async fn poll_broker(
+    mut eventloop: rumqttc::v5::EventLoop,
+    to_committer: tokio::sync::mpsc::UnboundedSender<FromBroker>,
+) {
+    loop {
+        let forwarded = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => to_committer.send(FromBroker::Connected),
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                to_committer.send(FromBroker::Publish(publish))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let sent = to_committer.send(FromBroker::Lost(e));
+                tokio::time::sleep(RECONNECT_WAIT).await;
+                sent
+            }
+        };
+        if forwarded.is_err() {
+            return;
+        }
+    }
+}
+
 async fn subscriber(
     options: MqttOptions,
     mut routes: Routes,
@@ -252,7 +296,9 @@ async fn subscriber(
     store: Arc<DownlinkStore>,
     stop: CancellationToken,
 ) {
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (client, eventloop) = AsyncClient::new(options, 64);
+    let (to_committer, mut from_broker) = tokio::sync::mpsc::unbounded_channel();
+    let poller = tokio::spawn(poll_broker(eventloop, to_committer));
     let mut subscribed: BTreeSet<String> = BTreeSet::new();
     let mut connected = false;
     loop {
@@ -267,8 +313,9 @@ async fn subscriber(
                     resubscribe(&client, &mut subscribed, &wanted).await;
                 }
             }
-            event = eventloop.poll() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            event = from_broker.recv() => match event {
+                None => break,
+                Some(FromBroker::Connected) => {
                     connected = true;
                     // Subscriptions survive in a resumed session, but the broker may have lost it (an
                     // embedded broker restarted with the hub): subscribe again; Retain Handling 1 keeps
@@ -278,7 +325,7 @@ async fn subscriber(
                     resubscribe(&client, &mut subscribed, &wanted).await;
                     info!(filters = subscribed.len(), "downlink subscriber connected to the cloud broker");
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                Some(FromBroker::Publish(publish)) => {
                     let message = cloud_message(&publish);
                     let table = Arc::clone(&routes.borrow());
                     if !commit(&store, &table, &dedups, &message, &stop).await {
@@ -288,21 +335,17 @@ async fn subscriber(
                         warn!(cause = %e, "downlink: acknowledging to the cloud broker failed; it will resend");
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Some(FromBroker::Lost(e)) => {
                     if connected {
                         warn!(cause = %e, "downlink subscriber lost the cloud broker; reconnecting");
                     }
                     connected = false;
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        () = tokio::time::sleep(RECONNECT_WAIT) => {}
-                    }
                 }
             }
         }
     }
     let _ = client.try_disconnect();
+    poller.abort();
 }
 
 /// The cloud filters `table`'s downlink routes need.
@@ -406,8 +449,10 @@ async fn commit(
                 continue;
             }
         };
+        // The site's downlink queue of the route's priority lane (see `shared::link::lane`).
+        let queue = shared::link::lane::origin(site, delivery.priority);
         loop {
-            match store.append(site, vec![body.clone()]).await {
+            match store.append(&queue, vec![body.clone()]).await {
                 Ok(outcome) => {
                     debug!(%site, topic = %delivery.topic.as_str(), seq = outcome.first_seq, "downlink queued");
                     if outcome.dropped > 0 {

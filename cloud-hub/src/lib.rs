@@ -165,7 +165,6 @@ pub async fn run_reloading(
     let table = RouteTable::new(&cfg).map_err(|errors| HubError::Routes {
         errors: errors.iter().map(ToString::to_string).collect(),
     })?;
-    reload::warn_unenforced(&table);
     let route_dedups = match store.load_route_dedup() {
         Ok(Some(bytes)) => match RouteDedupsSnapshot::decode(&bytes) {
             Ok(snapshot) => RouteDedups::restore(&snapshot, |r| table.dedup_config(r)),

@@ -75,19 +75,6 @@ pub(crate) async fn follow(
     }
 }
 
-/// Says which routes set a `priority`: it is validated and carried in the pushed documents, but neither
-/// queue orders by it yet (each is FIFO in capture order), and a setting that silently does nothing would
-/// mislead whoever tunes it.
-pub(crate) fn warn_unenforced(table: &RouteTable) {
-    for route in table.routes().iter().filter(|r| r.priority > 0) {
-        warn!(
-            route = %route.name,
-            priority = route.priority,
-            "route priority is not enforced yet: messages go in capture order"
-        );
-    }
-}
-
 /// Reads, validates and applies the file; the new config if it was applied.
 fn reload(
     path: &std::path::Path,
@@ -126,7 +113,6 @@ fn reload(
     if !restart.is_empty() {
         warn!(sections = %restart.join(", "), "these config changes take effect only after a restart");
     }
-    warn_unenforced(&table);
     routes.send_replace(Arc::new(table));
     Some(new)
 }

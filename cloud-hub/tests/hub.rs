@@ -229,6 +229,7 @@ impl FakeAgent {
             incarnation,
             last_acked,
             config_version: 0,
+            lane: 0,
         })
         .await?;
         self.next().await
@@ -681,6 +682,7 @@ async fn site_not_configured_is_refused() -> anyhow::Result<()> {
                 incarnation: 1,
                 last_acked: 0,
                 config_version: 0,
+                lane: 0,
             })
             .await?;
         let reason = agent.expect_go_away(GoAwayCode::Unauthorized).await?;
@@ -707,6 +709,7 @@ async fn incompatible_version_is_refused() -> anyhow::Result<()> {
                 incarnation: 1,
                 last_acked: 0,
                 config_version: 0,
+                lane: 0,
             })
             .await?;
         let reason = agent
@@ -757,6 +760,7 @@ async fn hub_without_its_cloud_broker_refuses_before_welcome_with_a_retry_after(
             incarnation: 1,
             last_acked: 0,
             config_version: 0,
+            lane: 0,
         })
         .await?;
         // Raw bytes: exactly `u16 code, str16 reason`, nothing after it.

@@ -15,9 +15,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use meshbridge_broker::front::{CommitRejected, CommitRequest};
 use shared::envelope::{Envelope, Properties, QoS, TraceContext};
+use shared::link::lane::MAX_LANE;
 use shared::queue::{AppendOutcome, Mark, Queue, QueueError, RedbQueue};
 use shared::wire::EncodeError;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use crate::routes::{LiveRoutes, Rule};
@@ -45,6 +46,15 @@ pub(crate) enum CommitError {
     /// The blocking append task panicked.
     #[error("the queue append task panicked")]
     Panicked(#[source] tokio::task::JoinError),
+    /// A priority lane's queue could not be opened.
+    #[error("cannot open the queue of priority lane {lane}")]
+    Lane {
+        /// The lane.
+        lane: u8,
+        /// Why.
+        #[source]
+        source: Box<crate::error::AgentError>,
+    },
 }
 
 impl CommitError {
@@ -55,7 +65,7 @@ impl CommitError {
                 CommitRejected::QueueFull
             }
             Self::Queue(QueueError::DiskFull { .. }) => CommitRejected::StorageFull,
-            Self::Queue(_) | Self::Panicked(_) => CommitRejected::StorageFailed,
+            Self::Queue(_) | Self::Panicked(_) | Self::Lane { .. } => CommitRejected::StorageFailed,
         }
     }
 
@@ -71,8 +81,8 @@ impl CommitError {
 /// What both local broker modes share to commit messages.
 #[derive(Debug, Clone)]
 pub(crate) struct Ingest {
-    /// The durable queue.
-    pub(crate) queue: Arc<RedbQueue>,
+    /// The durable queues, one per priority lane (see [`crate::lanes`]).
+    pub(crate) lanes: Arc<crate::lanes::Lanes>,
     /// Which topics go up, and with which QoS/retain rule.
     pub(crate) routes: Arc<LiveRoutes>,
     /// Where the uplink publishes downlink messages; the local side fills it in once it is up.
@@ -80,8 +90,6 @@ pub(crate) struct Ingest {
         Arc<tokio::sync::watch::Sender<Option<crate::local::deliver::Target>>>,
     /// Site name, written as every envelope's origin.
     pub(crate) site: Arc<str>,
-    /// Wakes the uplink after each append.
-    pub(crate) appended: Arc<Notify>,
     /// What the path to the hub carries; messages beyond it are refused before they are committed.
     pub(crate) limits: Arc<shared::limits::SharedLimits>,
     /// Most payload bytes one commit group may hold: [`MAX_GROUP_BYTES`], or a quarter of the queue's
@@ -92,13 +100,54 @@ pub(crate) struct Ingest {
 }
 
 impl Ingest {
-    /// Appends the group's bodies as one queue batch (in `spawn_blocking`), then wakes the uplink.
-    /// The group is emptied on success and kept as it was on failure.
-    pub(crate) async fn commit(&self, group: &mut Group) -> Result<AppendOutcome, CommitError> {
+    /// Appends the group's bodies, one queue batch per priority lane, highest lane first, then wakes each
+    /// lane's uplink. A lane's part is emptied once it is committed; on failure the parts not committed
+    /// stay in the group (a retry does not commit the others twice).
+    pub(crate) async fn commit(&self, group: &mut Group) -> Result<(), CommitError> {
+        for l in (0..=MAX_LANE).rev() {
+            let part = &mut group.lanes[usize::from(l)];
+            if part.ends.is_empty() {
+                continue;
+            }
+            let lane = self
+                .lanes
+                .ensure(l)
+                .await
+                .map_err(|source| CommitError::Lane {
+                    lane: l,
+                    source: Box::new(source),
+                })?;
+            let outcome = commit_part(&lane.queue, part).await?;
+            if outcome.dropped > 0 {
+                warn!(
+                    lane = l,
+                    dropped = outcome.dropped,
+                    "queue full: dropped the oldest queued messages (full_policy = drop-oldest)"
+                );
+            }
+            debug!(
+                lane = l,
+                first_seq = outcome.first_seq,
+                last_seq = outcome.last_seq,
+                "committed"
+            );
+            lane.appended.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Appends one lane's part of a group as one queue batch (in `spawn_blocking`). The part is emptied on
+/// success and kept as it was on failure.
+async fn commit_part(
+    queue: &Arc<RedbQueue>,
+    group: &mut LaneGroup,
+) -> Result<AppendOutcome, CommitError> {
+    {
         let bodies = group.buf.split().freeze();
         let ends = std::mem::take(&mut group.ends);
         let marks = std::mem::take(&mut group.marks);
-        let queue = Arc::clone(&self.queue);
+        let queue = Arc::clone(queue);
         let result = tokio::task::spawn_blocking(move || {
             let mut slices: Vec<&[u8]> = Vec::with_capacity(ends.len());
             let mut start = 0;
@@ -138,21 +187,11 @@ impl Ingest {
         group.ends = ends;
         marks.clear();
         group.marks = marks;
-        if outcome.dropped > 0 {
-            warn!(
-                dropped = outcome.dropped,
-                "queue full: dropped the oldest queued messages (full_policy = drop-oldest)"
-            );
-        }
-        debug!(
-            first_seq = outcome.first_seq,
-            last_seq = outcome.last_seq,
-            "committed"
-        );
-        self.appended.notify_one();
         Ok(outcome)
     }
+}
 
+impl Ingest {
     /// The embedded mode's commit loop: takes the front's [`CommitRequest`]s, groups whatever is waiting,
     /// commits, answers every request. Ends when every sender is gone (the front stopped), after the
     /// requests already taken are answered.
@@ -264,7 +303,11 @@ impl Ingest {
     /// A failed read counts as "not committed": queueing twice is the safe side.
     fn already_committed(&self, group: &Group, key: &[u8], digest: u64) -> bool {
         group.has_mark(key, digest)
-            || matches!(self.queue.mark(key), Ok(Some(marked)) if marked == digest)
+            || self
+                .lanes
+                .all()
+                .iter()
+                .any(|l| matches!(l.queue.mark(key), Ok(Some(marked)) if marked == digest))
     }
 }
 
@@ -291,24 +334,34 @@ pub(crate) fn log_commit_error(error: &CommitError) {
     }
 }
 
-/// Envelope bodies encoded back to back for one group commit. One scratch envelope is reused so that
-/// building a body allocates nothing beyond what the message already owns.
+/// Envelope bodies encoded back to back for one group commit, per priority lane. One scratch envelope is
+/// reused so that building a body allocates nothing beyond what the message already owns.
 #[derive(Debug)]
 pub(crate) struct Group {
+    /// Indexed by lane; only lane 0's buffer is allocated up front.
+    lanes: Vec<LaneGroup>,
+    /// The lane of the message pushed last (which [`Self::mark`] marks).
+    last_lane: usize,
+    scratch: Envelope,
+}
+
+/// One lane's part of a [`Group`].
+#[derive(Debug, Default)]
+struct LaneGroup {
     buf: BytesMut,
     ends: Vec<usize>,
-    /// Publisher marks to commit with the group (see `shared::queue::Mark`): (key, digest).
+    /// Publisher marks to commit with the part (see `shared::queue::Mark`): (key, digest).
     marks: Vec<(Vec<u8>, u64)>,
-    scratch: Envelope,
 }
 
 impl Group {
     /// An empty group for `site`.
     pub(crate) fn new(site: &str) -> Self {
+        let mut lanes: Vec<LaneGroup> = (0..=MAX_LANE).map(|_| LaneGroup::default()).collect();
+        lanes[0].buf = BytesMut::with_capacity(64 * 1024);
         Self {
-            buf: BytesMut::with_capacity(64 * 1024),
-            ends: Vec::new(),
-            marks: Vec::new(),
+            lanes,
+            last_lane: 0,
             scratch: Envelope {
                 origin: site.to_owned(),
                 seq: 0,
@@ -325,24 +378,28 @@ impl Group {
 
     /// Whether the group holds no message.
     pub(crate) fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.lanes.iter().all(|l| l.ends.is_empty())
     }
 
     /// Forgets every message in the group.
     pub(crate) fn clear(&mut self) {
-        self.buf.clear();
-        self.ends.clear();
-        self.marks.clear();
+        for l in &mut self.lanes {
+            l.buf.clear();
+            l.ends.clear();
+            l.marks.clear();
+        }
     }
 
-    /// Marks the message just pushed as `key` with `digest`, committed with it.
+    /// Marks the message just pushed as `key` with `digest`, committed with it (in its lane's queue).
     pub(crate) fn mark(&mut self, key: Vec<u8>, digest: u64) {
-        self.marks.push((key, digest));
+        self.lanes[self.last_lane].marks.push((key, digest));
     }
 
     /// Whether a message of this group carries this mark (a resend within one group).
     fn has_mark(&self, key: &[u8], digest: u64) -> bool {
-        self.marks.iter().any(|(k, d)| k == key && *d == digest)
+        self.lanes
+            .iter()
+            .any(|l| l.marks.iter().any(|(k, d)| k == key && *d == digest))
     }
 
     /// Encodes one message under `rule`: QoS capped, retain kept or cleared, `traceparent`/`tracestate`
@@ -367,10 +424,13 @@ impl Group {
         e.properties = properties;
         e.trace = trace;
         e.enqueued_at_ms = now_ms();
-        let result: Result<(), EncodeError> = e.encode_body(&mut self.buf);
+        let lane = usize::from(rule.lane.min(MAX_LANE));
+        let part = &mut self.lanes[lane];
+        let result: Result<(), EncodeError> = e.encode_body(&mut part.buf);
         match result {
             Ok(()) => {
-                self.ends.push(self.buf.len());
+                part.ends.push(part.buf.len());
+                self.last_lane = lane;
                 true
             }
             Err(cause) => {
@@ -468,6 +528,7 @@ mod tests {
         let rule = Rule {
             qos_cap: Some(QoS::AtLeastOnce),
             retain: false,
+            lane: 0,
         };
         let props = Properties {
             user: user(&[("k", "v"), ("traceparent", "tp")]),
@@ -481,8 +542,8 @@ mod tests {
             true,
             props,
         ));
-        assert_eq!(group.ends.len(), 1);
-        let body = group.buf.clone().freeze();
+        assert_eq!(group.lanes[0].ends.len(), 1);
+        let body = group.lanes[0].buf.clone().freeze();
         let e = Envelope::decode_body(7, body).expect("decodes");
         assert_eq!(e.origin, "line1");
         assert_eq!(e.topic, "telemetry/a");
@@ -491,6 +552,37 @@ mod tests {
         assert!(!e.retain);
         assert_eq!(e.properties.user, user(&[("k", "v")]));
         assert_eq!(e.trace.map(|t| t.traceparent), Some("tp".to_owned()));
+    }
+
+    #[test]
+    fn a_group_keeps_each_lane_and_its_marks_apart() {
+        let mut group = Group::new("line1");
+        let rule = |lane| Rule {
+            qos_cap: None,
+            retain: true,
+            lane,
+        };
+        for (lane, topic) in [(0, "telemetry/a"), (9, "alarms/fire"), (0, "telemetry/b")] {
+            assert!(group.push(
+                rule(lane),
+                topic.into(),
+                Bytes::from_static(b"x"),
+                QoS::AtLeastOnce,
+                false,
+                Properties::default(),
+            ));
+            group.mark(topic.as_bytes().to_vec(), u64::from(lane));
+        }
+        assert_eq!(group.lanes[0].ends.len(), 2);
+        assert_eq!(group.lanes[9].ends.len(), 1);
+        let body = group.lanes[9].buf.clone().freeze();
+        let e = Envelope::decode_body(1, body).expect("decodes");
+        assert_eq!(e.topic, "alarms/fire");
+        assert_eq!(group.lanes[9].marks, [(b"alarms/fire".to_vec(), 9)]);
+        assert!(group.has_mark(b"telemetry/b", 0));
+        assert!(!group.is_empty());
+        group.clear();
+        assert!(group.is_empty());
     }
 
     #[test]

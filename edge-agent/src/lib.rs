@@ -20,6 +20,7 @@ pub mod error;
 pub mod tls;
 
 mod ingest;
+mod lanes;
 pub mod limits;
 mod local;
 mod pushed;
@@ -31,14 +32,15 @@ use std::time::Duration;
 
 use shared::config::{AgentConfig, BrokerConfig};
 use shared::queue::{Queue, QueueStats, RedbQueue};
-use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use error::AgentError;
 
 use crate::ingest::{now_ms, Ingest};
+use crate::lanes::Lanes;
 use crate::routes::LiveRoutes;
 use crate::uplink::Uplink;
 
@@ -68,26 +70,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         path: cfg.data_dir.clone(),
         source,
     })?;
-    let path = cfg.data_dir.join(QUEUE_FILE);
+    let dir = cfg.data_dir.clone();
     let limits = cfg.queue.limits();
-    let queue = tokio::task::spawn_blocking(move || RedbQueue::open(path, limits))
+    let lanes = tokio::task::spawn_blocking(move || Lanes::open_blocking(&dir, limits))
         .await
         .map_err(|source| AgentError::TaskPanicked {
             task: "queue open",
             source,
-        })?
-        .map_err(AgentError::OpenQueue)?;
-    let queue = Arc::new(queue);
-    let stats = queue.stats();
-    info!(
-        path = %queue.path().display(),
-        incarnation = queue.incarnation(),
-        depth = stats.depth,
-        acked = stats.acked,
-        next_seq = stats.next_seq,
-        repaired = queue.repaired_on_open(),
-        "queue opened"
-    );
+        })??;
+    let lanes = Arc::new(lanes);
     let limits = limits::load(&cfg);
     let (routes, version) = pushed::initial_routes(&cfg.data_dir, &cfg.site, &cfg.routes)?;
     let routes = Arc::new(LiveRoutes::new(routes, version));
@@ -104,7 +95,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     )
     .map_err(AgentError::UplinkTls)?;
     let site: Arc<str> = Arc::from(cfg.site.as_str());
-    let appended = Arc::new(Notify::new());
     let pushed = Arc::new(pushed::Pushed::new(
         &cfg.data_dir,
         &cfg.site,
@@ -112,11 +102,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     ));
     let (downlink_target, downlink_target_rx) = tokio::sync::watch::channel(None);
     let ingest = Ingest {
-        queue: Arc::clone(&queue),
+        lanes: Arc::clone(&lanes),
         downlink_target: Arc::new(downlink_target),
-        routes,
+        routes: Arc::clone(&routes),
         site: Arc::clone(&site),
-        appended: Arc::clone(&appended),
         limits: Arc::clone(&limits),
         max_group_bytes: ingest::group_budget(cfg.queue.max_bytes.as_u64()),
     };
@@ -125,21 +114,45 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     // The uplink outlives the local side: it is stopped only after the last commit, so it can drain.
     let uplink_stop = CancellationToken::new();
     let housekeeping_stop = CancellationToken::new();
-    let uplink = Uplink::new(
-        cfg.uplink.clone(),
-        Arc::from(cfg.agent_name.as_deref().unwrap_or(&cfg.site)),
-        Arc::clone(&queue),
-        appended,
-        client_config,
-        cfg.data_dir.clone(),
-        uplink::FromHub {
-            limits,
-            pushed,
-            delivery: local::deliver::Delivery::new(downlink_target_rx),
-        },
-    );
-    let uplink_task = tracker.spawn(uplink.run(uplink_stop.clone()));
-    tracker.spawn(housekeeping(Arc::clone(&queue), housekeeping_stop.clone()));
+    let uplinks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+    {
+        let uplink_cfg = cfg.uplink.clone();
+        let agent_name: Arc<str> = Arc::from(cfg.agent_name.as_deref().unwrap_or(&cfg.site));
+        let busy = Arc::new(tokio::sync::watch::Sender::new(0u16));
+        let data_dir = cfg.data_dir.clone();
+        let tracker = tracker.clone();
+        let stop = uplink_stop.clone();
+        let uplinks = Arc::clone(&uplinks);
+        let all = Arc::downgrade(&lanes);
+        lanes.start(Box::new(move |lane| {
+            info!(lane = lane.lane, "starting the lane's uplink");
+            let uplink = Uplink::new(
+                uplink_cfg.clone(),
+                Arc::clone(&agent_name),
+                &lane,
+                all.clone(),
+                Arc::clone(&busy),
+                client_config.clone(),
+                data_dir.clone(),
+                uplink::FromHub {
+                    limits: Arc::clone(&limits),
+                    pushed: Arc::clone(&pushed),
+                    delivery: local::deliver::Delivery::new(downlink_target_rx.clone(), lane.lane),
+                },
+            );
+            let task = tracker.spawn(uplink.run(stop.clone()));
+            uplinks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(task);
+        }));
+    }
+    tracker.spawn(keep_lanes_open(
+        Arc::clone(&lanes),
+        routes,
+        housekeeping_stop.clone(),
+    ));
+    tracker.spawn(housekeeping(Arc::clone(&lanes), housekeeping_stop.clone()));
     tracker.close();
 
     let local = match &cfg.broker {
@@ -147,26 +160,62 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         BrokerConfig::External(external) => local::external::run(external, ingest, shutdown).await,
     };
     debug!("local side stopped; draining the uplink");
-    uplink_stop.cancel();
-    let uplink_joined = uplink_task.await;
+    // The lanes the local side no longer needs stop opening before the uplinks stop (a lane opened after
+    // would have nothing to drain).
     housekeeping_stop.cancel();
+    uplink_stop.cancel();
+    let tasks = std::mem::take(
+        &mut *uplinks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let mut uplink_joined = Ok(());
+    for task in tasks {
+        if let Err(source) = task.await {
+            uplink_joined = Err(AgentError::TaskPanicked {
+                task: "uplink",
+                source,
+            });
+        }
+    }
     tracker.wait().await;
-    let stats = queue.stats();
-    info!(depth = stats.depth, acked = stats.acked, "stopped");
+    for lane in lanes.all() {
+        let stats = lane.queue.stats();
+        info!(
+            lane = lane.lane,
+            depth = stats.depth,
+            acked = stats.acked,
+            "stopped"
+        );
+    }
     local?;
-    uplink_joined.map_err(|source| AgentError::TaskPanicked {
-        task: "uplink",
-        source,
-    })
+    uplink_joined
+}
+
+/// Opens the lanes each config in force needs (the hub's pushed config lists the lanes it delivers on),
+/// so a lane's connection is up before its first message, in either direction.
+async fn keep_lanes_open(lanes: Arc<Lanes>, routes: Arc<LiveRoutes>, stop: CancellationToken) {
+    let mut version = routes.subscribe();
+    loop {
+        for &lane in routes.load().lanes() {
+            if let Err(cause) = lanes.ensure(lane).await {
+                error!(lane, %cause, "cannot open a priority lane; its messages are refused until it opens");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = version.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// How long a publisher mark (client id + packet id of a committed QoS 1/2 PUBLISH) is kept to recognise a
 /// resend: publishers resend right after reconnecting, so ten minutes covers an agent restart with room.
 const MARK_RETENTION_MS: u64 = 10 * 60 * 1000;
 
-/// Expires messages older than `queue.max_age`, forgets old publisher marks and logs the queue's state, every
-/// [`HOUSEKEEPING_INTERVAL`].
-async fn housekeeping(queue: Arc<RedbQueue>, stop: CancellationToken) {
+/// Expires messages older than `queue.max_age`, forgets old publisher marks and logs each lane's state,
+/// every [`HOUSEKEEPING_INTERVAL`].
+async fn housekeeping(lanes: Arc<Lanes>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -174,29 +223,38 @@ async fn housekeeping(queue: Arc<RedbQueue>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let q = Arc::clone(&queue);
+        for lane in lanes.all() {
+            housekeep(lane.lane, &lane.queue).await;
+        }
+    }
+}
+
+async fn housekeep(lane: u8, queue: &Arc<RedbQueue>) {
+    {
+        let q = Arc::clone(queue);
         match tokio::task::spawn_blocking(move || q.expire(now_ms())).await {
             Ok(Ok(0)) => {}
             Ok(Ok(expired)) => warn!(
-                expired,
-                "dropped queued messages older than queue.max_age (never delivered)"
+                lane,
+                expired, "dropped queued messages older than queue.max_age (never delivered)"
             ),
             Ok(Err(cause)) => warn!(%cause, "expiring old messages failed"),
             Err(cause) => warn!(%cause, "expiry task panicked"),
         }
-        let q = Arc::clone(&queue);
+        let q = Arc::clone(queue);
         let before = now_ms().saturating_sub(MARK_RETENTION_MS);
         match tokio::task::spawn_blocking(move || q.forget_marks(before)).await {
             Ok(Ok(forgotten)) => debug!(forgotten, "old publisher marks forgotten"),
             Ok(Err(cause)) => warn!(%cause, "forgetting old publisher marks failed"),
             Err(cause) => warn!(%cause, "mark cleanup task panicked"),
         }
-        log_stats(&queue.stats());
+        log_stats(lane, &queue.stats());
     }
 }
 
-fn log_stats(stats: &QueueStats) {
+fn log_stats(lane: u8, stats: &QueueStats) {
     debug!(
+        lane,
         depth = stats.depth,
         bytes = stats.bytes,
         file_bytes = stats.file_bytes,

@@ -65,7 +65,11 @@ pub(crate) async fn announce(limits: &SharedLimits, data_dir: &Path, announced: 
         );
     }
     let path = data_dir.join(LIMITS_FILE);
-    let tmp: PathBuf = data_dir.join(format!("{LIMITS_FILE}.tmp"));
+    // Each priority lane's connection announces; a temporary file of its own per write keeps two lanes'
+    // writes from renaming each other's file away.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp: PathBuf = data_dir.join(format!("{LIMITS_FILE}.{n}.tmp"));
     let written = async {
         tokio::fs::write(&tmp, announced.to_text()).await?;
         tokio::fs::rename(&tmp, &path).await

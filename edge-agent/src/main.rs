@@ -100,9 +100,10 @@ fn dead_letters(
                     .envelope
                     .as_ref()
                     .map_or(("?".to_owned(), 0), |e| (e.topic.clone(), e.payload.len()));
+                let (lane, seq) = shared::link::lane::split_dead_letter_seq(l.letter.letter.seq);
                 println!(
-                    "id={} seq={} at_ms={} reason={:#04x} topic={topic:?} payload_bytes={bytes} detail={:?}",
-                    l.letter.id, l.letter.letter.seq, l.letter.at_ms, l.letter.letter.reason_code, l.letter.letter.detail
+                    "id={} lane={lane} seq={seq} at_ms={} reason={:#04x} topic={topic:?} payload_bytes={bytes} detail={:?}",
+                    l.letter.id, l.letter.at_ms, l.letter.letter.reason_code, l.letter.letter.detail
                 );
             }
             Ok(())

@@ -155,6 +155,7 @@ mod tests {
         EffectiveConfig {
             format: EFFECTIVE_FORMAT,
             site: site.to_owned(),
+            lanes: Vec::new(),
             capture: vec![Capture {
                 filter: filter.to_owned(),
                 qos: None,

@@ -17,6 +17,8 @@ pub(crate) struct Rule {
     pub(crate) qos_cap: Option<QoS>,
     /// Keep the retain flag.
     pub(crate) retain: bool,
+    /// The priority lane the message is queued in (see [`crate::lanes`]).
+    pub(crate) lane: u8,
 }
 
 impl Rule {
@@ -30,6 +32,8 @@ impl Rule {
 #[derive(Debug, Clone)]
 pub(crate) struct Routes {
     routes: Vec<(TopicFilter, Rule)>,
+    /// The lanes above 0 the config uses: its captures' priorities and the lanes the hub delivers on.
+    lanes: Vec<u8>,
 }
 
 impl Routes {
@@ -52,11 +56,15 @@ impl Routes {
                     Rule {
                         qos_cap,
                         retain: route.retain,
+                        lane: 0,
                     },
                 ))
             })
             .collect::<Result<_, AgentError>>()?;
-        Ok(Self { routes })
+        Ok(Self {
+            routes,
+            lanes: Vec::new(),
+        })
     }
 
     /// The rule of the first route whose filter matches `topic`.
@@ -65,6 +73,11 @@ impl Routes {
             .iter()
             .find(|(filter, _)| filter.matches_str(topic))
             .map(|(_, rule)| *rule)
+    }
+
+    /// The lanes above 0 this config needs open (sorted, no duplicates).
+    pub(crate) fn lanes(&self) -> &[u8] {
+        &self.lanes
     }
 
     /// The route filters, for subscribing to an external broker.
@@ -92,11 +105,21 @@ impl Routes {
                     Rule {
                         qos_cap: capture.qos.and_then(|q| QoS::try_from(q).ok()),
                         retain: capture.retain != RetainHandling::Clear,
+                        lane: capture.priority,
                     },
                 ))
             })
             .collect::<Result<_, AgentError>>()?;
-        Ok(Self { routes })
+        let mut lanes: Vec<u8> = config
+            .capture
+            .iter()
+            .map(|c| c.priority)
+            .chain(config.lanes.iter().copied())
+            .filter(|&l| l > 0)
+            .collect();
+        lanes.sort_unstable();
+        lanes.dedup();
+        Ok(Self { routes, lanes })
     }
 }
 

@@ -34,6 +34,7 @@ use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use shared::config::UplinkConfig;
 use shared::limits::SharedLimits;
 use shared::link::agent::{AgentAction, AgentConfig, AgentEnd, AgentLink, QueueMarks};
+use shared::link::lane;
 use shared::link::ProtocolViolation;
 use shared::queue::{
     DeadLetterLimits, DeadLetters, Entry, NewDeadLetter, Queue, QueueError, RedbQueue,
@@ -41,7 +42,7 @@ use shared::queue::{
 use shared::wire::{
     self, BatchEncoder, BatchKind, Capabilities, DecodeError, EncodeError, Frame, GoAwayCode,
 };
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::local::deliver::Delivery;
 use crate::pushed::Pushed;
@@ -76,6 +77,11 @@ const IDLE_WAIT: Duration = Duration::from_secs(3);
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 /// Largest read from the stream at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// After a `Welcome`, how long a lane waits for a higher lane with a backlog to connect before it sends
+/// anyway: lanes reconnect independently (a probe every [`CONNECT_PROBE`]), and without it the lowest lane
+/// could drain much of its backlog before the highest one is back. Bounded, so a higher lane the hub
+/// refuses cannot hold the others for long.
+const LANE_GRACE: Duration = Duration::from_secs(1);
 
 /// Why one uplink connection ended. Logged by the reconnect loop; never fatal to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -209,8 +215,15 @@ pub(crate) struct Uplink {
     cfg: UplinkConfig,
     /// The name `Hello` gives: the site's, or this member's in a redundant pair (`agent_name`).
     agent_name: Arc<str>,
+    /// The priority lane this uplink carries (see [`crate::lanes`]).
+    lane: u8,
     queue: Arc<RedbQueue>,
     appended: Arc<Notify>,
+    /// Which lanes are connected with something to send (bits of `shared::link::lane::bit`): a lane
+    /// starts no batch while a higher one is busy.
+    busy: Arc<watch::Sender<u16>>,
+    /// Every lane of the agent, to see whether a higher one has a backlog while it is still connecting.
+    lanes: std::sync::Weak<crate::lanes::Lanes>,
     /// The dead-letter store's file (opened only while filing; see `shared::queue::DeadLetters`).
     dead_letters: PathBuf,
     client_config: quinn::ClientConfig,
@@ -248,11 +261,13 @@ struct SessionEnd {
 
 impl Uplink {
     /// Prepares the uplink; no I/O yet.
+    #[allow(clippy::too_many_arguments)] // each is a distinct piece the lane's connection needs
     pub(crate) fn new(
         cfg: UplinkConfig,
         agent_name: Arc<str>,
-        queue: Arc<RedbQueue>,
-        appended: Arc<Notify>,
+        lane: &crate::lanes::Lane,
+        lanes: std::sync::Weak<crate::lanes::Lanes>,
+        busy: Arc<watch::Sender<u16>>,
         client_config: quinn::ClientConfig,
         data_dir: PathBuf,
         from_hub: FromHub,
@@ -268,8 +283,11 @@ impl Uplink {
             dead_letters: data_dir.join(crate::DEAD_LETTERS_FILE),
             cfg,
             agent_name,
-            queue,
-            appended,
+            lane: lane.lane,
+            queue: Arc::clone(&lane.queue),
+            appended: Arc::clone(&lane.appended),
+            busy,
+            lanes,
             client_config,
             endpoint: None,
             limits,
@@ -285,9 +303,15 @@ impl Uplink {
         let mut link = AgentLink::new(
             AgentConfig {
                 agent_name: self.agent_name.to_string(),
-                capabilities: Capabilities::RETRY_AFTER
-                    .union(Capabilities::CONFIG_PUSH)
-                    .union(Capabilities::DOWNLINK),
+                lane: self.lane,
+                // Lane 0 takes the site's config; every lane takes the downlink of its priority.
+                capabilities: if self.lane == 0 {
+                    Capabilities::RETRY_AFTER
+                        .union(Capabilities::CONFIG_PUSH)
+                        .union(Capabilities::DOWNLINK)
+                } else {
+                    Capabilities::RETRY_AFTER.union(Capabilities::DOWNLINK)
+                },
                 window: usize::try_from(self.cfg.window).unwrap_or(usize::MAX),
                 handshake_timeout: HANDSHAKE_TIMEOUT,
                 keepalive: None,
@@ -365,6 +389,16 @@ impl Uplink {
         Ok(endpoint)
     }
 
+    /// Whether a lane above this one holds messages (connected or not).
+    fn higher_lane_has_backlog(&self) -> bool {
+        self.lanes.upgrade().is_some_and(|lanes| {
+            lanes
+                .all()
+                .iter()
+                .any(|l| l.lane > self.lane && l.queue.depth() > 0)
+        })
+    }
+
     /// One connection: handshake (see [`handshake`]), then the session.
     async fn connect_and_stream(
         &mut self,
@@ -396,7 +430,7 @@ impl Uplink {
             }
             Err(error) => return not_welcomed(error),
         };
-        let span = tracing::info_span!("uplink", hub = %addr);
+        let span = tracing::info_span!("uplink", hub = %addr, lane = self.lane);
         let mut session = Session {
             uplink: self,
             conn: conn.clone(),
@@ -575,6 +609,12 @@ impl Session<'_> {
         let mut max_frame_size = cfg.max_frame_size.as_usize();
         let mut batch_lasts: VecDeque<u64> = VecDeque::new();
         let mut stopping = false;
+        // Strict priority between lanes (see `shared::link::lane`): this lane is busy while welcomed with
+        // entries its hub has not acknowledged (unsent or in flight), and holds back while a higher lane is.
+        let busy = BusyBit::new(&self.uplink.busy, self.uplink.lane);
+        let mut higher = self.uplink.busy.subscribe();
+        // Until then, a higher lane with a backlog that is still connecting holds this one back too.
+        let mut grace_until: Option<Instant> = None;
 
         loop {
             while let Some(action) = link.poll_action() {
@@ -597,6 +637,7 @@ impl Session<'_> {
                         let hub_max = usize::try_from(limits.max_frame_size).unwrap_or(usize::MAX);
                         max_frame_size = hub_max.min(cfg.max_frame_size.as_usize());
                         self.welcomed = true;
+                        grace_until = Some(Instant::now() + LANE_GRACE);
                         if hub_high_water < stats.next_seq {
                             info!(
                                 hub = %self.addr,
@@ -652,8 +693,12 @@ impl Session<'_> {
                 }
             }
 
-            // Fill the window straight from the queue.
-            while let Some(from) = link.next_send() {
+            // Fill the window straight from the queue, unless a higher lane has the link.
+            let waiting_for_higher = grace_until.is_some_and(|t| Instant::now() < t)
+                && self.uplink.higher_lane_has_backlog();
+            let outranked = waiting_for_higher
+                || lane::outranked(*higher.borrow_and_update(), self.uplink.lane);
+            while let Some(from) = link.next_send().filter(|_| !outranked) {
                 let entries =
                     blocking(queue, move |q| q.read(from, batch_messages, batch_bytes)).await?;
                 let Some(last) = entries.last().map(|e| e.seq) else {
@@ -680,6 +725,7 @@ impl Session<'_> {
                 }
             }
             flush(link, &mut out, &mut send).await?;
+            busy.set(self.welcomed && queue.depth() > 0);
 
             let timeout = link.poll_timeout().map(Instant::from_std);
             tokio::select! {
@@ -697,6 +743,12 @@ impl Session<'_> {
                 () = self.uplink.appended.notified(), if link.wants_data() => {
                     // Read to find out how much: cheaper than asking the queue for its stats.
                     link.queue_written(u64::MAX);
+                }
+                () = sleep_until(grace_until), if waiting_for_higher => grace_until = None,
+                changed = higher.changed(), if outranked => {
+                    if changed.is_err() {
+                        return Err(UplinkError::StreamClosed);
+                    }
                 }
                 frame = reader.next() => link.handle_frame(conn, frame?, now()),
             }
@@ -789,6 +841,11 @@ impl Session<'_> {
             .iter()
             .map(|l| (l.seq, l.reason_code, l.detail.clone()))
             .collect();
+        let lane = self.uplink.lane;
+        let mut letters = letters;
+        for letter in &mut letters {
+            letter.seq = lane::dead_letter_seq(lane, letter.seq);
+        }
         let evicted = tokio::task::spawn_blocking(move || {
             let store = DeadLetters::open(&path, DeadLetterLimits::default(), DEAD_LETTERS_WAIT)?;
             store.add(&letters, crate::ingest::now_ms())
@@ -798,6 +855,7 @@ impl Session<'_> {
         .map_err(UplinkError::DeadLetters)?;
         for (seq, reason_code, detail) in summary {
             warn!(
+                lane,
                 seq,
                 reason_code = format_args!("{reason_code:#04x}"),
                 %detail,
@@ -817,6 +875,38 @@ impl Session<'_> {
     /// [`HEALTHY_AFTER`] after `Welcome` (an idle site has nothing to acknowledge).
     fn healthy(&self) -> bool {
         self.acked || (self.welcomed && self.started.elapsed() >= HEALTHY_AFTER)
+    }
+}
+
+/// This lane's bit in the busy mask, cleared when the session ends however it ends.
+struct BusyBit<'a> {
+    mask: &'a watch::Sender<u16>,
+    bit: u16,
+}
+
+impl<'a> BusyBit<'a> {
+    fn new(mask: &'a watch::Sender<u16>, lane: u8) -> Self {
+        Self {
+            mask,
+            bit: lane::bit(lane),
+        }
+    }
+
+    fn set(&self, busy: bool) {
+        self.mask.send_if_modified(|mask| {
+            let new = if busy {
+                *mask | self.bit
+            } else {
+                *mask & !self.bit
+            };
+            std::mem::replace(mask, new) != new
+        });
+    }
+}
+
+impl Drop for BusyBit<'_> {
+    fn drop(&mut self) {
+        self.set(false);
     }
 }
 

@@ -87,6 +87,8 @@ impl std::fmt::Debug for Target {
 #[derive(Debug)]
 pub(crate) struct Delivery {
     target: tokio::sync::watch::Receiver<Option<Target>>,
+    /// The priority lane delivering (each lane has its own connection, so its own client id).
+    lane: u8,
     current: Option<Deliverer>,
 }
 
@@ -94,10 +96,11 @@ pub(crate) struct Delivery {
 const TARGET_WAIT: Duration = Duration::from_secs(10);
 
 impl Delivery {
-    /// Delivery to whatever `target` names.
-    pub(crate) fn new(target: tokio::sync::watch::Receiver<Option<Target>>) -> Self {
+    /// Delivery to whatever `target` names, for priority lane `lane`.
+    pub(crate) fn new(target: tokio::sync::watch::Receiver<Option<Target>>, lane: u8) -> Self {
         Self {
             target,
+            lane,
             current: None,
         }
     }
@@ -118,8 +121,14 @@ impl Delivery {
                 .map_err(|_| DeliverError::Connection("the local side stopped".to_owned()))?
                 .clone()
                 .expect("waited for Some");
+            // Two connections with one client id take each other over: a lane above 0 adds its own.
+            let client_id = if self.lane == 0 {
+                target.client_id
+            } else {
+                format!("{}-p{}", target.client_id, self.lane)
+            };
             self.current = Some(Deliverer::new(
-                &target.client_id,
+                &client_id,
                 &target.host,
                 target.port,
                 target.credentials,

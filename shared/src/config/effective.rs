@@ -5,6 +5,8 @@
 //! ```toml
 //! format = 1
 //! site = "line1"
+//! # Priority lanes the hub delivers on (downlink and site-to-site routes with a priority); omitted if none.
+//! lanes = [7]
 //!
 //! # Local filters the agent subscribes to and forwards to the hub (uplink and site-to-site routes).
 //! # Routes sharing a filter are merged: the most permissive QoS cap and retain handling, the highest
@@ -68,6 +70,12 @@ pub struct EffectiveConfig {
     pub format: u32,
     /// The site it is for.
     pub site: String,
+    /// Priority lanes above 0 the hub delivers to this site on (downlink and site-to-site routes with a
+    /// `priority`; see `crate::link::lane`): the agent keeps a connection open for each, because the hub
+    /// queues such a message for its lane's connection only. Sorted, without duplicates; omitted when empty,
+    /// so a config without priorities keeps the text (and version) it always had.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lanes: Vec<u8>,
     /// Local filters to capture and forward to the hub.
     #[serde(default)]
     pub capture: Vec<Capture>,
@@ -139,7 +147,14 @@ impl EffectiveConfig {
         let idx = table.sites().iter().position(|s| s.name == site)?;
         let mut capture: Vec<Capture> = Vec::new();
         let mut accept: Vec<Accept> = Vec::new();
+        let mut lanes: Vec<u8> = Vec::new();
         for route in table.routes() {
+            let delivered_here = matches!(route.kind, RouteKind::Downlink | RouteKind::SiteToSite)
+                && route.to.binary_search(&idx).is_ok()
+                && (route.kind == RouteKind::Downlink || route.from.iter().any(|&o| o != idx));
+            if delivered_here && route.priority > 0 {
+                lanes.push(route.priority);
+            }
             let captured_here = route.from.binary_search(&idx).is_ok();
             match route.kind {
                 RouteKind::Uplink if captured_here => merge_capture(&mut capture, route),
@@ -170,9 +185,12 @@ impl EffectiveConfig {
         for a in &mut accept {
             a.routes.sort();
         }
+        lanes.sort_unstable();
+        lanes.dedup();
         Some(Self {
             format: EFFECTIVE_FORMAT,
             site: site.to_owned(),
+            lanes,
             capture,
             accept,
         })
@@ -197,6 +215,7 @@ impl EffectiveConfig {
         Self {
             format: EFFECTIVE_FORMAT,
             site: site.to_owned(),
+            lanes: Vec::new(),
             capture: routes
                 .iter()
                 .map(|r| Capture {
@@ -286,6 +305,9 @@ impl EffectiveConfig {
         }
         for (i, a) in self.accept.iter().enumerate() {
             check_filter(&mut report, &format!("accept[{i}].filter"), &a.filter);
+        }
+        for (i, &lane) in self.lanes.iter().enumerate() {
+            report.int_range(&format!("lanes[{i}]"), lane.into(), 1, MAX_PRIORITY.into());
         }
         report.finish()
     }

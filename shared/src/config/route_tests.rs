@@ -459,8 +459,49 @@ fn diff_of_a_route_change_pushes_only_the_sites_it_concerns() {
     new.routes[1].priority = 3;
     let diff = HubConfigDiff::between(&old, &new);
     assert_eq!(diff.routes[0].change, Change::Altered(vec!["priority"]));
+    let sites: Vec<&str> = diff.pushes.iter().map(|p| p.site.as_str()).collect();
+    assert_eq!(
+        sites,
+        ["line1", "line2"],
+        "a downlink priority adds a lane each destination must connect"
+    );
+    let mut again = new.clone();
+    again.routes[1].priority = 5;
+    let diff = HubConfigDiff::between(&new, &again);
+    assert_eq!(diff.pushes.len(), 2, "another lane: pushed again");
+}
+
+#[test]
+fn effective_lanes_list_the_priorities_delivered_to_a_site() {
+    let mut hub = shipped_hub();
+    // routes[1] is the downlink `commands` to every site, routes[2] line1's handoff to line2.
+    hub.routes[1].priority = 7;
+    hub.routes[2].priority = 3;
+    let sites = EffectiveConfig::for_all_sites(&hub).expect("valid");
+    let lanes: Vec<(&str, &[u8])> = sites
+        .iter()
+        .map(|s| (s.site.as_str(), s.lanes.as_slice()))
+        .collect();
+    assert_eq!(
+        lanes,
+        [("line1", &[7][..]), ("line2", &[3, 7][..])],
+        "line1 only sends the handoff; line2 receives it"
+    );
+    let line2 = &sites[1];
+    let text = line2.to_toml();
+    assert!(text.contains("lanes = [3, 7]"), "{text}");
+    assert_eq!(
+        EffectiveConfig::from_toml_str(&text).expect("valid"),
+        *line2
+    );
+    let mut bad = line2.clone();
+    bad.lanes.push(12);
+    let errors = bad.validate().expect_err("lane 12");
+    assert!(errors[0].to_string().contains("lanes[2]"), "{errors:?}");
     assert!(
-        diff.pushes.is_empty(),
-        "a downlink priority is applied by the hub; agents' documents do not change"
+        !EffectiveConfig::for_all_sites(&shipped_hub()).expect("valid")[0]
+            .to_toml()
+            .contains("lanes"),
+        "no priorities: the document keeps the text it always had"
     );
 }

@@ -26,6 +26,8 @@ use crate::wire::{Capabilities, ConfigRejection, Frame, GoAwayCode, SUPPORTED};
 pub struct AgentConfig {
     /// The agent's name, sent in `Hello` (informational for the hub).
     pub agent_name: String,
+    /// The priority lane this link carries (see [`super::lane`]); 0 for the default lane.
+    pub lane: u8,
     /// Features announced in `Hello`. `CONFIG_PUSH` and `DOWNLINK` may only be announced by a shell that
     /// handles [`AgentAction::ApplyConfig`] and [`AgentAction::DeliverDownlink`].
     pub capabilities: Capabilities,
@@ -214,6 +216,7 @@ impl AgentLink {
             incarnation: marks.incarnation,
             last_acked: marks.acked,
             config_version: self.config_version,
+            lane: self.cfg.lane,
         });
         self.conn = Some(Conn {
             id,

@@ -94,6 +94,8 @@ pub enum HubEvent {
         last_acked: u64,
         /// The config version the agent runs.
         config_version: u64,
+        /// The priority lane the connection carries (see [`super::lane`]).
+        lane: u8,
     },
     /// The agent's queue has another incarnation than the committed mark: its numbering starts over.
     NewIncarnation {
@@ -260,6 +262,7 @@ impl HubConn {
             incarnation,
             last_acked,
             config_version,
+            lane,
         } = frame
         else {
             return Err(HubEnd::Protocol(ProtocolViolation::Unexpected {
@@ -277,6 +280,15 @@ impl HubConn {
             code: GoAwayCode::IncompatibleVersion,
             reason: mismatch.to_string(),
         })?;
+        if lane > super::lane::MAX_LANE {
+            return Err(HubEnd::Refused {
+                code: GoAwayCode::ProtocolError,
+                reason: format!(
+                    "lane {lane} is above the highest priority, {}",
+                    super::lane::MAX_LANE
+                ),
+            });
+        }
         self.phase = Phase::AwaitAdmit(Hello {
             version,
             capabilities,
@@ -290,6 +302,7 @@ impl HubConn {
             incarnation,
             last_acked,
             config_version,
+            lane,
         });
         Ok(())
     }

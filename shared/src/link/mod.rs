@@ -27,6 +27,7 @@
 
 pub mod agent;
 pub mod hub;
+pub mod lane;
 
 #[cfg(test)]
 mod tests;

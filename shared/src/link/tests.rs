@@ -35,6 +35,7 @@ fn batch(seqs: &[u64]) -> Vec<Envelope> {
 fn agent_cfg(capabilities: Capabilities) -> AgentConfig {
     AgentConfig {
         agent_name: "line1".into(),
+        lane: 0,
         capabilities,
         window: 2,
         handshake_timeout: Duration::from_secs(10),
@@ -112,6 +113,7 @@ fn agent_hello_carries_the_queue_and_config() {
             incarnation: 7,
             last_acked: 5,
             config_version: 3,
+            lane: 0,
         }]
     );
     assert_eq!(a.conn(), Some(c));
@@ -470,6 +472,7 @@ fn agent_config_push_is_acknowledged_after_the_outcome() {
         transmits_a(&mut a)[..],
         [Frame::Hello {
             config_version: 6,
+            lane: 0,
             ..
         }]
     ));
@@ -592,6 +595,7 @@ fn hello(capabilities: Capabilities, incarnation: u64, config_version: u64) -> F
         incarnation,
         last_acked: 0,
         config_version,
+        lane: 0,
     }
 }
 
@@ -675,6 +679,7 @@ fn hub_refuses_unknown_sites_and_versions() {
             incarnation: 1,
             last_acked: 0,
             config_version: 0,
+            lane: 0,
         },
         now,
     );
@@ -691,6 +696,33 @@ fn hub_refuses_unknown_sites_and_versions() {
             ..
         })
     ));
+}
+
+#[test]
+fn hub_refuses_a_lane_above_the_highest_priority_and_reports_the_others() {
+    let now = Instant::now();
+    let with_lane = |lane| {
+        let mut frame = hello(Capabilities::EMPTY, 1, 0);
+        if let Frame::Hello { lane: l, .. } = &mut frame {
+            *l = lane;
+        }
+        frame
+    };
+    let mut h = HubConn::new(now, hub_cfg(Capabilities::EMPTY), site());
+    h.handle_frame(with_lane(10), now);
+    let (code, reason, _) = go_away_code(&transmits_h(&mut h)).expect("GoAway");
+    assert_eq!(code, GoAwayCode::ProtocolError);
+    assert_eq!(reason, "lane 10 is above the highest priority, 9");
+
+    let mut h = HubConn::new(now, hub_cfg(Capabilities::EMPTY), site());
+    h.handle_frame(with_lane(9), now);
+    assert!(
+        matches!(
+            events(&mut h).first(),
+            Some(HubEvent::Hello { lane: 9, .. })
+        ),
+        "lane 9 is admitted and reported to the shell"
+    );
 }
 
 #[test]

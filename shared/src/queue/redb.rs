@@ -95,6 +95,12 @@ struct Writer {
 }
 
 impl RedbQueue {
+    /// Messages stored and not acknowledged: [`QueueStats::depth`] without the file-size system call
+    /// [`Queue::stats`] makes, for callers that ask on every turn of a loop.
+    pub fn depth(&self) -> u64 {
+        self.lock().ledger.stats().depth
+    }
+
     /// Opens the queue at `path`, creating it if it does not exist.
     pub fn open(path: impl AsRef<Path>, limits: QueueLimits) -> Result<Self, QueueError> {
         let path = path.as_ref().to_path_buf();

@@ -116,10 +116,19 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
             text(),
             any::<u64>(),
             any::<u64>(),
-            any::<u64>()
+            any::<u64>(),
+            any::<u8>()
         )
             .prop_map(
-                |(versions, capabilities, agent_name, incarnation, last_acked, config_version)| {
+                |(
+                    versions,
+                    capabilities,
+                    agent_name,
+                    incarnation,
+                    last_acked,
+                    config_version,
+                    lane,
+                )| {
                     Frame::Hello {
                         versions,
                         capabilities,
@@ -127,6 +136,7 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
                         incarnation,
                         last_acked,
                         config_version,
+                        lane,
                     }
                 }
             ),

@@ -71,6 +71,11 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
             let last_acked = r.u64("Hello last_acked")?;
             let config_version = r.u64("Hello config_version")?;
             let agent_name = r.str16("Hello agent_name")?;
+            let lane = if r.remaining() == 0 {
+                0
+            } else {
+                r.u8("Hello lane")?
+            };
             // Hello may grow at the end in later versions: trailing bytes are ignored, not an error.
             return Ok(Frame::Hello {
                 versions,
@@ -79,6 +84,7 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
                 incarnation,
                 last_acked,
                 config_version,
+                lane,
             });
         }
         FrameType::Welcome => Frame::Welcome {
@@ -231,6 +237,7 @@ impl Frame {
                 incarnation,
                 last_acked,
                 config_version,
+                lane,
             } => {
                 buf.put_u16(versions.min);
                 buf.put_u16(versions.max);
@@ -239,6 +246,7 @@ impl Frame {
                 buf.put_u64(*last_acked);
                 buf.put_u64(*config_version);
                 put_bytes16(buf, "Hello agent_name", agent_name.as_bytes())?;
+                buf.put_u8(*lane);
             }
             Self::Welcome {
                 version,
@@ -680,9 +688,29 @@ mod tests {
             incarnation: 9,
             last_acked: 3,
             config_version: 4,
+            lane: 7,
         };
         let mut buf = encoded(&hello);
         buf.extend_from_slice(b"future fields");
+        let len = u32::try_from(buf.len() - LEN_PREFIX).expect("small");
+        buf[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(decode(&mut buf, 1024), Ok(Some(hello)));
+    }
+
+    #[test]
+    fn hello_of_an_agent_without_lanes_is_lane_zero() {
+        let hello = Frame::Hello {
+            versions: VersionRange { min: 1, max: 1 },
+            capabilities: Capabilities::EMPTY,
+            agent_name: "line1".into(),
+            incarnation: 1,
+            last_acked: 0,
+            config_version: 0,
+            lane: 0,
+        };
+        let mut buf = encoded(&hello);
+        // An older agent's Hello ends at the name: drop the lane byte.
+        buf.truncate(buf.len() - 1);
         let len = u32::try_from(buf.len() - LEN_PREFIX).expect("small");
         buf[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
         assert_eq!(decode(&mut buf, 1024), Ok(Some(hello)));
@@ -852,10 +880,20 @@ mod tests {
                 let mut buf = BytesMut::from(&prefix[..]);
                 prop_assert_eq!(decode(&mut buf, usize::MAX), Ok(None));
                 // Even without the length prefix to protect it, cut contents are an error, not a frame;
-                // except a GoAway cut just before its optional retry-after, which is the same GoAway
-                // without it (the length prefix is what tells the two apart).
+                // except a GoAway cut just before its optional retry-after, or a Hello cut just before its
+                // lane, which are the same frame without it (the length prefix tells them apart).
                 if len > LEN_PREFIX {
                     let cut = parse(full.slice(LEN_PREFIX..len));
+                    if let Frame::Hello { .. } = &frame {
+                        if len == full.len() - 1 {
+                            let mut without = frame.clone();
+                            if let Frame::Hello { lane, .. } = &mut without {
+                                *lane = 0;
+                            }
+                            prop_assert_eq!(cut, Ok(without));
+                            continue;
+                        }
+                    }
                     if let Frame::GoAway { code, reason, retry_after_ms: Some(_) } = &frame {
                         if len == full.len() - 4 {
                             let without = Frame::GoAway {

@@ -7,7 +7,7 @@
 //!
 //! | type | frame         | body |
 //! |------|---------------|------|
-//! | 0x01 | `Hello`       | `u16 min` `u16 max` `u64 capabilities` `u64 incarnation` `u64 last_acked` `u64 config_version` `str16 agent_name` (then bytes a later version may add, ignored) |
+//! | 0x01 | `Hello`       | `u16 min` `u16 max` `u64 capabilities` `u64 incarnation` `u64 last_acked` `u64 config_version` `str16 agent_name` [`u8 lane`, absent = 0] (then bytes a later version may add, ignored) |
 //! | 0x02 | `Welcome`     | `u16 version` `u64 capabilities` `u32 max_frame_size` `u64 hub_high_water` `u64 config_version` `u32 max_message_size` `u16 max_topic_len` (the last two since version 2) |
 //! | 0x03 | `Batch`       | `u32 count`, then `count` × (`u64 seq` `u32 body_len` body) |
 //! | 0x04 | `Ack`         | `u64 upto` |
@@ -97,6 +97,9 @@ pub enum Frame {
         last_acked: u64,
         /// Version of the config the agent runs, so the hub knows whether to push.
         config_version: u64,
+        /// The priority lane this connection carries (0 = the default lane; see `crate::link::lane`).
+        /// Added at the end of the frozen layout: a `Hello` without it is lane 0, and an older hub ignores it.
+        lane: u8,
     },
     /// Hub → agent, accepts a `Hello`.
     Welcome {

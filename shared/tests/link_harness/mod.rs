@@ -188,6 +188,7 @@ pub struct Stats {
 fn agent_cfg() -> AgentConfig {
     AgentConfig {
         agent_name: "line1".into(),
+        lane: 0,
         capabilities: Capabilities::RETRY_AFTER
             | Capabilities::CONFIG_PUSH
             | Capabilities::DOWNLINK,
