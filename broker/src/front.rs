@@ -44,6 +44,9 @@
 //! v5 PUBLISH that defined a topic alias leaves the broker without it, so the next forwarded PUBLISH
 //! naming only that alias is re-encoded with its topic (defining the alias for the broker).
 //!
+//! Retained messages ([`FrontOptions::capture_retained`]): every retained PUBLISH is captured as well,
+//! selected or not, and its ack held the same way, so the pipeline can keep it on disk first.
+//!
 //! Protocol violations rumqttd lets through are closed here, before anything of the offending read
 //! reaches the broker: a second CONNECT on a connection, a 3.1.1 PUBLISH with an empty topic name
 //! (which rumqttd would acknowledge and route nowhere), and a SUBSCRIBE/UNSUBSCRIBE with a malformed
@@ -116,6 +119,10 @@ pub struct FrontOptions {
     /// PUBLISH time (see the module docs). `None`: no check (the hub's own front, which selects nothing
     /// for a further hop).
     pub limits: Option<Arc<SharedLimits>>,
+    /// Capture every retained PUBLISH too, whatever `select` says, so the commit pipeline keeps it on disk
+    /// before its ack is released (rumqttd keeps retained messages in memory only). The pipeline tells the
+    /// two kinds apart itself: a retained message `select` does not accept is stored, not queued.
+    pub capture_retained: bool,
 }
 
 impl Default for FrontOptions {
@@ -125,6 +132,7 @@ impl Default for FrontOptions {
             connect_timeout: Duration::from_secs(10),
             credentials: None,
             limits: None,
+            capture_retained: false,
         }
     }
 }
@@ -912,7 +920,8 @@ impl ClientToBroker<'_> {
                     edits.push((range, Some(self.with_topic(&publish, alias)?)));
                 }
             }
-            if !selected {
+            let keep_retained = publish.retain && self.shared.options.capture_retained;
+            if !(selected || keep_retained) {
                 continue;
             }
             if let (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) =

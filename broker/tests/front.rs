@@ -357,6 +357,62 @@ async fn unselected_topics_pass_without_commit() -> Result<()> {
     .await?
 }
 
+/// With `capture_retained`, a retained PUBLISH is captured whatever `select` says and its PUBACK waits for
+/// the commit (the agent keeps it on disk first); a plain one on the same topic still passes at once.
+#[tokio::test]
+async fn retained_publishes_are_captured_when_asked() -> Result<()> {
+    timeout(Duration::from_secs(30), async {
+        let mut h = Harness::start_with(FrontOptions {
+            capture_retained: true,
+            ..FrontOptions::default()
+        })
+        .await?;
+        let (client, mut events, task) = v4_client("pub-retained", h.front_addr, 10);
+        v4_wait(&mut events, |p| {
+            matches!(p, rumqttc::Packet::ConnAck(_)).then_some(())
+        })
+        .await?;
+
+        client
+            .publish("other/plain", rumqttc::QoS::AtLeastOnce, false, "1")
+            .await?;
+        ensure!(
+            v4_puback_within(&mut events, WAIT).await,
+            "a plain unselected PUBLISH is acknowledged without a commit"
+        );
+        ensure!(h.commits.try_recv().is_err(), "nothing captured for it");
+
+        client
+            .publish("status/door", rumqttc::QoS::AtLeastOnce, true, "open")
+            .await?;
+        let request = h.next_commit().await?;
+        let got: Vec<(String, bool)> = request
+            .messages
+            .iter()
+            .map(|m| (m.publish.topic.clone(), m.publish.retain))
+            .collect();
+        ensure!(
+            got == [("status/door".to_owned(), true)],
+            "captured {got:?}"
+        );
+        ensure!(
+            !v4_puback_within(&mut events, Duration::from_millis(300)).await,
+            "the retained PUBLISH's PUBACK waits for its commit"
+        );
+        request
+            .done
+            .send(Ok(()))
+            .map_err(|_| anyhow::anyhow!("front dropped the request"))?;
+        ensure!(
+            v4_puback_within(&mut events, WAIT).await,
+            "PUBACK after the commit"
+        );
+        task.abort();
+        h.stop().await
+    })
+    .await?
+}
+
 #[tokio::test]
 async fn v5_rejected_commit_answers_quota_exceeded() -> Result<()> {
     use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};

@@ -30,6 +30,12 @@ pub enum AgentError {
     /// The durable queue could not be opened (corrupt file, unknown format, I/O error).
     #[error("cannot open the queue")]
     OpenQueue(#[source] QueueError),
+    /// The retained-message store could not be opened or read.
+    #[error("cannot open the retained-message store")]
+    Retained(#[source] QueueError),
+    /// The retained messages kept on disk could not be published into the restarted embedded broker.
+    #[error("cannot restore the retained messages into the embedded broker: {0}")]
+    RetainedRestore(String),
     /// A route filter is not a valid MQTT topic filter (config validation should have caught it).
     #[error("route filter {filter:?} is invalid")]
     InvalidRoute {

@@ -16,7 +16,9 @@ use bytes::{Bytes, BytesMut};
 use meshbridge_broker::front::{CommitRejected, CommitRequest};
 use shared::envelope::{Envelope, Properties, QoS, TraceContext};
 use shared::link::lane::MAX_LANE;
-use shared::queue::{AppendOutcome, Mark, Queue, QueueError, RedbQueue};
+use shared::queue::{
+    AppendOutcome, Mark, Queue, QueueError, RedbQueue, RetainedChange, RetainedStore,
+};
 use shared::wire::EncodeError;
 use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
@@ -97,6 +99,11 @@ pub(crate) struct Ingest {
     /// (`BatchTooLarge`), and the external mode would retry it forever; a quarter leaves room for groups
     /// to go in while the uplink drains.
     pub(crate) max_group_bytes: usize,
+    /// The embedded broker's retained messages on disk (see `shared::queue::RetainedStore`); `None` in
+    /// external mode, where the site's broker keeps its own.
+    pub(crate) retained: Option<Arc<RetainedStore>>,
+    /// Retained messages refused because the store was at its bounds.
+    pub(crate) retained_refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Ingest {
@@ -104,6 +111,21 @@ impl Ingest {
     /// lane's uplink. A lane's part is emptied once it is committed; on failure the parts not committed
     /// stay in the group (a retry does not commit the others twice).
     pub(crate) async fn commit(&self, group: &mut Group) -> Result<(), CommitError> {
+        if let (false, Some(store)) = (group.retained.is_empty(), &self.retained) {
+            let changes = std::mem::take(&mut group.retained);
+            let store = Arc::clone(store);
+            let (result, changes) = tokio::task::spawn_blocking(move || {
+                let result = store.apply(&changes);
+                (result, changes)
+            })
+            .await
+            .map_err(CommitError::Panicked)?;
+            if let Err(e) = result {
+                group.retained = changes;
+                return Err(e.into());
+            }
+            debug!(changes = changes.len(), "retained messages stored");
+        }
         for l in (0..=MAX_LANE).rev() {
             let part = &mut group.lanes[usize::from(l)];
             if part.ends.is_empty() {
@@ -206,8 +228,35 @@ impl Ingest {
                     Err(_) => break,
                 }
             }
-            for request in &mut waiting {
-                for captured in request.messages.drain(..) {
+            let mut answers = Vec::with_capacity(waiting.len());
+            for request in waiting.drain(..) {
+                let CommitRequest { mut messages, done } = request;
+                if let Some(store) = &self.retained {
+                    match retained_changes(store, &group.retained, &messages, &self.site) {
+                        Ok(changes) => group.retained.extend(changes),
+                        Err(topic) => {
+                            let refused_total = self
+                                .retained_refused
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                                + 1;
+                            let (stored, bytes) = store.stats();
+                            let limits = store.limits();
+                            warn!(
+                                %topic,
+                                stored,
+                                bytes,
+                                max_messages = limits.max_messages,
+                                max_bytes = limits.max_bytes,
+                                refused_total,
+                                "retained message refused: the retained store is full (the publisher's read is refused whole; MQTT 5 gets reason 0x97)"
+                            );
+                            let _ = done.send(Err(CommitRejected::QueueFull));
+                            continue;
+                        }
+                    }
+                }
+                answers.push(done);
+                for captured in messages.drain(..) {
                     let publish = captured.publish;
                     let Some(rule) = self.routes.decide(&publish.topic) else {
                         continue;
@@ -261,12 +310,69 @@ impl Ingest {
                     }
                 }
             };
-            for request in waiting.drain(..) {
+            for done in answers {
                 // A dropped receiver means the client's connection closed; nothing to tell it.
-                let _ = request.done.send(answer);
+                let _ = done.send(answer);
             }
         }
     }
+}
+
+/// The retained-store changes of one client read: a retained PUBLISH with a payload sets its topic, an
+/// empty one clears it. `Err(topic)` if a new value would take the store past its bounds, counting the
+/// changes already `pending` in the group.
+fn retained_changes(
+    store: &RetainedStore,
+    pending: &[RetainedChange],
+    messages: &[meshbridge_broker::front::Captured],
+    site: &str,
+) -> Result<Vec<RetainedChange>, String> {
+    let mut changes: Vec<RetainedChange> = Vec::new();
+    for captured in messages.iter().filter(|c| c.publish.retain) {
+        let publish = &captured.publish;
+        if publish.payload.is_empty() {
+            changes.push(RetainedChange::Clear {
+                topic: publish.topic.clone(),
+            });
+            continue;
+        }
+        let p = &publish.properties;
+        let envelope = Envelope {
+            origin: site.to_owned(),
+            seq: 0,
+            topic: publish.topic.clone(),
+            payload: publish.payload.clone(),
+            qos: match publish.qos {
+                shared::mqtt::QoS::AtMostOnce => QoS::AtMostOnce,
+                shared::mqtt::QoS::AtLeastOnce => QoS::AtLeastOnce,
+                shared::mqtt::QoS::ExactlyOnce => QoS::ExactlyOnce,
+            },
+            retain: true,
+            properties: Properties {
+                user: p.user_properties.clone(),
+                content_type: p.content_type.clone(),
+                response_topic: p.response_topic.clone(),
+                correlation_data: p.correlation_data.clone(),
+                message_expiry: p.message_expiry_interval,
+                payload_format_utf8: p.payload_format_indicator == Some(1),
+            },
+            trace: None,
+            enqueued_at_ms: now_ms(),
+        };
+        let mut body = BytesMut::with_capacity(envelope.encoded_body_len());
+        if let Err(cause) = envelope.encode_body(&mut body) {
+            warn!(topic = %publish.topic, %cause, "retained message cannot be encoded; not kept on disk");
+            continue;
+        }
+        if !store.admits(&[pending, &changes], &publish.topic, body.len()) {
+            return Err(publish.topic.clone());
+        }
+        changes.push(RetainedChange::Set {
+            topic: publish.topic.clone(),
+            body: body.freeze(),
+        });
+    }
+    Ok(changes)
 }
 
 /// The group byte budget for a queue of `queue_max_bytes` (see [`Ingest::max_group_bytes`]).
@@ -342,6 +448,8 @@ pub(crate) struct Group {
     lanes: Vec<LaneGroup>,
     /// The lane of the message pushed last (which [`Self::mark`] marks).
     last_lane: usize,
+    /// Changes to the retained store, applied before the queue appends (embedded mode).
+    retained: Vec<RetainedChange>,
     scratch: Envelope,
 }
 
@@ -362,6 +470,7 @@ impl Group {
         Self {
             lanes,
             last_lane: 0,
+            retained: Vec::new(),
             scratch: Envelope {
                 origin: site.to_owned(),
                 seq: 0,
@@ -378,7 +487,7 @@ impl Group {
 
     /// Whether the group holds no message.
     pub(crate) fn is_empty(&self) -> bool {
-        self.lanes.iter().all(|l| l.ends.is_empty())
+        self.retained.is_empty() && self.lanes.iter().all(|l| l.ends.is_empty())
     }
 
     /// Forgets every message in the group.
@@ -388,6 +497,7 @@ impl Group {
             l.ends.clear();
             l.marks.clear();
         }
+        self.retained.clear();
     }
 
     /// Marks the message just pushed as `key` with `digest`, committed with it (in its lane's queue).

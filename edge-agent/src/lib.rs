@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::config::{AgentConfig, BrokerConfig};
-use shared::queue::{Queue, QueueStats, RedbQueue};
+use shared::queue::{Queue, QueueStats, RedbQueue, RetainedLimits, RetainedStore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,6 +46,8 @@ use crate::uplink::Uplink;
 
 /// File name of the durable queue inside `data_dir`.
 pub const QUEUE_FILE: &str = "queue.redb";
+/// The embedded broker's retained messages in `data_dir` (see `shared::queue::RetainedStore`).
+pub const RETAINED_FILE: &str = "retained.redb";
 /// The dead-letter store's file in `data_dir`: messages refused for good (by the cloud broker, or too large
 /// for the path), listed and replayed with `edge-agent dead-letters`.
 pub const DEAD_LETTERS_FILE: &str = "dead-letters.redb";
@@ -101,6 +103,24 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         Arc::clone(&routes),
     ));
     let (downlink_target, downlink_target_rx) = tokio::sync::watch::channel(None);
+    let retained = match &cfg.broker {
+        BrokerConfig::Embedded(_) => {
+            let path = cfg.data_dir.join(RETAINED_FILE);
+            let store = tokio::task::spawn_blocking(move || {
+                RetainedStore::open(path, RetainedLimits::default())
+            })
+            .await
+            .map_err(|source| AgentError::TaskPanicked {
+                task: "retained store open",
+                source,
+            })?
+            .map_err(AgentError::Retained)?;
+            let (stored, bytes) = store.stats();
+            info!(stored, bytes, "retained store opened");
+            Some(Arc::new(store))
+        }
+        BrokerConfig::External(_) => None,
+    };
     let ingest = Ingest {
         lanes: Arc::clone(&lanes),
         downlink_target: Arc::new(downlink_target),
@@ -108,6 +128,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         site: Arc::clone(&site),
         limits: Arc::clone(&limits),
         max_group_bytes: ingest::group_budget(cfg.queue.max_bytes.as_u64()),
+        retained: retained.clone(),
+        retained_refused: Arc::default(),
     };
 
     let tracker = TaskTracker::new();
@@ -137,7 +159,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                 uplink::FromHub {
                     limits: Arc::clone(&limits),
                     pushed: Arc::clone(&pushed),
-                    delivery: local::deliver::Delivery::new(downlink_target_rx.clone(), lane.lane),
+                    delivery: local::deliver::Delivery::new(
+                        downlink_target_rx.clone(),
+                        lane.lane,
+                        retained.clone(),
+                    ),
                 },
             );
             let task = tracker.spawn(uplink.run(stop.clone()));

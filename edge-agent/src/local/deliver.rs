@@ -21,6 +21,7 @@
 //! what the local broker gets. The hub's and the agent's clocks are compared here; a skew makes messages
 //! expire earlier or later by that much.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +31,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::Outgoing;
 use shared::envelope::{Envelope, QoS};
 use shared::policy::path::PATH_PROPERTY;
+use shared::queue::{RetainedChange, RetainedStore};
 use tracing::{debug, info, warn};
 
 /// Keep-alive of the delivery connection.
@@ -89,6 +91,9 @@ pub(crate) struct Delivery {
     target: tokio::sync::watch::Receiver<Option<Target>>,
     /// The priority lane delivering (each lane has its own connection, so its own client id).
     lane: u8,
+    /// The embedded broker's retained store: a retained downlink message is kept there too, before it is
+    /// published, so it outlives an agent restart like one a local client published.
+    retained: Option<Arc<RetainedStore>>,
     current: Option<Deliverer>,
 }
 
@@ -97,10 +102,15 @@ const TARGET_WAIT: Duration = Duration::from_secs(10);
 
 impl Delivery {
     /// Delivery to whatever `target` names, for priority lane `lane`.
-    pub(crate) fn new(target: tokio::sync::watch::Receiver<Option<Target>>, lane: u8) -> Self {
+    pub(crate) fn new(
+        target: tokio::sync::watch::Receiver<Option<Target>>,
+        lane: u8,
+        retained: Option<Arc<RetainedStore>>,
+    ) -> Self {
         Self {
             target,
             lane,
+            retained,
             current: None,
         }
     }
@@ -135,9 +145,48 @@ impl Delivery {
                 target.transport,
             ));
         }
+        keep_retained(self.retained.clone(), entries).await?;
         let deliverer = self.current.as_mut().expect("made above");
         deliverer.deliver(entries, now_ms).await
     }
+}
+
+/// Keeps a batch's retained messages in the retained store (blocking work off the async workers). One
+/// that would take the store past its bounds is delivered but not kept, and logged.
+async fn keep_retained(
+    store: Option<Arc<RetainedStore>>,
+    entries: &[Envelope],
+) -> Result<(), DeliverError> {
+    let Some(store) = store else {
+        return Ok(());
+    };
+    let mut changes: Vec<RetainedChange> = Vec::new();
+    for entry in entries.iter().filter(|e| e.retain) {
+        if entry.payload.is_empty() {
+            changes.push(RetainedChange::Clear {
+                topic: entry.topic.clone(),
+            });
+            continue;
+        }
+        let mut body = bytes::BytesMut::with_capacity(entry.encoded_body_len());
+        if entry.encode_body(&mut body).is_err()
+            || !store.admits(&[&changes], &entry.topic, body.len())
+        {
+            warn!(topic = %entry.topic, "retained downlink message not kept on disk: the retained store is full; delivered, but gone after a restart");
+            continue;
+        }
+        changes.push(RetainedChange::Set {
+            topic: entry.topic.clone(),
+            body: body.freeze(),
+        });
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || store.apply(&changes))
+        .await
+        .map_err(|e| DeliverError::Connection(format!("the retained store task failed: {e}")))?
+        .map_err(|e| DeliverError::Connection(format!("the retained store failed: {e}")))
 }
 
 /// A connection to the local broker that publishes downlink batches.
@@ -199,6 +248,23 @@ impl Deliverer {
             self.connected = false;
         }
         result
+    }
+
+    /// Disconnects cleanly (bounded: a broker that does not answer is left behind).
+    pub(crate) async fn close(mut self) {
+        if !self.connected {
+            return;
+        }
+        let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
     }
 
     async fn deliver_inner(

@@ -5,10 +5,14 @@ use std::sync::Arc;
 use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
 use meshbridge_broker::front::{self, FrontOptions, Select};
 use shared::config::EmbeddedBroker as EmbeddedConfig;
+use shared::envelope::Envelope;
+use shared::queue::RetainedStore;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
+
+use super::deliver::Deliverer;
 
 use crate::error::AgentError;
 use crate::ingest::Ingest;
@@ -18,6 +22,54 @@ use crate::ingest::Ingest;
 const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
 /// Commit requests the front may queue while a commit runs (each is one client read, many messages).
 const COMMIT_CHANNEL: usize = 1024;
+
+/// Publishes the stored retained messages into the fresh broker (its internal port, so the front does
+/// not capture them again), waiting for each QoS 1/2 one to be accepted.
+async fn restore_retained(
+    store: &Arc<RetainedStore>,
+    broker: std::net::SocketAddr,
+    site: &str,
+) -> Result<(), AgentError> {
+    let store = Arc::clone(store);
+    let rows = tokio::task::spawn_blocking(move || store.all())
+        .await
+        .map_err(|source| AgentError::TaskPanicked {
+            task: "retained restore",
+            source,
+        })?
+        .map_err(AgentError::Retained)?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut envelopes = Vec::with_capacity(rows.len());
+    for (topic, body) in rows {
+        match Envelope::decode_body(0, body) {
+            Ok(mut envelope) => {
+                envelope.retain = true;
+                envelopes.push(envelope);
+            }
+            Err(cause) => warn!(%topic, %cause, "unreadable retained message on disk; skipped"),
+        }
+    }
+    let mut deliverer = Deliverer::new(
+        &format!("meshbridge-{site}-retained"),
+        &broker.ip().to_string(),
+        broker.port(),
+        None,
+        None,
+    );
+    let restored = deliverer
+        .deliver(&envelopes, crate::ingest::now_ms())
+        .await
+        .map_err(|e| AgentError::RetainedRestore(e.to_string()))?;
+    deliverer.close().await;
+    info!(
+        restored,
+        stored = envelopes.len(),
+        "retained messages restored into the broker"
+    );
+    Ok(())
+}
 
 /// Serves MQTT clients until `shutdown`, then returns after every commit taken has been answered.
 pub(crate) async fn run(
@@ -59,8 +111,13 @@ pub(crate) async fn run(
             .zip(cfg.password.as_ref())
             .map(|(u, p)| (u.clone(), p.expose().to_owned())),
         limits: Some(Arc::clone(&ingest.limits)),
+        capture_retained: ingest.retained.is_some(),
         ..FrontOptions::default()
     };
+    if let Some(store) = &ingest.retained {
+        // Before any client is served (the listener is bound, but nothing accepts until `serve`).
+        restore_retained(store, broker.v5_addr, &ingest.site).await?;
+    }
     let (commits_tx, commits_rx) = mpsc::channel(COMMIT_CHANNEL);
     let routes = Arc::clone(&ingest.routes);
     let select: Select = Arc::new(move |topic: &str| routes.decide(topic).is_some());

@@ -24,12 +24,14 @@
 //! - [`RedbQueue`]: the real one, on redb, one write transaction per appended batch (group commit).
 //! - [`DeadLetters`]: not a queue but its companion: messages refused for good, with their reason, for an
 //!   operator to list and replay.
+//! - [`RetainedStore`]: not a queue either: the embedded edge broker's retained messages, one per topic.
 //! - [`MemQueue`]: in memory, simple enough to be obviously right; the model the redb queue is checked
 //!   against (as raft-rs's `MemStorage` and Vector's disk-buffer model).
 
 mod dead;
 mod mem;
 mod redb;
+mod retained;
 
 use std::time::Duration;
 
@@ -39,6 +41,7 @@ use serde::{Deserialize, Serialize};
 pub use self::dead::{DeadLetter, DeadLetterLimits, DeadLetters, NewDeadLetter};
 pub use self::mem::MemQueue;
 pub use self::redb::{Mark, RedbQueue};
+pub use self::retained::{RetainedChange, RetainedLimits, RetainedStore};
 
 /// What the queue does when an append would go over [`QueueLimits::max_bytes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
