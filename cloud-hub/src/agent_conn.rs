@@ -102,6 +102,8 @@ pub(crate) struct Site {
     /// Per origin, the refusals its agent may not have received (see [`PendingRefusals`]); saved with
     /// the dedup row.
     pub(crate) refusals: Mutex<HashMap<String, PendingRefusals>>,
+    /// The site's event counters.
+    pub(crate) counters: crate::metrics::SiteCounters,
 }
 
 impl Site {
@@ -111,6 +113,7 @@ impl Site {
         namespace: Namespace,
         dedup: Dedup,
         refusals: HashMap<String, PendingRefusals>,
+        counters: crate::metrics::SiteCounters,
     ) -> Self {
         Self {
             name,
@@ -120,6 +123,7 @@ impl Site {
             downlink_lease: std::array::from_fn(|_| watch::Sender::new(None)),
             downlink_busy: watch::Sender::new(0),
             refusals: Mutex::new(refusals),
+            counters,
         }
     }
 
@@ -235,6 +239,18 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
+    /// Live connections per configured site (each agent and lane of a site counts once).
+    pub(crate) fn connections_per_site(&self) -> Vec<(String, u64)> {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        self.sites
+            .keys()
+            .map(|site| {
+                let count = live.keys().filter(|origin| owned_by(site, origin)).count();
+                (site.clone(), count as u64)
+            })
+            .collect()
+    }
+
     pub(crate) fn new(
         sites: HashMap<String, Arc<Site>>,
         publisher: Publisher,
@@ -540,6 +556,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     if let Err(error) = write_transmits(&mut link, &mut send, &mut out).await {
         info!(cause = %error, "agent left before Welcome");
     } else {
+        site.counters.connects.inc();
         info!(
             connection = id,
             version,
@@ -1129,6 +1146,7 @@ impl Session<'_> {
         let Some(upto) = entries.last().map(|e| e.seq) else {
             return Ok(None);
         };
+        self.site.counters.received.inc_by(entries.len() as u64);
         let mut seqs = Vec::with_capacity(entries.len());
         let mut out = Vec::with_capacity(entries.len());
         let mut drops = Drops::default();
@@ -1212,6 +1230,10 @@ impl Session<'_> {
                 upto, "replayed messages dropped by dedup"
             );
         }
+        let counters = &self.site.counters;
+        counters.duplicates.inc_by(drops.duplicates as u64);
+        counters.refused.inc_by(drops.refused.len() as u64);
+        counters.forwarded.inc_by(out.len() as u64);
         let done = self.hub.publisher.submit(&self.site.name, out).await;
         Ok(Some(Pending {
             seqs,

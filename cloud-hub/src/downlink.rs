@@ -142,6 +142,14 @@ impl DownlinkStore {
         Ok(Arc::clone(entry))
     }
 
+    /// Every open downlink queue's key and depth (no I/O).
+    pub(crate) fn depths(&self) -> Vec<(String, u64)> {
+        lock(&self.sites)
+            .iter()
+            .map(|(key, d)| (key.clone(), d.queue.depth()))
+            .collect()
+    }
+
     /// The queue of `key` if it is open (no I/O).
     pub(crate) fn opened(&self, key: &str) -> Option<Arc<SiteDownlink>> {
         lock(&self.sites).get(key).cloned()

@@ -18,6 +18,9 @@ use crate::tls::TlsError;
 /// agent connection, are logged by its task, and the hub keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
+    /// The metrics endpoint could not listen on `metrics.listen`.
+    #[error(transparent)]
+    Metrics(#[from] meshbridge_metrics::ListenError),
     /// `data_dir` could not be created.
     #[error("cannot create the data directory {path}")]
     DataDir {

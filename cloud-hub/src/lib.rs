@@ -24,6 +24,7 @@ mod cloud_broker;
 mod downlink;
 mod endpoint_key;
 mod error;
+mod metrics;
 pub mod pki;
 mod publisher;
 mod reload;
@@ -102,6 +103,12 @@ pub async fn run_reloading(
     .await
     .map_err(|e| HubError::Store(store::StoreError::Join(e)))??;
 
+    let metrics = Arc::new(metrics::HubMetrics::new());
+    // Bound before anything else starts, so a bad address stops the hub at once.
+    let metrics_listener = match cfg.metrics.listen {
+        Some(addr) => Some(meshbridge_metrics::bind(addr).await?),
+        None => None,
+    };
     let mut sites = HashMap::with_capacity(cfg.sites.len());
     for site in &cfg.sites {
         let namespace =
@@ -134,6 +141,7 @@ pub async fn run_reloading(
                     .filter(|(origin, _)| agent_conn::owned_by(&site.name, origin))
                     .map(|(origin, pending)| (origin.clone(), pending.clone()))
                     .collect(),
+                metrics.site(&site.name),
             )),
         );
     }
@@ -230,6 +238,7 @@ pub async fn run_reloading(
             routes,
             dedups,
             downlinks,
+            metrics: (metrics, metrics_listener),
         },
         &shutdown,
     )
@@ -315,6 +324,8 @@ struct Routing {
     routes: watch::Receiver<Arc<RouteTable>>,
     dedups: Arc<Mutex<RouteDedups>>,
     downlinks: Arc<DownlinkStore>,
+    /// The metrics, and where to serve them if configured.
+    metrics: (Arc<metrics::HubMetrics>, Option<tokio::net::TcpListener>),
 }
 
 async fn serve(
@@ -331,6 +342,7 @@ async fn serve(
         routes,
         dedups,
         downlinks,
+        metrics: (metrics, metrics_listener),
     } = routing;
     match &embedded {
         Some(_) => {
@@ -375,6 +387,15 @@ async fn serve(
         cfg.limits.max_message_size.as_usize(),
         (routes, dedups, downlinks),
     ));
+    if let Some(listener) = metrics_listener {
+        let hub = Arc::clone(&hub);
+        let render: meshbridge_metrics::Render = Arc::new(move || metrics.render(&hub));
+        tokio::spawn(meshbridge_metrics::serve(
+            listener,
+            render,
+            shutdown.clone(),
+        ));
+    }
     let broker = match (&embedded, &cfg.broker) {
         (Some(e), _) => format!("mqtt://{}", e.listen),
         (None, BrokerConfig::External(x)) => format!("external {}", x.address),

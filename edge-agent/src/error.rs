@@ -30,6 +30,9 @@ pub enum AgentError {
     /// The durable queue could not be opened (corrupt file, unknown format, I/O error).
     #[error("cannot open the queue")]
     OpenQueue(#[source] QueueError),
+    /// The metrics endpoint could not listen on `metrics.listen`.
+    #[error(transparent)]
+    Metrics(#[from] meshbridge_metrics::ListenError),
     /// The retained-message store could not be opened or read.
     #[error("cannot open the retained-message store")]
     Retained(#[source] QueueError),

@@ -153,6 +153,9 @@ impl Ingest {
                 last_seq = outcome.last_seq,
                 "committed"
             );
+            lane.counters
+                .committed
+                .inc_by(outcome.last_seq + 1 - outcome.first_seq);
             lane.appended.notify_one();
         }
         Ok(())

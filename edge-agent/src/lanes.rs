@@ -26,6 +26,8 @@ pub(crate) struct Lane {
     pub(crate) queue: Arc<RedbQueue>,
     /// Notified after each append, to wake the lane's uplink.
     pub(crate) appended: Arc<Notify>,
+    /// Its event counters.
+    pub(crate) counters: crate::metrics::LaneCounters,
 }
 
 /// Starts a lane's uplink (once per lane).
@@ -39,6 +41,7 @@ pub(crate) struct Lanes {
     /// Serialises opening, so two callers never open one file twice.
     opening: tokio::sync::Mutex<()>,
     starter: std::sync::OnceLock<Starter>,
+    metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 impl std::fmt::Debug for Lanes {
@@ -59,10 +62,15 @@ impl Lanes {
     ///
     /// # Errors
     /// [`AgentError::OpenQueue`] if a queue file cannot be opened.
-    pub(crate) fn open_blocking(data_dir: &Path, limits: QueueLimits) -> Result<Self, AgentError> {
+    pub(crate) fn open_blocking(
+        data_dir: &Path,
+        limits: QueueLimits,
+        metrics: Arc<crate::metrics::AgentMetrics>,
+    ) -> Result<Self, AgentError> {
         let lanes = Self {
             data_dir: data_dir.to_path_buf(),
             limits,
+            metrics,
             open: Mutex::new(Default::default()),
             opening: tokio::sync::Mutex::new(()),
             starter: std::sync::OnceLock::new(),
@@ -111,6 +119,7 @@ impl Lanes {
             lane: l,
             queue: Arc::new(queue),
             appended: Arc::new(Notify::new()),
+            counters: self.metrics.lane(l),
         });
         lock(&self.open)[usize::from(l)] = Some(Arc::clone(&opened));
         Ok(opened)
@@ -182,7 +191,8 @@ mod tests {
         drop(RedbQueue::open(Lanes::path(dir.path(), 7), limits).expect("lane 7"));
         std::fs::write(dir.path().join("queue+p12.redb"), b"not a lane").expect("write");
         std::fs::write(dir.path().join("dead-letters.redb"), b"not a lane").expect("write");
-        let lanes = Lanes::open_blocking(dir.path(), limits).expect("open");
+        let metrics = Arc::new(crate::metrics::AgentMetrics::new());
+        let lanes = Lanes::open_blocking(dir.path(), limits, metrics).expect("open");
         let open: Vec<u8> = lanes.all().iter().map(|l| l.lane).collect();
         assert_eq!(open, [7, 0], "highest first");
         assert_eq!(

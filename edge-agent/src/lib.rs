@@ -23,6 +23,7 @@ mod ingest;
 mod lanes;
 pub mod limits;
 mod local;
+mod metrics;
 mod pushed;
 mod routes;
 mod uplink;
@@ -72,14 +73,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         path: cfg.data_dir.clone(),
         source,
     })?;
+    let metrics = Arc::new(metrics::AgentMetrics::new());
+    // Bound before anything else starts, so a bad address stops the agent at once.
+    let metrics_listener = match cfg.metrics.listen {
+        Some(addr) => Some(meshbridge_metrics::bind(addr).await?),
+        None => None,
+    };
     let dir = cfg.data_dir.clone();
     let limits = cfg.queue.limits();
-    let lanes = tokio::task::spawn_blocking(move || Lanes::open_blocking(&dir, limits))
-        .await
-        .map_err(|source| AgentError::TaskPanicked {
-            task: "queue open",
-            source,
-        })??;
+    let lane_metrics = Arc::clone(&metrics);
+    let lanes =
+        tokio::task::spawn_blocking(move || Lanes::open_blocking(&dir, limits, lane_metrics))
+            .await
+            .map_err(|source| AgentError::TaskPanicked {
+                task: "queue open",
+                source,
+            })??;
     let lanes = Arc::new(lanes);
     let limits = limits::load(&cfg);
     let (routes, version) = pushed::initial_routes(&cfg.data_dir, &cfg.site, &cfg.routes)?;
@@ -121,6 +130,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         }
         BrokerConfig::External(_) => None,
     };
+    let retained_refused: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let ingest = Ingest {
         lanes: Arc::clone(&lanes),
         downlink_target: Arc::new(downlink_target),
@@ -129,7 +139,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         limits: Arc::clone(&limits),
         max_group_bytes: ingest::group_budget(cfg.queue.max_bytes.as_u64()),
         retained: retained.clone(),
-        retained_refused: Arc::default(),
+        retained_refused: Arc::clone(&retained_refused),
     };
 
     let tracker = TaskTracker::new();
@@ -137,6 +147,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let uplink_stop = CancellationToken::new();
     let housekeeping_stop = CancellationToken::new();
     let uplinks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+    let for_metrics = (Arc::clone(&lanes), Arc::clone(&limits), retained.clone());
     {
         let uplink_cfg = cfg.uplink.clone();
         let agent_name: Arc<str> = Arc::from(cfg.agent_name.as_deref().unwrap_or(&cfg.site));
@@ -179,6 +190,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         housekeeping_stop.clone(),
     ));
     tracker.spawn(housekeeping(Arc::clone(&lanes), housekeeping_stop.clone()));
+    if let Some(listener) = metrics_listener {
+        let (lanes, limits, retained) = for_metrics;
+        let render: meshbridge_metrics::Render =
+            Arc::new(move || metrics.render(&lanes, &limits, retained.as_ref(), &retained_refused));
+        tracker.spawn(meshbridge_metrics::serve(
+            listener,
+            render,
+            housekeeping_stop.clone(),
+        ));
+    }
     tracker.close();
 
     let local = match &cfg.broker {

@@ -219,6 +219,8 @@ pub(crate) struct Uplink {
     lane: u8,
     queue: Arc<RedbQueue>,
     appended: Arc<Notify>,
+    /// The lane's event counters.
+    counters: crate::metrics::LaneCounters,
     /// Which lanes are connected with something to send (bits of `shared::link::lane::bit`): a lane
     /// starts no batch while a higher one is busy.
     busy: Arc<watch::Sender<u16>>,
@@ -286,6 +288,7 @@ impl Uplink {
             lane: lane.lane,
             queue: Arc::clone(&lane.queue),
             appended: Arc::clone(&lane.appended),
+            counters: lane.counters.clone(),
             busy,
             lanes,
             client_config,
@@ -440,6 +443,7 @@ impl Uplink {
             started: Instant::now(),
         };
         let result = session.run(link, shutdown).instrument(span).await;
+        self.counters.connected.set(0);
         let welcomed = session.welcomed;
         let healthy = session.healthy();
         match &result {
@@ -637,6 +641,8 @@ impl Session<'_> {
                         let hub_max = usize::try_from(limits.max_frame_size).unwrap_or(usize::MAX);
                         max_frame_size = hub_max.min(cfg.max_frame_size.as_usize());
                         self.welcomed = true;
+                        self.uplink.counters.connects.inc();
+                        self.uplink.counters.connected.set(1);
                         grace_until = Some(Instant::now() + LANE_GRACE);
                         if hub_high_water < stats.next_seq {
                             info!(
@@ -649,7 +655,13 @@ impl Session<'_> {
                         }
                     }
                     AgentAction::AckUpTo { upto } => {
+                        // By the watermark: appends during the ack do not move it.
+                        let before = queue.acked();
                         blocking(queue, move |q| q.ack_upto(upto)).await?;
+                        self.uplink
+                            .counters
+                            .acknowledged
+                            .inc_by(queue.acked().saturating_sub(before));
                         self.acked |= link.acked_any();
                     }
                     AgentAction::DeadLetter {
@@ -842,6 +854,10 @@ impl Session<'_> {
             .map(|l| (l.seq, l.reason_code, l.detail.clone()))
             .collect();
         let lane = self.uplink.lane;
+        self.uplink
+            .counters
+            .dead_lettered
+            .inc_by(letters.len() as u64);
         let mut letters = letters;
         for letter in &mut letters {
             letter.seq = lane::dead_letter_seq(lane, letter.seq);

@@ -82,6 +82,8 @@ pub struct HubSpec {
     pub tail: Vec<String>,
     /// `tracing` filter.
     pub log: String,
+    /// `metrics.listen`: where the hub serves `GET /metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl HubSpec {
@@ -101,6 +103,7 @@ impl HubSpec {
             broker_extra: Vec::new(),
             tail: Vec::new(),
             log: "info".to_owned(),
+            metrics: None,
         }
     }
 
@@ -121,6 +124,9 @@ impl HubSpec {
         // Still inside `[broker]`: the broker's own lines end with a blank line, which TOML allows.
         for line in &self.broker_extra {
             let _ = writeln!(out, "{line}");
+        }
+        if let Some(addr) = self.metrics {
+            let _ = writeln!(out, "[metrics]\nlisten = \"{addr}\"\n");
         }
         for (name, namespace) in &self.sites {
             let _ = writeln!(
@@ -175,6 +181,8 @@ pub struct AgentSpec {
     pub log: String,
     /// `agent_name`: set for the members of a redundant pair.
     pub agent_name: Option<String>,
+    /// `metrics.listen`: where the agent serves `GET /metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl AgentSpec {
@@ -196,6 +204,7 @@ impl AgentSpec {
             queue_max_bytes: None,
             log: "info".to_owned(),
             agent_name: None,
+            metrics: None,
         }
     }
 
@@ -238,6 +247,9 @@ impl AgentSpec {
                 "[queue]\nmax_bytes = {}\nfull_policy = \"block\"\n",
                 quote(max)
             );
+        }
+        if let Some(addr) = self.metrics {
+            let _ = writeln!(out, "[metrics]\nlisten = \"{addr}\"\n");
         }
         for filter in &self.routes {
             let _ = writeln!(out, "[[routes]]\nfilter = {}\n", quote(filter));

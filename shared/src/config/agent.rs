@@ -44,6 +44,9 @@ pub struct AgentConfig {
     /// The on-disk queue that holds messages until the hub acknowledges them.
     #[serde(default)]
     pub queue: QueueConfig,
+    /// The Prometheus endpoint; off unless `metrics.listen` is set.
+    #[serde(default)]
+    pub metrics: super::MetricsConfig,
     /// Which local messages go up: the bootstrap config, used only until the hub has pushed one. Once a
     /// pushed config exists (kept as last-good in `data_dir`), it replaces these on every start, even while
     /// the hub is unreachable; see [`EffectiveConfig::bootstrap`](super::EffectiveConfig::bootstrap). At

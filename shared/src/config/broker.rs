@@ -235,3 +235,12 @@ impl BrokerConfig {
         }
     }
 }
+
+/// The Prometheus metrics endpoint (`[metrics]`), the same for both programs.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served (e.g. `127.0.0.1:9601`); unset, the default: no endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}

@@ -111,6 +111,7 @@ impl HubConfigDiff {
         section("broker", old.broker != new.broker);
         section("dedup", old.dedup != new.dedup);
         section("limits", old.limits != new.limits);
+        section("metrics", old.metrics != new.metrics);
         Self {
             sites,
             routes,

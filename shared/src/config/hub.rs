@@ -46,6 +46,9 @@ pub struct HubConfig {
     /// The durable per-site queues of messages bound for sites (downlink and site-to-site routes).
     #[serde(default)]
     pub downlink: DownlinkConfig,
+    /// The Prometheus endpoint; off unless `metrics.listen` is set.
+    #[serde(default)]
+    pub metrics: super::MetricsConfig,
 }
 
 /// Bounds of each site's downlink queue at the hub (`data_dir/downlink/<site>.redb`), which holds what is

@@ -40,7 +40,9 @@ mod validate;
 pub use agent::{
     load_agent, AgentConfig, FullPolicy, QueueConfig, Route, UplinkConfig, FRAME_OVERHEAD,
 };
-pub use broker::{BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, ServerTls};
+pub use broker::{
+    BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, MetricsConfig, ServerTls,
+};
 pub use diff::{Change, HubConfigDiff, NamedChange, VersionChange};
 pub use effective::{version_of, Accept, Capture, EffectiveConfig, PushedConfig, EFFECTIVE_FORMAT};
 pub use hub::{

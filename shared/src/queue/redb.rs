@@ -101,6 +101,11 @@ impl RedbQueue {
         self.lock().ledger.stats().depth
     }
 
+    /// The acknowledged watermark ([`QueueStats::acked`]) without a system call.
+    pub fn acked(&self) -> u64 {
+        self.lock().ledger.stats().acked
+    }
+
     /// Opens the queue at `path`, creating it if it does not exist.
     pub fn open(path: impl AsRef<Path>, limits: QueueLimits) -> Result<Self, QueueError> {
         let path = path.as_ref().to_path_buf();

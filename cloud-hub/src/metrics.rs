@@ -1,0 +1,159 @@
+//! The hub's metrics (Prometheus, `metrics.listen`; see the README's metrics table).
+//!
+//! Per-site event counters live in each [`crate::agent_conn::Site`], cloned out of their families once, so
+//! a batch adds to atomics and nothing else; connection and downlink state is read when a scrape renders.
+
+use std::sync::{Mutex, PoisonError};
+
+use meshbridge_metrics::{set, Registry};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::agent_conn::Hub;
+
+/// A site as a label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct SiteLabel {
+    site: String,
+}
+
+/// A site's downlink queue (one per priority lane) as labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct QueueLabel {
+    site: String,
+    lane: String,
+}
+
+/// One site's event counters.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SiteCounters {
+    /// Entries received from the site's agents (duplicates included).
+    pub(crate) received: Counter,
+    /// Entries dropped as duplicates by the link's (origin, seq) dedup.
+    pub(crate) duplicates: Counter,
+    /// Messages handed to the cloud broker.
+    pub(crate) forwarded: Counter,
+    /// Entries refused for good (dead-lettered at the agent).
+    pub(crate) refused: Counter,
+    /// Agent connections admitted.
+    pub(crate) connects: Counter,
+}
+
+/// Every metric of the hub.
+#[derive(Debug)]
+pub(crate) struct HubMetrics {
+    registry: Registry,
+    received: Family<SiteLabel, Counter>,
+    duplicates: Family<SiteLabel, Counter>,
+    forwarded: Family<SiteLabel, Counter>,
+    refused: Family<SiteLabel, Counter>,
+    connects: Family<SiteLabel, Counter>,
+    connected: Family<SiteLabel, Gauge>,
+    downlink_depth: Family<QueueLabel, Gauge>,
+    cloud_broker_connected: Gauge,
+    rendering: Mutex<()>,
+}
+
+impl HubMetrics {
+    /// Registers every metric.
+    pub(crate) fn new() -> Self {
+        let mut registry = meshbridge_metrics::registry("cloud-hub", env!("CARGO_PKG_VERSION"));
+        let m = Self {
+            registry: Registry::default(),
+            received: Family::default(),
+            duplicates: Family::default(),
+            forwarded: Family::default(),
+            refused: Family::default(),
+            connects: Family::default(),
+            connected: Family::default(),
+            downlink_depth: Family::default(),
+            cloud_broker_connected: Gauge::default(),
+            rendering: Mutex::new(()),
+        };
+        registry.register(
+            "messages_received",
+            "Entries received from a site's agents, duplicates included",
+            m.received.clone(),
+        );
+        registry.register(
+            "messages_duplicate",
+            "Entries dropped by the link's dedup (a resend after a lost ack or a restart)",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "messages_forwarded",
+            "Messages handed to the cloud broker",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "messages_refused",
+            "Entries refused for good (too large, invalid topic once mapped): dead-lettered at the agent",
+            m.refused.clone(),
+        );
+        registry.register(
+            "agent_connects",
+            "Agent connections admitted; more than one per agent means reconnects",
+            m.connects.clone(),
+        );
+        registry.register(
+            "agents_connected",
+            "Live agent connections (one per agent and priority lane)",
+            m.connected.clone(),
+        );
+        registry.register(
+            "downlink_queue_depth_messages",
+            "Messages waiting at the hub for a site's agent, per priority lane",
+            m.downlink_depth.clone(),
+        );
+        registry.register(
+            "cloud_broker_connected",
+            "1 while the hub's publisher is connected to the cloud broker",
+            m.cloud_broker_connected.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The event counters of `site` (created at 0).
+    pub(crate) fn site(&self, site: &str) -> SiteCounters {
+        let label = SiteLabel {
+            site: site.to_owned(),
+        };
+        // Listed at 0 from the start, not only once an agent connected.
+        let _ = self.connected.get_or_create(&label);
+        SiteCounters {
+            received: self.received.get_or_create(&label).clone(),
+            duplicates: self.duplicates.get_or_create(&label).clone(),
+            forwarded: self.forwarded.get_or_create(&label).clone(),
+            refused: self.refused.get_or_create(&label).clone(),
+            connects: self.connects.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Reads the connection and queue state from `hub`, then encodes everything.
+    pub(crate) fn render(&self, hub: &Hub) -> String {
+        let _one = self
+            .rendering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (site, live) in hub.connections_per_site() {
+            set(&self.connected.get_or_create(&SiteLabel { site }), live);
+        }
+        for (key, depth) in hub.downlinks.depths() {
+            let (site, lane) = match key.split_once(shared::link::lane::LANE_SEPARATOR) {
+                Some((site, lane)) => (site.to_owned(), lane.trim_start_matches('p').to_owned()),
+                None => (key, "0".to_owned()),
+            };
+            set(
+                &self
+                    .downlink_depth
+                    .get_or_create(&QueueLabel { site, lane }),
+                depth,
+            );
+        }
+        self.cloud_broker_connected
+            .set(i64::from(hub.publisher.is_connected()));
+        meshbridge_metrics::render(&self.registry)
+    }
+}

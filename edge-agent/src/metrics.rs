@@ -1,0 +1,215 @@
+//! The agent's metrics (Prometheus, `metrics.listen`; see the README's metrics table).
+//!
+//! Events are counted where they happen, through handles kept per lane so the commit and uplink paths
+//! add to an atomic and nothing else; state (queue depth, bytes, oldest age, retained store) is read
+//! from its owner when a scrape renders ([`AgentMetrics::render`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use meshbridge_metrics::{set, Registry};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use shared::queue::{Queue, RetainedStore};
+
+use crate::lanes::Lanes;
+
+/// A priority lane as a label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LaneLabel {
+    lane: String,
+}
+
+fn lane(lane: u8) -> LaneLabel {
+    LaneLabel {
+        lane: lane.to_string(),
+    }
+}
+
+/// One lane's event counters, cloned out of their families once (a counter is an `Arc`'d atomic).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LaneCounters {
+    /// Messages committed to the lane's queue.
+    pub(crate) committed: Counter,
+    /// Messages the hub acknowledged (deleted from the queue).
+    pub(crate) acknowledged: Counter,
+    /// Connections the hub welcomed.
+    pub(crate) connects: Counter,
+    /// 1 while the lane's connection is welcomed.
+    pub(crate) connected: Gauge,
+    /// Messages moved to the dead-letter store.
+    pub(crate) dead_lettered: Counter,
+}
+
+/// Every metric of the agent.
+#[derive(Debug)]
+pub(crate) struct AgentMetrics {
+    registry: Registry,
+    committed: Family<LaneLabel, Counter>,
+    acknowledged: Family<LaneLabel, Counter>,
+    connects: Family<LaneLabel, Counter>,
+    connected: Family<LaneLabel, Gauge>,
+    dead_lettered: Family<LaneLabel, Counter>,
+    depth: Family<LaneLabel, Gauge>,
+    bytes: Family<LaneLabel, Gauge>,
+    oldest_age: Family<LaneLabel, Gauge>,
+    expired: Family<LaneLabel, Gauge>,
+    refused: Counter,
+    refused_seen: AtomicU64,
+    retained_messages: Gauge,
+    retained_bytes: Gauge,
+    retained_refused: Counter,
+    retained_refused_seen: AtomicU64,
+    /// Serialises renders, so two scrapes never add the same delta twice.
+    rendering: Mutex<()>,
+}
+
+impl AgentMetrics {
+    /// Registers every metric.
+    pub(crate) fn new() -> Self {
+        let mut registry = meshbridge_metrics::registry("edge-agent", env!("CARGO_PKG_VERSION"));
+        let m = Self {
+            registry: Registry::default(),
+            committed: Family::default(),
+            acknowledged: Family::default(),
+            connects: Family::default(),
+            connected: Family::default(),
+            dead_lettered: Family::default(),
+            depth: Family::default(),
+            bytes: Family::default(),
+            oldest_age: Family::default(),
+            expired: Family::default(),
+            refused: Counter::default(),
+            refused_seen: AtomicU64::new(0),
+            retained_messages: Gauge::default(),
+            retained_bytes: Gauge::default(),
+            retained_refused: Counter::default(),
+            retained_refused_seen: AtomicU64::new(0),
+            rendering: Mutex::new(()),
+        };
+        registry.register(
+            "messages_committed",
+            "Messages committed to the outbound queue (the publisher's PUBACK follows)",
+            m.committed.clone(),
+        );
+        registry.register(
+            "messages_acknowledged",
+            "Messages the hub acknowledged (deleted from the outbound queue)",
+            m.acknowledged.clone(),
+        );
+        registry.register(
+            "uplink_connects",
+            "Uplink connections the hub welcomed; more than one per lane means reconnects",
+            m.connects.clone(),
+        );
+        registry.register(
+            "uplink_connected",
+            "1 while the lane's uplink connection is welcomed",
+            m.connected.clone(),
+        );
+        registry.register(
+            "messages_dead_lettered",
+            "Messages refused for good and moved to the dead-letter store",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "queue_depth_messages",
+            "Messages in the outbound queue not yet acknowledged by the hub",
+            m.depth.clone(),
+        );
+        registry.register(
+            "queue_bytes",
+            "Bytes the outbound queue holds (counted against queue.max_bytes)",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "queue_oldest_age_seconds",
+            "Age of the oldest message in the outbound queue (0 when empty)",
+            m.oldest_age.clone(),
+        );
+        registry.register(
+            "queue_expired_messages",
+            "Messages dropped from the queue because they outlived queue.max_age, since it was created",
+            m.expired.clone(),
+        );
+        registry.register(
+            "messages_refused",
+            "Messages refused at PUBLISH time because the path to the hub cannot carry them",
+            m.refused.clone(),
+        );
+        registry.register(
+            "retained_messages",
+            "Retained messages the embedded broker keeps on disk",
+            m.retained_messages.clone(),
+        );
+        registry.register(
+            "retained_bytes",
+            "Bytes of the retained messages kept on disk",
+            m.retained_bytes.clone(),
+        );
+        registry.register(
+            "retained_refused",
+            "Retained publishes refused because the retained store was full",
+            m.retained_refused.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The event counters of `lane` (created at 0 the first time).
+    pub(crate) fn lane(&self, l: u8) -> LaneCounters {
+        let label = lane(l);
+        LaneCounters {
+            committed: self.committed.get_or_create(&label).clone(),
+            acknowledged: self.acknowledged.get_or_create(&label).clone(),
+            connects: self.connects.get_or_create(&label).clone(),
+            connected: self.connected.get_or_create(&label).clone(),
+            dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Reads the state metrics from their owners, then encodes everything.
+    pub(crate) fn render(
+        &self,
+        lanes: &Lanes,
+        limits: &shared::limits::SharedLimits,
+        retained: Option<&Arc<RetainedStore>>,
+        retained_refused: &AtomicU64,
+    ) -> String {
+        let _one = self
+            .rendering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = crate::ingest::now_ms();
+        for l in lanes.all() {
+            let stats = l.queue.stats();
+            let label = lane(l.lane);
+            set(&self.depth.get_or_create(&label), stats.depth);
+            set(&self.bytes.get_or_create(&label), stats.bytes);
+            set(
+                &self.oldest_age.get_or_create(&label),
+                stats.oldest_age(now).map_or(0, |a| a.as_secs()),
+            );
+            set(&self.expired.get_or_create(&label), stats.expired);
+        }
+        add_since(&self.refused, &self.refused_seen, limits.refused());
+        if let Some(store) = retained {
+            let (count, bytes) = store.stats();
+            set(&self.retained_messages, count);
+            set(&self.retained_bytes, bytes);
+        }
+        add_since(
+            &self.retained_refused,
+            &self.retained_refused_seen,
+            retained_refused.load(Ordering::Relaxed),
+        );
+        meshbridge_metrics::render(&self.registry)
+    }
+}
+
+/// Adds to `counter` what a running total grew by since the last render.
+fn add_since(counter: &Counter, seen: &AtomicU64, total: u64) {
+    let before = seen.swap(total, Ordering::Relaxed);
+    counter.inc_by(total.saturating_sub(before));
+}

@@ -1,0 +1,143 @@
+//! Issue 9, metrics: both programs answer `GET /metrics` at `metrics.listen` in Prometheus text, and
+//! their counters move with traffic: what the agent committed and the hub acknowledged, what the hub
+//! received and forwarded, the queue depth back at 0, the connections up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshbridge_tests::mesh::Mesh;
+use meshbridge_tests::mqtt::{Collector, PublishPlan, Publisher};
+use meshbridge_tests::net::free_tcp;
+use meshbridge_tests::spec::BrokerSpec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MESSAGES: u64 = 200;
+
+/// The body of `GET /metrics` at `addr`.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the metrics endpoint {addr}: {e}"));
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read the response");
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .expect("a body")
+}
+
+/// The value of the sample `name{labels}` (exact text before the value), if present.
+fn sample(body: &str, series: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_programs_serve_metrics_that_move_with_traffic() {
+    let mesh = Mesh::new(&["line1"]);
+    let mut hub_spec = mesh.hub_spec(BrokerSpec::embedded(), &["line1"]);
+    let hub_metrics = free_tcp();
+    hub_spec.metrics = Some(hub_metrics);
+    let hub = mesh.start_hub(&hub_spec).await;
+    let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
+    let agent_metrics = free_tcp();
+    spec.metrics = Some(agent_metrics);
+    let agent = mesh.start_agent("line1", &spec).await;
+
+    let before = scrape(agent_metrics).await;
+    assert!(
+        before.contains("meshbridge_build_info{program=\"edge-agent\","),
+        "{before}"
+    );
+    assert!(before.trim_end().ends_with("# EOF"), "{before}");
+
+    let cloud = Collector::start(hub_spec.broker.client_addr(), "cloud", &["acme/#"], false).await;
+    let outcome = Publisher::start(
+        spec.broker.client_addr(),
+        PublishPlan::new("m", "telemetry/m", MESSAGES),
+    )
+    .finish()
+    .await;
+    assert_eq!(outcome.acked.len() as u64, MESSAGES, "{outcome:?}");
+    assert!(
+        cloud
+            .wait_for(MESSAGES as usize, Duration::from_secs(30))
+            .await,
+        "the messages reached the cloud"
+    );
+
+    // The hub acknowledges after the cloud broker did: wait for the agent's queue to empty.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let agent_body = loop {
+        let body = scrape(agent_metrics).await;
+        if sample(&body, "meshbridge_queue_depth_messages{lane=\"0\"}") == Some(0)
+            && sample(&body, "meshbridge_messages_acknowledged_total{lane=\"0\"}") >= Some(MESSAGES)
+        {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent's metrics never showed the queue drained: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        sample(
+            &agent_body,
+            "meshbridge_messages_committed_total{lane=\"0\"}"
+        ) >= Some(MESSAGES),
+        "{agent_body}"
+    );
+    assert_eq!(
+        sample(&agent_body, "meshbridge_uplink_connected{lane=\"0\"}"),
+        Some(1),
+        "{agent_body}"
+    );
+    assert_eq!(
+        sample(&agent_body, "meshbridge_uplink_connects_total{lane=\"0\"}"),
+        Some(1),
+        "{agent_body}"
+    );
+
+    let hub_body = scrape(hub_metrics).await;
+    assert!(
+        hub_body.contains("meshbridge_build_info{program=\"cloud-hub\","),
+        "{hub_body}"
+    );
+    assert!(
+        sample(
+            &hub_body,
+            "meshbridge_messages_received_total{site=\"line1\"}"
+        ) >= Some(MESSAGES),
+        "{hub_body}"
+    );
+    assert!(
+        sample(
+            &hub_body,
+            "meshbridge_messages_forwarded_total{site=\"line1\"}"
+        ) >= Some(MESSAGES),
+        "{hub_body}"
+    );
+    assert_eq!(
+        sample(&hub_body, "meshbridge_agents_connected{site=\"line1\"}"),
+        Some(1),
+        "{hub_body}"
+    );
+    assert_eq!(
+        sample(&hub_body, "meshbridge_cloud_broker_connected"),
+        Some(1),
+        "{hub_body}"
+    );
+    drop(agent);
+    drop(hub);
+}
