@@ -4,8 +4,10 @@
 //! add to an atomic and nothing else; state (queue depth, bytes, oldest age, retained store) is read
 //! from its owner when a scrape renders ([`AgentMetrics::render`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use meshbridge_metrics::{set, Registry};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -41,6 +43,8 @@ pub(crate) struct LaneCounters {
     pub(crate) connected: Gauge,
     /// Messages moved to the dead-letter store.
     pub(crate) dead_lettered: Counter,
+    /// The connection's smoothed round-trip time (QUIC's estimate), in seconds.
+    pub(crate) rtt: Gauge<f64, AtomicU64>,
 }
 
 /// Every metric of the agent.
@@ -56,6 +60,11 @@ pub(crate) struct AgentMetrics {
     bytes: Family<LaneLabel, Gauge>,
     oldest_age: Family<LaneLabel, Gauge>,
     expired: Family<LaneLabel, Gauge>,
+    dropped: Family<LaneLabel, Gauge>,
+    rtt: Family<LaneLabel, Gauge<f64, AtomicU64>>,
+    drain: Family<LaneLabel, Gauge<f64, AtomicU64>>,
+    /// Per lane, when the last render saw how many acknowledgements: the drain rate's base.
+    acked_seen: Mutex<HashMap<u8, (Instant, u64)>>,
     refused: Counter,
     refused_seen: AtomicU64,
     retained_messages: Gauge,
@@ -81,6 +90,10 @@ impl AgentMetrics {
             bytes: Family::default(),
             oldest_age: Family::default(),
             expired: Family::default(),
+            dropped: Family::default(),
+            rtt: Family::default(),
+            drain: Family::default(),
+            acked_seen: Mutex::new(HashMap::new()),
             refused: Counter::default(),
             refused_seen: AtomicU64::new(0),
             retained_messages: Gauge::default(),
@@ -135,6 +148,21 @@ impl AgentMetrics {
             m.expired.clone(),
         );
         registry.register(
+            "queue_dropped_messages",
+            "Messages dropped to make room (queue.full_policy = drop-oldest), since the queue was created",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "uplink_rtt_seconds",
+            "Round-trip time of the lane's connection to the hub (QUIC's smoothed estimate)",
+            m.rtt.clone(),
+        );
+        registry.register(
+            "queue_drain_estimate_seconds",
+            "Time to empty the queue at the acknowledgement rate seen between the last two scrapes (+Inf: backlog and no acknowledgement)",
+            m.drain.clone(),
+        );
+        registry.register(
             "messages_refused",
             "Messages refused at PUBLISH time because the path to the hub cannot carry them",
             m.refused.clone(),
@@ -166,6 +194,7 @@ impl AgentMetrics {
             connects: self.connects.get_or_create(&label).clone(),
             connected: self.connected.get_or_create(&label).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
+            rtt: self.rtt.get_or_create(&label).clone(),
         }
     }
 
@@ -192,6 +221,21 @@ impl AgentMetrics {
                 stats.oldest_age(now).map_or(0, |a| a.as_secs()),
             );
             set(&self.expired.get_or_create(&label), stats.expired);
+            set(&self.dropped.get_or_create(&label), stats.dropped);
+            let acked = l.counters.acknowledged.get();
+            let at = Instant::now();
+            let before = self
+                .acked_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(l.lane, (at, acked));
+            let rate = before.and_then(|(then, acked_then)| {
+                let secs = at.duration_since(then).as_secs_f64();
+                (secs > 0.0).then(|| acked.saturating_sub(acked_then) as f64 / secs)
+            });
+            self.drain
+                .get_or_create(&label)
+                .set(drain_estimate(stats.depth, rate));
         }
         add_since(&self.refused, &self.refused_seen, limits.refused());
         if let Some(store) = retained {
@@ -208,8 +252,32 @@ impl AgentMetrics {
     }
 }
 
+/// Seconds to drain `depth` messages at `rate` per second: 0 when empty, +Inf with a backlog and no
+/// acknowledgements, and `None` (no rate yet, the first scrape) counted as no progress.
+fn drain_estimate(depth: u64, rate: Option<f64>) -> f64 {
+    match (depth, rate) {
+        (0, _) => 0.0,
+        (_, Some(rate)) if rate > 0.0 => depth as f64 / rate,
+        _ => f64::INFINITY,
+    }
+}
+
 /// Adds to `counter` what a running total grew by since the last render.
 fn add_since(counter: &Counter, seen: &AtomicU64, total: u64) {
     let before = seen.swap(total, Ordering::Relaxed);
     counter.inc_by(total.saturating_sub(before));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_estimate_is_depth_over_rate() {
+        assert_eq!(drain_estimate(0, None), 0.0);
+        assert_eq!(drain_estimate(0, Some(0.0)), 0.0);
+        assert_eq!(drain_estimate(500, Some(100.0)), 5.0);
+        assert!(drain_estimate(500, Some(0.0)).is_infinite());
+        assert!(drain_estimate(1, None).is_infinite());
+    }
 }

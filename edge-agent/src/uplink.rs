@@ -643,6 +643,7 @@ impl Session<'_> {
                         self.welcomed = true;
                         self.uplink.counters.connects.inc();
                         self.uplink.counters.connected.set(1);
+                        self.uplink.counters.rtt.set(self.conn.rtt().as_secs_f64());
                         grace_until = Some(Instant::now() + LANE_GRACE);
                         if hub_high_water < stats.next_seq {
                             info!(
@@ -662,6 +663,7 @@ impl Session<'_> {
                             .counters
                             .acknowledged
                             .inc_by(queue.acked().saturating_sub(before));
+                        self.uplink.counters.rtt.set(self.conn.rtt().as_secs_f64());
                         self.acked |= link.acked_any();
                     }
                     AgentAction::DeadLetter {

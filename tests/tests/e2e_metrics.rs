@@ -138,6 +138,38 @@ async fn both_programs_serve_metrics_that_move_with_traffic() {
         Some(1),
         "{hub_body}"
     );
+
+    // The shipped Grafana dashboard asks only for metrics the programs serve.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/meshbridge.json"),
+    )
+    .expect("read deploy/grafana/meshbridge.json");
+    let names = metric_names(&dashboard);
+    assert!(
+        names.len() >= 10,
+        "the dashboard names its metrics: {names:?}"
+    );
+    for name in &names {
+        assert!(
+            agent_body.contains(name.as_str()) || hub_body.contains(name.as_str()),
+            "the dashboard uses {name}, which neither program serves"
+        );
+    }
     drop(agent);
     drop(hub);
+}
+
+/// Every `meshbridge_...` metric name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("meshbridge_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
 }
