@@ -142,6 +142,36 @@ impl DownlinkStore {
         Ok(Arc::clone(entry))
     }
 
+    /// Opens every priority lane's queue file (`<site>+p<N>.redb`) of the configured `sites` found in the
+    /// directory (blocking). Lane queues otherwise open on first use, and a lane's backlog left from before
+    /// a restart must be visible from the start: a lower lane waits for it (see `shared::link::lane`).
+    ///
+    /// # Errors
+    /// As [`Self::site_blocking`].
+    pub(crate) fn open_lanes_blocking(&self, sites: &[String]) -> Result<usize, HubError> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Ok(0);
+        };
+        let mut opened = 0;
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "redb") {
+                continue;
+            }
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let lane_of_site = sites.iter().any(|site| {
+                shared::link::lane::from_file_stem(stem, site).is_some_and(|lane| lane > 0)
+            });
+            if lane_of_site {
+                self.site_blocking(stem)?;
+                opened += 1;
+            }
+        }
+        Ok(opened)
+    }
+
     /// Every open downlink queue's key and depth (no I/O).
     pub(crate) fn depths(&self) -> Vec<(String, u64)> {
         lock(&self.sites)
@@ -479,4 +509,34 @@ async fn commit(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_queues_left_on_disk_are_opened_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = QueueLimits::default();
+        {
+            let store = DownlinkStore::new(dir.path(), limits);
+            for key in ["line1", "line1+p7", "line10+p3", "gone+p2"] {
+                store.site_blocking(key).expect("create");
+            }
+        }
+        let store = DownlinkStore::new(dir.path(), limits);
+        let sites = ["line1".to_owned(), "line10".to_owned()];
+        assert_eq!(store.open_lanes_blocking(&sites).expect("open"), 2);
+        assert!(store.opened("line1+p7").is_some());
+        assert!(store.opened("line10+p3").is_some());
+        assert!(
+            store.opened("line1").is_none(),
+            "lane 0 opens when its site connects, as before"
+        );
+        assert!(
+            store.opened("gone+p2").is_none(),
+            "a site no longer configured is left alone"
+        );
+    }
 }

@@ -202,6 +202,16 @@ pub async fn run_reloading(
             full_policy: cfg.downlink.full_policy,
         },
     ));
+    {
+        let store = Arc::clone(&downlinks);
+        let names: Vec<String> = cfg.sites.iter().map(|s| s.name.clone()).collect();
+        let opened = tokio::task::spawn_blocking(move || store.open_lanes_blocking(&names))
+            .await
+            .map_err(HubError::Join)??;
+        if opened > 0 {
+            info!(opened, "opened the downlink queues of priority lanes");
+        }
+    }
     let subscriber_options = match (&cfg.broker, &embedded) {
         (_, Some(running)) => running.subscriber_options(),
         (BrokerConfig::External(external), None) => {
