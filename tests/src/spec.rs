@@ -27,6 +27,15 @@ pub enum BrokerSpec {
 }
 
 impl BrokerSpec {
+    /// An existing cloud broker at `address`, joined as the hub's usual client id (`meshbridge-hub`): how
+    /// tests point a hub at a broker that outlives it (`crate::cloud::CloudBroker`) or at a Mosquitto.
+    pub fn hub_client_of(address: SocketAddr) -> Self {
+        Self::External {
+            address,
+            client_id: "meshbridge-hub".to_owned(),
+        }
+    }
+
     /// An embedded broker on a free loopback port.
     pub fn embedded() -> Self {
         Self::Embedded {

@@ -51,13 +51,7 @@ async fn a_refused_message_is_dead_lettered_and_the_rest_flows() {
         ..MosquittoOptions::default()
     };
     let cloud_broker = Mosquitto::start("cloud-mosquitto", mesh.path(), &limited).await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
+    let hub_spec = mesh.hub_spec(BrokerSpec::hub_client_of(cloud_broker.addr), &["line1"]);
     let _hub = mesh.start_hub(&hub_spec).await;
     let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
     let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
@@ -193,13 +187,7 @@ async fn a_message_the_broker_hangs_up_on_is_dead_lettered_as_poison() {
         },
     )
     .await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
+    let hub_spec = mesh.hub_spec(BrokerSpec::hub_client_of(cloud_broker.addr), &["line1"]);
     let hub = mesh.start_hub(&hub_spec).await;
     let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
     let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);

@@ -36,13 +36,7 @@ async fn agent_backs_off_while_the_cloud_broker_is_down_and_delivers_once_it_is_
     let mesh = Mesh::new(&["line1"]);
     // Nothing listens here until the broker is started below.
     let broker_addr = net::free_tcp();
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: broker_addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
+    let hub_spec = mesh.hub_spec(BrokerSpec::hub_client_of(broker_addr), &["line1"]);
     let _hub = mesh.start_hub(&hub_spec).await;
     let spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
     let agent = mesh.start_agent("line1", &spec).await;
@@ -111,13 +105,7 @@ struct Setup {
 async fn setup() -> Setup {
     let mesh = Mesh::new(&["line1"]);
     let cloud_broker = CloudBroker::start().await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
+    let hub_spec = mesh.hub_spec(BrokerSpec::hub_client_of(cloud_broker.addr), &["line1"]);
     let hub = mesh.start_hub(&hub_spec).await;
     let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
     Setup {

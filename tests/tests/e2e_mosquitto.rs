@@ -21,13 +21,7 @@ async fn mosquitto_at_the_edge_and_at_the_cloud() {
     let edge = Mosquitto::start("edge-mosquitto", mesh.path(), &MosquittoOptions::default()).await;
     let cloud_broker =
         Mosquitto::start("cloud-mosquitto", mesh.path(), &MosquittoOptions::default()).await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
+    let hub_spec = mesh.hub_spec(BrokerSpec::hub_client_of(cloud_broker.addr), &["line1"]);
     let _hub = mesh.start_hub(&hub_spec).await;
     let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
     let spec = mesh.agent_spec(

@@ -85,13 +85,7 @@ async fn a_higher_priority_uplink_backlog_drains_first() {
     // A cloud broker that outlives the hub, so its subscriber sees the backlog as it drains.
     let cloud_broker = CloudBroker::start().await;
     let mesh = Mesh::new(&["line1"]);
-    let mut hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
+    let mut hub_spec = mesh.hub_spec(BrokerSpec::hub_client_of(cloud_broker.addr), &["line1"]);
     hub_spec.tail = vec![
         "[[routes]]\nname = \"telemetry\"\nkind = \"uplink\"\nfrom = \"*\"\nfilter = \"telemetry/#\"\n"
             .to_owned(),

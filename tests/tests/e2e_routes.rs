@@ -144,13 +144,7 @@ async fn an_agent_started_while_the_hub_is_down_runs_its_last_pushed_config() {
     // A cloud broker that outlives the hub, so its subscriber sees what the hub publishes as it comes back.
     let cloud_broker = CloudBroker::start().await;
     let mesh = Mesh::new(&["line1"]);
-    let mut hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
+    let mut hub_spec = mesh.hub_spec(BrokerSpec::hub_client_of(cloud_broker.addr), &["line1"]);
     hub_spec.tail = vec![TELEMETRY_UP.to_owned()];
     let mut hub = mesh.start_hub(&hub_spec).await;
     let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);

@@ -32,13 +32,7 @@ async fn a_qos0_flood_while_the_queue_is_full_stays_bounded_and_loses_no_qos1() 
     let mesh = Mesh::new(&["line1"]);
     let edge = Mosquitto::start("edge-mosquitto", mesh.path(), &MosquittoOptions::default()).await;
     let cloud_broker = CloudBroker::start().await;
-    let hub_spec = mesh.hub_spec(
-        BrokerSpec::External {
-            address: cloud_broker.addr,
-            client_id: "meshbridge-hub".to_owned(),
-        },
-        &["line1"],
-    );
+    let hub_spec = mesh.hub_spec(BrokerSpec::hub_client_of(cloud_broker.addr), &["line1"]);
     let mut spec = mesh.agent_spec(
         "line1",
         BrokerSpec::External {
