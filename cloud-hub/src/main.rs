@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 use cloud_hub::pki;
 use meshbridge_broker::embedded::QUIET_RUMQTTD_LOGS;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// meshbridge cloud hub: accepts edge agents over QUIC + mutual TLS and publishes their messages into the cloud
 /// broker under each site's namespace.
@@ -179,12 +178,9 @@ fn config_command(command: ConfigCommand) -> anyhow::Result<()> {
 }
 
 fn run_hub(config: PathBuf, cfg: shared::config::HubConfig) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives),
-        _ => EnvFilter::try_new(format!("{},{QUIET_RUMQTTD_LOGS}", cfg.log)),
-    }
-    .context("invalid log filter")?;
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let json = cfg.log_format == shared::config::LogFormat::Json;
+    meshbridge_metrics::logging::init(&cfg.log, QUIET_RUMQTTD_LOGS, json)
+        .context("invalid log filter (RUST_LOG or `log`)")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::Parser;
 use meshbridge_broker::embedded::QUIET_RUMQTTD_LOGS;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// meshbridge edge agent: forwards a site's MQTT messages to the cloud hub, store-and-forward.
 #[derive(Debug, Parser)]
@@ -72,10 +71,11 @@ fn main() -> ExitCode {
             }
         };
     }
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&cfg.log))
-        .add_directive_list();
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let json = cfg.log_format == shared::config::LogFormat::Json;
+    if let Err(error) = meshbridge_metrics::logging::init(&cfg.log, QUIET_RUMQTTD_LOGS, json) {
+        eprintln!("edge-agent: invalid log filter (RUST_LOG or `log`): {error}");
+        return ExitCode::from(2);
+    }
     match serve(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -133,20 +133,6 @@ fn dead_letters(
             );
             Ok(())
         }
-    }
-}
-
-/// Adds [`QUIET_RUMQTTD_LOGS`] to a filter.
-trait AddDirectives {
-    fn add_directive_list(self) -> Self;
-}
-
-impl AddDirectives for EnvFilter {
-    fn add_directive_list(self) -> Self {
-        QUIET_RUMQTTD_LOGS
-            .split(',')
-            .filter_map(|d| d.parse().ok())
-            .fold(self, Self::add_directive)
     }
 }
 

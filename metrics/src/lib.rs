@@ -10,6 +10,8 @@
 //! (8 KiB, 5 s), `GET /metrics` or 404, `Connection: close`. That is less code than wiring a framework's
 //! router and shutdown, and it keeps hyper and tower out of a gateway's binary.
 
+pub mod logging;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

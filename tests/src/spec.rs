@@ -93,6 +93,8 @@ pub struct HubSpec {
     pub log: String,
     /// `metrics.listen`: where the hub serves `GET /metrics`.
     pub metrics: Option<SocketAddr>,
+    /// `log_format = "json"` instead of text lines.
+    pub json_logs: bool,
 }
 
 impl HubSpec {
@@ -113,6 +115,7 @@ impl HubSpec {
             tail: Vec::new(),
             log: "info".to_owned(),
             metrics: None,
+            json_logs: false,
         }
     }
 
@@ -129,6 +132,10 @@ impl HubSpec {
             quote_path(&self.cert.cert),
             quote_path(&self.cert.key),
         );
+        if self.json_logs {
+            // Top-level keys must come before the first table: put it right after `log`.
+            out = out.replacen("\n\n[listen]", "\nlog_format = \"json\"\n\n[listen]", 1);
+        }
         self.broker.write(&mut out);
         // Still inside `[broker]`: the broker's own lines end with a blank line, which TOML allows.
         for line in &self.broker_extra {
@@ -192,6 +199,8 @@ pub struct AgentSpec {
     pub agent_name: Option<String>,
     /// `metrics.listen`: where the agent serves `GET /metrics`.
     pub metrics: Option<SocketAddr>,
+    /// `log_format = "json"` instead of text lines.
+    pub json_logs: bool,
 }
 
 impl AgentSpec {
@@ -214,6 +223,7 @@ impl AgentSpec {
             log: "info".to_owned(),
             agent_name: None,
             metrics: None,
+            json_logs: false,
         }
     }
 
@@ -234,6 +244,9 @@ impl AgentSpec {
         );
         if let Some(name) = &self.agent_name {
             let _ = writeln!(out, "agent_name = {}\n", quote(name));
+        }
+        if self.json_logs {
+            let _ = writeln!(out, "log_format = \"json\"\n");
         }
         self.broker.write(&mut out);
         let _ = writeln!(

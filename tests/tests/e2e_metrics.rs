@@ -159,6 +159,38 @@ async fn both_programs_serve_metrics_that_move_with_traffic() {
     drop(hub);
 }
 
+/// `log_format = "json"`: both programs write one JSON object per line, with the level and the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let mesh = Mesh::new(&["line1"]);
+    let mut hub_spec = mesh.hub_spec(BrokerSpec::embedded(), &["line1"]);
+    hub_spec.json_logs = true;
+    let mut hub = mesh.start_hub(&hub_spec).await;
+    let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
+    spec.json_logs = true;
+    let mut agent = mesh.start_agent("line1", &spec).await;
+    hub.wait_log("agent connected", Duration::from_secs(20))
+        .await;
+    for proc in [&hub, &agent] {
+        let log = proc.log_text();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 2, "{log}");
+        for line in &lines {
+            assert!(
+                line.starts_with('{') && line.ends_with('}'),
+                "not a JSON object line: {line}"
+            );
+            assert!(line.contains("\"level\":\""), "no level: {line}");
+        }
+        assert!(
+            lines.iter().any(|l| l.contains("\"message\":\"ready\"")),
+            "the ready line is there: {log}"
+        );
+    }
+    agent.terminate(meshbridge_tests::mesh::STOP_TIMEOUT).await;
+    hub.terminate(meshbridge_tests::mesh::STOP_TIMEOUT).await;
+}
+
 /// Every `meshbridge_...` metric name in `text`.
 fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
     let mut names = std::collections::BTreeSet::new();

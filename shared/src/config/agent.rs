@@ -37,6 +37,9 @@ pub struct AgentConfig {
     /// Default `tracing` env-filter directive, used when `RUST_LOG` is not set.
     #[serde(default = "default_log", deserialize_with = "lenient::string")]
     pub log: String,
+    /// `text` (default) or `json` (one object per line).
+    #[serde(default)]
+    pub log_format: super::LogFormat,
     /// The site broker the agent wraps or joins.
     pub broker: BrokerConfig,
     /// The QUIC link to the hub.

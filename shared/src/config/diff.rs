@@ -105,7 +105,10 @@ impl HubConfigDiff {
             }
         };
         section("data_dir", old.data_dir != new.data_dir);
-        section("log", old.log != new.log);
+        section(
+            "log",
+            old.log != new.log || old.log_format != new.log_format,
+        );
         section("listen", old.listen != new.listen);
         section("tls", old.tls != new.tls);
         section("broker", old.broker != new.broker);

@@ -24,6 +24,9 @@ pub struct HubConfig {
     /// Default `tracing` env-filter directive, used when `RUST_LOG` is not set.
     #[serde(default = "default_log", deserialize_with = "lenient::string")]
     pub log: String,
+    /// `text` (default) or `json` (one object per line).
+    #[serde(default)]
+    pub log_format: super::LogFormat,
     /// Where agents connect.
     pub listen: ListenConfig,
     /// The hub's certificate and the CA that agent certificates must chain to.

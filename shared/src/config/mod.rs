@@ -41,7 +41,7 @@ pub use agent::{
     load_agent, AgentConfig, FullPolicy, QueueConfig, Route, UplinkConfig, FRAME_OVERHEAD,
 };
 pub use broker::{
-    BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, MetricsConfig, ServerTls,
+    BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, LogFormat, MetricsConfig, ServerTls,
 };
 pub use diff::{Change, HubConfigDiff, NamedChange, VersionChange};
 pub use effective::{version_of, Accept, Capture, EffectiveConfig, PushedConfig, EFFECTIVE_FORMAT};

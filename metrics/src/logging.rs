@@ -1,0 +1,60 @@
+//! The log set-up both programs share, so they read `RUST_LOG` the same way and speak the same formats.
+//!
+//! - `RUST_LOG`, when set and not empty, decides alone; an invalid value is an error at start-up (a typo
+//!   must not silently fall back to another level).
+//! - Otherwise the config's `log` directive, plus the program's own quieting directives (rumqttd's noisy
+//!   targets), applies.
+//! - `log_format = "json"` writes one JSON object per line (timestamp, level, target, fields, spans) for log
+//!   collectors; `text`, the default, writes human-readable lines.
+
+use tracing_subscriber::EnvFilter;
+
+pub use tracing_subscriber::filter::ParseError;
+
+/// The filter in force: `RUST_LOG` if set, else `config` with `quiet` appended (both comma-separated).
+///
+/// # Errors
+/// [`ParseError`] if the directives do not parse.
+pub fn filter(rust_log: Option<&str>, config: &str, quiet: &str) -> Result<EnvFilter, ParseError> {
+    match rust_log.filter(|d| !d.trim().is_empty()) {
+        Some(directives) => EnvFilter::try_new(directives),
+        None if quiet.is_empty() => EnvFilter::try_new(config),
+        None => EnvFilter::try_new(format!("{config},{quiet}")),
+    }
+}
+
+/// Installs the global subscriber: [`filter`] of the environment's `RUST_LOG`, in `json` or text lines on
+/// standard output.
+///
+/// # Errors
+/// [`ParseError`] for invalid directives.
+pub fn init(config: &str, quiet: &str, json: bool) -> Result<(), ParseError> {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = filter(rust_log.as_deref(), config, quiet)?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_log_wins_and_must_parse_and_the_config_gets_the_quiet_directives() {
+        let from_config = filter(None, "debug", "rumqttd=warn").expect("valid");
+        assert_eq!(from_config.to_string(), "rumqttd=warn,debug");
+        let empty_env = filter(Some("  "), "info", "").expect("valid");
+        assert_eq!(empty_env.to_string(), "info");
+        let env = filter(Some("trace"), "info", "rumqttd=warn").expect("valid");
+        assert_eq!(env.to_string(), "trace", "RUST_LOG alone decides");
+        assert!(
+            filter(Some("info,a=[[["), "info", "").is_err(),
+            "a typo is an error"
+        );
+    }
+}
