@@ -194,11 +194,9 @@ struct LeaseGuard<'a> {
 
 impl Drop for LeaseGuard<'_> {
     fn drop(&mut self) {
-        self.site.downlink_busy.send_if_modified(|mask| {
-            let before = *mask;
-            *mask &= !lane::bit(self.lane);
-            before != *mask
-        });
+        self.site
+            .downlink_busy
+            .send_if_modified(|mask| lane::mark(mask, self.lane, false));
         self.site.downlink_lease[usize::from(self.lane)].send_if_modified(|holder| {
             let mine = *holder == Some(self.id);
             if mine {
@@ -515,7 +513,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         // Busy from the moment it holds the lease, so a lower lane's connection never sees a gap between
         // "nobody serves it" and "its holder is busy".
         site.downlink_busy
-            .send_modify(|mask| *mask |= lane::bit(lane));
+            .send_if_modified(|mask| lane::mark(mask, lane, true));
     }
     let downlink_stats = downlink.queue.stats();
     // A connection without the lease is told the queue is empty, and is never fed (see `Session`).
@@ -942,15 +940,9 @@ impl Session<'_> {
             }
             if self.serves_downlink {
                 let busy = self.downlink.queue.depth() > 0;
-                self.site.downlink_busy.send_if_modified(|mask| {
-                    let before = *mask;
-                    if busy {
-                        *mask |= lane::bit(self.lane);
-                    } else {
-                        *mask &= !lane::bit(self.lane);
-                    }
-                    before != *mask
-                });
+                self.site
+                    .downlink_busy
+                    .send_if_modified(|mask| lane::mark(mask, self.lane, busy));
             }
             if let Err(error) = write_transmits(link, send, &mut out).await {
                 return End::PeerGone(error);

@@ -274,11 +274,7 @@ impl Ingest {
                             continue;
                         }
                     }
-                    let qos = match publish.qos {
-                        shared::mqtt::QoS::AtMostOnce => QoS::AtMostOnce,
-                        shared::mqtt::QoS::AtLeastOnce => QoS::AtLeastOnce,
-                        shared::mqtt::QoS::ExactlyOnce => QoS::ExactlyOnce,
-                    };
+                    let qos = envelope_qos(publish.qos);
                     let p = publish.properties;
                     let properties = Properties {
                         user: p.user_properties,
@@ -321,6 +317,15 @@ impl Ingest {
     }
 }
 
+/// The envelope's QoS of a PUBLISH's.
+const fn envelope_qos(qos: shared::mqtt::QoS) -> QoS {
+    match qos {
+        shared::mqtt::QoS::AtMostOnce => QoS::AtMostOnce,
+        shared::mqtt::QoS::AtLeastOnce => QoS::AtLeastOnce,
+        shared::mqtt::QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
 /// The retained-store changes of one client read: a retained PUBLISH with a payload sets its topic, an
 /// empty one clears it. `Err(topic)` if a new value would take the store past its bounds, counting the
 /// changes already `pending` in the group.
@@ -345,11 +350,7 @@ fn retained_changes(
             seq: 0,
             topic: publish.topic.clone(),
             payload: publish.payload.clone(),
-            qos: match publish.qos {
-                shared::mqtt::QoS::AtMostOnce => QoS::AtMostOnce,
-                shared::mqtt::QoS::AtLeastOnce => QoS::AtLeastOnce,
-                shared::mqtt::QoS::ExactlyOnce => QoS::ExactlyOnce,
-            },
+            qos: envelope_qos(publish.qos),
             retain: true,
             properties: Properties {
                 user: p.user_properties.clone(),

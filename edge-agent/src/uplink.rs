@@ -899,26 +899,17 @@ impl Session<'_> {
 /// This lane's bit in the busy mask, cleared when the session ends however it ends.
 struct BusyBit<'a> {
     mask: &'a watch::Sender<u16>,
-    bit: u16,
+    lane: u8,
 }
 
 impl<'a> BusyBit<'a> {
-    fn new(mask: &'a watch::Sender<u16>, lane: u8) -> Self {
-        Self {
-            mask,
-            bit: lane::bit(lane),
-        }
+    const fn new(mask: &'a watch::Sender<u16>, lane: u8) -> Self {
+        Self { mask, lane }
     }
 
     fn set(&self, busy: bool) {
-        self.mask.send_if_modified(|mask| {
-            let new = if busy {
-                *mask | self.bit
-            } else {
-                *mask & !self.bit
-            };
-            std::mem::replace(mask, new) != new
-        });
+        self.mask
+            .send_if_modified(|mask| lane::mark(mask, self.lane, busy));
     }
 }
 

@@ -82,6 +82,16 @@ pub const fn bit(lane: u8) -> u16 {
     1 << lane
 }
 
+/// Sets or clears `lane`'s bit in `mask`; whether the mask changed (for `watch::Sender::send_if_modified`).
+pub fn mark(mask: &mut u16, lane: u8, busy: bool) -> bool {
+    let new = if busy {
+        *mask | bit(lane)
+    } else {
+        *mask & !bit(lane)
+    };
+    std::mem::replace(mask, new) != new
+}
+
 /// Whether a lane above `lane` is busy in `busy` (a mask of [`bit`]s): connected, with something left to
 /// send. `lane` then starts no new batch.
 #[must_use]
@@ -126,6 +136,17 @@ mod tests {
         assert_ne!(dead_letter_seq(7, 42), dead_letter_seq(0, 42));
         assert_ne!(dead_letter_seq(7, 42), dead_letter_seq(9, 42));
         assert_eq!(split_dead_letter_seq(dead_letter_seq(7, 42)), (7, 42));
+    }
+
+    #[test]
+    fn marking_reports_a_change_only_once() {
+        let mut mask = 0;
+        assert!(mark(&mut mask, 3, true));
+        assert!(!mark(&mut mask, 3, true));
+        assert_eq!(mask, bit(3));
+        assert!(mark(&mut mask, 3, false));
+        assert!(!mark(&mut mask, 3, false));
+        assert_eq!(mask, 0);
     }
 
     #[test]
