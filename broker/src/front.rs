@@ -84,12 +84,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::sessions::{self, Attachment, ClientAck, LinkId, Sessions};
+
 /// Read buffers grow in steps of this size; one read can then carry many small packets (a batch).
 const READ_CHUNK: usize = 16 * 1024;
 /// After the client closed, how long the broker side may take to finish (flush its last packets).
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long the front waits for a last will's commit before giving up on it (logged).
 const WILL_COMMIT_WAIT: Duration = Duration::from_secs(10);
+/// How often offline persistent sessions are checked for expiry.
+const SESSION_EXPIRY_CHECK: Duration = Duration::from_secs(1);
+/// Front-made packets (SUBACK, deliveries) queued for the client before the outbox waits.
+const FRONT_OUT: usize = 64;
+/// CONNACK code "server unavailable" (3.1.1 §3.2.2.3) / reason "server unavailable" (5.0 §3.2.2.2).
+const CONNACK_V3_SERVER_UNAVAILABLE: u8 = 3;
+const CONNACK_V5_SERVER_UNAVAILABLE: u8 = 0x88;
 /// Keep-alive written instead of 0, which rumqttd rejects.
 const KEEP_ALIVE_INSTEAD_OF_ZERO: u16 = u16::MAX;
 
@@ -123,6 +132,9 @@ pub struct FrontOptions {
     /// before its ack is released (rumqttd keeps retained messages in memory only). The pipeline tells the
     /// two kinds apart itself: a retained message `select` does not accept is stored, not queued.
     pub capture_retained: bool,
+    /// Serve persistent sessions here, on disk, instead of in rumqttd's memory (see
+    /// `broker/src/sessions.rs`); `None` leaves every session to the broker.
+    pub sessions: Option<Arc<Sessions>>,
 }
 
 impl Default for FrontOptions {
@@ -133,6 +145,7 @@ impl Default for FrontOptions {
             credentials: None,
             limits: None,
             capture_retained: false,
+            sessions: None,
         }
     }
 }
@@ -279,6 +292,9 @@ pub enum FrontError {
         #[source]
         source: mqtt::EncodeError,
     },
+    /// The persistent-session store failed at CONNECT; the client was refused with "server unavailable".
+    #[error("the persistent session store failed")]
+    SessionStore,
     /// The commit pipeline is gone (agent shutting down) or dropped a request unanswered.
     #[error("the commit pipeline is closed")]
     CommitPipelineClosed,
@@ -336,6 +352,20 @@ pub async fn serve(
     });
     let connections = shutdown.child_token();
     let tracker = TaskTracker::new();
+    if let Some(sessions) = shared.options.sessions.clone() {
+        let stop = connections.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(SESSION_EXPIRY_CHECK);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let sessions = Arc::clone(&sessions);
+                let _ = tokio::task::spawn_blocking(move || sessions.expire()).await;
+            }
+        });
+    }
     let result = accept_loop(&listener, &shared, &connections, &tracker).await;
     connections.cancel();
     tracker.close();
@@ -444,7 +474,8 @@ async fn connection(
         // MQTT 5 §3.1.3.2.2: a reconnect within the Will Delay Interval means no will.
         pending.cancel();
     }
-    let will = connect.will.take().filter(|w| {
+    let will = connect.will.take();
+    let will_up = will.as_ref().is_some_and(|w| {
         connect
             .version()
             .is_some_and(|version| will_is_forwarded(shared, w, version))
@@ -496,6 +527,32 @@ async fn connection(
         let at = header.header_len + 2 + connect.protocol_name.len() + 2;
         from_client[at..at + 2].copy_from_slice(&KEEP_ALIVE_INSTEAD_OF_ZERO.to_be_bytes());
     }
+    let attachment = match &shared.options.sessions {
+        Some(sessions) => {
+            let (sessions, id) = (Arc::clone(sessions), connect.client_id.clone());
+            let (clean, expiry) = (connect.clean_start, connect.session_expiry);
+            let attached =
+                tokio::task::spawn_blocking(move || sessions.attach(&id, version, clean, expiry))
+                    .await;
+            match attached {
+                Ok(Ok(attachment)) => Some(attachment),
+                Ok(Err(cause)) => {
+                    tracing::error!(%cause, "persistent session store failed; refusing the client");
+                    let code = match version {
+                        ProtocolVersion::V5 => CONNACK_V5_SERVER_UNAVAILABLE,
+                        _ => CONNACK_V3_SERVER_UNAVAILABLE,
+                    };
+                    let mut refusal = BytesMut::with_capacity(5);
+                    mqtt::encode_connack_refusal(version, code, &mut refusal);
+                    let _ = client.write_all(&refusal).await;
+                    let _ = client.shutdown().await;
+                    return Err(FrontError::SessionStore);
+                }
+                Err(_) => return Err(FrontError::SessionStore),
+            }
+        }
+        None => None,
+    };
     let upstream =
         TcpStream::connect(upstream_addr)
             .await
@@ -512,6 +569,39 @@ async fn connection(
     let (upstream_rd, upstream_wr) = upstream.into_split();
     let (registrations_tx, registrations_rx) = mpsc::unbounded_channel();
     let disconnected = AtomicBool::new(false);
+    // A persistent connection: the front serves its session (see `sessions.rs`).
+    let mut persistent = None;
+    let mut outbox = None;
+    let mut front_out_rx = None;
+    let mut session_present = None;
+    if let (
+        Some(sessions),
+        Some(Attachment {
+            session_present: present,
+            link: Some(link),
+        }),
+    ) = (&shared.options.sessions, attachment)
+    {
+        let (out_tx, out_rx) = mpsc::channel(FRONT_OUT);
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+        persistent = Some(Persistent {
+            sessions: Arc::clone(sessions),
+            id: link.id.clone(),
+            acks: acks_tx,
+            out: out_tx.clone(),
+        });
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(sessions::run_outbox(
+            Arc::clone(sessions),
+            link,
+            acks_rx,
+            out_tx,
+            stop.clone(),
+        ));
+        outbox = Some((stop, AbortOnDrop(task)));
+        front_out_rx = Some(out_rx);
+        session_present = Some(present);
+    }
     let up = ClientToBroker {
         // Only a session that outlives the connection can see a resend (3.1.1 §4.4, 5.0 §4.4): a 3.1.1
         // clean session discards its in-flight messages, so it gets no resend marks (an empty client id
@@ -522,6 +612,7 @@ async fn connection(
         } else {
             Arc::from(connect.client_id.as_str())
         },
+        publisher: Arc::from(connect.client_id.as_str()),
         disconnected: &disconnected,
         shared,
         version,
@@ -530,12 +621,18 @@ async fn connection(
         refused_qos2: HashSet::new(),
         connect_relayed: false,
         unknown_aliases: HashSet::new(),
+        persistent: persistent.as_ref(),
     }
     .run(client_rd, upstream_wr, from_client);
-    let down = BrokerToClient::new(version, max).run(upstream_rd, client_wr, registrations_rx);
+    let down = BrokerToClient::new(version, max, session_present).run(
+        upstream_rd,
+        client_wr,
+        registrations_rx,
+        front_out_rx,
+    );
     tokio::pin!(up, down);
     let result = tokio::select! {
-        () = shutdown.cancelled() => return Ok(()),
+        () = shutdown.cancelled() => Ok(()),
         result = &mut down => result,
         result = &mut up => {
             match result {
@@ -548,10 +645,42 @@ async fn connection(
             }
         }
     };
+    if let Some((stop, mut task)) = outbox {
+        // The outbox applies the acknowledgements the client sent before it went, then ends.
+        stop.cancel();
+        let _ = tokio::time::timeout(CLOSE_GRACE, &mut task.0).await;
+    }
+    if let Some(p) = &persistent {
+        let (sessions, id) = (Arc::clone(&p.sessions), p.id.clone());
+        let _ = tokio::task::spawn_blocking(move || sessions.detach(&id)).await;
+    }
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
     if let Some(will) = will.filter(|_| !disconnected.load(Ordering::Relaxed)) {
-        commit_will(shared, &connect.client_id, will, shutdown).await;
+        let id = connect.client_id.clone();
+        commit_will(shared, &id, will, will_up, shutdown).await;
     }
     result
+}
+
+/// Aborts a task when dropped: a connection's outbox ends with the connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the client→broker half of a persistent connection needs to serve its session.
+struct Persistent {
+    sessions: Arc<Sessions>,
+    id: LinkId,
+    /// The client's PUBACK/PUBREC/PUBCOMP of deliveries, to the outbox.
+    acks: mpsc::UnboundedSender<ClientAck>,
+    /// Packets the front sends the client (SUBACK, UNSUBACK), beside the outbox's deliveries.
+    out: mpsc::Sender<Bytes>,
 }
 
 /// Whether a CONNECT's will goes up: its topic is selected and the path can carry it.
@@ -587,8 +716,15 @@ fn will_is_forwarded(shared: &Shared, will: &Will, version: ProtocolVersion) -> 
     true
 }
 
-/// Commits a will after its delay (unless the client reconnects or the agent stops meanwhile).
-async fn commit_will(shared: &Shared, client_id: &str, will: Will, shutdown: &CancellationToken) {
+/// After its delay (unless the client reconnects or the agent stops meanwhile), commits a will for the
+/// uplink (`up`) and hands it to the persistent sessions, which rumqttd's own will publishing cannot reach.
+async fn commit_will(
+    shared: &Shared,
+    client_id: &str,
+    will: Will,
+    up: bool,
+    shutdown: &CancellationToken,
+) {
     if will.delay_secs > 0 {
         let cancelled = CancellationToken::new();
         let wait = shared.will_waits.fetch_add(1, Ordering::Relaxed);
@@ -615,6 +751,18 @@ async fn commit_will(shared: &Shared, client_id: &str, will: Will, shutdown: &Ca
             debug!("last will cancelled: the client came back within its delay, or the agent is stopping");
             return;
         }
+    }
+    if let Some(sessions) = &shared.options.sessions {
+        let (_, stored) = sessions.route(&[(&will.publish, client_id)]);
+        if let Some(stored) = stored {
+            match stored.await {
+                Ok(Ok(())) => debug!("last will queued for persistent sessions"),
+                _ => warn!("last will not queued for persistent sessions"),
+            }
+        }
+    }
+    if !up {
+        return;
     }
     let (done, answer) = oneshot::channel();
     let request = CommitRequest {
@@ -739,15 +887,18 @@ fn complete_prefix(buf: &[u8], max: usize) -> Result<usize, DecodeError> {
 }
 
 /// Refuses a SUBSCRIBE/UNSUBSCRIBE with a malformed topic filter, which rumqttd would grant.
-fn check_filters(frame: &[u8], version: ProtocolVersion) -> Result<(), FrontError> {
+fn check_filters(frame: &[u8], version: ProtocolVersion) -> Result<mqtt::Filters, FrontError> {
     let packet = mqtt::Filters::decode(frame, version)
         .map_err(|source| FrontError::ClientDecode { source })?;
-    for filter in packet.filters {
-        if let Err(source) = shared::topic::TopicFilter::parse(&filter) {
-            return Err(FrontError::InvalidTopicFilter { filter, source });
+    for filter in &packet.filters {
+        if let Err(source) = shared::topic::TopicFilter::parse(filter) {
+            return Err(FrontError::InvalidTopicFilter {
+                filter: filter.clone(),
+                source,
+            });
         }
     }
-    Ok(())
+    Ok(packet)
 }
 
 /// Iterates over the packets of a chunk made of complete packets, as (offset, header, zero-copy frame).
@@ -780,6 +931,10 @@ struct ClientToBroker<'a> {
     shared: &'a Shared,
     /// The connection's client id, for [`Captured::client`].
     client_id: Arc<str>,
+    /// The client id as sent, for the persistent sessions' no-local option.
+    publisher: Arc<str>,
+    /// Set for a persistent connection: the front serves its session.
+    persistent: Option<&'a Persistent>,
     /// Set when the client sent DISCONNECT (other than MQTT 5's "with will message"): no will then.
     disconnected: &'a AtomicBool,
     version: ProtocolVersion,
@@ -840,6 +995,8 @@ impl ClientToBroker<'_> {
     ) -> Result<(), FrontError> {
         let mut messages = Vec::new();
         let mut waits = Vec::new();
+        // Forwarded PUBLISHes, for the persistent sessions' subscriptions.
+        let mut routed: Vec<(Publish, Arc<Sessions>)> = Vec::new();
         // Packets not forwarded as they are: dropped (`None`, the front answers them itself) or
         // replaced by other bytes.
         let mut edits: Vec<(Range<usize>, Option<Bytes>)> = Vec::new();
@@ -875,7 +1032,29 @@ impl ClientToBroker<'_> {
                 header.packet_type,
                 PacketType::Subscribe | PacketType::Unsubscribe
             ) {
-                check_filters(&frame, self.version)?;
+                let filters = check_filters(&frame, self.version)?;
+                if let Some(p) = self.persistent {
+                    edits.push((start..start + frame.len(), None));
+                    self.session_filters(p, header.packet_type, filters).await?;
+                }
+                continue;
+            }
+            if let (Some(p), PacketType::Puback | PacketType::Pubrec | PacketType::Pubcomp) =
+                (self.persistent, header.packet_type)
+            {
+                // Acks of the front's deliveries: the broker sent this client nothing to ack.
+                edits.push((start..start + frame.len(), None));
+                let at = header.header_len;
+                if let Some(&[hi, lo]) = frame.get(at..at + 2) {
+                    let id = u16::from_be_bytes([hi, lo]);
+                    let ack = match header.packet_type {
+                        PacketType::Puback => ClientAck::Puback(id),
+                        PacketType::Pubrec => ClientAck::Pubrec(id),
+                        _ => ClientAck::Pubcomp(id),
+                    };
+                    // A send error means the outbox ended; the connection is closing anyway.
+                    let _ = p.acks.send(ack);
+                }
                 continue;
             }
             if header.packet_type != PacketType::Publish {
@@ -920,6 +1099,9 @@ impl ClientToBroker<'_> {
                     edits.push((range, Some(self.with_topic(&publish, alias)?)));
                 }
             }
+            if let Some(sessions) = self.shared.options.sessions.as_ref().filter(|s| s.active()) {
+                routed.push((publish.clone(), Arc::clone(sessions)));
+            }
             let keep_retained = publish.retain && self.shared.options.capture_retained;
             if !(selected || keep_retained) {
                 continue;
@@ -934,20 +1116,39 @@ impl ClientToBroker<'_> {
                 client: Arc::clone(&self.client_id),
             });
         }
-        let done = if messages.is_empty() {
-            None
+        let session_done = match routed.first() {
+            None => None,
+            Some((_, sessions)) => {
+                let batch: Vec<(&Publish, &str)> =
+                    routed.iter().map(|(p, _)| (p, &*self.publisher)).collect();
+                let (stored, done) = sessions.route(&batch);
+                for index in stored {
+                    if let Some(id) = routed[index].0.packet_id {
+                        if !waits.contains(&id) {
+                            waits.push(id);
+                        }
+                    }
+                }
+                done
+            }
+        };
+        let (done, uplink_done) = if messages.is_empty() {
+            (None, None)
         } else {
             let (done_tx, done_rx) = oneshot::channel();
-            if !waits.is_empty() {
-                // Registered before the bytes reach the broker: its ack cannot overtake this.
-                // A send error means the broker half ended; the connection is closing anyway.
-                let _ = self.registrations.send(Registration::Commit {
-                    waits,
-                    done: done_rx,
-                });
-            }
-            Some(done_tx)
+            (Some(done_tx), Some(done_rx))
         };
+        let all_done = match (uplink_done, session_done) {
+            (Some(a), Some(b)) => Some(both(a, b)),
+            (a, b) => a.or(b),
+        };
+        if let (false, Some(done)) = (waits.is_empty(), all_done) {
+            // Registered before the bytes reach the broker: its ack cannot overtake this.
+            // A send error means the broker half ended; the connection is closing anyway.
+            let _ = self
+                .registrations
+                .send(Registration::Commit { waits, done });
+        }
         let forward = if edits.is_empty() {
             chunk
         } else {
@@ -981,7 +1182,67 @@ impl ClientToBroker<'_> {
     }
 }
 
+/// One outcome for two commits: success when both succeeded.
+fn both(
+    a: oneshot::Receiver<Result<(), CommitRejected>>,
+    b: oneshot::Receiver<Result<(), CommitRejected>>,
+) -> oneshot::Receiver<Result<(), CommitRejected>> {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let outcome = match (a.await, b.await) {
+            (Ok(Ok(())), Ok(Ok(()))) => Ok(()),
+            (Ok(Err(e)), _) | (_, Ok(Err(e))) => Err(e),
+            // A pipeline gone: dropping `tx` closes the connection, as for one commit.
+            _ => return,
+        };
+        let _ = tx.send(outcome);
+    });
+    rx
+}
+
 impl ClientToBroker<'_> {
+    /// Serves a persistent connection's SUBSCRIBE or UNSUBSCRIBE from its stored session: the change is
+    /// on disk before the SUBACK/UNSUBACK is queued, and a new subscription's retained messages after it.
+    async fn session_filters(
+        &self,
+        p: &Persistent,
+        kind: PacketType,
+        filters: mqtt::Filters,
+    ) -> Result<(), FrontError> {
+        let (sessions, id, version) = (Arc::clone(&p.sessions), p.id.clone(), self.version);
+        let packet_id = filters.packet_id;
+        let applied = tokio::task::spawn_blocking(move || {
+            if kind == PacketType::Subscribe {
+                let requested: Vec<(String, u8)> =
+                    filters.filters.into_iter().zip(filters.options).collect();
+                sessions.subscribe(&id, &requested)
+            } else {
+                sessions
+                    .unsubscribe(&id, &filters.filters)
+                    .map(|codes| (codes, Vec::new()))
+            }
+        })
+        .await
+        .map_err(|_| FrontError::SessionStore)?;
+        let (codes, retained) = applied.map_err(|cause| {
+            tracing::error!(%cause, "persistent session store failed; closing the connection");
+            FrontError::SessionStore
+        })?;
+        let mut frame = BytesMut::new();
+        let encoded = if kind == PacketType::Subscribe {
+            mqtt::encode_suback(version, packet_id, &codes, &mut frame)
+        } else {
+            mqtt::encode_unsuback(version, packet_id, &codes, &mut frame)
+        };
+        encoded.map_err(|source| FrontError::Reencode { source })?;
+        p.out
+            .send(frame.freeze())
+            .await
+            .map_err(|_| FrontError::CommitPipelineClosed)?;
+        p.sessions.submit(retained);
+        Ok(())
+    }
+
     /// Logs a refused PUBLISH and answers it: MQTT 5 with the refusal's reason code, 3.1.1 with a plain
     /// ack (Mosquitto's `message_size_limit` behaviour; see the module docs). QoS 0 gets no answer.
     fn refuse(&mut self, publish: &Publish, refusal: Refusal, refused_total: u64) {
@@ -1040,6 +1301,21 @@ impl ClientToBroker<'_> {
     }
 }
 
+/// `chunk` with the session-present flag of its leading CONNACK set to `present` (when the CONNACK
+/// accepts the connection; MQTT 3.1.1 §3.2.2.2, 5.0 §3.2.2.1.1).
+fn with_session_present(chunk: Bytes, present: bool) -> Bytes {
+    let Ok(header) = FixedHeader::parse(&chunk, usize::MAX) else {
+        return chunk;
+    };
+    let at = header.header_len;
+    if header.packet_type != PacketType::Connack || chunk.get(at + 1) != Some(&0) {
+        return chunk;
+    }
+    let mut edited = BytesMut::from(&chunk[..]);
+    edited[at] = (edited[at] & !1) | u8::from(present);
+    edited.freeze()
+}
+
 /// A packet waiting to be sent to the client: a broker ack, or an answer of the front itself.
 struct HeldAck {
     /// The commit batch it waits on; `None` if it only waits behind earlier held acks.
@@ -1067,13 +1343,17 @@ struct BrokerToClient {
     next_batch: u64,
     held: VecDeque<HeldAck>,
     out: BytesMut,
+    /// For a persistent connection, the session-present flag its CONNACK must carry: the front's store
+    /// decides it, not rumqttd's memory.
+    session_present: Option<bool>,
 }
 
 impl BrokerToClient {
-    fn new(version: ProtocolVersion, max: usize) -> Self {
+    fn new(version: ProtocolVersion, max: usize, session_present: Option<bool>) -> Self {
         Self {
             version,
             max,
+            session_present,
             waiting: HashMap::new(),
             batches: HashMap::new(),
             next_batch: 0,
@@ -1088,6 +1368,7 @@ impl BrokerToClient {
         mut upstream: R,
         mut client: W,
         mut registrations: mpsc::UnboundedReceiver<Registration>,
+        front_out: Option<mpsc::Receiver<Bytes>>,
     ) -> Result<(), FrontError>
     where
         R: AsyncRead + Unpin,
@@ -1095,6 +1376,8 @@ impl BrokerToClient {
     {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut registrations_open = true;
+        let mut front_open = front_out.is_some();
+        let mut front_out = front_out.unwrap_or_else(|| mpsc::channel(1).1);
         loop {
             if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                 buf.reserve(READ_CHUNK);
@@ -1125,12 +1408,23 @@ impl BrokerToClient {
                     let complete = complete_prefix(&buf, self.max)
                         .map_err(|source| FrontError::UpstreamDecode { source })?;
                     if complete > 0 {
-                        let chunk = buf.split_to(complete).freeze();
+                        let mut chunk = buf.split_to(complete).freeze();
+                        if let Some(present) = self.session_present.take() {
+                            chunk = with_session_present(chunk, present);
+                        }
                         if let Some(direct) = self.route(chunk)? {
                             client.write_all(&direct).await.map_err(|source| FrontError::ClientIo { source })?;
                         }
                     }
                 }
+                // Only after the CONNACK went out: nothing may precede it (MQTT 3.1.1 §3.2, 5.0 §3.2).
+                frame = front_out.recv(), if front_open && self.session_present.is_none() => match frame {
+                    Some(frame) => client
+                        .write_all(&frame)
+                        .await
+                        .map_err(|source| FrontError::ClientIo { source })?,
+                    None => front_open = false,
+                },
                 registration = registrations.recv(), if registrations_open => match registration {
                     Some(registration) => self.register(registration),
                     None => registrations_open = false,

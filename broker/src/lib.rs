@@ -12,3 +12,4 @@
 
 pub mod embedded;
 pub mod front;
+pub mod sessions;

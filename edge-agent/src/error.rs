@@ -36,6 +36,9 @@ pub enum AgentError {
     /// The retained-message store could not be opened or read.
     #[error("cannot open the retained-message store")]
     Retained(#[source] QueueError),
+    /// The persistent-session store could not be opened or read.
+    #[error("cannot open the persistent-session store")]
+    Sessions(#[source] QueueError),
     /// The retained messages kept on disk could not be published into the restarted embedded broker.
     #[error("cannot restore the retained messages into the embedded broker: {0}")]
     RetainedRestore(String),

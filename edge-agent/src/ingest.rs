@@ -104,6 +104,8 @@ pub(crate) struct Ingest {
     pub(crate) retained: Option<Arc<RetainedStore>>,
     /// Retained messages refused because the store was at its bounds.
     pub(crate) retained_refused: Arc<std::sync::atomic::AtomicU64>,
+    /// The embedded broker's persistent sessions, served by the front; `None` in external mode.
+    pub(crate) sessions: Option<Arc<meshbridge_broker::sessions::Sessions>>,
 }
 
 impl Ingest {

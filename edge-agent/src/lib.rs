@@ -31,8 +31,12 @@ mod uplink;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshbridge_broker::sessions::{RetainedLookup, Sessions};
 use shared::config::{AgentConfig, BrokerConfig};
-use shared::queue::{Queue, QueueStats, RedbQueue, RetainedLimits, RetainedStore};
+use shared::queue::{
+    Queue, QueueStats, RedbQueue, RetainedLimits, RetainedStore, SessionLimits, SessionStore,
+};
+use shared::topic::TopicFilter;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,6 +53,8 @@ use crate::uplink::Uplink;
 pub const QUEUE_FILE: &str = "queue.redb";
 /// The embedded broker's retained messages in `data_dir` (see `shared::queue::RetainedStore`).
 pub const RETAINED_FILE: &str = "retained.redb";
+/// The embedded broker's persistent sessions, in the data directory (`shared::queue::SessionStore`).
+pub const SESSIONS_FILE: &str = "sessions.redb";
 /// The dead-letter store's file in `data_dir`: messages refused for good (by the cloud broker, or too large
 /// for the path), listed and replayed with `edge-agent dead-letters`.
 pub const DEAD_LETTERS_FILE: &str = "dead-letters.redb";
@@ -112,23 +118,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         Arc::clone(&routes),
     ));
     let (downlink_target, downlink_target_rx) = tokio::sync::watch::channel(None);
-    let retained = match &cfg.broker {
-        BrokerConfig::Embedded(_) => {
-            let path = cfg.data_dir.join(RETAINED_FILE);
-            let store = tokio::task::spawn_blocking(move || {
-                RetainedStore::open(path, RetainedLimits::default())
-            })
-            .await
-            .map_err(|source| AgentError::TaskPanicked {
-                task: "retained store open",
-                source,
-            })?
-            .map_err(AgentError::Retained)?;
-            let (stored, bytes) = store.stats();
-            info!(stored, bytes, "retained store opened");
-            Some(Arc::new(store))
+    let (retained, sessions) = match &cfg.broker {
+        BrokerConfig::Embedded(embedded) => {
+            let (retained, sessions) = open_broker_state(&cfg.data_dir, embedded).await?;
+            (Some(retained), Some(sessions))
         }
-        BrokerConfig::External(_) => None,
+        BrokerConfig::External(_) => (None, None),
     };
     let retained_refused: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let ingest = Ingest {
@@ -140,6 +135,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         max_group_bytes: ingest::group_budget(cfg.queue.max_bytes.as_u64()),
         retained: retained.clone(),
         retained_refused: Arc::clone(&retained_refused),
+        sessions: sessions.clone(),
     };
 
     let tracker = TaskTracker::new();
@@ -174,6 +170,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                         downlink_target_rx.clone(),
                         lane.lane,
                         retained.clone(),
+                        sessions.clone(),
                     ),
                 },
             );
@@ -311,4 +308,59 @@ fn log_stats(lane: u8, stats: &QueueStats) {
         expired = stats.expired,
         "queue"
     );
+}
+
+/// Opens the embedded broker's retained store and persistent sessions (blocking work off the workers).
+async fn open_broker_state(
+    data_dir: &std::path::Path,
+    cfg: &shared::config::EmbeddedBroker,
+) -> Result<(Arc<RetainedStore>, Arc<Sessions>), AgentError> {
+    let retained_path = data_dir.join(RETAINED_FILE);
+    let sessions_path = data_dir.join(SESSIONS_FILE);
+    let retained_limits = RetainedLimits {
+        max_messages: cfg.max_retained_messages,
+        max_bytes: cfg.max_retained_bytes.as_u64(),
+    };
+    let session_limits = SessionLimits {
+        max_messages: cfg.max_queued_messages,
+        max_bytes: cfg.max_queued_bytes.as_u64(),
+    };
+    let opened = tokio::task::spawn_blocking(move || {
+        let retained =
+            RetainedStore::open(retained_path, retained_limits).map_err(AgentError::Retained)?;
+        let sessions =
+            SessionStore::open(sessions_path, session_limits).map_err(AgentError::Sessions)?;
+        Ok::<_, AgentError>((Arc::new(retained), Arc::new(sessions)))
+    })
+    .await
+    .map_err(|source| AgentError::TaskPanicked {
+        task: "broker state open",
+        source,
+    })??;
+    let (retained, store) = opened;
+    let (stored, bytes) = retained.stats();
+    info!(stored, bytes, "retained store opened");
+    let lookup_store = Arc::clone(&retained);
+    let lookup: RetainedLookup = Arc::new(move |filter: &TopicFilter| {
+        let rows = match lookup_store.all() {
+            Ok(rows) => rows,
+            Err(cause) => {
+                warn!(%cause, "cannot read the retained store for a new subscription");
+                return Vec::new();
+            }
+        };
+        rows.into_iter()
+            .filter(|(topic, _)| filter.matches_str(topic))
+            .filter_map(|(_, body)| shared::envelope::Envelope::decode_body(0, body).ok())
+            .map(|e| local::deliver::envelope_publish(&e, e.properties.message_expiry))
+            .collect()
+    });
+    let sessions = tokio::task::spawn_blocking(move || Sessions::open(store, Some(lookup)))
+        .await
+        .map_err(|source| AgentError::TaskPanicked {
+            task: "sessions open",
+            source,
+        })?
+        .map_err(AgentError::Sessions)?;
+    Ok((retained, sessions))
 }

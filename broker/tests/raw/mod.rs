@@ -446,10 +446,33 @@ pub struct Mesh {
     front: JoinHandle<Result<(), FrontError>>,
     pipeline: JoinHandle<()>,
     committed: Arc<Mutex<Vec<String>>>,
+    /// The persistent-session store's directory, when the front serves sessions.
+    _sessions: Option<tempfile::TempDir>,
 }
 
 impl Mesh {
+    /// The hub's set-up: every session is rumqttd's.
     pub async fn start() -> Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// The edge agent's set-up: the front serves persistent sessions from a store on disk.
+    pub async fn start_agent() -> Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(persistent_sessions: bool) -> Result<Self> {
+        let (dir, sessions) = if persistent_sessions {
+            let dir = tempfile::tempdir()?;
+            let store = shared::queue::SessionStore::open(
+                dir.path().join("sessions.redb"),
+                shared::queue::SessionLimits::default(),
+            )?;
+            let sessions = meshbridge_broker::sessions::Sessions::open(Arc::new(store), None)?;
+            (Some(dir), Some(sessions))
+        } else {
+            (None, None)
+        };
         let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -471,7 +494,10 @@ impl Mesh {
             broker.upstreams(),
             select,
             commits_tx,
-            FrontOptions::default(),
+            FrontOptions {
+                sessions,
+                ..FrontOptions::default()
+            },
             shutdown.clone(),
         ));
         Ok(Self {
@@ -481,6 +507,7 @@ impl Mesh {
             front,
             pipeline,
             committed,
+            _sessions: dir,
         })
     }
 

@@ -25,11 +25,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use meshbridge_broker::sessions::Sessions;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS as MqttQoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::Outgoing;
 use shared::envelope::{Envelope, QoS};
+use shared::mqtt::{self, Publish};
 use shared::policy::path::PATH_PROPERTY;
 use shared::queue::{RetainedChange, RetainedStore};
 use tracing::{debug, info, warn};
@@ -94,6 +96,9 @@ pub(crate) struct Delivery {
     /// The embedded broker's retained store: a retained downlink message is kept there too, before it is
     /// published, so it outlives an agent restart like one a local client published.
     retained: Option<Arc<RetainedStore>>,
+    /// The embedded broker's persistent sessions: downlink messages reach rumqttd behind the front, so
+    /// they are matched against the stored subscriptions here, and the hub's ack waits for their commit.
+    sessions: Option<Arc<Sessions>>,
     current: Option<Deliverer>,
 }
 
@@ -106,11 +111,13 @@ impl Delivery {
         target: tokio::sync::watch::Receiver<Option<Target>>,
         lane: u8,
         retained: Option<Arc<RetainedStore>>,
+        sessions: Option<Arc<Sessions>>,
     ) -> Self {
         Self {
             target,
             lane,
             retained,
+            sessions,
             current: None,
         }
     }
@@ -147,7 +154,57 @@ impl Delivery {
         }
         keep_retained(self.retained.clone(), entries).await?;
         let deliverer = self.current.as_mut().expect("made above");
-        deliverer.deliver(entries, now_ms).await
+        let delivered = deliverer.deliver(entries, now_ms).await?;
+        if let Some(sessions) = self.sessions.as_ref().filter(|s| s.active()) {
+            let publishes: Vec<Publish> = entries
+                .iter()
+                .filter_map(|e| Some(envelope_publish(e, remaining_expiry(e, now_ms)?)))
+                .collect();
+            let batch: Vec<(&Publish, &str)> = publishes.iter().map(|p| (p, "")).collect();
+            if let (_, Some(stored)) = sessions.route(&batch) {
+                match stored.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(cause)) => {
+                        return Err(DeliverError::Connection(format!(
+                            "the persistent sessions could not store the batch: {cause}"
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(DeliverError::Connection(
+                            "the persistent sessions' writer stopped".to_owned(),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(delivered)
+    }
+}
+
+/// `entry` as the PUBLISH a local subscriber gets, with `expiry` left of its Message Expiry Interval.
+pub(crate) fn envelope_publish(entry: &Envelope, expiry: Option<u32>) -> Publish {
+    let p = &entry.properties;
+    Publish {
+        dup: false,
+        qos: match entry.qos {
+            QoS::AtMostOnce => mqtt::QoS::AtMostOnce,
+            QoS::AtLeastOnce => mqtt::QoS::AtLeastOnce,
+            QoS::ExactlyOnce => mqtt::QoS::ExactlyOnce,
+        },
+        retain: entry.retain,
+        topic: entry.topic.clone(),
+        packet_id: None,
+        properties: mqtt::PublishProperties {
+            payload_format_indicator: p.payload_format_utf8.then_some(1),
+            message_expiry_interval: expiry,
+            topic_alias: None,
+            response_topic: p.response_topic.clone(),
+            correlation_data: p.correlation_data.clone(),
+            user_properties: p.user.clone(),
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type.clone(),
+        },
+        payload: Bytes::clone(&entry.payload),
     }
 }
 

@@ -112,6 +112,7 @@ pub(crate) async fn run(
             .map(|(u, p)| (u.clone(), p.expose().to_owned())),
         limits: Some(Arc::clone(&ingest.limits)),
         capture_retained: ingest.retained.is_some(),
+        sessions: ingest.sessions.clone(),
         ..FrontOptions::default()
     };
     if let Some(store) = &ingest.retained {

@@ -58,6 +58,38 @@ pub struct EmbeddedBroker {
     /// filter (fault scenario 11 in `tests/tests/fault_slow.rs`).
     #[serde(default = "default_max_log_per_filter")]
     pub max_log_per_filter: ByteSize,
+    /// Most messages kept for one persistent session (a `cleansession=0` / session-expiry client) while it
+    /// is offline or behind, as Mosquitto's `max_queued_messages`; beyond it new messages for that session
+    /// are dropped, counted (`meshbridge_session_messages_dropped_total`) and logged. 0 = no limit. The
+    /// edge agent keeps them on disk (`sessions.redb`); the hub's cloud broker does not use this key.
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: u64,
+    /// Most bytes kept for one persistent session, as Mosquitto's `max_queued_bytes`. 0 = no limit.
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: ByteSize,
+    /// Most retained topics the edge agent keeps on disk (`retained.redb`); a retained PUBLISH beyond it
+    /// is refused (MQTT 5: reason 0x97), counted and logged.
+    #[serde(default = "default_max_retained_messages")]
+    pub max_retained_messages: u64,
+    /// Most bytes of retained messages the edge agent keeps on disk.
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: ByteSize,
+}
+
+fn default_max_queued_messages() -> u64 {
+    10_000
+}
+
+fn default_max_queued_bytes() -> ByteSize {
+    ByteSize::mib(64)
+}
+
+fn default_max_retained_messages() -> u64 {
+    100_000
+}
+
+fn default_max_retained_bytes() -> ByteSize {
+    ByteSize::mib(64)
 }
 
 /// An existing broker joined as a client.
@@ -198,6 +230,18 @@ impl BrokerConfig {
                     embedded.max_log_per_filter,
                     ByteSize::kib(256),
                     ByteSize::gib(16),
+                );
+                report.int_range(
+                    &format!("{prefix}max_retained_messages"),
+                    embedded.max_retained_messages,
+                    1,
+                    100_000_000,
+                );
+                report.size_range(
+                    &format!("{prefix}max_retained_bytes"),
+                    embedded.max_retained_bytes,
+                    ByteSize(1),
+                    ByteSize::gib(64),
                 );
             }
             Self::External(external) => {

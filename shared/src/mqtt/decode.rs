@@ -239,8 +239,15 @@ impl Connect {
         let protocol_level = r.u8("protocol level")?;
         let flags = r.u8("connect flags")?;
         let keep_alive = r.u16("keep alive")?;
+        let mut session_expiry = 0;
         if protocol_level == ProtocolVersion::V5.level() {
-            r.skip_properties()?;
+            let len = r.varint("properties length")?;
+            let len = usize::try_from(len).map_err(|_| DecodeError::Truncated {
+                field: "properties",
+            })?;
+            let range = r.take(len, "properties")?;
+            let body = &frame[header.header_len..header.frame_len()];
+            session_expiry = connect_session_expiry(&body[range])?;
         }
         let client_id = r.string("client id")?.to_owned();
         let will = if flags & WILL_FLAG == 0 {
@@ -289,8 +296,47 @@ impl Connect {
             keep_alive,
             clean_start: flags & 0b10 != 0,
             will,
+            session_expiry,
         })
     }
+}
+
+/// The Session Expiry Interval (0x11) of a v5 CONNECT property block, 0 when absent (MQTT 5.0
+/// §3.1.2.11.2). The other properties are stepped over by their types (§2.2.2.2).
+fn connect_session_expiry(block: &[u8]) -> Result<u32, DecodeError> {
+    let mut r = Reader::new(block);
+    let mut expiry = None;
+    while r.remaining() > 0 {
+        let id = r.u8("property identifier")?;
+        match id {
+            0x11 => {
+                let v = r.u32("session expiry interval")?;
+                set_once(&mut expiry, id, v)?;
+            }
+            // Byte properties.
+            0x17 | 0x19 => {
+                r.u8("property")?;
+            }
+            // Two-byte integers: receive maximum, topic alias maximum.
+            0x21 | 0x22 => {
+                r.u16("property")?;
+            }
+            // Four-byte integer: maximum packet size.
+            0x27 => {
+                r.u32("property")?;
+            }
+            // Strings and binary data: authentication method and data.
+            0x15 | 0x16 => {
+                r.binary("property")?;
+            }
+            0x26 => {
+                r.string("user property name")?;
+                r.string("user property value")?;
+            }
+            _ => return Err(DecodeError::InvalidProperty { id }),
+        }
+    }
+    Ok(expiry.unwrap_or(0))
 }
 
 impl Publish {
@@ -511,15 +557,20 @@ impl Filters {
             r.skip_properties()?;
         }
         let mut filters = Vec::new();
+        let mut options = Vec::new();
         loop {
             filters.push(r.string("topic filter")?.to_owned());
             if subscribe {
-                r.u8("subscription options")?;
+                options.push(r.u8("subscription options")?);
             }
             if r.remaining() == 0 {
                 break;
             }
         }
-        Ok(Self { packet_id, filters })
+        Ok(Self {
+            packet_id,
+            filters,
+            options,
+        })
     }
 }

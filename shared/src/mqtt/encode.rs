@@ -167,3 +167,91 @@ pub fn encode_connack_refusal(version: ProtocolVersion, code: u8, out: &mut Byte
         out.put_slice(&[0x20, 2, 0, code]);
     }
 }
+
+/// Appends a SUBACK for `packet_id` with one return/reason code per filter (3.1.1 §3.9, 5.0 §3.9; v5
+/// with an empty property block).
+///
+/// # Errors
+/// [`EncodeError::PacketTooLarge`] for more codes than a packet holds.
+pub fn encode_suback(
+    version: ProtocolVersion,
+    packet_id: u16,
+    codes: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    encode_sub_ack(0x90, version, packet_id, codes, out)
+}
+
+/// Appends an UNSUBACK for `packet_id`: 3.1.1 has no codes (they are ignored); v5 has one reason code
+/// per filter (§3.11) and an empty property block.
+///
+/// # Errors
+/// [`EncodeError::PacketTooLarge`] for more codes than a packet holds.
+pub fn encode_unsuback(
+    version: ProtocolVersion,
+    packet_id: u16,
+    codes: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let codes = if version.has_properties() { codes } else { &[] };
+    encode_sub_ack(0xB0, version, packet_id, codes, out)
+}
+
+fn encode_sub_ack(
+    first: u8,
+    version: ProtocolVersion,
+    packet_id: u16,
+    codes: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let props = usize::from(version.has_properties());
+    let remaining = 2 + props + codes.len();
+    if remaining > MAX_REMAINING_LENGTH {
+        return Err(EncodeError::PacketTooLarge { len: remaining });
+    }
+    out.reserve(1 + varint_len(remaining) + remaining);
+    out.put_u8(first);
+    put_varint(out, remaining);
+    out.put_u16(packet_id);
+    if props == 1 {
+        out.put_u8(0);
+    }
+    out.put_slice(codes);
+    Ok(())
+}
+
+/// Appends a PUBREL for `packet_id` (success, short form in both versions).
+pub fn encode_pubrel(packet_id: u16, out: &mut BytesMut) {
+    out.put_slice(&[0x62, 2]);
+    out.put_u16(packet_id);
+}
+
+/// Sets the packet id and DUP flag of an encoded QoS 1/2 PUBLISH `frame` in place (the packet id sits
+/// right after the topic name, MQTT 3.1.1 §3.3.2, 5.0 §3.3.2). Returns `false`, changing nothing, if
+/// `frame` is not a whole QoS 1/2 PUBLISH.
+pub fn set_publish_packet_id(frame: &mut [u8], packet_id: u16, dup: bool) -> bool {
+    let Ok(header) = super::FixedHeader::parse(frame, usize::MAX) else {
+        return false;
+    };
+    if header.packet_type != super::PacketType::Publish
+        || frame.len() < header.frame_len()
+        || (frame[0] >> 1) & 0b11 == 0
+    {
+        return false;
+    }
+    let at = header.header_len;
+    let Some(&[hi, lo]) = frame.get(at..at + 2) else {
+        return false;
+    };
+    let id_at = at + 2 + usize::from(u16::from_be_bytes([hi, lo]));
+    let Some(slot) = frame.get_mut(id_at..id_at + 2) else {
+        return false;
+    };
+    slot.copy_from_slice(&packet_id.to_be_bytes());
+    if dup {
+        frame[0] |= 0b1000;
+    } else {
+        frame[0] &= !0b1000;
+    }
+    true
+}

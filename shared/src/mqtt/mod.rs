@@ -28,7 +28,10 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 pub use decode::{frame_len, split_frame, FixedHeader};
-pub use encode::{encode_ack, encode_connack_refusal, encode_publish};
+pub use encode::{
+    encode_ack, encode_connack_refusal, encode_publish, encode_pubrel, encode_suback,
+    encode_unsuback, set_publish_packet_id,
+};
 
 /// Largest value the 4-byte remaining-length varint can carry (MQTT 3.1.1 §2.2.3, 5.0 §1.5.5).
 pub const MAX_REMAINING_LENGTH: usize = 268_435_455;
@@ -180,6 +183,9 @@ pub struct Connect {
     pub clean_start: bool,
     /// The last will, if the client set one.
     pub will: Option<Will>,
+    /// v5 Session Expiry Interval in seconds (0 when absent, and for 3.1.1): how long the session
+    /// outlives the connection; `u32::MAX` means never expires (MQTT 5.0 §3.1.2.11.2).
+    pub session_expiry: u32,
 }
 
 /// A CONNECT's last will: the message the broker publishes for the client when its connection ends without
@@ -280,6 +286,53 @@ pub struct Filters {
     pub packet_id: u16,
     /// The filters, in packet order; at least one.
     pub filters: Vec<String>,
+    /// For a SUBSCRIBE, each filter's options byte, in the same order (3.1.1: the requested QoS; 5.0
+    /// also no-local, retain-as-published and retain handling, see [`SubscriptionOptions`]); empty for
+    /// an UNSUBSCRIBE.
+    pub options: Vec<u8>,
+}
+
+/// The options of one SUBSCRIBE filter (MQTT 5.0 §3.8.3.1; 3.1.1 has the QoS bits only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    /// Highest QoS the subscriber accepts.
+    pub qos: QoS,
+    /// Do not deliver messages this client published itself.
+    pub no_local: bool,
+    /// Keep the RETAIN flag of forwarded messages (otherwise it is cleared).
+    pub retain_as_published: bool,
+    /// 0: send retained messages at subscribe; 1: only if the subscription is new; 2: never.
+    pub retain_handling: u8,
+}
+
+impl SubscriptionOptions {
+    /// Parses an options byte; `None` if it uses the reserved QoS 3 or retain handling 3, or reserved bits.
+    #[must_use]
+    pub const fn from_byte(byte: u8) -> Option<Self> {
+        let qos = match QoS::from_code(byte & 0b11) {
+            Some(qos) => qos,
+            None => return None,
+        };
+        let retain_handling = (byte >> 4) & 0b11;
+        if retain_handling == 3 || byte & 0b1100_0000 != 0 {
+            return None;
+        }
+        Some(Self {
+            qos,
+            no_local: byte & 0b100 != 0,
+            retain_as_published: byte & 0b1000 != 0,
+            retain_handling,
+        })
+    }
+
+    /// The options byte.
+    #[must_use]
+    pub const fn to_byte(self) -> u8 {
+        (self.qos as u8)
+            | ((self.no_local as u8) << 2)
+            | ((self.retain_as_published as u8) << 3)
+            | (self.retain_handling << 4)
+    }
 }
 
 /// A decoded PUBACK or PUBREC.

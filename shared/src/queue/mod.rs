@@ -32,6 +32,7 @@ mod dead;
 mod mem;
 mod redb;
 mod retained;
+mod session;
 
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ pub use self::dead::{DeadLetter, DeadLetterLimits, DeadLetters, NewDeadLetter};
 pub use self::mem::MemQueue;
 pub use self::redb::{Mark, RedbQueue};
 pub use self::retained::{RetainedChange, RetainedLimits, RetainedStore};
+pub use self::session::{Enqueued, SessionLimits, SessionRecord, SessionStore, StoredDelivery};
 
 /// What the queue does when an append would go over [`QueueLimits::max_bytes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
