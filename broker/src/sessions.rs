@@ -23,8 +23,8 @@
 //! # Delivery
 //! Each online persistent connection runs an outbox ([`run_outbox`]): it reads the session's queued messages
 //! in order, at most [`INFLIGHT`] unacknowledged at a time (Mosquitto's `max_inflight_messages`), and
-//! removes each on PUBACK (QoS 1) or PUBCOMP (QoS 2); a PUBREC is recorded so that PUBREL, not the message,
-//! is what a reconnect resends. The packet id is derived from the message's place in the store, so it is
+//! removes each on PUBACK (QoS 1) or PUBCOMP (QoS 2); a PUBREC is recorded durably before the PUBREL
+//! goes out, so that PUBREL, not the message, is what a reconnect or restart resends. The packet id is derived from the message's place in the store, so it is
 //! the same after a restart and a QoS 2 receiver recognises a redelivery. Redeliveries carry DUP.
 //!
 //! # Limits (said in the README)
@@ -894,6 +894,7 @@ async fn deliver(
             ack = acks.recv() => {
                 let Some(ack) = ack else { return };
                 let mut done = Vec::new();
+                let mut received = Vec::new();
                 let mut next = Some(ack);
                 while let Some(ack) = next {
                     match ack {
@@ -904,20 +905,34 @@ async fn deliver(
                         }
                         ClientAck::Pubrec(id) => {
                             if let Some((seq, released)) = inflight.get_mut(&id) {
-                                *released = true;
-                                let (store, c, seq) = (Arc::clone(&sessions.store), Arc::clone(&client), *seq);
-                                if let Ok(Err(cause)) = tokio::task::spawn_blocking(move || store.release(&c, seq)).await {
-                                    warn!(client_id = %client, %cause, "cannot record a PUBREC");
-                                }
-                                let mut f = BytesMut::with_capacity(4);
-                                mqtt::encode_pubrel(id, &mut f);
-                                if out.send(f.freeze()).await.is_err() {
-                                    return;
+                                if !*released {
+                                    *released = true;
+                                    received.push((id, *seq));
                                 }
                             }
                         }
                     }
                     next = acks.try_recv().ok();
+                }
+                if !received.is_empty() {
+                    // Durable before any PUBREL goes out (see `SessionStore::release`).
+                    let seqs: Vec<u64> = received.iter().map(|(_, seq)| *seq).collect();
+                    let (store, c) = (Arc::clone(&sessions.store), Arc::clone(&client));
+                    match tokio::task::spawn_blocking(move || store.release(&c, &seqs)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(cause)) => {
+                            error!(client_id = %client, %cause, "cannot record PUBREC; ending delivery");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                    for (id, _) in received {
+                        let mut f = BytesMut::with_capacity(4);
+                        mqtt::encode_pubrel(id, &mut f);
+                        if out.send(f.freeze()).await.is_err() {
+                            return;
+                        }
+                    }
                 }
                 if !done.is_empty() {
                     sessions.counters.acknowledged.fetch_add(done.len() as u64, Ordering::Relaxed);

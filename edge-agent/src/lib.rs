@@ -143,7 +143,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let uplink_stop = CancellationToken::new();
     let housekeeping_stop = CancellationToken::new();
     let uplinks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-    let for_metrics = (Arc::clone(&lanes), Arc::clone(&limits), retained.clone());
+    let for_metrics = (
+        Arc::clone(&lanes),
+        Arc::clone(&limits),
+        retained.clone(),
+        sessions.clone(),
+    );
     {
         let uplink_cfg = cfg.uplink.clone();
         let agent_name: Arc<str> = Arc::from(cfg.agent_name.as_deref().unwrap_or(&cfg.site));
@@ -188,9 +193,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     ));
     tracker.spawn(housekeeping(Arc::clone(&lanes), housekeeping_stop.clone()));
     if let Some(listener) = metrics_listener {
-        let (lanes, limits, retained) = for_metrics;
-        let render: meshbridge_metrics::Render =
-            Arc::new(move || metrics.render(&lanes, &limits, retained.as_ref(), &retained_refused));
+        let (lanes, limits, retained, sessions) = for_metrics;
+        let render: meshbridge_metrics::Render = Arc::new(move || {
+            metrics.render(
+                &lanes,
+                &limits,
+                retained.as_ref(),
+                &retained_refused,
+                sessions.as_ref(),
+            )
+        });
         tracker.spawn(meshbridge_metrics::serve(
             listener,
             render,

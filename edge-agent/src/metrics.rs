@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use meshbridge_broker::sessions::Sessions;
 use meshbridge_metrics::{set, Registry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -17,6 +18,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use shared::queue::{Queue, RetainedStore};
 
 use crate::lanes::Lanes;
+
+/// Why a persistent session's message was dropped, as a label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    reason: &'static str,
+}
 
 /// A priority lane as a label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +78,17 @@ pub(crate) struct AgentMetrics {
     retained_bytes: Gauge,
     retained_refused: Counter,
     retained_refused_seen: AtomicU64,
+    sessions: Gauge,
+    sessions_online: Gauge,
+    session_queued: Gauge,
+    session_queued_bytes: Gauge,
+    session_stored: Counter,
+    session_acknowledged: Counter,
+    session_dropped: Family<ReasonLabel, Counter>,
+    sessions_expired: Counter,
+    /// Totals of the sessions' counters at the last render: stored, acknowledged, dropped full, dropped
+    /// slow, expired.
+    session_seen: [AtomicU64; 5],
     /// Serialises renders, so two scrapes never add the same delta twice.
     rendering: Mutex<()>,
 }
@@ -100,6 +118,15 @@ impl AgentMetrics {
             retained_bytes: Gauge::default(),
             retained_refused: Counter::default(),
             retained_refused_seen: AtomicU64::new(0),
+            sessions: Gauge::default(),
+            sessions_online: Gauge::default(),
+            session_queued: Gauge::default(),
+            session_queued_bytes: Gauge::default(),
+            session_stored: Counter::default(),
+            session_acknowledged: Counter::default(),
+            session_dropped: Family::default(),
+            sessions_expired: Counter::default(),
+            session_seen: Default::default(),
             rendering: Mutex::new(()),
         };
         registry.register(
@@ -182,6 +209,46 @@ impl AgentMetrics {
             "Retained publishes refused because the retained store was full",
             m.retained_refused.clone(),
         );
+        registry.register(
+            "sessions",
+            "Persistent sessions (cleansession=0 / session expiry) the embedded broker keeps on disk",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "sessions_online",
+            "Persistent sessions whose client is connected",
+            m.sessions_online.clone(),
+        );
+        registry.register(
+            "session_messages_queued",
+            "QoS 1/2 messages on disk for persistent sessions, not yet acknowledged by their subscriber",
+            m.session_queued.clone(),
+        );
+        registry.register(
+            "session_queued_bytes",
+            "Bytes of the messages queued for persistent sessions",
+            m.session_queued_bytes.clone(),
+        );
+        registry.register(
+            "session_messages_stored",
+            "QoS 1/2 messages stored for a persistent session (before the publisher's ack)",
+            m.session_stored.clone(),
+        );
+        registry.register(
+            "session_messages_acknowledged",
+            "Deliveries to persistent sessions their subscriber acknowledged",
+            m.session_acknowledged.clone(),
+        );
+        registry.register(
+            "session_messages_dropped",
+            "Messages for persistent sessions dropped: reason=full (broker.max_queued_messages / max_queued_bytes), reason=slow (QoS 0 to an online subscriber that did not read)",
+            m.session_dropped.clone(),
+        );
+        registry.register(
+            "sessions_expired",
+            "Persistent sessions removed because their session expiry interval ran out",
+            m.sessions_expired.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -205,6 +272,7 @@ impl AgentMetrics {
         limits: &shared::limits::SharedLimits,
         retained: Option<&Arc<RetainedStore>>,
         retained_refused: &AtomicU64,
+        sessions: Option<&Arc<Sessions>>,
     ) -> String {
         let _one = self
             .rendering
@@ -248,6 +316,41 @@ impl AgentMetrics {
             &self.retained_refused_seen,
             retained_refused.load(Ordering::Relaxed),
         );
+        if let Some(sessions) = sessions {
+            let (stored, online) = sessions.counts();
+            set(&self.sessions, stored as u64);
+            set(&self.sessions_online, online as u64);
+            let (queued, bytes) = sessions.store().totals();
+            set(&self.session_queued, queued);
+            set(&self.session_queued_bytes, bytes);
+            let c = &sessions.counters;
+            let full = self
+                .session_dropped
+                .get_or_create(&ReasonLabel { reason: "full" })
+                .clone();
+            let slow = self
+                .session_dropped
+                .get_or_create(&ReasonLabel { reason: "slow" })
+                .clone();
+            let seen = &self.session_seen;
+            add_since(
+                &self.session_stored,
+                &seen[0],
+                c.queued.load(Ordering::Relaxed),
+            );
+            add_since(
+                &self.session_acknowledged,
+                &seen[1],
+                c.acknowledged.load(Ordering::Relaxed),
+            );
+            add_since(&full, &seen[2], c.dropped_full.load(Ordering::Relaxed));
+            add_since(&slow, &seen[3], c.dropped_slow.load(Ordering::Relaxed));
+            add_since(
+                &self.sessions_expired,
+                &seen[4],
+                c.expired.load(Ordering::Relaxed),
+            );
+        }
         meshbridge_metrics::render(&self.registry)
     }
 }

@@ -26,6 +26,7 @@ pub mod bins;
 pub mod cloud;
 pub mod faults;
 pub mod mesh;
+pub mod metrics;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod net;

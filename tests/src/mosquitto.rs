@@ -117,3 +117,129 @@ impl Mosquitto {
         }
     }
 }
+
+/// A Mosquitto command-line client (`mosquitto_sub`, `mosquitto_pub`) from Debian's `mosquitto-clients`.
+pub fn client_tool(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// `true` when `test` must skip because `mosquitto_sub` / `mosquitto_pub` are missing.
+///
+/// # Panics
+/// Under `CI=true`, where a missing tool fails the test (see [`crate::prereq`]).
+pub fn clients_skip(test: &str) -> bool {
+    crate::prereq::missing(
+        test,
+        client_tool("mosquitto_sub").is_some() && client_tool("mosquitto_pub").is_some(),
+        "mosquitto_sub / mosquitto_pub are not installed",
+        "scripts/install-test-deps.sh installs Debian's mosquitto-clients",
+    )
+}
+
+/// A running `mosquitto_sub -v -d`: its lines, split into the messages it printed (`topic payload`) and
+/// libmosquitto's debug lines (`Client <id> received SUBACK`, ...). The process is killed on drop, without
+/// a DISCONNECT, as a crashing subscriber would go.
+pub struct MosquittoSub {
+    child: tokio::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl MosquittoSub {
+    /// Starts `mosquitto_sub -h <addr> -p <port> -v -d` with `args` (client id, `-c`, `-q`, `-t`, ...),
+    /// under coreutils' `stdbuf -oL`: into a pipe its stdout is block-buffered, and the lines would
+    /// only come when it exits.
+    ///
+    /// # Panics
+    /// If `mosquitto_sub` cannot be started.
+    pub fn start(addr: SocketAddr, args: &[&str]) -> Self {
+        let program = client_tool("mosquitto_sub").expect("mosquitto_sub is installed");
+        let mut child = tokio::process::Command::new("stdbuf")
+            .arg("-oL")
+            .arg(program)
+            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .args(["-v", "-d"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start mosquitto_sub");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                sink.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(line);
+            }
+        });
+        Self {
+            child,
+            lines,
+            reader,
+        }
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The messages printed so far, as `topic payload` lines, in arrival order.
+    pub fn messages(&self) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed "))
+            .collect()
+    }
+
+    /// Every line, debug lines included (what a failing assertion prints).
+    pub fn transcript(&self) -> String {
+        self.all().join("\n")
+    }
+
+    /// Waits until a line contains `needle`; `false` after `timeout`.
+    pub async fn wait_line(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.all().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `pred` holds for the messages printed; `false` after `timeout`.
+    pub async fn wait_messages(&self, timeout: Duration, pred: impl Fn(&[String]) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if pred(&self.messages()) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the client (no DISCONNECT) and waits for it to be gone.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+        self.reader.abort();
+    }
+}

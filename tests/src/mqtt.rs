@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions, Request};
 use rumqttc::Outgoing;
@@ -176,6 +176,21 @@ impl Track {
                     if matches!(
                         ack.reason,
                         PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                    ) {
+                        self.outcome.acked.insert(n);
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.outcome.refused.insert(n);
+                    }
+                }
+            }
+            // QoS 2: the PUBREC is the broker's acceptance (the PUBREL/PUBCOMP that follow only release
+            // the packet id, which rumqttc does not reuse before the PUBCOMP).
+            Event::Incoming(Packet::PubRec(rec)) => {
+                if let Some(n) = self.inflight.remove(&rec.pkid) {
+                    if matches!(
+                        rec.reason,
+                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
                     ) {
                         self.outcome.acked.insert(n);
                         acked.fetch_add(1, Ordering::Relaxed);

@@ -201,6 +201,8 @@ pub struct AgentSpec {
     pub metrics: Option<SocketAddr>,
     /// `log_format = "json"` instead of text lines.
     pub json_logs: bool,
+    /// Extra lines of the `[broker]` section (e.g. `max_queued_messages = 5`).
+    pub broker_extra: Vec<String>,
 }
 
 impl AgentSpec {
@@ -224,6 +226,7 @@ impl AgentSpec {
             agent_name: None,
             metrics: None,
             json_logs: false,
+            broker_extra: Vec::new(),
         }
     }
 
@@ -249,6 +252,9 @@ impl AgentSpec {
             let _ = writeln!(out, "log_format = \"json\"\n");
         }
         self.broker.write(&mut out);
+        for line in &self.broker_extra {
+            let _ = writeln!(out, "{line}");
+        }
         let _ = writeln!(
             out,
             "[uplink]\nhub = \"{}\"\nserver_name = {}\nca = {}\ncert = {}\nkey = {}\n\

@@ -2,45 +2,15 @@
 //! their counters move with traffic: what the agent committed and the hub acknowledged, what the hub
 //! received and forwarded, the queue depth back at 0, the connections up.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshbridge_tests::mesh::Mesh;
+use meshbridge_tests::metrics::{sample, scrape};
 use meshbridge_tests::mqtt::{Collector, PublishPlan, Publisher};
 use meshbridge_tests::net::free_tcp;
 use meshbridge_tests::spec::BrokerSpec;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MESSAGES: u64 = 200;
-
-/// The body of `GET /metrics` at `addr`.
-async fn scrape(addr: SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("connect to the metrics endpoint {addr}: {e}"));
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("read the response");
-    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .expect("a body")
-}
-
-/// The value of the sample `name{labels}` (exact text before the value), if present.
-fn sample(body: &str, series: &str) -> Option<u64> {
-    body.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_programs_serve_metrics_that_move_with_traffic() {

@@ -16,9 +16,10 @@
 //!
 //! # Durability
 //! What a guarantee rests on is committed with `Durability::Immediate`: new messages ([`SessionStore::enqueue`]),
-//! subscription changes and session removals. Acknowledgements and PUBREC marks are committed without an
-//! fsync (`Durability::None`, made durable by the next immediate commit): losing one in a crash only
-//! redelivers a message the client had (QoS 1 allows it; a QoS 2 client recognises the packet id).
+//! subscription changes, session removals and PUBREC marks (see [`SessionStore::release`]).
+//! Acknowledgements are committed without an fsync (`Durability::None`, made durable by the next
+//! immediate commit): losing one in a crash only redelivers a QoS 1 message the client had (allowed), or
+//! resends the PUBREL of a completed QoS 2 exchange, which the client answers with PUBCOMP.
 //!
 //! # Bounds
 //! Per session at most [`SessionLimits::max_messages`] messages and [`SessionLimits::max_bytes`] bytes
@@ -350,18 +351,25 @@ impl SessionStore {
         Ok(out)
     }
 
-    /// Marks `client`'s message `seq` as released (the client sent PUBREC), without an fsync.
+    /// Marks `client`'s messages `seqs` as released (the client sent PUBREC), durably: only then may
+    /// PUBREL go out. Were the mark lost in a crash after PUBREL, the message would be sent again as a
+    /// PUBLISH, which a receiver that already completed the exchange takes for a new message.
     ///
     /// # Errors
     /// As any write.
-    pub fn release(&self, client: &str, seq: u64) -> Result<(), QueueError> {
-        self.write(false, |txn| {
+    pub fn release(&self, client: &str, seqs: &[u64]) -> Result<(), QueueError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        self.write(true, |txn| {
             let mut table = txn.open_table(MESSAGES)?;
-            let value = table.get((client, seq))?.map(|v| v.value().to_vec());
-            if let Some(mut value) = value {
-                if value.len() >= MESSAGE_HEADER {
-                    value[1] = 1;
-                    table.insert((client, seq), value.as_slice())?;
+            for seq in seqs {
+                let value = table.get((client, *seq))?.map(|v| v.value().to_vec());
+                if let Some(mut value) = value {
+                    if value.len() >= MESSAGE_HEADER {
+                        value[1] = 1;
+                        table.insert((client, *seq), value.as_slice())?;
+                    }
                 }
             }
             Ok(())
@@ -483,7 +491,7 @@ mod tests {
             .expect("enqueue");
         assert_eq!(outcome.stored, 3);
         assert_eq!(seqs, [Some(1), Some(2), Some(3)]);
-        store.release("b", 2).expect("release");
+        store.release("b", &[2]).expect("release");
         store.acknowledge("a", &[1]).expect("ack");
         // An immediate commit makes the earlier non-durable ones durable too.
         store
