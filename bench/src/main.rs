@@ -62,6 +62,7 @@ enum Which {
     Outage,
     Crash,
     Fanin,
+    LocalSession,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -93,6 +94,7 @@ async fn main() -> Result<()> {
         Which::Outage => vec![Scenario::Outage],
         Which::Crash => vec![Scenario::Crash],
         Which::Fanin => vec![Scenario::FanIn],
+        Which::LocalSession => vec![Scenario::LocalSession],
     };
     let chosen: Vec<Kind> = match &cli.systems {
         Some(list) => list.iter().map(|s| s.kind()).collect(),

@@ -22,6 +22,9 @@ pub(crate) enum Scenario {
     Crash,
     /// 100 publishers × 10 msg/s on distinct topics.
     FanIn,
+    /// One publisher at 1,000 msg/s, with a persistent subscriber on the edge broker besides the cloud
+    /// one: what the edge pays to keep a local session's deliveries (issue 12).
+    LocalSession,
 }
 
 impl Scenario {
@@ -31,6 +34,7 @@ impl Scenario {
             Self::Throughput(1),
             Self::Throughput(10),
             Self::Latency,
+            Self::LocalSession,
             Self::FanIn,
             Self::Outage,
             Self::Crash,
@@ -46,6 +50,7 @@ impl Scenario {
             Self::Outage => "outage".to_owned(),
             Self::Crash => "crash".to_owned(),
             Self::FanIn => "fan-in".to_owned(),
+            Self::LocalSession => "latency, persistent local subscriber".to_owned(),
         }
     }
 
@@ -72,12 +77,17 @@ impl Scenario {
                 "100 publishers × 10 msg/s, each its own topic, QoS 1, for {:?}",
                 s.fanin
             ),
+            Self::LocalSession => format!(
+                "1 publisher, QoS 1, 1,000 msg/s for {:?}; a persistent (cleansession=0) QoS 1 subscriber on \
+                 the edge broker as well as the cloud subscriber; `local` rows are the edge subscriber's",
+                s.latency
+            ),
         }
     }
 
     /// The ceiling has no cloud side to stop or edge holding a backlog for it.
     pub(crate) fn applies_to(self, kind: Kind) -> bool {
-        !(kind == Kind::Ceiling && matches!(self, Self::Outage | Self::Crash))
+        !(kind == Kind::Ceiling && matches!(self, Self::Outage | Self::Crash | Self::LocalSession))
     }
 }
 
@@ -240,7 +250,35 @@ pub(crate) async fn run(
         }
         Scenario::Outage => outage(kind, programs, s).await,
         Scenario::Crash => crash(kind, programs, s).await,
+        Scenario::LocalSession => local_session(kind, programs, s).await,
     }
+}
+
+/// The latency load with a persistent subscriber at the edge too.
+async fn local_session(kind: Kind, programs: &Programs, s: &Settings) -> Result<Rows> {
+    let session = Session::open(kind, programs).await?;
+    let local = Subscriber::start(session.dep.edge_mqtt, "telemetry/#").await?;
+    let spec = LoadSpec {
+        publishers: 1,
+        rate: Some(1000.0),
+        duration: s.latency,
+        inflight: 100,
+    };
+    let publishers = Publishers::start(session.dep.edge_mqtt, &spec).await?;
+    let published = publishers.finish().await?;
+    let acked = count_acked(&published);
+    session
+        .wait_delivered(acked, Duration::from_secs(3), Duration::from_secs(60))
+        .await;
+    let end = Instant::now() + Duration::from_secs(10);
+    while local.received() < acked && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let local_receipts = local.finish().await;
+    let (mut rows, _) = session.close(&published).await?;
+    Delivery::compute(&published, &local_receipts).local_rows(&mut rows);
+    fault_rows(&mut rows, None, None);
+    Ok(rows)
 }
 
 /// Load with no fault: publish for the duration, wait for delivery.

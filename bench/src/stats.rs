@@ -191,6 +191,20 @@ impl Delivery {
     }
 }
 
+impl Delivery {
+    /// The rows of a second subscriber, at the edge (see the `LocalSession` scenario).
+    pub(crate) fn local_rows(&self, rows: &mut Rows) {
+        let c = |v: u64| Some(v as f64);
+        rows.push("local delivered (distinct)", c(self.delivered), Fmt::Count);
+        rows.push("local lost after PUBACK", c(self.lost_acked), Fmt::Count);
+        rows.push("local duplicates", c(self.duplicates), Fmt::Count);
+        let names = ["local latency p50", "local latency p99"];
+        for (name, v) in names.into_iter().zip(self.latency) {
+            rows.push(name, (self.delivered > 0).then_some(v as f64), Fmt::Ms);
+        }
+    }
+}
+
 /// Median of each row over runs (rows matched by name, in the first run's order).
 pub(crate) fn median(runs: &[Rows]) -> Rows {
     let mut out = Rows::default();
