@@ -234,6 +234,8 @@ pub(crate) struct Hub {
     pub(crate) downlinks: Arc<DownlinkStore>,
     live: Mutex<HashMap<String, Live>>,
     next_id: AtomicU64,
+    /// What the status topics say about each site (see `crate::status`).
+    pub(crate) status: crate::status::StatusBoard,
 }
 
 impl Hub {
@@ -268,6 +270,7 @@ impl Hub {
             downlinks,
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            status: crate::status::StatusBoard::default(),
         }
     }
 }
@@ -364,7 +367,8 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         return;
     };
     link.handle_frame(hello, now());
-    let (agent_name, version, capabilities, incarnation, last_acked, lane) = match link.poll_event()
+    let (agent_name, version, capabilities, incarnation, last_acked, lane, running) = match link
+        .poll_event()
     {
         Some(HubEvent::Hello {
             agent_name,
@@ -373,7 +377,8 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             incarnation,
             last_acked,
             lane,
-            ..
+            config_version,
+            agent_version,
         }) => (
             agent_name,
             version,
@@ -381,6 +386,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             incarnation,
             last_acked,
             lane,
+            (config_version, agent_version),
         ),
         other => {
             match other {
@@ -555,6 +561,8 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         info!(cause = %error, "agent left before Welcome");
     } else {
         site.counters.connects.inc();
+        let _presence =
+            crate::status::Presence::new(&hub.status, &site.name, running.0, &running.1);
         info!(
             connection = id,
             version,
@@ -887,6 +895,7 @@ impl Session<'_> {
                     }
                     HubEvent::ConfigApplied { version } => {
                         info!(version, "agent applied the pushed config");
+                        self.hub.status.config_applied(&self.site.name, version);
                     }
                     HubEvent::ConfigRejected { version, rejection } => error!(
                         version,

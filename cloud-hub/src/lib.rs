@@ -28,6 +28,7 @@ mod metrics;
 pub mod pki;
 mod publisher;
 mod reload;
+mod status;
 pub mod store;
 pub mod tls;
 
@@ -406,6 +407,14 @@ async fn serve(
             shutdown.clone(),
         ));
     }
+    let status_stop = CancellationToken::new();
+    let status_task = cfg.status.enabled.then(|| {
+        tokio::spawn(status::run(
+            Arc::clone(&hub),
+            cfg.status.interval,
+            status_stop.clone(),
+        ))
+    });
     let broker = match (&embedded, &cfg.broker) {
         (Some(e), _) => format!("mqtt://{}", e.listen),
         (None, BrokerConfig::External(x)) => format!("external {}", x.address),
@@ -451,5 +460,13 @@ async fn serve(
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"hub stopped");
     endpoint.wait_idle().await;
+    // The connections have ended: the last statuses say so, before the publisher stops.
+    status_stop.cancel();
+    if let Some(task) = status_task {
+        let _ = tokio::time::timeout(STATUS_FINAL_WAIT, task).await;
+    }
     result
 }
+
+/// How long the last status messages may take at shutdown.
+const STATUS_FINAL_WAIT: Duration = Duration::from_secs(3);

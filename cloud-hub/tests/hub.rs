@@ -108,6 +108,10 @@ ca = "pki/ca.pem"
 cert = "pki/hub.pem"
 key = "pki/hub.key"
 {broker}
+# The status topics have their own test (tests/tests/e2e_status.rs); here the subscriber counts every
+# message under the namespace.
+[status]
+enabled = false
 [[sites]]
 name = "line1"
 namespace = "{NAMESPACE}"
@@ -230,6 +234,7 @@ impl FakeAgent {
             last_acked,
             config_version: 0,
             lane: 0,
+            agent_version: String::new(),
         })
         .await?;
         self.next().await
@@ -683,6 +688,7 @@ async fn site_not_configured_is_refused() -> anyhow::Result<()> {
                 last_acked: 0,
                 config_version: 0,
                 lane: 0,
+                agent_version: String::new(),
             })
             .await?;
         let reason = agent.expect_go_away(GoAwayCode::Unauthorized).await?;
@@ -710,6 +716,7 @@ async fn incompatible_version_is_refused() -> anyhow::Result<()> {
                 last_acked: 0,
                 config_version: 0,
                 lane: 0,
+                agent_version: String::new(),
             })
             .await?;
         let reason = agent
@@ -761,6 +768,7 @@ async fn hub_without_its_cloud_broker_refuses_before_welcome_with_a_retry_after(
             last_acked: 0,
             config_version: 0,
             lane: 0,
+            agent_version: String::new(),
         })
         .await?;
         // Raw bytes: exactly `u16 code, str16 reason`, nothing after it.

@@ -26,6 +26,7 @@ mod local;
 mod metrics;
 mod pushed;
 mod routes;
+mod status;
 mod uplink;
 
 use std::sync::Arc;
@@ -143,6 +144,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let uplink_stop = CancellationToken::new();
     let housekeeping_stop = CancellationToken::new();
     let uplinks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+    let for_status = (
+        Arc::clone(&pushed),
+        downlink_target_rx.clone(),
+        Arc::clone(&lanes),
+    );
     let for_metrics = (
         Arc::clone(&lanes),
         Arc::clone(&limits),
@@ -192,6 +198,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         housekeeping_stop.clone(),
     ));
     tracker.spawn(housekeeping(Arc::clone(&lanes), housekeeping_stop.clone()));
+    if cfg.status.enabled {
+        let (pushed, target, lanes) = for_status;
+        let identity = status::Identity {
+            site: cfg.site.clone(),
+            agent_name: cfg.agent_name.clone().unwrap_or_else(|| cfg.site.clone()),
+            hub: cfg.uplink.hub.to_string(),
+        };
+        tracker.spawn(status::run(
+            identity,
+            lanes,
+            pushed,
+            target,
+            cfg.status.interval,
+            housekeeping_stop.clone(),
+        ));
+    }
     if let Some(listener) = metrics_listener {
         let (lanes, limits, retained, sessions) = for_metrics;
         let render: meshbridge_metrics::Render = Arc::new(move || {

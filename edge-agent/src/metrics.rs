@@ -48,6 +48,8 @@ pub(crate) struct LaneCounters {
     pub(crate) connects: Counter,
     /// 1 while the lane's connection is welcomed.
     pub(crate) connected: Gauge,
+    /// Connections the stuck-link watchdog replaced (`uplink.ack_timeout`).
+    pub(crate) stalls: Counter,
     /// Messages moved to the dead-letter store.
     pub(crate) dead_lettered: Counter,
     /// The connection's smoothed round-trip time (QUIC's estimate), in seconds.
@@ -62,6 +64,7 @@ pub(crate) struct AgentMetrics {
     acknowledged: Family<LaneLabel, Counter>,
     connects: Family<LaneLabel, Counter>,
     connected: Family<LaneLabel, Gauge>,
+    stalls: Family<LaneLabel, Counter>,
     dead_lettered: Family<LaneLabel, Counter>,
     depth: Family<LaneLabel, Gauge>,
     bytes: Family<LaneLabel, Gauge>,
@@ -103,6 +106,7 @@ impl AgentMetrics {
             acknowledged: Family::default(),
             connects: Family::default(),
             connected: Family::default(),
+            stalls: Family::default(),
             dead_lettered: Family::default(),
             depth: Family::default(),
             bytes: Family::default(),
@@ -143,6 +147,11 @@ impl AgentMetrics {
             "uplink_connects",
             "Uplink connections the hub welcomed; more than one per lane means reconnects",
             m.connects.clone(),
+        );
+        registry.register(
+            "uplink_stalls",
+            "Uplink connections replaced by the stuck-link watchdog: batches unacknowledged for uplink.ack_timeout on a live connection",
+            m.stalls.clone(),
         );
         registry.register(
             "uplink_connected",
@@ -260,6 +269,7 @@ impl AgentMetrics {
             acknowledged: self.acknowledged.get_or_create(&label).clone(),
             connects: self.connects.get_or_create(&label).clone(),
             connected: self.connected.get_or_create(&label).clone(),
+            stalls: self.stalls.get_or_create(&label).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
             rtt: self.rtt.get_or_create(&label).clone(),
         }

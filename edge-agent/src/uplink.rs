@@ -148,6 +148,14 @@ pub(crate) enum UplinkError {
     /// A `Ping` went unanswered (only with a keepalive configured in the link machine).
     #[error("the hub stopped answering pings")]
     KeepaliveTimeout,
+    /// The stuck-link watchdog (`uplink.ack_timeout`): connected, but no `Ack` for the batches in flight.
+    #[error("stuck link: {unacked_batches} batch(es) unacknowledged for {after:?} on a live connection; replacing it")]
+    Stalled {
+        /// The timeout.
+        after: Duration,
+        /// Batches in flight.
+        unacked_batches: usize,
+    },
     /// The hub answered no QUIC handshake attempt of a whole connect phase (it is down or unreachable);
     /// retried at once, because the phase itself paced its attempts.
     #[error("no answer to the QUIC handshake within {after:?}")]
@@ -318,6 +326,7 @@ impl Uplink {
                 window: usize::try_from(self.cfg.window).unwrap_or(usize::MAX),
                 handshake_timeout: HANDSHAKE_TIMEOUT,
                 keepalive: None,
+                ack_timeout: Some(self.cfg.ack_timeout),
             },
             self.pushed.version(),
         );
@@ -335,6 +344,9 @@ impl Uplink {
                 Err(error) => error,
             };
             let stats = self.queue.stats();
+            if matches!(error, UplinkError::Stalled { .. }) {
+                self.counters.stalls.inc();
+            }
             let delay = match &error {
                 // A connect phase paces its own attempts: start the next one at once.
                 UplinkError::ConnectTimeout { .. } => Duration::ZERO,
@@ -721,7 +733,7 @@ impl Session<'_> {
                 };
                 let too_large =
                     encode_batches(&entries, &mut out, max_frame_size, &mut batch_lasts)?;
-                link.batches_sent(last, batch_lasts.drain(..));
+                link.batches_sent(now(), last, batch_lasts.drain(..));
                 if !too_large.is_empty() {
                     let letters = too_large
                         .into_iter()
@@ -798,6 +810,13 @@ impl Session<'_> {
             AgentEnd::Protocol(violation) => Err(UplinkError::Protocol(violation)),
             AgentEnd::HandshakeTimeout { after } => Err(UplinkError::HandshakeTimeout { after }),
             AgentEnd::KeepaliveTimeout => Err(UplinkError::KeepaliveTimeout),
+            AgentEnd::Stalled {
+                after,
+                unacked_batches,
+            } => Err(UplinkError::Stalled {
+                after,
+                unacked_batches,
+            }),
             AgentEnd::Restarted {
                 hub_high_water,
                 written,

@@ -30,5 +30,6 @@ pub mod mqtt;
 pub mod policy;
 pub mod queue;
 pub mod site;
+pub mod status;
 pub mod topic;
 pub mod wire;

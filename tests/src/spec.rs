@@ -95,6 +95,9 @@ pub struct HubSpec {
     pub metrics: Option<SocketAddr>,
     /// `log_format = "json"` instead of text lines.
     pub json_logs: bool,
+    /// `status.interval`; `None` turns the hub's status topics off (`[status] enabled = false`), because
+    /// most tests subscribe to a whole namespace and count what arrives. `tests/tests/e2e_status.rs` sets it.
+    pub status_interval: Option<Duration>,
 }
 
 impl HubSpec {
@@ -116,6 +119,7 @@ impl HubSpec {
             log: "info".to_owned(),
             metrics: None,
             json_logs: false,
+            status_interval: None,
         }
     }
 
@@ -143,6 +147,14 @@ impl HubSpec {
         }
         if let Some(addr) = self.metrics {
             let _ = writeln!(out, "[metrics]\nlisten = \"{addr}\"\n");
+        }
+        match self.status_interval {
+            Some(interval) => {
+                let _ = writeln!(out, "[status]\ninterval = \"{}ms\"\n", interval.as_millis());
+            }
+            None => {
+                let _ = writeln!(out, "[status]\nenabled = false\n");
+            }
         }
         for (name, namespace) in &self.sites {
             let _ = writeln!(
@@ -203,6 +215,10 @@ pub struct AgentSpec {
     pub json_logs: bool,
     /// Extra lines of the `[broker]` section (e.g. `max_queued_messages = 5`).
     pub broker_extra: Vec<String>,
+    /// Text appended to the config (whole tables, e.g. `[status]`).
+    pub tail: Vec<String>,
+    /// `uplink.ack_timeout` (the stuck-link watchdog); the agent's default when `None`.
+    pub ack_timeout: Option<Duration>,
 }
 
 impl AgentSpec {
@@ -227,6 +243,8 @@ impl AgentSpec {
             metrics: None,
             json_logs: false,
             broker_extra: Vec::new(),
+            tail: Vec::new(),
+            ack_timeout: None,
         }
     }
 
@@ -269,6 +287,9 @@ impl AgentSpec {
             self.window,
             self.reconnect_max.as_millis().max(50),
         );
+        if let Some(timeout) = self.ack_timeout {
+            let _ = writeln!(out, "ack_timeout = \"{}ms\"\n", timeout.as_millis());
+        }
         if let Some(max) = &self.queue_max_bytes {
             let _ = writeln!(
                 out,
@@ -281,6 +302,9 @@ impl AgentSpec {
         }
         for filter in &self.routes {
             let _ = writeln!(out, "[[routes]]\nfilter = {}\n", quote(filter));
+        }
+        for text in &self.tail {
+            let _ = writeln!(out, "{text}");
         }
         out
     }

@@ -50,6 +50,9 @@ pub struct AgentConfig {
     /// The Prometheus endpoint; off unless `metrics.listen` is set.
     #[serde(default)]
     pub metrics: super::MetricsConfig,
+    /// The status topic (README, "Status topics").
+    #[serde(default)]
+    pub status: super::StatusConfig,
     /// Which local messages go up: the bootstrap config, used only until the hub has pushed one. Once a
     /// pushed config exists (kept as last-good in `data_dir`), it replaces these on every start, even while
     /// the hub is unreachable; see [`EffectiveConfig::bootstrap`](super::EffectiveConfig::bootstrap). At
@@ -93,6 +96,11 @@ pub struct UplinkConfig {
     /// dead link is noticed.
     #[serde(default = "default_uplink_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// The stuck-link watchdog: a connection on which batches stay unacknowledged this long, with no `Ack`
+    /// at all, is logged, counted (`meshbridge_uplink_stalls_total`) and replaced by a new one. Longer than
+    /// the hub's own 10 s limit for a cloud broker's answer, which closes the link from its side first.
+    #[serde(default = "default_ack_timeout", with = "humantime_serde")]
+    pub ack_timeout: Duration,
     /// QUIC idle timeout: the link is declared dead after this long without hearing from the hub, and the
     /// agent reconnects. Must exceed `keep_alive`, or an idle but healthy link is torn down between pings.
     /// The hub adopts the shorter of the two sides' timeouts. Default 2 s: with the 15 s it replaced, a hub
@@ -179,6 +187,9 @@ fn default_reconnect_min() -> Duration {
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(10)
 }
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_uplink_keep_alive() -> Duration {
     Duration::from_millis(500)
 }
@@ -221,6 +232,7 @@ impl AgentConfig {
     /// Reports every problem in the config, each with its key path.
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut report = Report::default();
+        self.status.validate(&mut report);
         if let Err(reason) = check_site_name(&self.site) {
             report.push(
                 "site",
@@ -311,6 +323,12 @@ impl UplinkConfig {
             );
         }
         report.nonzero("uplink.keep_alive", self.keep_alive);
+        report.duration_range(
+            "uplink.ack_timeout",
+            self.ack_timeout,
+            Duration::from_millis(500),
+            Duration::from_secs(24 * 3600),
+        );
         if self.idle_timeout <= self.keep_alive {
             report.push(
                 "uplink.idle_timeout",

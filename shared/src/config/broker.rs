@@ -289,6 +289,47 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// The status topic (`[status]`, see `shared::status`): the hub's per site in the cloud namespace, the
+/// agent's on its local broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Publish status topics at all.
+    #[serde(default = "default_status_enabled")]
+    pub enabled: bool,
+    /// Published on every change and at least this often.
+    #[serde(default = "default_status_interval", with = "humantime_serde")]
+    pub interval: std::time::Duration,
+}
+
+impl StatusConfig {
+    pub(crate) fn validate(&self, report: &mut super::validate::Report) {
+        report.duration_range(
+            "status.interval",
+            self.interval,
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(24 * 3600),
+        );
+    }
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self {
+            enabled: default_status_enabled(),
+            interval: default_status_interval(),
+        }
+    }
+}
+
+const fn default_status_enabled() -> bool {
+    true
+}
+
+const fn default_status_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
 /// How log lines are written (`log_format`), the same for both programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -52,6 +52,9 @@ pub struct HubConfig {
     /// The Prometheus endpoint; off unless `metrics.listen` is set.
     #[serde(default)]
     pub metrics: super::MetricsConfig,
+    /// The status topic (README, "Status topics").
+    #[serde(default)]
+    pub status: super::StatusConfig,
 }
 
 /// Bounds of each site's downlink queue at the hub (`data_dir/downlink/<site>.redb`), which holds what is
@@ -254,6 +257,7 @@ impl HubConfig {
             ByteSize::mib(1),
             ByteSize::gib(1024),
         );
+        self.status.validate(&mut report);
         report.duration_range(
             "downlink.max_age",
             self.downlink.max_age,

@@ -42,6 +42,7 @@ pub use agent::{
 };
 pub use broker::{
     BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, LogFormat, MetricsConfig, ServerTls,
+    StatusConfig,
 };
 pub use diff::{Change, HubConfigDiff, NamedChange, VersionChange};
 pub use effective::{version_of, Accept, Capture, EffectiveConfig, PushedConfig, EFFECTIVE_FORMAT};

@@ -37,6 +37,11 @@ pub struct AgentConfig {
     pub handshake_timeout: Duration,
     /// Application-level liveness, if any.
     pub keepalive: Option<Keepalive>,
+    /// The stuck-link watchdog: how long batches may stay in flight without any `Ack` on an open
+    /// connection before it ends with [`AgentEnd::Stalled`] (the shell reconnects and resends; the hub's
+    /// dedup drops what it had). A link can stay connected, keep-alives answered, while nothing is
+    /// acknowledged: a wedged hub task, a cloud broker that accepts TCP but never answers. `None`: never.
+    pub ack_timeout: Option<Duration>,
 }
 
 /// The durable queue's marks at the start of a connection.
@@ -125,6 +130,13 @@ pub enum AgentEnd {
     },
     /// A `Ping` went unanswered.
     KeepaliveTimeout,
+    /// Batches stayed in flight without any `Ack` for [`AgentConfig::ack_timeout`].
+    Stalled {
+        /// The timeout.
+        after: Duration,
+        /// Batches unacknowledged.
+        unacked_batches: usize,
+    },
     /// The hub has seen seqs of this incarnation that the queue never wrote (restored or copied data
     /// directory): renumber the queue above `hub_high_water` under a new incarnation and reconnect at once.
     Restarted {
@@ -183,6 +195,9 @@ struct Open {
     sent: u64,
     acked_any: bool,
     welcomed_at: Instant,
+    /// Since when the batches in flight wait: the last `Ack` that acknowledged one, or the send that
+    /// filled an empty window (the watchdog's base).
+    progress_at: Instant,
     stopping: Option<Instant>,
     downlink_received: u64,
     downlink_acked: u64,
@@ -217,6 +232,7 @@ impl AgentLink {
             last_acked: marks.acked,
             config_version: self.config_version,
             lane: self.cfg.lane,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         });
         self.conn = Some(Conn {
             id,
@@ -314,6 +330,7 @@ impl AgentLink {
                     sent: 0,
                     acked_any: false,
                     welcomed_at: now,
+                    progress_at: now,
                     stopping: None,
                     downlink_received: 0,
                     downlink_acked: 0,
@@ -354,6 +371,7 @@ impl AgentLink {
                 open.acked_any = true;
                 while open.inflight.front().is_some_and(|&last| last <= upto) {
                     open.inflight.pop_front();
+                    open.progress_at = now;
                 }
                 if upto > open.acked {
                     open.acked = upto;
@@ -455,12 +473,20 @@ impl AgentLink {
                     if let Some(nonce) = ping {
                         self.transmits.push_back(Frame::Ping { nonce });
                     }
-                    match open.stopping {
-                        Some(deadline) if now >= deadline || open.inflight.is_empty() => {
+                    let stalled = self
+                        .cfg
+                        .ack_timeout
+                        .filter(|&t| !open.inflight.is_empty() && now >= open.progress_at + t);
+                    match (open.stopping, stalled) {
+                        (Some(deadline), _) if now >= deadline || open.inflight.is_empty() => {
                             Some(AgentEnd::Shutdown {
                                 unacked_batches: open.inflight.len(),
                             })
                         }
+                        (_, Some(after)) => Some(AgentEnd::Stalled {
+                            after,
+                            unacked_batches: open.inflight.len(),
+                        }),
                         _ => None,
                     }
                 }
@@ -481,6 +507,10 @@ impl AgentLink {
                 let mut at = open.liveness.deadline();
                 if let Some(stop) = open.stopping {
                     at = Some(at.map_or(stop, |a| a.min(stop)));
+                }
+                if let (Some(t), false) = (self.cfg.ack_timeout, open.inflight.is_empty()) {
+                    let stall = open.progress_at + t;
+                    at = Some(at.map_or(stall, |a| a.min(stall)));
                 }
                 at
             }
@@ -520,10 +550,18 @@ impl AgentLink {
     /// The shell read the queue up to `read_upto` (entries it could not send, e.g. too large for any frame,
     /// included) and sent frames whose last seqs are `batch_lasts`, in order. Reading nothing at
     /// [`next_send`](Self::next_send)'s seq is reported with [`queue_written`](Self::queue_written).
-    pub fn batches_sent(&mut self, read_upto: u64, batch_lasts: impl IntoIterator<Item = u64>) {
+    pub fn batches_sent(
+        &mut self,
+        now: Instant,
+        read_upto: u64,
+        batch_lasts: impl IntoIterator<Item = u64>,
+    ) {
         if let Some(open) = self.open_mut() {
             open.cursor = open.cursor.max(read_upto + 1);
             for last in batch_lasts {
+                if open.inflight.is_empty() {
+                    open.progress_at = now;
+                }
                 open.inflight.push_back(last);
                 open.sent = open.sent.max(last);
             }

@@ -96,6 +96,8 @@ pub enum HubEvent {
         config_version: u64,
         /// The priority lane the connection carries (see [`super::lane`]).
         lane: u8,
+        /// The agent's software version (empty from an agent too old to say).
+        agent_version: String,
     },
     /// The agent's queue has another incarnation than the committed mark: its numbering starts over.
     NewIncarnation {
@@ -263,6 +265,7 @@ impl HubConn {
             last_acked,
             config_version,
             lane,
+            agent_version,
         } = frame
         else {
             return Err(HubEnd::Protocol(ProtocolViolation::Unexpected {
@@ -303,6 +306,7 @@ impl HubConn {
             last_acked,
             config_version,
             lane,
+            agent_version,
         });
         Ok(())
     }

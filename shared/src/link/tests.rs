@@ -40,6 +40,7 @@ fn agent_cfg(capabilities: Capabilities) -> AgentConfig {
         window: 2,
         handshake_timeout: Duration::from_secs(10),
         keepalive: None,
+        ack_timeout: None,
     }
 }
 
@@ -114,6 +115,7 @@ fn agent_hello_carries_the_queue_and_config() {
             last_acked: 5,
             config_version: 3,
             lane: 0,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         }]
     );
     assert_eq!(a.conn(), Some(c));
@@ -240,10 +242,10 @@ fn agent_window_and_acks() {
     let now = Instant::now();
     let (mut a, c) = open_agent(Capabilities::EMPTY, 0, 10, now);
     assert_eq!(a.next_send(), Some(1));
-    a.batches_sent(3, [3]);
+    a.batches_sent(now, 3, [3]);
     assert_eq!(a.next_send(), Some(4));
     // One read split into two frames fills the window of 2.
-    a.batches_sent(8, [5, 8]);
+    a.batches_sent(now, 8, [5, 8]);
     assert_eq!(a.next_send(), None);
     assert_eq!(a.inflight_batches(), 3);
     a.handle_frame(c, Frame::Ack { upto: 5 }, now);
@@ -254,7 +256,7 @@ fn agent_window_and_acks() {
     assert!(actions(&mut a).is_empty());
     assert!(a.is_healthy(now, Duration::from_secs(5)));
     // Nothing more stored.
-    a.batches_sent(10, [10]);
+    a.batches_sent(now, 10, [10]);
     a.handle_frame(c, Frame::Ack { upto: 10 }, now);
     actions(&mut a);
     assert_eq!(a.next_send(), None);
@@ -266,7 +268,7 @@ fn agent_window_and_acks() {
 fn agent_refuses_an_ack_beyond_what_it_sent() {
     let now = Instant::now();
     let (mut a, c) = open_agent(Capabilities::EMPTY, 0, 10, now);
-    a.batches_sent(3, [3]);
+    a.batches_sent(now, 3, [3]);
     a.handle_frame(c, Frame::Ack { upto: 4 }, now);
     assert_eq!(
         closed_with(&actions(&mut a)),
@@ -284,7 +286,7 @@ fn agent_refuses_an_ack_beyond_what_it_sent() {
 fn agent_dead_letters_a_refusal_before_the_ack() {
     let now = Instant::now();
     let (mut a, c) = open_agent(Capabilities::EMPTY, 0, 10, now);
-    a.batches_sent(3, [3]);
+    a.batches_sent(now, 3, [3]);
     a.handle_frame(
         c,
         Frame::Refused {
@@ -328,7 +330,7 @@ fn agent_dead_letters_a_refusal_before_the_ack() {
 fn agent_ignores_an_old_connection() {
     let now = Instant::now();
     let (mut a, old) = open_agent(Capabilities::EMPTY, 0, 10, now);
-    a.batches_sent(3, [3]);
+    a.batches_sent(now, 3, [3]);
     let new = a.connect(now, marks(0, 10));
     transmits_a(&mut a);
     // A late Ack or GoAway of the old connection moves nothing and ends nothing.
@@ -547,7 +549,7 @@ fn agent_downlink_is_acknowledged_after_delivery() {
 fn agent_shutdown_drains_then_says_goaway() {
     let now = Instant::now();
     let (mut a, c) = open_agent(Capabilities::EMPTY, 0, 10, now);
-    a.batches_sent(3, [3]);
+    a.batches_sent(now, 3, [3]);
     let deadline = now + Duration::from_secs(5);
     a.shutdown(now, deadline);
     assert_eq!(a.next_send(), None, "no new batches while stopping");
@@ -565,7 +567,7 @@ fn agent_shutdown_drains_then_says_goaway() {
     );
     // At the deadline with batches unacknowledged.
     let (mut a, _) = open_agent(Capabilities::EMPTY, 0, 10, now);
-    a.batches_sent(3, [3]);
+    a.batches_sent(now, 3, [3]);
     a.shutdown(now, deadline);
     a.handle_timeout(deadline);
     assert_eq!(
@@ -596,6 +598,7 @@ fn hello(capabilities: Capabilities, incarnation: u64, config_version: u64) -> F
         last_acked: 0,
         config_version,
         lane: 0,
+        agent_version: String::new(),
     }
 }
 
@@ -680,6 +683,7 @@ fn hub_refuses_unknown_sites_and_versions() {
             last_acked: 0,
             config_version: 0,
             lane: 0,
+            agent_version: String::new(),
         },
         now,
     );
@@ -1160,5 +1164,48 @@ fn hub_downlink_window_and_acks() {
         Some(&HubEnd::Protocol(
             ProtocolViolation::DownlinkAckBeyondSent { upto: 9, sent: 8 }
         ))
+    );
+}
+
+#[test]
+fn agent_watchdog_ends_a_connection_whose_batches_get_no_ack() {
+    let t = Duration::from_secs(30);
+    let start = Instant::now();
+    let mut a = AgentLink::new(
+        AgentConfig {
+            ack_timeout: Some(t),
+            ..agent_cfg(Capabilities::EMPTY)
+        },
+        3,
+    );
+    let c = a.connect(start, marks(0, 10));
+    a.handle_frame(c, welcome(0, Capabilities::EMPTY), start);
+    transmits_a(&mut a);
+    actions(&mut a);
+    // Idle for long: nothing in flight, nothing to watch.
+    assert_eq!(a.poll_timeout(), None);
+    let later = start + Duration::from_secs(600);
+    a.handle_timeout(later);
+    assert_eq!(closed_with(&actions(&mut a)), None);
+    // A batch sent after the idle time is watched from its send, not from the last ack.
+    a.batches_sent(later, 3, [3]);
+    assert_eq!(a.poll_timeout(), Some(later + t));
+    a.handle_timeout(later + t - Duration::from_millis(1));
+    assert_eq!(closed_with(&actions(&mut a)), None);
+    // An ack of it restarts the clock for the next one.
+    a.batches_sent(later + Duration::from_secs(1), 6, [6]);
+    a.handle_frame(c, Frame::Ack { upto: 3 }, later + Duration::from_secs(20));
+    actions(&mut a);
+    a.handle_timeout(later + t + Duration::from_secs(1));
+    assert_eq!(closed_with(&actions(&mut a)), None, "the ack was progress");
+    let stuck = later + Duration::from_secs(20) + t;
+    assert_eq!(a.poll_timeout(), Some(stuck));
+    a.handle_timeout(stuck);
+    assert_eq!(
+        closed_with(&actions(&mut a)),
+        Some(&AgentEnd::Stalled {
+            after: t,
+            unacked_batches: 1
+        })
     );
 }

@@ -137,6 +137,7 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
                         last_acked,
                         config_version,
                         lane,
+                        agent_version: format!("0.{incarnation}.0"),
                     }
                 }
             ),

@@ -76,6 +76,11 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
             } else {
                 r.u8("Hello lane")?
             };
+            let agent_version = if r.remaining() == 0 {
+                String::new()
+            } else {
+                r.str16("Hello agent_version")?
+            };
             // Hello may grow at the end in later versions: trailing bytes are ignored, not an error.
             return Ok(Frame::Hello {
                 versions,
@@ -85,6 +90,7 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
                 last_acked,
                 config_version,
                 lane,
+                agent_version,
             });
         }
         FrameType::Welcome => Frame::Welcome {
@@ -238,6 +244,7 @@ impl Frame {
                 last_acked,
                 config_version,
                 lane,
+                agent_version,
             } => {
                 buf.put_u16(versions.min);
                 buf.put_u16(versions.max);
@@ -247,6 +254,7 @@ impl Frame {
                 buf.put_u64(*config_version);
                 put_bytes16(buf, "Hello agent_name", agent_name.as_bytes())?;
                 buf.put_u8(*lane);
+                put_bytes16(buf, "Hello agent_version", agent_version.as_bytes())?;
             }
             Self::Welcome {
                 version,
@@ -689,6 +697,7 @@ mod tests {
             last_acked: 3,
             config_version: 4,
             lane: 7,
+            agent_version: "0.9.0".into(),
         };
         let mut buf = encoded(&hello);
         buf.extend_from_slice(b"future fields");
@@ -707,10 +716,11 @@ mod tests {
             last_acked: 0,
             config_version: 0,
             lane: 0,
+            agent_version: String::new(),
         };
         let mut buf = encoded(&hello);
-        // An older agent's Hello ends at the name: drop the lane byte.
-        buf.truncate(buf.len() - 1);
+        // An older agent's Hello ends at the name: drop the lane byte and the (empty) version.
+        buf.truncate(buf.len() - 3);
         let len = u32::try_from(buf.len() - LEN_PREFIX).expect("small");
         buf[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
         assert_eq!(decode(&mut buf, 1024), Ok(Some(hello)));
@@ -881,14 +891,20 @@ mod tests {
                 prop_assert_eq!(decode(&mut buf, usize::MAX), Ok(None));
                 // Even without the length prefix to protect it, cut contents are an error, not a frame;
                 // except a GoAway cut just before its optional retry-after, or a Hello cut just before its
-                // lane, which are the same frame without it (the length prefix tells them apart).
+                // lane or its agent version, which are the same frame without them (the length prefix
+                // tells them apart).
                 if len > LEN_PREFIX {
                     let cut = parse(full.slice(LEN_PREFIX..len));
-                    if let Frame::Hello { .. } = &frame {
-                        if len == full.len() - 1 {
+                    if let Frame::Hello { agent_version, .. } = &frame {
+                        // Cut before the version (2 + its bytes from the end), or before the lane too.
+                        let version_at = full.len() - 2 - agent_version.len();
+                        if len == version_at || len == version_at - 1 {
                             let mut without = frame.clone();
-                            if let Frame::Hello { lane, .. } = &mut without {
-                                *lane = 0;
+                            if let Frame::Hello { lane, agent_version, .. } = &mut without {
+                                agent_version.clear();
+                                if len == version_at - 1 {
+                                    *lane = 0;
+                                }
                             }
                             prop_assert_eq!(cut, Ok(without));
                             continue;

@@ -198,6 +198,7 @@ fn agent_cfg() -> AgentConfig {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(3),
         }),
+        ack_timeout: None,
     }
 }
 
@@ -843,7 +844,7 @@ impl World {
                 self.agent.queue_written(from - 1);
                 break;
             };
-            self.agent.batches_sent(last, [last]);
+            self.agent.batches_sent(self.now, last, [last]);
             self.push_to_hub(Frame::Batch { entries: batch });
             progress = true;
         }

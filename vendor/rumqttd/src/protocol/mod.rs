@@ -655,7 +655,9 @@ pub fn valid_filter(filter: &str) -> bool {
 /// **NOTE**: make sure a topic is validated during a publish and filter is validated
 /// during a subscribe
 pub fn matches(topic: &str, filter: &str) -> bool {
-    if !topic.is_empty() && topic[..1].contains('$') {
+    // meshbridge patch: upstream matched no `$` topic at all, even with a filter naming it; MQTT only keeps
+    // a wildcard first level from matching them (3.1.1 §4.7.2, 5.0 §4.7.2).
+    if topic.starts_with('$') && (filter.starts_with('#') || filter.starts_with('+')) {
         return false;
     }
 

@@ -1735,10 +1735,9 @@ fn validate_subscription(
         }
     }
 
-    if filter.path.starts_with('$') && !filter.path.starts_with("$share") {
-        return Err(RouterError::InvalidFilterPrefix(filter.path.to_owned()));
-    }
-
+    // meshbridge patch: upstream refused every `$` filter but `$share` (and answered no SUBACK at all), so
+    // a client could not subscribe to `$meshbridge/status` (or `$SYS/#`). MQTT allows it; wildcards at the
+    // first level still do not match `$` topics (MQTT 3.1.1 §4.7.2, 5.0 §4.7.2).
     Ok(())
 }
 
