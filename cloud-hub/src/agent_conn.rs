@@ -1282,6 +1282,21 @@ impl Session<'_> {
         if decision.deliveries.is_empty() {
             drops.unroutable += 1;
         }
+        // What goes to the cloud answers into the site's namespace, like the unrouted path (`to_message`).
+        let mut cloud_props = env.properties.clone();
+        if let Some(local) = cloud_props.response_topic.take() {
+            match self.site.namespace.apply_response_topic(&local) {
+                Ok(global) => cloud_props.response_topic = Some(global),
+                Err(error) => {
+                    drops.refused.push(Refusal {
+                        seq: env.seq,
+                        reason_code: REASON_TOPIC_NAME_INVALID,
+                        detail: format!("response topic {local:?}: {error}"),
+                    });
+                    return;
+                }
+            }
+        }
         let id = format!("{}/{}", self.origin, env.seq);
         for delivery in &decision.deliveries {
             match &delivery.target {
@@ -1291,7 +1306,7 @@ impl Session<'_> {
                     retain: delivery.retain,
                     payload: env.payload.clone(),
                     properties: cloud_properties(
-                        &env.properties,
+                        &cloud_props,
                         delivery.user_properties(&env.properties.user),
                         env.trace.as_ref(),
                         id.clone(),
@@ -1542,6 +1557,19 @@ fn to_message(
         }
     };
     let mut props = env.properties;
+    if let Some(local) = props.response_topic.take() {
+        match namespace.apply_response_topic(&local) {
+            Ok(global) => props.response_topic = Some(global),
+            Err(error) => {
+                drops.refused.push(Refusal {
+                    seq: env.seq,
+                    reason_code: REASON_TOPIC_NAME_INVALID,
+                    detail: format!("response topic {local:?}: {error}"),
+                });
+                return None;
+            }
+        }
+    }
     let user = std::mem::take(&mut props.user);
     let id = format!("{origin}/{}", env.seq);
     let properties = cloud_properties(&props, user, env.trace.as_ref(), id);
@@ -1725,7 +1753,11 @@ mod tests {
             ]
         );
         assert_eq!(p.content_type.as_deref(), Some("ct"));
-        assert_eq!(p.response_topic.as_deref(), Some("rt"));
+        assert_eq!(
+            p.response_topic,
+            Some(format!("{}/rt", ns.as_str())),
+            "mapped into the namespace like the topic"
+        );
         assert_eq!(p.correlation_data.as_deref(), Some(&b"cd"[..]));
         assert_eq!(p.message_expiry_interval, Some(60));
         assert_eq!(p.payload_format_indicator, Some(1));

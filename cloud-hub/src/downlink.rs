@@ -480,7 +480,17 @@ async fn commit(
         let Target::Site(site) = &delivery.target else {
             continue;
         };
-        let body = match encode_delivery(&message.payload, &message.properties, &delivery, now) {
+        // A reply the site sends goes up under its namespace: only a response topic inside it is kept.
+        let mut properties = message.properties.clone();
+        if let Some(global) = properties.response_topic.take() {
+            properties.response_topic = table
+                .site(site)
+                .and_then(|s| s.namespace.strip_response_topic(&global));
+            if properties.response_topic.is_none() {
+                debug!(topic = %message.topic, %site, response_topic = %global, "response topic outside the site's namespace: not passed on");
+            }
+        }
+        let body = match encode_delivery(&message.payload, &properties, &delivery, now) {
             Ok(body) => body,
             Err(e) => {
                 warn!(topic = %message.topic, %site, cause = %e, "downlink message cannot be encoded; not delivered");

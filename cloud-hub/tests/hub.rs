@@ -484,7 +484,11 @@ async fn batch_is_published_under_the_namespace_and_then_acked() -> anyhow::Resu
             ]
         );
         assert_eq!(props.content_type.as_deref(), Some("text/plain"));
-        assert_eq!(props.response_topic.as_deref(), Some("replies/robot5"));
+        assert_eq!(
+            props.response_topic.as_deref(),
+            Some("acme/plant1/line1/replies/robot5"),
+            "the response topic is mapped into the namespace like the topic"
+        );
         assert_eq!(props.correlation_data.as_deref(), Some(&b"corr"[..]));
         assert_eq!(props.payload_format_indicator, Some(1));
         assert!(props

@@ -172,6 +172,26 @@ impl Namespace {
         Ok(out)
     }
 
+    /// An MQTT 5 Response Topic that a site's message carries to the cloud, mapped like its topic: a cloud
+    /// service that answers reaches the site's namespace, never a topic the site could not publish to
+    /// itself (issue 11: a site could point the cloud's replies anywhere, and the replies missed the site).
+    ///
+    /// # Errors
+    /// [`TopicError`] if `local` is not a topic name or the result is too long.
+    pub fn apply_response_topic(&self, local: &str) -> Result<String, TopicError> {
+        self.join(TopicName::parse(local)?.as_str())
+    }
+
+    /// A Response Topic that a cloud message carries to the site: its local part when it lies inside the
+    /// namespace. `None` otherwise: the site's reply is mapped into its namespace on the way up, so a topic
+    /// outside it could never be answered, and the site is not told about it.
+    #[must_use]
+    pub fn strip_response_topic(&self, global: &str) -> Option<String> {
+        self.local_part(global)
+            .filter(|local| TopicName::parse(local).is_ok())
+            .map(str::to_owned)
+    }
+
     /// The part of `global` below the prefix, or `None` unless `global` is strictly inside the namespace.
     ///
     /// "Inside" is level-wise: `global` must be the prefix, then `/`, then a non-empty rest. The prefix itself
@@ -266,6 +286,34 @@ mod tests {
 
     fn ns(s: &str) -> Namespace {
         Namespace::parse(s).expect("test namespace is valid")
+    }
+
+    #[test]
+    fn response_topics_stay_inside_the_site_namespace() {
+        let line1 = ns("acme/plant1/line1");
+        assert_eq!(
+            line1.apply_response_topic("replies/robot5").as_deref(),
+            Ok("acme/plant1/line1/replies/robot5")
+        );
+        assert!(
+            line1.apply_response_topic("replies/+").is_err(),
+            "a filter is no topic"
+        );
+        assert!(line1.apply_response_topic("").is_err());
+        assert_eq!(
+            line1
+                .strip_response_topic("acme/plant1/line1/replies/robot5")
+                .as_deref(),
+            Some("replies/robot5")
+        );
+        for outside in [
+            "acme/plant1/line2/replies",
+            "acme/plant1/line10/x",
+            "acme/plant1/line1",
+            "cloud/x",
+        ] {
+            assert_eq!(line1.strip_response_topic(outside), None, "{outside}");
+        }
     }
 
     #[test]
