@@ -135,6 +135,11 @@ pub struct FrontOptions {
     /// Serve persistent sessions here, on disk, instead of in rumqttd's memory (see
     /// `broker/src/sessions.rs`); `None` leaves every session to the broker.
     pub sessions: Option<Arc<Sessions>>,
+    /// Client ids that belong to the program's own connections to the broker (which use the internal
+    /// listeners, not this port): a client presenting one of them, or an id starting with one, is refused
+    /// with CONNACK "identifier rejected" (3.1.1 code 2, 5.0 reason 0x85). Otherwise it would take the id
+    /// over, and the broker would disconnect the program's own publisher or subscriber (issue 11).
+    pub reserved_client_ids: Vec<String>,
 }
 
 impl Default for FrontOptions {
@@ -146,6 +151,7 @@ impl Default for FrontOptions {
             limits: None,
             capture_retained: false,
             sessions: None,
+            reserved_client_ids: Vec::new(),
         }
     }
 }
@@ -244,6 +250,12 @@ pub enum FrontError {
     /// The client's CONNECT did not carry the configured username and password; it was refused.
     #[error("client refused: wrong or missing username/password")]
     NotAuthorized,
+    /// The client asked for a client id of the program's own connections; it was refused.
+    #[error("client refused: client ids starting with {reserved:?} are the program's own")]
+    ReservedClientId {
+        /// The reserved id (prefix).
+        reserved: String,
+    },
     /// The client sent bytes that are not valid MQTT.
     #[error("malformed packet from the client")]
     ClientDecode {
@@ -426,6 +438,7 @@ fn log_connection_end(error: &FrontError) {
         FrontError::TopicAlias { source } => {
             warn!(cause = %source, "closing connection: topic alias misuse");
         }
+        FrontError::ReservedClientId { .. } => warn!(cause = %error, "connection refused"),
         FrontError::SecondConnect
         | FrontError::EmptyTopic
         | FrontError::InvalidTopicFilter { .. } => {
@@ -521,6 +534,28 @@ async fn connection(
             let _ = client.shutdown().await;
             return Err(FrontError::NotAuthorized);
         }
+    }
+    if let Some(reserved) = shared
+        .options
+        .reserved_client_ids
+        .iter()
+        .find(|r| connect.client_id.starts_with(r.as_str()))
+    {
+        let code = match version {
+            ProtocolVersion::V5 => CONNACK_V5_CLIENT_ID_NOT_VALID,
+            _ => CONNACK_V3_IDENTIFIER_REJECTED,
+        };
+        let mut refusal = BytesMut::with_capacity(5);
+        mqtt::encode_connack_refusal(version, code, &mut refusal);
+        client
+            .write_all(&refusal)
+            .await
+            .map_err(|source| FrontError::ClientIo { source })?;
+        // Best effort: the connection is being refused anyway.
+        let _ = client.shutdown().await;
+        return Err(FrontError::ReservedClientId {
+            reserved: reserved.clone(),
+        });
     }
     if connect.keep_alive == 0 {
         // Fixed header, protocol name (2-byte length + name), level, flags, then the keep-alive.
@@ -787,6 +822,10 @@ async fn commit_will(
 
 /// DISCONNECT reason "disconnect with will message" (MQTT 5.0 §3.14.2.1).
 const DISCONNECT_WITH_WILL: u8 = 0x04;
+/// CONNACK return code "identifier rejected" (MQTT 3.1.1 §3.2.2.3).
+const CONNACK_V3_IDENTIFIER_REJECTED: u8 = 2;
+/// CONNACK reason code "client identifier not valid" (MQTT 5.0 §3.2.2.2).
+const CONNACK_V5_CLIENT_ID_NOT_VALID: u8 = 0x85;
 /// CONNACK return code "not authorized" (MQTT 3.1.1 §3.2.2.3).
 const CONNACK_V3_NOT_AUTHORIZED: u8 = 5;
 /// CONNACK reason code "bad user name or password" (MQTT 5.0 §3.2.2.2).

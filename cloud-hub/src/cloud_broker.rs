@@ -78,6 +78,8 @@ impl RunningEmbedded {
         let front_stop = CancellationToken::new();
         let options = FrontOptions {
             max_packet_size,
+            // The hub's publisher and downlink subscriber (`meshbridge-hub`, `meshbridge-hub-downlink`).
+            reserved_client_ids: vec![EMBEDDED_CLIENT_ID.to_owned()],
             ..FrontOptions::default()
         };
         // Pure pass-through: the cloud side has nothing to commit, the front only shares the port between

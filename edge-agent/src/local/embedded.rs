@@ -113,6 +113,12 @@ pub(crate) async fn run(
         limits: Some(Arc::clone(&ingest.limits)),
         capture_retained: ingest.retained.is_some(),
         sessions: ingest.sessions.clone(),
+        // The agent's own connections to the internal port: downlink delivery (one per lane, `-p<N>`),
+        // status and retained restore. Not `-replay`: `dead-letters replay` publishes through this port.
+        reserved_client_ids: ["downlink", "status", "retained"]
+            .iter()
+            .map(|what| format!("meshbridge-{}-{what}", ingest.site))
+            .collect(),
         ..FrontOptions::default()
     };
     if let Some(store) = &ingest.retained {
