@@ -225,6 +225,8 @@ pub(crate) struct Hub {
     pub(crate) store: DedupStore,
     pub(crate) max_frame_size: usize,
     pub(crate) max_message_size: usize,
+    /// `downlink.ack_timeout`: the downlink's stuck-link watchdog.
+    pub(crate) downlink_ack_timeout: Duration,
     /// The routes in force (swapped on a config reload); empty: the agents' own files decide what is
     /// forwarded, and everything forwarded is published under the site's namespace.
     pub(crate) routes: Routes,
@@ -255,8 +257,7 @@ impl Hub {
         sites: HashMap<String, Arc<Site>>,
         publisher: Publisher,
         store: DedupStore,
-        max_frame_size: usize,
-        max_message_size: usize,
+        (max_frame_size, max_message_size, downlink_ack_timeout): (usize, usize, Duration),
         (routes, dedups, downlinks): (Routes, Dedups, Arc<DownlinkStore>),
     ) -> Self {
         Self {
@@ -265,6 +266,7 @@ impl Hub {
             store,
             max_frame_size,
             max_message_size,
+            downlink_ack_timeout,
             routes,
             dedups,
             downlinks,
@@ -602,6 +604,13 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             End::Downlink(error) => {
                 error!(cause = %error, "a downlink queue failed; closing the agent connection without acking");
             }
+            End::Stalled {
+                after,
+                unacked_frames,
+            } => {
+                site.counters.downlink_stalls.inc();
+                warn!(?after, unacked_frames, "stuck link: downlink unacknowledged on a live connection; closing it so the agent reconnects");
+            }
         }
         match end {
             End::PeerGone(_) | End::PeerGoAway { .. } => conn.close(VarInt::from_u32(0), b""),
@@ -634,6 +643,7 @@ fn link_config(hub: &Hub) -> HubConfig {
         hello_timeout: HELLO_TIMEOUT,
         keepalive: None,
         downlink_window: DOWNLINK_WINDOW,
+        downlink_ack_timeout: Some(hub.downlink_ack_timeout),
     }
 }
 
@@ -777,6 +787,11 @@ enum End {
     Store(crate::store::StoreError),
     /// A site's downlink queue failed.
     Downlink(crate::HubError),
+    /// The downlink watchdog: frames unacknowledged on a live connection.
+    Stalled {
+        after: Duration,
+        unacked_frames: usize,
+    },
 }
 
 impl From<HubEnd> for End {
@@ -784,6 +799,13 @@ impl From<HubEnd> for End {
         match end {
             HubEnd::Protocol(violation) => Self::Protocol(SessionError::Protocol(violation)),
             HubEnd::PeerGoAway { code, reason } => Self::PeerGoAway { code, reason },
+            HubEnd::Stalled {
+                after,
+                unacked_frames,
+            } => Self::Stalled {
+                after,
+                unacked_frames,
+            },
             // Only `drain` closes an open link without the session choosing an `End` first.
             other => Self::Stopped(other.code()),
         }
@@ -1420,7 +1442,7 @@ impl Session<'_> {
                 out.clear();
             }
             debug!(from, read_upto, "downlink batch sent");
-            link.downlink_sent(read_upto, last);
+            link.downlink_sent(now(), read_upto, last);
         }
         Ok(())
     }

@@ -394,8 +394,11 @@ async fn serve(
         sites,
         publisher.clone(),
         store,
-        cfg.limits.max_frame_size.as_usize(),
-        cfg.limits.max_message_size.as_usize(),
+        (
+            cfg.limits.max_frame_size.as_usize(),
+            cfg.limits.max_message_size.as_usize(),
+            cfg.downlink.ack_timeout,
+        ),
         (routes, dedups, downlinks),
     ));
     if let Some(listener) = metrics_listener {

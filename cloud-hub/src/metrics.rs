@@ -39,6 +39,8 @@ pub(crate) struct SiteCounters {
     pub(crate) refused: Counter,
     /// Agent connections admitted.
     pub(crate) connects: Counter,
+    /// Connections the downlink's stuck-link watchdog closed (`downlink.ack_timeout`).
+    pub(crate) downlink_stalls: Counter,
 }
 
 /// Every metric of the hub.
@@ -50,6 +52,7 @@ pub(crate) struct HubMetrics {
     forwarded: Family<SiteLabel, Counter>,
     refused: Family<SiteLabel, Counter>,
     connects: Family<SiteLabel, Counter>,
+    downlink_stalls: Family<SiteLabel, Counter>,
     connected: Family<SiteLabel, Gauge>,
     downlink_depth: Family<QueueLabel, Gauge>,
     cloud_broker_connected: Gauge,
@@ -67,6 +70,7 @@ impl HubMetrics {
             forwarded: Family::default(),
             refused: Family::default(),
             connects: Family::default(),
+            downlink_stalls: Family::default(),
             connected: Family::default(),
             downlink_depth: Family::default(),
             cloud_broker_connected: Gauge::default(),
@@ -96,6 +100,11 @@ impl HubMetrics {
             "agent_connects",
             "Agent connections admitted; more than one per agent means reconnects",
             m.connects.clone(),
+        );
+        registry.register(
+            "downlink_stalls",
+            "Agent connections the downlink's stuck-link watchdog closed: downlink unacknowledged for downlink.ack_timeout",
+            m.downlink_stalls.clone(),
         );
         registry.register(
             "agents_connected",
@@ -128,6 +137,7 @@ impl HubMetrics {
             forwarded: self.forwarded.get_or_create(&label).clone(),
             refused: self.refused.get_or_create(&label).clone(),
             connects: self.connects.get_or_create(&label).clone(),
+            downlink_stalls: self.downlink_stalls.get_or_create(&label).clone(),
         }
     }
 

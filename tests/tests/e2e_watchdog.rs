@@ -94,3 +94,79 @@ async fn a_connected_link_that_stops_acknowledging_is_replaced_and_loses_nothing
     drop(agent);
     drop(hub);
 }
+
+/// The downlink direction (`downlink.ack_timeout`, `shared/src/link/hub.rs`): the site's own broker is
+/// frozen, so the agent cannot hand a cloud command on and acknowledges nothing; the hub notices, counts
+/// and closes the link, and the command still arrives once the broker answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downlink_that_stops_acknowledging_is_closed_and_the_command_still_arrives() {
+    if mosquitto::skip(
+        "a_downlink_that_stops_acknowledging_is_closed_and_the_command_still_arrives",
+    ) {
+        return;
+    }
+    let mesh = Mesh::new(&["line1"]);
+    let site_broker = Mosquitto::start("site", mesh.path(), &MosquittoOptions::default()).await;
+    let mut hub_spec = mesh.hub_spec(BrokerSpec::embedded(), &["line1"]);
+    let metrics = free_tcp();
+    hub_spec.metrics = Some(metrics);
+    hub_spec.tail = vec![
+        "[downlink]\nack_timeout = \"1s\"\n".to_owned(),
+        "[[routes]]\nname = \"commands\"\nkind = \"downlink\"\nto = \"*\"\nfilter = \"cmd/#\"\n"
+            .to_owned(),
+    ];
+    let mut hub = mesh.start_hub(&hub_spec).await;
+    let spec = mesh.agent_spec(
+        "line1",
+        BrokerSpec::External {
+            address: site_broker.addr,
+            client_id: "meshbridge-line1".to_owned(),
+        },
+        &hub_spec,
+    );
+    let agent = mesh.start_agent("line1", &spec).await;
+    let plc = Collector::start(site_broker.addr, "plc", &["cmd/#"], true).await;
+    let cloud = hub_spec.broker.client_addr();
+    // The route is pushed and the hub subscribed once a command gets through.
+    prove_path(
+        cloud,
+        &plc,
+        "acme/plant1/line1/cmd/probe",
+        "cmd/probe",
+        Duration::from_secs(20),
+    )
+    .await;
+
+    let pid = site_broker.proc.pid().expect("mosquitto runs");
+    signal(pid, "STOP");
+    let outcome = Publisher::start(
+        cloud,
+        PublishPlan::new("mes", "acme/plant1/line1/cmd/start", 1),
+    )
+    .finish()
+    .await;
+    assert_eq!(outcome.acked.len(), 1, "{outcome:?}");
+    let line = hub
+        .wait_log("stuck link: downlink", Duration::from_secs(10))
+        .await;
+    let stalls = sample(
+        &scrape(metrics).await,
+        "meshbridge_downlink_stalls_total{site=\"line1\"}",
+    );
+    signal(pid, "CONT");
+    assert!(
+        stalls.is_some_and(|n| n >= 1),
+        "stalls counted: {stalls:?}; {line}"
+    );
+    let want: BTreeSet<MsgId> = [MsgId {
+        publisher: "mes".to_owned(),
+        n: 0,
+    }]
+    .into();
+    assert!(
+        plc.wait_for_all(&want, Duration::from_secs(60)).await,
+        "the command arrives once the site's broker answers again"
+    );
+    drop(agent);
+    drop(hub);
+}

@@ -74,6 +74,16 @@ pub struct DownlinkConfig {
     /// (which keeps them, or drops them by its own policy); `drop-oldest` makes room, counted.
     #[serde(default)]
     pub full_policy: super::FullPolicy,
+    /// The stuck-link watchdog of the downlink: a connection on which downlink frames stay
+    /// unacknowledged this long (the site's broker stopped accepting, a wedged agent) is logged, counted
+    /// (`meshbridge_downlink_stalls_total`) and closed; the agent reconnects and they are sent again.
+    /// Longer than the agent's own 30 s limit for its local broker's answer.
+    #[serde(default = "default_downlink_ack_timeout", with = "humantime_serde")]
+    pub ack_timeout: std::time::Duration,
+}
+
+fn default_downlink_ack_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 
 impl Default for DownlinkConfig {
@@ -82,6 +92,7 @@ impl Default for DownlinkConfig {
             max_bytes: default_downlink_max_bytes(),
             max_age: default_downlink_max_age(),
             full_policy: super::FullPolicy::Block,
+            ack_timeout: default_downlink_ack_timeout(),
         }
     }
 }
@@ -258,6 +269,12 @@ impl HubConfig {
             ByteSize::gib(1024),
         );
         self.status.validate(&mut report);
+        report.duration_range(
+            "downlink.ack_timeout",
+            self.downlink.ack_timeout,
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_secs(24 * 3600),
+        );
         report.duration_range(
             "downlink.max_age",
             self.downlink.max_age,

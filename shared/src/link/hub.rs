@@ -35,6 +35,10 @@ pub struct HubConfig {
     pub keepalive: Option<Keepalive>,
     /// `Downlink` frames in flight (sent, not acknowledged) at most.
     pub downlink_window: usize,
+    /// The stuck-link watchdog of the downlink: how long `Downlink` frames may stay in flight without any
+    /// `DownlinkAck` before the connection ends with [`HubEnd::Stalled`] (the agent reconnects and the
+    /// frames are sent again). `None`: never.
+    pub downlink_ack_timeout: Option<Duration>,
 }
 
 /// What the client certificate says, decided by the shell when the connection is accepted.
@@ -154,6 +158,14 @@ pub enum HubEnd {
     HelloTimeout,
     /// A `Ping` went unanswered.
     KeepaliveTimeout,
+    /// `Downlink` frames stayed in flight without any `DownlinkAck` for
+    /// [`HubConfig::downlink_ack_timeout`]; `GoAway{Normal}` is queued.
+    Stalled {
+        /// The timeout.
+        after: Duration,
+        /// Frames unacknowledged.
+        unacked_frames: usize,
+    },
     /// The agent said `GoAway`.
     PeerGoAway {
         /// Its code.
@@ -177,7 +189,9 @@ impl HubEnd {
         match self {
             Self::Refused { code, .. } | Self::Closed { code, .. } => *code,
             Self::Protocol(_) | Self::HelloTimeout => GoAwayCode::ProtocolError,
-            Self::KeepaliveTimeout | Self::PeerGoAway { .. } => GoAwayCode::Normal,
+            Self::KeepaliveTimeout | Self::Stalled { .. } | Self::PeerGoAway { .. } => {
+                GoAwayCode::Normal
+            }
         }
     }
 }
@@ -224,6 +238,9 @@ struct Open {
     downlink_cursor: u64,
     downlink_inflight: VecDeque<u64>,
     downlink_sent: u64,
+    /// Since when the downlink frames in flight wait (the watchdog's base): the last `DownlinkAck` that
+    /// acknowledged one, or the send that filled an empty window.
+    downlink_progress_at: Instant,
     liveness: Liveness,
 }
 
@@ -366,6 +383,7 @@ impl HubConn {
             downlink_cursor: resume.downlink_acked + 1,
             downlink_inflight: VecDeque::new(),
             downlink_sent: 0,
+            downlink_progress_at: now,
             liveness: Liveness::new(self.cfg.keepalive, now),
         }));
         if let Some(offer) = resume.config {
@@ -436,6 +454,7 @@ impl HubConn {
                 }
                 while open.downlink_inflight.front().is_some_and(|&l| l <= upto) {
                     open.downlink_inflight.pop_front();
+                    open.downlink_progress_at = now;
                 }
                 if upto > open.downlink_acked {
                     open.downlink_acked = upto;
@@ -511,10 +530,18 @@ impl HubConn {
     }
 
     /// The shell read the downlink queue up to `read_upto` and sent frames ending at `frame_lasts`.
-    pub fn downlink_sent(&mut self, read_upto: u64, frame_lasts: impl IntoIterator<Item = u64>) {
+    pub fn downlink_sent(
+        &mut self,
+        now: Instant,
+        read_upto: u64,
+        frame_lasts: impl IntoIterator<Item = u64>,
+    ) {
         if let Some(open) = self.open_mut() {
             open.downlink_cursor = open.downlink_cursor.max(read_upto + 1);
             for last in frame_lasts {
+                if open.downlink_inflight.is_empty() {
+                    open.downlink_progress_at = now;
+                }
                 open.downlink_inflight.push_back(last);
                 open.downlink_sent = open.downlink_sent.max(last);
             }
@@ -555,15 +582,32 @@ impl HubConn {
             Phase::AwaitHello { deadline } if now >= *deadline => Some(HubEnd::HelloTimeout),
             Phase::Open(open) => match open.liveness.on_timeout(now) {
                 Err(_) => Some(HubEnd::KeepaliveTimeout),
-                Ok(Some(nonce)) => {
-                    self.transmits.push_back(Frame::Ping { nonce });
-                    None
+                Ok(ping) => {
+                    if let Some(nonce) = ping {
+                        self.transmits.push_back(Frame::Ping { nonce });
+                    }
+                    self.cfg
+                        .downlink_ack_timeout
+                        .filter(|&t| {
+                            !open.downlink_inflight.is_empty()
+                                && now >= open.downlink_progress_at + t
+                        })
+                        .map(|after| HubEnd::Stalled {
+                            after,
+                            unacked_frames: open.downlink_inflight.len(),
+                        })
                 }
-                Ok(None) => None,
             },
             _ => None,
         };
         if let Some(end) = end {
+            if let HubEnd::Stalled { after, .. } = &end {
+                self.go_away(
+                    GoAwayCode::Normal,
+                    format!("downlink unacknowledged for {after:?}; reconnect"),
+                    None,
+                );
+            }
             self.finish(end);
         }
     }
@@ -572,7 +616,17 @@ impl HubConn {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
             Phase::AwaitHello { deadline } => Some(*deadline),
-            Phase::Open(open) => open.liveness.deadline(),
+            Phase::Open(open) => {
+                let stall = self
+                    .cfg
+                    .downlink_ack_timeout
+                    .filter(|_| !open.downlink_inflight.is_empty())
+                    .map(|t| open.downlink_progress_at + t);
+                match (open.liveness.deadline(), stall) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
             _ => None,
         }
     }

@@ -586,6 +586,7 @@ fn hub_cfg(capabilities: Capabilities) -> HubConfig {
         hello_timeout: Duration::from_secs(10),
         keepalive: None,
         downlink_window: 2,
+        downlink_ack_timeout: None,
     }
 }
 
@@ -1152,8 +1153,8 @@ fn hub_downlink_window_and_acks() {
 
     let mut h = open_hub(Capabilities::DOWNLINK, Capabilities::DOWNLINK, resume, now);
     assert_eq!(h.next_downlink_send(), Some(5));
-    h.downlink_sent(6, [6]);
-    h.downlink_sent(8, [8]);
+    h.downlink_sent(now, 6, [6]);
+    h.downlink_sent(now, 8, [8]);
     assert_eq!(h.next_downlink_send(), None, "window of 2 full");
     h.handle_frame(Frame::DownlinkAck { upto: 6 }, now);
     assert_eq!(events(&mut h), [HubEvent::DownlinkAcked { upto: 6 }]);
@@ -1207,5 +1208,69 @@ fn agent_watchdog_ends_a_connection_whose_batches_get_no_ack() {
             after: t,
             unacked_batches: 1
         })
+    );
+}
+
+#[test]
+fn hub_watchdog_closes_a_connection_whose_downlink_gets_no_ack() {
+    let t = Duration::from_secs(30);
+    let start = Instant::now();
+    let mut h = HubConn::new(
+        start,
+        HubConfig {
+            downlink_ack_timeout: Some(t),
+            ..hub_cfg(Capabilities::DOWNLINK)
+        },
+        site(),
+    );
+    h.handle_frame(hello(Capabilities::DOWNLINK, 7, 0), start);
+    events(&mut h);
+    h.welcome(
+        start,
+        90,
+        Resume {
+            downlink_acked: 0,
+            downlink_written: 9,
+            ..Resume::default()
+        },
+    );
+    transmits_h(&mut h);
+    events(&mut h);
+    assert_eq!(
+        h.poll_timeout(),
+        None,
+        "nothing in flight, nothing to watch"
+    );
+    // Sent after an idle minute: watched from the send.
+    let later = start + Duration::from_secs(60);
+    h.downlink_sent(later, 3, [3]);
+    assert_eq!(h.poll_timeout(), Some(later + t));
+    h.handle_timeout(later + t - Duration::from_millis(1));
+    assert!(h.is_open());
+    h.downlink_sent(later + Duration::from_secs(1), 6, [6]);
+    h.handle_frame(
+        Frame::DownlinkAck { upto: 3 },
+        later + Duration::from_secs(10),
+    );
+    events(&mut h);
+    h.handle_timeout(later + t);
+    assert!(h.is_open(), "the ack was progress");
+    h.handle_timeout(later + Duration::from_secs(10) + t);
+    assert_eq!(
+        hub_closed(&events(&mut h)),
+        Some(&HubEnd::Stalled {
+            after: t,
+            unacked_frames: 1
+        })
+    );
+    assert!(
+        matches!(
+            transmits_h(&mut h)[..],
+            [Frame::GoAway {
+                code: GoAwayCode::Normal,
+                ..
+            }]
+        ),
+        "the agent is told why"
     );
 }

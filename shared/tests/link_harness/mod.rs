@@ -213,6 +213,7 @@ fn hub_cfg() -> HubConfig {
             timeout: Duration::from_secs(3),
         }),
         downlink_window: 2,
+        downlink_ack_timeout: None,
     }
 }
 
@@ -872,7 +873,7 @@ impl World {
                     self.links[i].hub.downlink_written(from - 1);
                     break;
                 };
-                self.links[i].hub.downlink_sent(last, [last]);
+                self.links[i].hub.downlink_sent(self.now, last, [last]);
                 let at = self.arrival(&self.links[i].to_agent);
                 self.links[i]
                     .to_agent
