@@ -520,18 +520,8 @@ async fn connection(
         let ok = presented
             .is_some_and(|(u, p)| u == Some(username.as_bytes()) && p == Some(password.as_bytes()));
         if !ok {
-            let code = match version {
-                ProtocolVersion::V5 => CONNACK_V5_BAD_CREDENTIALS,
-                _ => CONNACK_V3_NOT_AUTHORIZED,
-            };
-            let mut refusal = BytesMut::with_capacity(5);
-            mqtt::encode_connack_refusal(version, code, &mut refusal);
-            client
-                .write_all(&refusal)
-                .await
-                .map_err(|source| FrontError::ClientIo { source })?;
-            // Best effort: the connection is being refused anyway.
-            let _ = client.shutdown().await;
+            let codes = (CONNACK_V3_NOT_AUTHORIZED, CONNACK_V5_BAD_CREDENTIALS);
+            refuse_connect(&mut client, version, codes).await?;
             return Err(FrontError::NotAuthorized);
         }
     }
@@ -541,18 +531,11 @@ async fn connection(
         .iter()
         .find(|r| connect.client_id.starts_with(r.as_str()))
     {
-        let code = match version {
-            ProtocolVersion::V5 => CONNACK_V5_CLIENT_ID_NOT_VALID,
-            _ => CONNACK_V3_IDENTIFIER_REJECTED,
-        };
-        let mut refusal = BytesMut::with_capacity(5);
-        mqtt::encode_connack_refusal(version, code, &mut refusal);
-        client
-            .write_all(&refusal)
-            .await
-            .map_err(|source| FrontError::ClientIo { source })?;
-        // Best effort: the connection is being refused anyway.
-        let _ = client.shutdown().await;
+        let codes = (
+            CONNACK_V3_IDENTIFIER_REJECTED,
+            CONNACK_V5_CLIENT_ID_NOT_VALID,
+        );
+        refuse_connect(&mut client, version, codes).await?;
         return Err(FrontError::ReservedClientId {
             reserved: reserved.clone(),
         });
@@ -573,14 +556,9 @@ async fn connection(
                 Ok(Ok(attachment)) => Some(attachment),
                 Ok(Err(cause)) => {
                     tracing::error!(%cause, "persistent session store failed; refusing the client");
-                    let code = match version {
-                        ProtocolVersion::V5 => CONNACK_V5_SERVER_UNAVAILABLE,
-                        _ => CONNACK_V3_SERVER_UNAVAILABLE,
-                    };
-                    let mut refusal = BytesMut::with_capacity(5);
-                    mqtt::encode_connack_refusal(version, code, &mut refusal);
-                    let _ = client.write_all(&refusal).await;
-                    let _ = client.shutdown().await;
+                    let codes = (CONNACK_V3_SERVER_UNAVAILABLE, CONNACK_V5_SERVER_UNAVAILABLE);
+                    // Best effort: the store's failure is what the caller hears about.
+                    let _ = refuse_connect(&mut client, version, codes).await;
                     return Err(FrontError::SessionStore);
                 }
                 Err(_) => return Err(FrontError::SessionStore),
@@ -697,6 +675,28 @@ async fn connection(
         commit_will(shared, &id, will, will_up, shutdown).await;
     }
     result
+}
+
+/// Answers a CONNECT with a refusing CONNACK, `codes` being the (3.1.1, 5.0) return/reason code, and
+/// closes the client's side.
+async fn refuse_connect(
+    client: &mut TcpStream,
+    version: ProtocolVersion,
+    (v3, v5): (u8, u8),
+) -> Result<(), FrontError> {
+    let code = match version {
+        ProtocolVersion::V5 => v5,
+        _ => v3,
+    };
+    let mut refusal = BytesMut::with_capacity(5);
+    mqtt::encode_connack_refusal(version, code, &mut refusal);
+    client
+        .write_all(&refusal)
+        .await
+        .map_err(|source| FrontError::ClientIo { source })?;
+    // Best effort: the connection is being refused anyway.
+    let _ = client.shutdown().await;
+    Ok(())
 }
 
 /// Aborts a task when dropped: a connection's outbox ends with the connection.

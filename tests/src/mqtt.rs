@@ -646,6 +646,51 @@ impl fmt::Display for Report {
     }
 }
 
+/// Publishes one QoS 1 message from a fresh MQTT 5 client `client_id` at `broker` and waits for its PUBACK,
+/// then disconnects.
+///
+/// # Panics
+/// If the connection fails or no PUBACK comes within 20 s.
+pub async fn publish_acked(
+    broker: SocketAddr,
+    client_id: &str,
+    topic: &str,
+    payload: &[u8],
+    retain: bool,
+    properties: PublishProperties,
+) {
+    const WAIT: Duration = Duration::from_secs(20);
+    let mut options = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+    options.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    client
+        .publish_with_properties(
+            topic,
+            QoS::AtLeastOnce,
+            retain,
+            payload.to_vec(),
+            properties,
+        )
+        .await
+        .expect("queue the publish");
+    let acked = tokio::time::timeout(WAIT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("{client_id}: connection failed before the PUBACK: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        acked.is_ok(),
+        "{client_id}: no PUBACK for {topic} within {WAIT:?}"
+    );
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

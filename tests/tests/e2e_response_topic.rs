@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meshbridge_tests::mesh::Mesh;
+use meshbridge_tests::mqtt::publish_acked;
 use meshbridge_tests::spec::BrokerSpec;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -70,30 +71,12 @@ async fn request(
     topic: &'static str,
     response_topic: &'static str,
 ) {
-    let mut options = MqttOptions::new(&client_id, broker.ip().to_string(), broker.port());
-    options.set_keep_alive(Duration::from_secs(10));
-    let (client, mut eventloop) = AsyncClient::new(options, 8);
     let properties = PublishProperties {
         response_topic: Some(response_topic.to_owned()),
         correlation_data: Some(Bytes::from_static(b"req-1")),
         ..PublishProperties::default()
     };
-    client
-        .publish_with_properties(topic, QoS::AtLeastOnce, false, "?", properties)
-        .await
-        .expect("queue the publish");
-    let acked = tokio::time::timeout(WAIT, async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => return,
-                Ok(_) => {}
-                Err(e) => panic!("{client_id}: connection failed before the PUBACK: {e}"),
-            }
-        }
-    })
-    .await;
-    assert!(acked.is_ok(), "{client_id}: no PUBACK within {WAIT:?}");
-    let _ = client.disconnect().await;
+    publish_acked(broker, &client_id, topic, b"?", false, properties).await;
 }
 
 /// Repeats `send` until `seen` holds a PUBLISH on `topic`; returns its response topic.

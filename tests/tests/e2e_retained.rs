@@ -8,39 +8,24 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshbridge_tests::mesh::{restart, Mesh, STOP_TIMEOUT};
-use meshbridge_tests::mqtt::{Collector, Received};
+use meshbridge_tests::mqtt::{publish_acked, Collector, Received};
 use meshbridge_tests::spec::BrokerSpec;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
 /// How long a retained message may take to reach a new subscriber.
 const ARRIVE: Duration = Duration::from_secs(10);
 
 /// Publishes `payload` retained at QoS 1 on `topic` and waits for its PUBACK.
 async fn publish_retained(broker: SocketAddr, client_id: &str, topic: &str, payload: &[u8]) {
-    let mut options = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
-    options.set_keep_alive(Duration::from_secs(10));
-    let (client, mut eventloop) = AsyncClient::new(options, 8);
-    client
-        .publish(topic, QoS::AtLeastOnce, true, payload.to_vec())
-        .await
-        .expect("queue the publish");
-    let acked = tokio::time::timeout(ARRIVE, async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Incoming::PubAck(_))) => return,
-                Ok(_) => {}
-                Err(e) => panic!("{client_id}: connection failed before the PUBACK: {e}"),
-            }
-        }
-    })
+    publish_acked(
+        broker,
+        client_id,
+        topic,
+        payload,
+        true,
+        PublishProperties::default(),
+    )
     .await;
-    assert!(
-        acked.is_ok(),
-        "{client_id}: no PUBACK for {topic} within {ARRIVE:?}"
-    );
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
 }
 
 /// The retained messages a new subscriber to `status/#` gets, as (topic, payload).

@@ -13,11 +13,11 @@ use std::time::Duration;
 use meshbridge_tests::mesh::{restart, Mesh, STOP_TIMEOUT};
 use meshbridge_tests::metrics::{sample, scrape};
 use meshbridge_tests::mosquitto::{self, MosquittoSub};
-use meshbridge_tests::mqtt::{parse_payload, Collector, PublishPlan, Publisher};
+use meshbridge_tests::mqtt::{parse_payload, publish_acked, Collector, PublishPlan, Publisher};
 use meshbridge_tests::net::free_tcp;
 use meshbridge_tests::spec::BrokerSpec;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
 
 /// How long a subscription or a batch of deliveries may take.
 const ARRIVE: Duration = Duration::from_secs(20);
@@ -46,26 +46,8 @@ fn numbers(lines: &[String], topic: &str, publisher: &str) -> Vec<u64> {
 
 /// Publishes `payload` at QoS 1 on `topic` at `broker` and waits for its PUBACK.
 async fn publish_once(broker: SocketAddr, client_id: &str, topic: &str, payload: &str) {
-    let mut options = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
-    options.set_keep_alive(Duration::from_secs(10));
-    let (client, mut eventloop) = AsyncClient::new(options, 8);
-    client
-        .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
-        .await
-        .expect("queue the publish");
-    let acked = tokio::time::timeout(ARRIVE, async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Incoming::PubAck(_))) => return,
-                Ok(_) => {}
-                Err(e) => panic!("{client_id}: connection failed before the PUBACK: {e}"),
-            }
-        }
-    })
-    .await;
-    assert!(acked.is_ok(), "{client_id}: no PUBACK within {ARRIVE:?}");
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    let props = PublishProperties::default();
+    publish_acked(broker, client_id, topic, payload.as_bytes(), false, props).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
