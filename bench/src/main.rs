@@ -68,6 +68,8 @@ enum Which {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum SystemArg {
     Meshbridge,
+    /// meshbridge exporting traces at the default sampling ratio (not in the default set).
+    MeshbridgeTraced,
     Mosquitto,
     Ceiling,
 }
@@ -76,6 +78,7 @@ impl SystemArg {
     fn kind(self) -> Kind {
         match self {
             Self::Meshbridge => Kind::Meshbridge,
+            Self::MeshbridgeTraced => Kind::MeshbridgeTraced,
             Self::Mosquitto => Kind::MosquittoBridge,
             Self::Ceiling => Kind::Ceiling,
         }

@@ -98,6 +98,8 @@ pub(crate) struct Spec {
     pub(crate) ready_udp: Option<SocketAddr>,
     /// Where stdout and stderr go (appended, so restarts keep earlier output).
     pub(crate) log: PathBuf,
+    /// Environment variables set for the program (the OTEL_* of the traced system).
+    pub(crate) env: Vec<(String, String)>,
 }
 
 /// One running program plus the usage of its earlier (stopped) instances.
@@ -143,6 +145,7 @@ impl Proc {
         let child = command
             .args(&self.spec.args)
             .env_remove("RUST_LOG")
+            .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

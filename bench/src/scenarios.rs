@@ -183,7 +183,7 @@ impl Session {
         let (edge, cloud) = self.dep.usage();
         let bench_cpu = own_usage().cpu_s - self.bench_cpu;
         let receipts = self.sub.finish().await;
-        self.dep.shutdown().await?;
+        let spans = self.dep.shutdown().await?;
         let delivery = Delivery::compute(published, &receipts);
         let mut rows = Rows::default();
         delivery.rows(&mut rows);
@@ -197,6 +197,7 @@ impl Session {
         rows.push("edge RSS idle", self.idle_rss.map(|v| v as f64), Fmt::Mib);
         rows.push("edge peak RSS", Some(edge.peak_rss as f64), Fmt::Mib);
         rows.push("cloud peak RSS", cloud.map(|c| c.peak_rss as f64), Fmt::Mib);
+        rows.push("spans exported", spans.map(|n| n as f64), Fmt::Count);
         Ok((rows, delivery))
     }
 }

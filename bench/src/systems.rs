@@ -22,6 +22,9 @@ const SITE: &str = "line1";
 pub(crate) enum Kind {
     /// edge-agent + cloud-hub, embedded brokers on both sides.
     Meshbridge,
+    /// The same, with traces exported over OTLP at the default sampling ratio to a receiver in the bench
+    /// (see `shared/src/trace.rs`): what tracing costs out of the box.
+    MeshbridgeTraced,
     /// Mosquitto edge with a bridge to a Mosquitto cloud, persistence on.
     MosquittoBridge,
     /// One Mosquitto, publishers and subscriber on it: the machine's ceiling.
@@ -33,6 +36,7 @@ impl Kind {
     pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Meshbridge => "meshbridge",
+            Self::MeshbridgeTraced => "meshbridge, traced",
             Self::MosquittoBridge => "mosquitto bridge",
             Self::Ceiling => "no-bridge ceiling",
         }
@@ -98,6 +102,8 @@ pub(crate) struct Deployment {
     pub(crate) cloud_mqtt: SocketAddr,
     /// Temporary directory with configs, data and logs; removed on drop.
     pub(crate) dir: tempfile::TempDir,
+    /// The OTLP receiver the traced system exports to.
+    pub(crate) traces: Option<meshbridge_tests::otlp::OtlpReceiver>,
 }
 
 impl Deployment {
@@ -108,7 +114,11 @@ impl Deployment {
             .tempdir()
             .context("creating a temporary directory")?;
         match kind {
-            Kind::Meshbridge => start_meshbridge(dir, programs).await,
+            Kind::Meshbridge => start_meshbridge(dir, programs, None).await,
+            Kind::MeshbridgeTraced => {
+                let receiver = meshbridge_tests::otlp::OtlpReceiver::start().await;
+                start_meshbridge(dir, programs, Some(receiver)).await
+            }
             Kind::MosquittoBridge => start_mosquitto_bridge(dir, programs).await,
             Kind::Ceiling => {
                 let port = free_tcp()?;
@@ -121,6 +131,7 @@ impl Deployment {
                     edge_mqtt: port,
                     cloud_mqtt: port,
                     dir,
+                    traces: None,
                 })
             }
         }
@@ -130,7 +141,9 @@ impl Deployment {
     pub(crate) fn cloud_filter(&self) -> String {
         match self.kind {
             Kind::Ceiling => "telemetry/#".to_owned(),
-            Kind::Meshbridge | Kind::MosquittoBridge => format!("{NAMESPACE}/telemetry/#"),
+            Kind::Meshbridge | Kind::MeshbridgeTraced | Kind::MosquittoBridge => {
+                format!("{NAMESPACE}/telemetry/#")
+            }
         }
     }
 
@@ -179,7 +192,9 @@ impl Deployment {
     }
 
     /// Stops everything (edge first so that nothing is left waiting on the cloud).
-    pub(crate) async fn shutdown(mut self) -> Result<()> {
+    /// Stops both programs (the traced system's exporters flush on the way out); returns how many spans
+    /// its OTLP receiver got, for the traced system.
+    pub(crate) async fn shutdown(mut self) -> Result<Option<usize>> {
         self.edge.stop().await?;
         if let Some(cloud) = self.cloud.as_mut() {
             cloud.stop().await?;
@@ -188,11 +203,20 @@ impl Deployment {
             let kept = self.dir.keep();
             eprintln!("  kept {}", kept.display());
         }
-        Ok(())
+        Ok(self.traces.as_ref().map(|r| r.spans().len()))
     }
 }
 
-async fn start_meshbridge(dir: tempfile::TempDir, programs: &Programs) -> Result<Deployment> {
+async fn start_meshbridge(
+    dir: tempfile::TempDir,
+    programs: &Programs,
+    traces: Option<meshbridge_tests::otlp::OtlpReceiver>,
+) -> Result<Deployment> {
+    // Only the endpoint: every other OTEL_* setting at its default, as a site would run it.
+    let env: Vec<(String, String)> = traces
+        .iter()
+        .map(|r| ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), r.endpoint()))
+        .collect();
     let root = dir.path();
     let pki = root.join("pki");
     cloud_hub::pki::init(&pki, &[]).context("creating the bench CA")?;
@@ -253,6 +277,7 @@ filter = "telemetry/#"
         ready_tcp: cloud_mqtt,
         ready_udp: Some(quic),
         log: root.join("hub.log"),
+        env: env.clone(),
     })
     .await?;
     let edge = Proc::start(Spec {
@@ -262,15 +287,21 @@ filter = "telemetry/#"
         ready_tcp: edge_mqtt,
         ready_udp: None,
         log: root.join("agent.log"),
+        env,
     })
     .await?;
     Ok(Deployment {
-        kind: Kind::Meshbridge,
+        kind: if traces.is_some() {
+            Kind::MeshbridgeTraced
+        } else {
+            Kind::Meshbridge
+        },
         edge,
         cloud: Some(cloud),
         edge_mqtt,
         cloud_mqtt,
         dir,
+        traces,
     })
 }
 
@@ -313,6 +344,7 @@ topic telemetry/# out 1 \"\" {NAMESPACE}/
         edge_mqtt,
         cloud_mqtt,
         dir,
+        traces: None,
     })
 }
 
@@ -361,6 +393,7 @@ log_type notice
         ready_tcp: port,
         ready_udp: None,
         log: root.join(format!("{name}.log")),
+        env: Vec::new(),
     })
 }
 

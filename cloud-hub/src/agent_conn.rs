@@ -822,6 +822,8 @@ struct Pending {
     /// Refused before publishing (see [`Drops::refused`]).
     refused: Refusals,
     done: oneshot::Receiver<Result<Refusals, PublishError>>,
+    /// The batch's traced messages, whose `publish` spans end when the cloud broker has them.
+    traced: Vec<crate::traced::Publishing>,
 }
 
 /// A published batch ready to be acknowledged: its seqs for dedup, its `Ack` value and its refusals.
@@ -829,6 +831,7 @@ type Done = (Vec<u64>, u64, Refusals);
 
 impl Pending {
     fn finish(self, mut refused: Refusals) -> Done {
+        crate::traced::published(self.traced);
         // Both lists are usually empty.
         refused.extend(self.refused);
         (self.seqs, self.upto, refused)
@@ -1170,6 +1173,9 @@ impl Session<'_> {
             return Ok(None);
         };
         self.site.counters.received.inc_by(entries.len() as u64);
+        let traces = meshbridge_metrics::otel::traces();
+        let received_at = std::time::SystemTime::now();
+        let mut traced_out = Vec::new();
         let mut seqs = Vec::with_capacity(entries.len());
         let mut out = Vec::with_capacity(entries.len());
         let mut drops = Drops::default();
@@ -1195,7 +1201,11 @@ impl Session<'_> {
                 Some((known, _)) if known == self.incarnation => dedup.window(self.origin),
                 _ => None,
             };
-            for env in entries {
+            for mut env in entries {
+                let traced = traces.and_then(|t| {
+                    let context = t.continues(&env.trace.as_ref()?.traceparent)?;
+                    Some((t, context))
+                });
                 if let Some((code, detail)) = refuse_again.as_ref().and_then(|r| r.get(&env.seq)) {
                     debug!(seq = env.seq, "entry refused before; refused again");
                     drops.refused.push(Refusal {
@@ -1209,9 +1219,31 @@ impl Session<'_> {
                 if window.is_some_and(|w| w.is_seen(env.seq)) {
                     drops.duplicates += 1;
                     debug!(seq = env.seq, "duplicate dropped");
+                    if let Some((traces, context)) = traced {
+                        crate::traced::duplicate(
+                            traces,
+                            &context,
+                            &self.site.name,
+                            env.seq,
+                            received_at,
+                        );
+                    }
                     continue;
                 }
                 seqs.push(env.seq);
+                let before = out.len();
+                let spans = traced.map(|(traces, context)| {
+                    let spans = crate::traced::Receiving::new(traces, context, received_at);
+                    // The cloud message continues from the hub's `publish` span.
+                    if let Some(trace) = &mut env.trace {
+                        trace.traceparent = spans.publish_context().header();
+                    }
+                    (traces, spans)
+                });
+                let (seq, topic) = match spans {
+                    Some(_) => (env.seq, env.topic.clone()),
+                    None => (env.seq, String::new()),
+                };
                 if routed {
                     self.route(env, &table, &mut out, &mut to_sites, &mut drops);
                 } else if let Some(message) = to_message(
@@ -1222,6 +1254,10 @@ impl Session<'_> {
                     &mut drops,
                 ) {
                     out.push(message);
+                }
+                if let Some((traces, spans)) = spans {
+                    let cloud = out.len() - before;
+                    traced_out.extend(spans.routed(traces, &self.site.name, seq, topic, cloud));
                 }
             }
         }
@@ -1257,12 +1293,17 @@ impl Session<'_> {
         counters.duplicates.inc_by(drops.duplicates as u64);
         counters.refused.inc_by(drops.refused.len() as u64);
         counters.forwarded.inc_by(out.len() as u64);
+        let handed_over = std::time::SystemTime::now();
+        for t in &mut traced_out {
+            t.handed_over(handed_over);
+        }
         let done = self.hub.publisher.submit(&self.site.name, out).await;
         Ok(Some(Pending {
             seqs,
             upto,
             refused: drops.refused,
             done,
+            traced: traced_out,
         }))
     }
 
@@ -1478,7 +1519,7 @@ fn mqtt_qos(qos: QoS) -> MqttQoS {
 
 /// What the hub pushes to `site`: its share of the routes, or `None` when the hub has no routes at all
 /// (the agents then run the routes of their own files, as before routes moved to the hub).
-fn offer(table: &RouteTable, site: &str) -> Option<ConfigOffer> {
+pub(crate) fn offer(table: &RouteTable, site: &str) -> Option<ConfigOffer> {
     if table.routes().is_empty() {
         return None;
     }

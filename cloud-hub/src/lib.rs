@@ -31,6 +31,7 @@ mod reload;
 mod status;
 pub mod store;
 pub mod tls;
+mod traced;
 
 use std::collections::HashMap;
 use std::fs;

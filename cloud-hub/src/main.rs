@@ -181,6 +181,8 @@ fn run_hub(config: PathBuf, cfg: shared::config::HubConfig) -> anyhow::Result<()
     let json = cfg.log_format == shared::config::LogFormat::Json;
     meshbridge_metrics::logging::init(&cfg.log, QUIET_RUMQTTD_LOGS, json)
         .context("invalid log filter (RUST_LOG or `log`)")?;
+    meshbridge_metrics::otel::install("cloud-hub", env!("CARGO_PKG_VERSION"))
+        .context("invalid tracing set-up (OTEL_* variables)")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -192,7 +194,10 @@ fn run_hub(config: PathBuf, cfg: shared::config::HubConfig) -> anyhow::Result<()
         let result = cloud_hub::run_reloading(Some(config), cfg, shutdown).await;
         signals.abort();
         result.context("cloud-hub failed")
-    })
+    })?;
+    drop(runtime);
+    meshbridge_metrics::otel::shutdown();
+    Ok(())
 }
 
 /// Cancels `shutdown` on SIGTERM or Ctrl-C (SIGINT).

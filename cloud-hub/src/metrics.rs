@@ -56,6 +56,8 @@ pub(crate) struct HubMetrics {
     connected: Family<SiteLabel, Gauge>,
     downlink_depth: Family<QueueLabel, Gauge>,
     cloud_broker_connected: Gauge,
+    config_offered: Family<SiteLabel, Gauge>,
+    config_applied: Family<SiteLabel, Gauge>,
     rendering: Mutex<()>,
 }
 
@@ -74,6 +76,8 @@ impl HubMetrics {
             connected: Family::default(),
             downlink_depth: Family::default(),
             cloud_broker_connected: Gauge::default(),
+            config_offered: Family::default(),
+            config_applied: Family::default(),
             rendering: Mutex::new(()),
         };
         registry.register(
@@ -121,6 +125,16 @@ impl HubMetrics {
             "1 while the hub's publisher is connected to the cloud broker",
             m.cloud_broker_connected.clone(),
         );
+        registry.register(
+            "site_config_offered_version",
+            "Version of the config the hub's routes make for a site (0: the hub declares no routes)",
+            m.config_offered.clone(),
+        );
+        registry.register(
+            "site_config_applied_version",
+            "Version of the config a site's agent last reported in force (absent until it connected); behind the offered version while a push is pending or was refused",
+            m.config_applied.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -164,6 +178,15 @@ impl HubMetrics {
         }
         self.cloud_broker_connected
             .set(i64::from(hub.publisher.is_connected()));
+        let table = std::sync::Arc::clone(&hub.routes.borrow());
+        for site in hub.sites.keys() {
+            let label = SiteLabel { site: site.clone() };
+            let offered = crate::agent_conn::offer(&table, site).map_or(0, |o| o.version);
+            set(&self.config_offered.get_or_create(&label), offered);
+            if let Some(applied) = hub.status.config_version(site) {
+                set(&self.config_applied.get_or_create(&label), applied);
+            }
+        }
         meshbridge_metrics::render(&self.registry)
     }
 }

@@ -83,6 +83,15 @@ impl StatusBoard {
         self.update(site, |t| t.config_version = Some(version));
     }
 
+    /// The config version each site's agent last reported applying (`None`: not since the hub started).
+    pub(crate) fn config_version(&self, site: &str) -> Option<u64> {
+        self.sites
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(site)
+            .and_then(|t| t.config_version)
+    }
+
     fn status(&self, site: &str, downlink_backlog: u64) -> SiteStatus {
         let sites = self.sites.lock().unwrap_or_else(PoisonError::into_inner);
         let t = sites.get(site);

@@ -113,6 +113,7 @@ impl Ingest {
     /// lane's uplink. A lane's part is emptied once it is committed; on failure the parts not committed
     /// stay in the group (a retry does not commit the others twice).
     pub(crate) async fn commit(&self, group: &mut Group) -> Result<(), CommitError> {
+        let commit_start = std::time::SystemTime::now();
         if let (false, Some(store)) = (group.retained.is_empty(), &self.retained) {
             let changes = std::mem::take(&mut group.retained);
             let store = Arc::clone(store);
@@ -159,6 +160,14 @@ impl Ingest {
                 .committed
                 .inc_by(outcome.last_seq + 1 - outcome.first_seq);
             lane.appended.notify_one();
+            for r in group.traced.iter_mut().filter(|r| r.lane == l) {
+                r.seq.get_or_insert(outcome.first_seq + r.index);
+            }
+        }
+        if let (false, Some(traces)) = (group.traced.is_empty(), meshbridge_metrics::otel::traces())
+        {
+            let received = std::mem::take(&mut group.traced);
+            crate::traced::committed(traces, &self.site, received, commit_start);
         }
         Ok(())
     }
@@ -456,6 +465,8 @@ pub(crate) struct Group {
     last_lane: usize,
     /// Changes to the retained store, applied before the queue appends (embedded mode).
     retained: Vec<RetainedChange>,
+    /// The group's traced messages (see `crate::traced`), empty while tracing is off.
+    traced: Vec<crate::traced::Received>,
     scratch: Envelope,
 }
 
@@ -477,6 +488,7 @@ impl Group {
             lanes,
             last_lane: 0,
             retained: Vec::new(),
+            traced: Vec::new(),
             scratch: Envelope {
                 origin: site.to_owned(),
                 seq: 0,
@@ -504,6 +516,7 @@ impl Group {
             l.marks.clear();
         }
         self.retained.clear();
+        self.traced.clear();
     }
 
     /// Marks the message just pushed as `key` with `digest`, committed with it (in its lane's queue).
@@ -531,7 +544,18 @@ impl Group {
         retain: bool,
         mut properties: Properties,
     ) -> bool {
-        let trace = take_trace(&mut properties.user);
+        let mut trace = take_trace(&mut properties.user);
+        let begun = meshbridge_metrics::otel::traces()
+            .and_then(|t| t.begin(trace.as_ref().map(|c| c.traceparent.as_str())));
+        if let Some(begun) = begun {
+            // The envelope carries the edge's `receive` span as the next hop's parent; a publisher's
+            // tracestate stays with its trace, and goes when a new trace replaces an invalid context.
+            let tracestate = trace.and_then(|c| begun.parent.and(c.tracestate));
+            trace = Some(TraceContext {
+                traceparent: begun.context.header(),
+                tracestate,
+            });
+        }
         let e = &mut self.scratch;
         e.topic = topic;
         e.payload = payload;
@@ -547,6 +571,16 @@ impl Group {
             Ok(()) => {
                 part.ends.push(part.buf.len());
                 self.last_lane = lane;
+                if let Some(begun) = begun {
+                    self.traced.push(crate::traced::Received {
+                        begun,
+                        start: std::time::SystemTime::now(),
+                        topic: e.topic.clone(),
+                        lane: rule.lane.min(MAX_LANE),
+                        index: part.ends.len() as u64 - 1,
+                        seq: None,
+                    });
+                }
                 true
             }
             Err(cause) => {

@@ -27,6 +27,7 @@ mod metrics;
 mod pushed;
 mod routes;
 mod status;
+mod traced;
 mod uplink;
 
 use std::sync::Arc;
@@ -154,6 +155,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         Arc::clone(&limits),
         retained.clone(),
         sessions.clone(),
+        Arc::clone(&routes),
     );
     {
         let uplink_cfg = cfg.uplink.clone();
@@ -215,7 +217,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         ));
     }
     if let Some(listener) = metrics_listener {
-        let (lanes, limits, retained, sessions) = for_metrics;
+        let (lanes, limits, retained, sessions, routes) = for_metrics;
         let render: meshbridge_metrics::Render = Arc::new(move || {
             metrics.render(
                 &lanes,
@@ -223,6 +225,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                 retained.as_ref(),
                 &retained_refused,
                 sessions.as_ref(),
+                routes.version(),
             )
         });
         tracker.spawn(meshbridge_metrics::serve(

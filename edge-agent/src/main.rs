@@ -76,8 +76,15 @@ fn main() -> ExitCode {
         eprintln!("edge-agent: invalid log filter (RUST_LOG or `log`): {error}");
         return ExitCode::from(2);
     }
+    if let Err(error) = meshbridge_metrics::otel::install("edge-agent", env!("CARGO_PKG_VERSION")) {
+        eprintln!("edge-agent: invalid tracing set-up (OTEL_* variables): {error}");
+        return ExitCode::from(2);
+    }
     match serve(cfg) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            meshbridge_metrics::otel::shutdown();
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("edge-agent: {error:#}");

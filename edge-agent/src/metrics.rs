@@ -89,6 +89,7 @@ pub(crate) struct AgentMetrics {
     session_acknowledged: Counter,
     session_dropped: Family<ReasonLabel, Counter>,
     sessions_expired: Counter,
+    config_version: Gauge,
     /// Totals of the sessions' counters at the last render: stored, acknowledged, dropped full, dropped
     /// slow, expired.
     session_seen: [AtomicU64; 5],
@@ -130,6 +131,7 @@ impl AgentMetrics {
             session_acknowledged: Counter::default(),
             session_dropped: Family::default(),
             sessions_expired: Counter::default(),
+            config_version: Gauge::default(),
             session_seen: Default::default(),
             rendering: Mutex::new(()),
         };
@@ -258,6 +260,11 @@ impl AgentMetrics {
             "Persistent sessions removed because their session expiry interval ran out",
             m.sessions_expired.clone(),
         );
+        registry.register(
+            "config_version",
+            "Version of the routes in force: the config the hub pushed last, or the local file's (meshbridge_site_config_offered_version at the hub is what it should be)",
+            m.config_version.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -283,11 +290,13 @@ impl AgentMetrics {
         retained: Option<&Arc<RetainedStore>>,
         retained_refused: &AtomicU64,
         sessions: Option<&Arc<Sessions>>,
+        config_version: u64,
     ) -> String {
         let _one = self
             .rendering
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        set(&self.config_version, config_version);
         let now = crate::ingest::now_ms();
         for l in lanes.all() {
             let stats = l.queue.stats();

@@ -453,6 +453,7 @@ impl Uplink {
             welcomed: false,
             acked: false,
             started: Instant::now(),
+            traced: VecDeque::new(),
         };
         let result = session.run(link, shutdown).instrument(span).await;
         self.counters.connected.set(0);
@@ -569,6 +570,8 @@ struct Session<'a> {
     acked: bool,
     /// When the QUIC handshake completed.
     started: Instant,
+    /// Traced messages sent on this connection and not yet acknowledged (see `crate::traced`).
+    traced: VecDeque<crate::traced::Sent>,
 }
 
 /// Frames read from the hub.
@@ -677,6 +680,9 @@ impl Session<'_> {
                             .inc_by(queue.acked().saturating_sub(before));
                         self.uplink.counters.rtt.set(self.conn.rtt().as_secs_f64());
                         self.acked |= link.acked_any();
+                        if let Some(traces) = meshbridge_metrics::otel::traces() {
+                            crate::traced::acked(traces, upto, &mut self.traced);
+                        }
                     }
                     AgentAction::DeadLetter {
                         seq,
@@ -731,6 +737,9 @@ impl Session<'_> {
                     link.queue_written(from - 1);
                     break;
                 };
+                if let Some(traces) = meshbridge_metrics::otel::traces() {
+                    crate::traced::sending(traces, self.uplink.lane, &entries, &mut self.traced);
+                }
                 let too_large =
                     encode_batches(&entries, &mut out, max_frame_size, &mut batch_lasts)?;
                 link.batches_sent(now(), last, batch_lasts.drain(..));

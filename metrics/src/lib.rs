@@ -11,6 +11,7 @@
 //! router and shutdown, and it keeps hyper and tower out of a gateway's binary.
 
 pub mod logging;
+pub mod otel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -322,6 +322,50 @@ impl Envelope {
     }
 }
 
+/// The trace context of a stored body, read without decoding the rest: the uplink looks at every body it
+/// sends when tracing is on, and most carry no trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TracePeek<'a> {
+    /// When the agent committed the message (Unix ms).
+    pub enqueued_at_ms: u64,
+    /// The `traceparent` the body carries.
+    pub traceparent: &'a str,
+}
+
+/// The trace context and commit time of a body written by [`Envelope::encode_body`], or `None` when it
+/// carries no trace or is not a body this build reads.
+#[must_use]
+pub fn peek_trace(body: &[u8]) -> Option<TracePeek<'_>> {
+    fn skip16(body: &[u8], at: usize) -> Option<usize> {
+        let len = body.get(at..at + 2)?;
+        Some(at + 2 + usize::from(u16::from_be_bytes([len[0], len[1]])))
+    }
+    if *body.first()? != BODY_VERSION {
+        return None;
+    }
+    let flags = u16::from_be_bytes(body.get(1..3)?.try_into().ok()?);
+    if flags & TRACE == 0 {
+        return None;
+    }
+    let enqueued_at_ms = u64::from_be_bytes(body.get(3..11)?.try_into().ok()?);
+    let mut at = skip16(body, 11)?; // origin
+    at = skip16(body, at)?; // topic
+    for bit in [CONTENT_TYPE, RESPONSE_TOPIC, CORRELATION_DATA] {
+        if flags & bit != 0 {
+            at = skip16(body, at)?;
+        }
+    }
+    if flags & MESSAGE_EXPIRY != 0 {
+        at += 4;
+    }
+    let end = skip16(body, at)?;
+    let traceparent = std::str::from_utf8(body.get(at + 2..end)?).ok()?;
+    Some(TracePeek {
+        enqueued_at_ms,
+        traceparent,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,6 +529,21 @@ mod tests {
             let body = body_of(&env);
             prop_assert_eq!(body.len(), env.encoded_body_len());
             prop_assert_eq!(Envelope::decode_body(env.seq, body), Ok(env));
+        }
+
+        #[test]
+        fn peek_trace_reads_what_decode_reads(env in arb_envelope()) {
+            let body = body_of(&env);
+            let peek = peek_trace(&body);
+            prop_assert_eq!(peek.map(|p| p.traceparent), env.trace.as_ref().map(|t| t.traceparent.as_str()));
+            if let Some(p) = peek {
+                prop_assert_eq!(p.enqueued_at_ms, env.enqueued_at_ms);
+            }
+        }
+
+        #[test]
+        fn peek_trace_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = peek_trace(&bytes);
         }
 
         #[test]

@@ -8,6 +8,8 @@
 //! - [`envelope`]: the unit of data that crosses the mesh, with everything an MQTT message must keep.
 //! - [`wire`]: the length-framed, versioned agent↔hub protocol and its total decoder.
 //! - [`topic`]: MQTT topic names and filters, wildcard matching and namespace mapping.
+//! - [`trace`]: W3C `traceparent` parsing and the OpenTelemetry sampling rules (the exporter is in
+//!   `metrics/src/otel.rs`).
 //! - [`policy`]: pure policies: the per-origin dedup window, the routing engine (routes, loop prevention,
 //!   per-route dedup).
 //! - [`hash`]: a stable 64-bit hash for config versions and persisted dedup keys.
@@ -32,4 +34,5 @@ pub mod queue;
 pub mod site;
 pub mod status;
 pub mod topic;
+pub mod trace;
 pub mod wire;

@@ -31,6 +31,7 @@ pub mod mosquitto;
 pub mod mqtt;
 pub mod net;
 pub mod netns;
+pub mod otlp;
 pub mod pki;
 pub mod prereq;
 pub mod process;

@@ -57,19 +57,51 @@ impl Mesh {
 
     /// Writes `hub.toml`, starts the hub and waits until it is ready.
     pub async fn start_hub(&self, spec: &HubSpec) -> Proc {
+        self.start_hub_env(spec, &[]).await
+    }
+
+    /// [`Self::start_hub`] with `env` set for the hub.
+    pub async fn start_hub_env(&self, spec: &HubSpec, env: &[(String, String)]) -> Proc {
         let config = spec.write(&self.path().join("hub.toml"));
-        let mut proc = Proc::start("hub", &bin(CLOUD_HUB), &config, self.path());
+        let mut proc = Proc::start_env(
+            "hub",
+            &bin(CLOUD_HUB),
+            &config_args(&config),
+            env,
+            self.path(),
+        );
         wait_ready(&mut proc, &spec.broker).await;
         proc
     }
 
     /// Writes `<name>.toml`, starts the agent and waits until it is ready.
     pub async fn start_agent(&self, name: &str, spec: &AgentSpec) -> Proc {
+        self.start_agent_env(name, spec, &[]).await
+    }
+
+    /// [`Self::start_agent`] with `env` set for the agent.
+    pub async fn start_agent_env(
+        &self,
+        name: &str,
+        spec: &AgentSpec,
+        env: &[(String, String)],
+    ) -> Proc {
         let config = spec.write(&self.path().join(format!("{name}.toml")));
-        let mut proc = Proc::start(name, &bin(EDGE_AGENT), &config, self.path());
+        let mut proc = Proc::start_env(
+            name,
+            &bin(EDGE_AGENT),
+            &config_args(&config),
+            env,
+            self.path(),
+        );
         wait_ready(&mut proc, &spec.broker).await;
         proc
     }
+}
+
+/// `--config <config>`.
+fn config_args(config: &Path) -> Vec<String> {
+    vec!["--config".to_owned(), config.to_string_lossy().into_owned()]
 }
 
 /// A failing test keeps its directory: the programs' logs (printed by each `Proc` as it drops, which may

@@ -18,6 +18,8 @@ pub struct Proc {
     name: String,
     program: PathBuf,
     args: Vec<String>,
+    /// Environment variables set for every incarnation.
+    env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
     /// Log length when the current incarnation started, so readiness looks only at its own lines.
@@ -37,10 +39,22 @@ impl Proc {
 
     /// Starts `program` with arbitrary arguments, output appended to `<log_dir>/<name>.log`.
     pub fn start_args(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Self {
+        Self::start_env(name, program, args, &[], log_dir)
+    }
+
+    /// [`Self::start_args`] with `env` set for the program (and for its restarts).
+    pub fn start_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> Self {
         let mut proc = Self {
             name: name.to_owned(),
             program: program.to_path_buf(),
             args: args.to_vec(),
+            env: env.to_vec(),
             log: log_dir.join(format!("{name}.log")),
             child: None,
             log_start: 0,
@@ -61,6 +75,7 @@ impl Proc {
             .args(&self.args)
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))

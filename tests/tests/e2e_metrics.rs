@@ -108,6 +108,25 @@ async fn both_programs_serve_metrics_that_move_with_traffic() {
         Some(1),
         "{hub_body}"
     );
+    // The config in force: the agent's own, as the hub heard it in the agent's Hello; no routes at the hub.
+    let agent_version = sample(&agent_body, "meshbridge_config_version");
+    assert!(agent_version.is_some(), "{agent_body}");
+    assert_eq!(
+        sample(
+            &hub_body,
+            "meshbridge_site_config_applied_version{site=\"line1\"}"
+        ),
+        agent_version,
+        "{hub_body}"
+    );
+    assert_eq!(
+        sample(
+            &hub_body,
+            "meshbridge_site_config_offered_version{site=\"line1\"}"
+        ),
+        Some(0),
+        "{hub_body}"
+    );
 
     // The shipped Grafana dashboard asks only for metrics the programs serve.
     let dashboard = std::fs::read_to_string(
