@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::downlink::{encode_delivery, Dedups, DownlinkStore, Routes, SiteDownlink};
+use crate::events;
 use crate::publisher::{OutMessage, PublishError, Publisher, Refusal, Refusals};
 use crate::store::{DedupStore, PendingRefusals, MAX_PENDING_REFUSALS};
 use crate::tls;
@@ -562,18 +563,17 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     if let Err(error) = write_transmits(&mut link, &mut send, &mut out).await {
         info!(cause = %error, "agent left before Welcome");
     } else {
-        site.counters.connects.inc();
         let _presence =
             crate::status::Presence::new(&hub.status, &site.name, running.0, &running.1);
-        info!(
-            connection = id,
+        events::AgentConnected {
+            connection: id,
             version,
             incarnation,
-            agent_last_acked = last_acked,
+            agent_last_acked: last_acked,
             hub_high_water,
             serves_downlink,
-            "agent connected"
-        );
+        }
+        .emit(&site.counters);
         let session = Session {
             hub: &hub,
             site: &site,
@@ -607,10 +607,11 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             End::Stalled {
                 after,
                 unacked_frames,
-            } => {
-                site.counters.downlink_stalls.inc();
-                warn!(?after, unacked_frames, "stuck link: downlink unacknowledged on a live connection; closing it so the agent reconnects");
+            } => events::DownlinkStalled {
+                after: *after,
+                unacked_frames: *unacked_frames,
             }
+            .emit(&site.counters),
         }
         match end {
             End::PeerGone(_) | End::PeerGoAway { .. } => conn.close(VarInt::from_u32(0), b""),
@@ -919,15 +920,18 @@ impl Session<'_> {
                         return end.take().unwrap_or_else(|| End::from(closed));
                     }
                     HubEvent::ConfigApplied { version } => {
-                        info!(version, "agent applied the pushed config");
+                        events::ConfigAnswered {
+                            version,
+                            refused: None,
+                        }
+                        .emit(&self.site.counters);
                         self.hub.status.config_applied(&self.site.name, version);
                     }
-                    HubEvent::ConfigRejected { version, rejection } => error!(
+                    HubEvent::ConfigRejected { version, rejection } => events::ConfigAnswered {
                         version,
-                        reason = %rejection.reason,
-                        detail = %rejection.detail,
-                        "agent refused the pushed config and keeps running its previous one"
-                    ),
+                        refused: Some((&rejection.reason, &rejection.detail)),
+                    }
+                    .emit(&self.site.counters),
                     HubEvent::DownlinkAcked { upto } => {
                         if let Err(error) = self.downlink_acked(upto).await {
                             end = Some(End::Downlink(error));
@@ -1013,7 +1017,7 @@ impl Session<'_> {
                         }
                         Ok(()) => {
                             for (_, upto, refused) in saving_group.drain(..) {
-                                report_refusals(&refused);
+                                events::Refused { refusals: &refused }.emit(&self.site.counters);
                                 let refusals = refused
                                     .into_iter()
                                     .map(|r| LinkRefusal {
@@ -1172,7 +1176,7 @@ impl Session<'_> {
         let Some(upto) = entries.last().map(|e| e.seq) else {
             return Ok(None);
         };
-        self.site.counters.received.inc_by(entries.len() as u64);
+        let received = entries.len() as u64;
         let traces = meshbridge_metrics::otel::traces();
         let received_at = std::time::SystemTime::now();
         let mut traced_out = Vec::new();
@@ -1261,12 +1265,6 @@ impl Session<'_> {
                 }
             }
         }
-        if drops.unroutable > 0 {
-            debug!(
-                count = drops.unroutable,
-                "entries no route sends anywhere (or already delivered here); acknowledged"
-            );
-        }
         to_sites.sort_by(|a, b| a.0.cmp(&b.0));
         let mut rest = to_sites.as_slice();
         while let Some((dest, _)) = rest.first() {
@@ -1276,23 +1274,15 @@ impl Session<'_> {
             debug!(to = %dest, count, "queued for another site");
             rest = &rest[count..];
         }
-        if drops.foreign_origin > 0 {
-            warn!(
-                count = drops.foreign_origin,
-                "entries claimed another origin; published under this site's namespace"
-            );
+        events::BatchHandled {
+            upto,
+            received,
+            duplicates: drops.duplicates as u64,
+            forwarded: out.len() as u64,
+            unroutable: drops.unroutable as u64,
+            foreign_origin: drops.foreign_origin as u64,
         }
-
-        if drops.duplicates > 0 {
-            debug!(
-                count = drops.duplicates,
-                upto, "replayed messages dropped by dedup"
-            );
-        }
-        let counters = &self.site.counters;
-        counters.duplicates.inc_by(drops.duplicates as u64);
-        counters.refused.inc_by(drops.refused.len() as u64);
-        counters.forwarded.inc_by(out.len() as u64);
+        .emit(&self.site.counters);
         let handed_over = std::time::SystemTime::now();
         for t in &mut traced_out {
             t.handed_over(handed_over);
@@ -1530,25 +1520,6 @@ pub(crate) fn offer(table: &RouteTable, site: &str) -> Option<ConfigOffer> {
             body: push.toml,
         }
     })
-}
-
-/// Logs a batch's refusals once, where they are handled (the agent files them as dead letters before the
-/// `Ack` lets its queue forget them).
-fn report_refusals(refused: &Refusals) {
-    if refused.is_empty() {
-        return;
-    }
-    let codes: Vec<String> = refused
-        .iter()
-        .map(|r| format!("{:#04x}", r.reason_code))
-        .collect();
-    warn!(
-        count = refused.len(),
-        first_seq = refused.first().map(|r| r.seq),
-        reason_codes = %codes.join(","),
-        first_detail = refused.first().map(|r| r.detail.as_str()),
-        "messages refused for good; reported to the agent's dead-letter store"
-    );
 }
 
 /// Sleeps until `at`; only polled when `at` is `Some`.

@@ -24,6 +24,7 @@ mod cloud_broker;
 mod downlink;
 mod endpoint_key;
 mod error;
+mod events;
 mod metrics;
 pub mod pki;
 mod publisher;

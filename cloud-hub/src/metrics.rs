@@ -41,6 +41,17 @@ pub(crate) struct SiteCounters {
     pub(crate) connects: Counter,
     /// Connections the downlink's stuck-link watchdog closed (`downlink.ack_timeout`).
     pub(crate) downlink_stalls: Counter,
+    /// Pushed configs the site's agent applied.
+    pub(crate) configs_applied: Counter,
+    /// Pushed configs the site's agent refused.
+    pub(crate) configs_refused: Counter,
+}
+
+/// A site and what became of a pushed config, as labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PushLabel {
+    site: String,
+    result: &'static str,
 }
 
 /// Every metric of the hub.
@@ -53,6 +64,7 @@ pub(crate) struct HubMetrics {
     refused: Family<SiteLabel, Counter>,
     connects: Family<SiteLabel, Counter>,
     downlink_stalls: Family<SiteLabel, Counter>,
+    config_pushes: Family<PushLabel, Counter>,
     connected: Family<SiteLabel, Gauge>,
     downlink_depth: Family<QueueLabel, Gauge>,
     cloud_broker_connected: Gauge,
@@ -73,6 +85,7 @@ impl HubMetrics {
             refused: Family::default(),
             connects: Family::default(),
             downlink_stalls: Family::default(),
+            config_pushes: Family::default(),
             connected: Family::default(),
             downlink_depth: Family::default(),
             cloud_broker_connected: Gauge::default(),
@@ -126,6 +139,11 @@ impl HubMetrics {
             m.cloud_broker_connected.clone(),
         );
         registry.register(
+            "config_pushes",
+            "Pushed configs a site's agent answered: result=applied, or result=refused (it keeps its previous one)",
+            m.config_pushes.clone(),
+        );
+        registry.register(
             "site_config_offered_version",
             "Version of the config the hub's routes make for a site (0: the hub declares no routes)",
             m.config_offered.clone(),
@@ -145,6 +163,18 @@ impl HubMetrics {
         };
         // Listed at 0 from the start, not only once an agent connected.
         let _ = self.connected.get_or_create(&label);
+        // One statement each: a family's handle holds its read lock until the statement ends, and a
+        // second `get_or_create` in the same expression would wait for it to insert (a deadlock).
+        let pushes = |result| {
+            let counter = self
+                .config_pushes
+                .get_or_create(&PushLabel {
+                    site: site.to_owned(),
+                    result,
+                })
+                .clone();
+            counter
+        };
         SiteCounters {
             received: self.received.get_or_create(&label).clone(),
             duplicates: self.duplicates.get_or_create(&label).clone(),
@@ -152,6 +182,8 @@ impl HubMetrics {
             refused: self.refused.get_or_create(&label).clone(),
             connects: self.connects.get_or_create(&label).clone(),
             downlink_stalls: self.downlink_stalls.get_or_create(&label).clone(),
+            configs_applied: pushes("applied"),
+            configs_refused: pushes("refused"),
         }
     }
 

@@ -143,22 +143,13 @@ impl Ingest {
                     source: Box::new(source),
                 })?;
             let outcome = commit_part(&lane.queue, part).await?;
-            if outcome.dropped > 0 {
-                warn!(
-                    lane = l,
-                    dropped = outcome.dropped,
-                    "queue full: dropped the oldest queued messages (full_policy = drop-oldest)"
-                );
+            crate::events::Committed {
+                lane: l,
+                first_seq: outcome.first_seq,
+                last_seq: outcome.last_seq,
+                dropped: outcome.dropped,
             }
-            debug!(
-                lane = l,
-                first_seq = outcome.first_seq,
-                last_seq = outcome.last_seq,
-                "committed"
-            );
-            lane.counters
-                .committed
-                .inc_by(outcome.last_seq + 1 - outcome.first_seq);
+            .emit(&lane.counters);
             lane.appended.notify_one();
             for r in group.traced.iter_mut().filter(|r| r.lane == l) {
                 r.seq.get_or_insert(outcome.first_seq + r.index);

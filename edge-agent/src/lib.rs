@@ -17,6 +17,7 @@
 
 pub mod dead_letters;
 pub mod error;
+mod events;
 pub mod tls;
 
 mod ingest;

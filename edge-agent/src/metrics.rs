@@ -25,6 +25,12 @@ pub(crate) struct ReasonLabel {
     reason: &'static str,
 }
 
+/// What became of a pushed config, as a label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabel {
+    result: &'static str,
+}
+
 /// A priority lane as a label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LaneLabel {
@@ -44,6 +50,12 @@ pub(crate) struct LaneCounters {
     pub(crate) committed: Counter,
     /// Messages the hub acknowledged (deleted from the queue).
     pub(crate) acknowledged: Counter,
+    /// Entries written to the link, resends included.
+    pub(crate) sent: Counter,
+    /// Configs the hub pushed that the agent applied (agent-wide: every lane's handle shares it).
+    pub(crate) configs_applied: Counter,
+    /// Configs the hub pushed that the agent refused (agent-wide).
+    pub(crate) configs_refused: Counter,
     /// Connections the hub welcomed.
     pub(crate) connects: Counter,
     /// 1 while the lane's connection is welcomed.
@@ -62,6 +74,8 @@ pub(crate) struct AgentMetrics {
     registry: Registry,
     committed: Family<LaneLabel, Counter>,
     acknowledged: Family<LaneLabel, Counter>,
+    sent: Family<LaneLabel, Counter>,
+    config_pushes: Family<ResultLabel, Counter>,
     connects: Family<LaneLabel, Counter>,
     connected: Family<LaneLabel, Gauge>,
     stalls: Family<LaneLabel, Counter>,
@@ -105,6 +119,8 @@ impl AgentMetrics {
             registry: Registry::default(),
             committed: Family::default(),
             acknowledged: Family::default(),
+            sent: Family::default(),
+            config_pushes: Family::default(),
             connects: Family::default(),
             connected: Family::default(),
             stalls: Family::default(),
@@ -261,6 +277,16 @@ impl AgentMetrics {
             m.sessions_expired.clone(),
         );
         registry.register(
+            "messages_sent",
+            "Entries written to the link to the hub, resends on a new connection included",
+            m.sent.clone(),
+        );
+        registry.register(
+            "config_pushes",
+            "Configs the hub pushed: result=applied, or result=refused (the running config stays)",
+            m.config_pushes.clone(),
+        );
+        registry.register(
             "config_version",
             "Version of the routes in force: the config the hub pushed last, or the local file's (meshbridge_site_config_offered_version at the hub is what it should be)",
             m.config_version.clone(),
@@ -271,9 +297,21 @@ impl AgentMetrics {
     /// The event counters of `lane` (created at 0 the first time).
     pub(crate) fn lane(&self, l: u8) -> LaneCounters {
         let label = lane(l);
+        // One statement each: a family's handle holds its read lock until the statement ends, and a
+        // second `get_or_create` in the same expression would wait for it to insert (a deadlock).
+        let pushes = |result| {
+            let counter = self
+                .config_pushes
+                .get_or_create(&ResultLabel { result })
+                .clone();
+            counter
+        };
         LaneCounters {
             committed: self.committed.get_or_create(&label).clone(),
             acknowledged: self.acknowledged.get_or_create(&label).clone(),
+            sent: self.sent.get_or_create(&label).clone(),
+            configs_applied: pushes("applied"),
+            configs_refused: pushes("refused"),
             connects: self.connects.get_or_create(&label).clone(),
             connected: self.connected.get_or_create(&label).clone(),
             stalls: self.stalls.get_or_create(&label).clone(),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use shared::config::{version_of, EffectiveConfig, Route};
 use shared::wire::{ConfigRejectReason, ConfigRejection};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::AgentError;
 use crate::routes::{LiveRoutes, Routes};
@@ -122,10 +122,11 @@ impl Pushed {
             detail: format!("cannot keep it at {}: {e}", self.path.display()),
         })?;
         self.live.replace(routes, version);
-        info!(
+        // The uplink reports it (`crate::events::ConfigPushed`).
+        debug!(
             version,
             captures = config.capture.len(),
-            "applied the config the hub pushed"
+            "pushed config in force"
         );
         Ok(())
     }

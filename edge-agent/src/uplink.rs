@@ -44,11 +44,12 @@ use shared::wire::{
 };
 use tokio::sync::{watch, Notify};
 
+use crate::events;
 use crate::local::deliver::Delivery;
 use crate::pushed::Pushed;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn, Instrument};
+use tracing::{debug, error, warn, Instrument};
 
 /// How long the hub may take to answer `Hello` with `Welcome`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -344,9 +345,6 @@ impl Uplink {
                 Err(error) => error,
             };
             let stats = self.queue.stats();
-            if matches!(error, UplinkError::Stalled { .. }) {
-                self.counters.stalls.inc();
-            }
             let delay = match &error {
                 // A connect phase paces its own attempts: start the next one at once.
                 UplinkError::ConnectTimeout { .. } => Duration::ZERO,
@@ -359,15 +357,24 @@ impl Uplink {
                 } => *after + jitter(*after / 2, attempt),
                 _ => jitter(backoff, attempt),
             };
-            if error.needs_operator() {
-                error!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "uplink down");
+            let kind = if error.needs_operator() {
+                events::DownKind::NeedsOperator
             } else if end.welcomed {
-                warn!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "uplink down");
+                events::DownKind::Lost
             } else if matches!(error, UplinkError::GoAway { .. }) {
-                info!(cause = %error, retry_in = ?delay, depth = stats.depth, "hub refused the uplink");
+                events::DownKind::Refused
             } else {
-                info!(cause = %error, chain = %Chain(&error), retry_in = ?delay, depth = stats.depth, "hub unreachable");
+                events::DownKind::Unreachable
+            };
+            events::LinkDown {
+                kind,
+                cause: &error,
+                chain: &Chain(&error),
+                retry_in: delay,
+                depth: stats.depth,
+                stalled: matches!(error, UplinkError::Stalled { .. }),
             }
+            .emit(&self.counters);
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(delay) => {}
@@ -656,29 +663,26 @@ impl Session<'_> {
                         let hub_max = usize::try_from(limits.max_frame_size).unwrap_or(usize::MAX);
                         max_frame_size = hub_max.min(cfg.max_frame_size.as_usize());
                         self.welcomed = true;
-                        self.uplink.counters.connects.inc();
-                        self.uplink.counters.connected.set(1);
-                        self.uplink.counters.rtt.set(self.conn.rtt().as_secs_f64());
                         grace_until = Some(Instant::now() + LANE_GRACE);
-                        if hub_high_water < stats.next_seq {
-                            info!(
-                                hub = %self.addr,
-                                depth = stats.depth,
-                                acked = stats.acked.max(hub_high_water),
-                                hub_high_water,
-                                "uplink connected"
-                            );
+                        events::LinkUp {
+                            hub: self.addr,
+                            depth: stats.depth,
+                            acked: stats.acked.max(hub_high_water),
+                            hub_high_water,
+                            rtt: self.conn.rtt(),
                         }
+                        .emit(&self.uplink.counters);
                     }
                     AgentAction::AckUpTo { upto } => {
                         // By the watermark: appends during the ack do not move it.
                         let before = queue.acked();
                         blocking(queue, move |q| q.ack_upto(upto)).await?;
-                        self.uplink
-                            .counters
-                            .acknowledged
-                            .inc_by(queue.acked().saturating_sub(before));
-                        self.uplink.counters.rtt.set(self.conn.rtt().as_secs_f64());
+                        events::Acknowledged {
+                            upto,
+                            count: queue.acked().saturating_sub(before),
+                            rtt: self.conn.rtt(),
+                        }
+                        .emit(&self.uplink.counters);
                         self.acked |= link.acked_any();
                         if let Some(traces) = meshbridge_metrics::otel::traces() {
                             crate::traced::acked(traces, upto, &mut self.traced);
@@ -695,9 +699,14 @@ impl Session<'_> {
                             tokio::task::spawn_blocking(move || pushed.apply(version, &body))
                                 .await
                                 .map_err(UplinkError::Panicked)?;
-                        if let Err(rejection) = &result {
-                            warn!(version, reason = %rejection.reason, detail = %rejection.detail, "refused the config the hub pushed; the running one stays");
+                        let reason = result.as_ref().err().map(|r| r.reason.to_string());
+                        events::ConfigPushed {
+                            version,
+                            refused: result.as_ref().err().map(|r| {
+                                (reason.as_deref().unwrap_or_default(), r.detail.as_str())
+                            }),
                         }
+                        .emit(&self.uplink.counters);
                         link.config_applied(version, result);
                     }
                     AgentAction::DeliverDownlink { conn, entries } => {
@@ -742,6 +751,12 @@ impl Session<'_> {
                 }
                 let too_large =
                     encode_batches(&entries, &mut out, max_frame_size, &mut batch_lasts)?;
+                events::Sent {
+                    from,
+                    to: last,
+                    count: entries.len() as u64,
+                }
+                .emit(&self.uplink.counters);
                 link.batches_sent(now(), last, batch_lasts.drain(..));
                 if !too_large.is_empty() {
                     let letters = too_large
@@ -884,10 +899,6 @@ impl Session<'_> {
             .map(|l| (l.seq, l.reason_code, l.detail.clone()))
             .collect();
         let lane = self.uplink.lane;
-        self.uplink
-            .counters
-            .dead_lettered
-            .inc_by(letters.len() as u64);
         let mut letters = letters;
         for letter in &mut letters {
             letter.seq = lane::dead_letter_seq(lane, letter.seq);
@@ -900,13 +911,13 @@ impl Session<'_> {
         .map_err(UplinkError::Panicked)?
         .map_err(UplinkError::DeadLetters)?;
         for (seq, reason_code, detail) in summary {
-            warn!(
+            events::DeadLettered {
                 lane,
                 seq,
-                reason_code = format_args!("{reason_code:#04x}"),
-                %detail,
-                "message refused for good: moved to the dead-letter store (edge-agent dead-letters list)"
-            );
+                reason_code,
+                detail: &detail,
+            }
+            .emit(&self.uplink.counters);
         }
         if evicted > 0 {
             error!(

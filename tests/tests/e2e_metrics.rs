@@ -68,6 +68,10 @@ async fn both_programs_serve_metrics_that_move_with_traffic() {
         ) >= Some(MESSAGES),
         "{agent_body}"
     );
+    assert!(
+        sample(&agent_body, "meshbridge_messages_sent_total{lane=\"0\"}") >= Some(MESSAGES),
+        "{agent_body}"
+    );
     assert_eq!(
         sample(&agent_body, "meshbridge_uplink_connected{lane=\"0\"}"),
         Some(1),

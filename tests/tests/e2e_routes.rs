@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use meshbridge_tests::cloud::CloudBroker;
 use meshbridge_tests::mesh::{prove_path, restart, Mesh, STOP_TIMEOUT};
+use meshbridge_tests::metrics::{sample, scrape};
 use meshbridge_tests::mosquitto::{self, Mosquitto, MosquittoOptions};
 use meshbridge_tests::mqtt::{Collector, PublishPlan, Publisher, Received};
 use meshbridge_tests::spec::{AgentSpec, BrokerSpec, HubSpec};
@@ -95,6 +96,7 @@ async fn two_sites(routes: &[&str], line2_broker: BrokerSpec) -> TwoSites {
     let mesh = Mesh::new(&["line1", "line2"]);
     let mut hub_spec = mesh.hub_spec(BrokerSpec::embedded(), &["line1", "line2"]);
     hub_spec.tail = routes.iter().map(|r| (*r).to_owned()).collect();
+    hub_spec.metrics = Some(meshbridge_tests::net::free_tcp());
     let hub = mesh.start_hub(&hub_spec).await;
     let hub_config = mesh.path().join("hub.toml");
     let mut specs = Vec::new();
@@ -102,6 +104,7 @@ async fn two_sites(routes: &[&str], line2_broker: BrokerSpec) -> TwoSites {
     for (site, broker) in [("line1", BrokerSpec::embedded()), ("line2", line2_broker)] {
         let mut spec = mesh.agent_spec(site, broker, &hub_spec);
         spec.routes = vec!["boot/#".to_owned()];
+        spec.metrics = Some(meshbridge_tests::net::free_tcp());
         agents.push(mesh.start_agent(site, &spec).await);
         specs.push(spec);
     }
@@ -131,6 +134,41 @@ async fn routes_declared_at_the_hub_are_pushed_to_the_agents() {
         !cloud.received().iter().any(|m| m.topic.ends_with("boot/x")),
         "a route only the agent's file had still forwarded: {:?}",
         topics(&cloud.received())
+    );
+    // The metrics say the same: the version the hub offers is the one the agent runs, and it applied it.
+    let hub_body = scrape(t.hub_spec.metrics.expect("set")).await;
+    let agent_body = scrape(t.specs[0].metrics.expect("set")).await;
+    let offered = sample(
+        &hub_body,
+        "meshbridge_site_config_offered_version{site=\"line1\"}",
+    );
+    assert!(offered > Some(0), "{hub_body}");
+    assert_eq!(
+        sample(
+            &hub_body,
+            "meshbridge_site_config_applied_version{site=\"line1\"}"
+        ),
+        offered,
+        "{hub_body}"
+    );
+    assert_eq!(
+        sample(&agent_body, "meshbridge_config_version"),
+        offered,
+        "{agent_body}"
+    );
+    assert!(
+        sample(
+            &hub_body,
+            "meshbridge_config_pushes_total{site=\"line1\",result=\"applied\"}"
+        ) >= Some(1),
+        "{hub_body}"
+    );
+    assert!(
+        sample(
+            &agent_body,
+            "meshbridge_config_pushes_total{result=\"applied\"}"
+        ) >= Some(1),
+        "{agent_body}"
     );
     drop(t.agents);
     drop(t.hub);
