@@ -140,6 +140,12 @@ pub struct FrontOptions {
     /// with CONNACK "identifier rejected" (3.1.1 code 2, 5.0 reason 0x85). Otherwise it would take the id
     /// over, and the broker would disconnect the program's own publisher or subscriber (issue 11).
     pub reserved_client_ids: Vec<String>,
+    /// Password file, anonymous access and topic ACL (see `crate::auth`); when set it decides who is let
+    /// in, and `credentials` is not used. A PUBLISH the ACL denies is not forwarded (MQTT 5: PUBACK/PUBREC
+    /// reason 0x87; 3.1.1: acknowledged and dropped, as Mosquitto does); a denied SUBSCRIBE filter is not
+    /// subscribed and gets 0x87 (5.0) / 0x80 (3.1.1) in the SUBACK; a will whose topic the ACL denies
+    /// refuses the CONNECT.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl Default for FrontOptions {
@@ -152,6 +158,7 @@ impl Default for FrontOptions {
             capture_retained: false,
             sessions: None,
             reserved_client_ids: Vec::new(),
+            auth: None,
         }
     }
 }
@@ -250,6 +257,12 @@ pub enum FrontError {
     /// The client's CONNECT did not carry the configured username and password; it was refused.
     #[error("client refused: wrong or missing username/password")]
     NotAuthorized,
+    /// The client's will names a topic the ACL does not let it publish to; it was refused.
+    #[error("client refused: its will's topic {topic:?} is denied by the ACL")]
+    WillDenied {
+        /// The will's topic.
+        topic: String,
+    },
     /// The client asked for a client id of the program's own connections; it was refused.
     #[error("client refused: client ids starting with {reserved:?} are the program's own")]
     ReservedClientId {
@@ -438,7 +451,9 @@ fn log_connection_end(error: &FrontError) {
         FrontError::TopicAlias { source } => {
             warn!(cause = %source, "closing connection: topic alias misuse");
         }
-        FrontError::ReservedClientId { .. } => warn!(cause = %error, "connection refused"),
+        FrontError::ReservedClientId { .. } | FrontError::WillDenied { .. } => {
+            warn!(cause = %error, "connection refused");
+        }
         FrontError::SecondConnect
         | FrontError::EmptyTopic
         | FrontError::InvalidTopicFilter { .. } => {
@@ -514,7 +529,33 @@ async fn connection(
             });
         }
     };
-    if let Some((username, password)) = &shared.options.credentials {
+    let mut user: Option<Arc<str>> = None;
+    if let Some(auth) = &shared.options.auth {
+        let (username, password) =
+            connect_credentials(&from_client[..connect_len], header.header_len, version)
+                .unwrap_or((None, None));
+        match auth.login(username, password).await {
+            crate::auth::Login::Admitted(name) => user = name.map(Arc::from),
+            crate::auth::Login::Refused => {
+                let codes = (CONNACK_V3_NOT_AUTHORIZED, CONNACK_V5_BAD_CREDENTIALS);
+                refuse_connect(&mut client, version, codes).await?;
+                return Err(FrontError::NotAuthorized);
+            }
+        }
+        if let Some(w) = &will {
+            let who = shared::auth::acl::Client {
+                user: user.as_deref(),
+                client_id: &connect.client_id,
+            };
+            if !auth.can_publish(who, &w.publish.topic) {
+                let codes = (CONNACK_V3_NOT_AUTHORIZED, REASON_NOT_AUTHORIZED);
+                refuse_connect(&mut client, version, codes).await?;
+                return Err(FrontError::WillDenied {
+                    topic: w.publish.topic.clone(),
+                });
+            }
+        }
+    } else if let Some((username, password)) = &shared.options.credentials {
         let presented =
             connect_credentials(&from_client[..connect_len], header.header_len, version);
         let ok = presented
@@ -626,6 +667,7 @@ async fn connection(
             Arc::from(connect.client_id.as_str())
         },
         publisher: Arc::from(connect.client_id.as_str()),
+        user,
         disconnected: &disconnected,
         shared,
         version,
@@ -830,6 +872,8 @@ const CONNACK_V5_CLIENT_ID_NOT_VALID: u8 = 0x85;
 const CONNACK_V3_NOT_AUTHORIZED: u8 = 5;
 /// CONNACK reason code "bad user name or password" (MQTT 5.0 §3.2.2.2).
 const CONNACK_V5_BAD_CREDENTIALS: u8 = 0x86;
+/// MQTT 5 reason "not authorized" (CONNACK, PUBACK/PUBREC, SUBACK).
+const REASON_NOT_AUTHORIZED: u8 = 0x87;
 
 /// The username and password a CONNECT carries, each `None` when absent.
 type Credentials<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
@@ -963,6 +1007,13 @@ enum Registration {
     /// A packet the front answers itself (a refused PUBLISH's ack, or the PUBCOMP that ends a refused
     /// 3.1.1 QoS 2 exchange): sent after the acks already held.
     Answer { ack: Option<Ack>, frame: Bytes },
+    /// The broker's SUBACK for `packet_id` covers only the filters the ACL allowed: `denied` (positions
+    /// in the client's SUBSCRIBE, ascending) get `code` inserted.
+    Suback {
+        packet_id: u16,
+        denied: Vec<usize>,
+        code: u8,
+    },
 }
 
 /// The client→broker half: relays bytes, captures selected PUBLISHes, sends commit batches.
@@ -970,8 +1021,10 @@ struct ClientToBroker<'a> {
     shared: &'a Shared,
     /// The connection's client id, for [`Captured::client`].
     client_id: Arc<str>,
-    /// The client id as sent, for the persistent sessions' no-local option.
+    /// The client id as sent, for the persistent sessions' no-local option and the ACL's `%c`.
     publisher: Arc<str>,
+    /// The authenticated user name, for the ACL (`None`: anonymous).
+    user: Option<Arc<str>>,
     /// Set for a persistent connection: the front serves its session.
     persistent: Option<&'a Persistent>,
     /// Set when the client sent DISCONNECT (other than MQTT 5's "with will message"): no will then.
@@ -1072,9 +1125,43 @@ impl ClientToBroker<'_> {
                 PacketType::Subscribe | PacketType::Unsubscribe
             ) {
                 let filters = check_filters(&frame, self.version)?;
+                let denied = if header.packet_type == PacketType::Subscribe {
+                    self.denied_filters(&filters)
+                } else {
+                    Vec::new()
+                };
                 if let Some(p) = self.persistent {
                     edits.push((start..start + frame.len(), None));
-                    self.session_filters(p, header.packet_type, filters).await?;
+                    self.session_filters(p, header.packet_type, filters, &denied)
+                        .await?;
+                } else if !denied.is_empty() {
+                    let range = start..start + frame.len();
+                    let code = self.denied_code();
+                    let keep: Vec<bool> = (0..filters.filters.len())
+                        .map(|i| !denied.contains(&i))
+                        .collect();
+                    match mqtt::subscribe_keeping(&frame, self.version, &keep)
+                        .map_err(|source| FrontError::ClientDecode { source })?
+                    {
+                        Some(kept) => {
+                            // Registered before the bytes reach the broker: its SUBACK cannot overtake.
+                            let _ = self.registrations.send(Registration::Suback {
+                                packet_id: filters.packet_id,
+                                denied,
+                                code,
+                            });
+                            edits.push((range, Some(kept)));
+                        }
+                        None => {
+                            // Every filter denied: the front answers alone.
+                            let codes = vec![code; filters.filters.len()];
+                            let mut ack = BytesMut::new();
+                            mqtt::encode_suback(self.version, filters.packet_id, &codes, &mut ack)
+                                .map_err(|source| FrontError::Reencode { source })?;
+                            self.answer(None, ack.freeze());
+                            edits.push((range, None));
+                        }
+                    }
                 }
                 continue;
             }
@@ -1113,6 +1200,14 @@ impl ClientToBroker<'_> {
                     .map_err(|source| FrontError::TopicAlias { source })?;
             }
             let range = start..start + frame.len();
+            if !self.may_publish(&publish.topic) {
+                self.refuse_denied(&publish);
+                if let (Some(alias), false) = (alias, names_alias_only) {
+                    self.unknown_aliases.insert(alias);
+                }
+                edits.push((range, None));
+                continue;
+            }
             let selected = (self.shared.select)(&publish.topic);
             if let (true, Some(limits)) = (selected, &self.shared.options.limits) {
                 // An alias-only v5 PUBLISH carries no topic; its entry will.
@@ -1247,14 +1342,40 @@ impl ClientToBroker<'_> {
         p: &Persistent,
         kind: PacketType,
         filters: mqtt::Filters,
+        denied: &[usize],
     ) -> Result<(), FrontError> {
         let (sessions, id, version) = (Arc::clone(&p.sessions), p.id.clone(), self.version);
         let packet_id = filters.packet_id;
+        let count = filters.filters.len();
+        let denied_code = self.denied_code();
+        let denied = denied.to_vec();
         let applied = tokio::task::spawn_blocking(move || {
             if kind == PacketType::Subscribe {
-                let requested: Vec<(String, u8)> =
-                    filters.filters.into_iter().zip(filters.options).collect();
-                sessions.subscribe(&id, &requested)
+                let requested: Vec<(String, u8)> = filters
+                    .filters
+                    .into_iter()
+                    .zip(filters.options)
+                    .enumerate()
+                    .filter(|(i, _)| !denied.contains(i))
+                    .map(|(_, f)| f)
+                    .collect();
+                let (codes, retained) = if requested.is_empty() {
+                    (Vec::new(), Vec::new())
+                } else {
+                    sessions.subscribe(&id, &requested)?
+                };
+                // The ACL's refusals go back in at their places.
+                let mut allowed = codes.into_iter();
+                let merged = (0..count)
+                    .map(|i| {
+                        if denied.contains(&i) {
+                            denied_code
+                        } else {
+                            allowed.next().unwrap_or(denied_code)
+                        }
+                    })
+                    .collect();
+                Ok((merged, retained))
             } else {
                 sessions
                     .unsubscribe(&id, &filters.filters)
@@ -1282,6 +1403,75 @@ impl ClientToBroker<'_> {
         Ok(())
     }
 
+    /// The ACL's view of this client.
+    fn acl_client(&self) -> shared::auth::acl::Client<'_> {
+        shared::auth::acl::Client {
+            user: self.user.as_deref(),
+            client_id: &self.publisher,
+        }
+    }
+
+    /// Whether the ACL (if any) lets this client publish to `topic`.
+    fn may_publish(&self, topic: &str) -> bool {
+        self.shared
+            .options
+            .auth
+            .as_ref()
+            .is_none_or(|auth| auth.can_publish(self.acl_client(), topic))
+    }
+
+    /// The positions of the SUBSCRIBE filters the ACL denies (logged).
+    fn denied_filters(&self, filters: &mqtt::Filters) -> Vec<usize> {
+        let Some(auth) = self.shared.options.auth.as_ref().filter(|a| a.has_acl()) else {
+            return Vec::new();
+        };
+        let client = self.acl_client();
+        let denied: Vec<usize> = filters
+            .filters
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !auth.can_subscribe(client, f))
+            .map(|(i, _)| i)
+            .collect();
+        for &i in &denied {
+            warn!(
+                filter = %filters.filters[i],
+                user = client.user,
+                denied_total = auth.counters.subscribe_denied.load(Ordering::Relaxed),
+                "subscription denied by the ACL"
+            );
+        }
+        denied
+    }
+
+    /// The SUBACK code of a denied filter: 0x87 "not authorized" (5.0), 0x80 "failure" (3.1.1).
+    fn denied_code(&self) -> u8 {
+        if self.version == ProtocolVersion::V5 {
+            REASON_NOT_AUTHORIZED
+        } else {
+            0x80
+        }
+    }
+
+    /// Logs a PUBLISH the ACL denied and answers it: MQTT 5 with 0x87, 3.1.1 with a plain ack (as
+    /// Mosquitto does: 3.1.1 has no negative ack, and the message is dropped).
+    fn refuse_denied(&mut self, publish: &Publish) {
+        let denied_total = self
+            .shared
+            .options
+            .auth
+            .as_ref()
+            .map_or(0, |a| a.counters.publish_denied.load(Ordering::Relaxed));
+        warn!(
+            topic = %publish.topic,
+            user = self.user.as_deref(),
+            qos = ?publish.qos,
+            denied_total,
+            "PUBLISH denied by the ACL: not forwarded"
+        );
+        self.answer_refused(publish, REASON_NOT_AUTHORIZED);
+    }
+
     /// Logs a refused PUBLISH and answers it: MQTT 5 with the refusal's reason code, 3.1.1 with a plain
     /// ack (Mosquitto's `message_size_limit` behaviour; see the module docs). QoS 0 gets no answer.
     fn refuse(&mut self, publish: &Publish, refusal: Refusal, refused_total: u64) {
@@ -1295,6 +1485,12 @@ impl ClientToBroker<'_> {
             refused_total,
             "message refused at PUBLISH time: the path to the hub cannot carry it"
         );
+        self.answer_refused(publish, refusal.v5_reason());
+    }
+
+    /// Answers a PUBLISH the front did not forward: MQTT 5 with `v5_reason`, 3.1.1 with a plain ack (and
+    /// the PUBCOMP for a QoS 2 exchange's PUBREL later). QoS 0 gets no answer.
+    fn answer_refused(&mut self, publish: &Publish, v5_reason: u8) {
         let kind = match (publish.qos, publish.packet_id) {
             (QoS::AtLeastOnce, Some(_)) => AckKind::Puback,
             (QoS::ExactlyOnce, Some(id)) => {
@@ -1309,7 +1505,7 @@ impl ClientToBroker<'_> {
             return;
         };
         let reason = if self.version == ProtocolVersion::V5 {
-            refusal.v5_reason()
+            v5_reason
         } else {
             0
         };
@@ -1385,6 +1581,8 @@ struct BrokerToClient {
     /// For a persistent connection, the session-present flag its CONNACK must carry: the front's store
     /// decides it, not rumqttd's memory.
     session_present: Option<bool>,
+    /// SUBACKs to complete with the codes of filters the ACL denied: packet id → (positions, code).
+    suback_edits: HashMap<u16, (Vec<usize>, u8)>,
 }
 
 impl BrokerToClient {
@@ -1398,6 +1596,7 @@ impl BrokerToClient {
             next_batch: 0,
             held: VecDeque::new(),
             out: BytesMut::new(),
+            suback_edits: HashMap::new(),
         }
     }
 
@@ -1492,6 +1691,14 @@ impl BrokerToClient {
     fn register(&mut self, registration: Registration) {
         let (waits, done) = match registration {
             Registration::Commit { waits, done } => (waits, done),
+            Registration::Suback {
+                packet_id,
+                denied,
+                code,
+            } => {
+                self.suback_edits.insert(packet_id, (denied, code));
+                return;
+            }
             Registration::Answer { ack, frame } => {
                 if self.held.is_empty() {
                     self.out.extend_from_slice(&frame);
@@ -1537,6 +1744,16 @@ impl BrokerToClient {
     fn route(&mut self, chunk: Bytes) -> Result<Option<Bytes>, FrontError> {
         let mut held_any = false;
         for (start, header, frame) in frames(&chunk) {
+            if header.packet_type == PacketType::Suback && !self.suback_edits.is_empty() {
+                if let Some(whole) = self.complete_suback(&frame)? {
+                    if !held_any {
+                        held_any = true;
+                        self.out.extend_from_slice(&chunk[..start]);
+                    }
+                    self.out.extend_from_slice(&whole);
+                    continue;
+                }
+            }
             let is_ack = matches!(header.packet_type, PacketType::Puback | PacketType::Pubrec);
             if is_ack {
                 let ack = Ack::decode(&frame, self.version)
@@ -1561,6 +1778,31 @@ impl BrokerToClient {
             }
         }
         Ok((!held_any).then_some(chunk))
+    }
+
+    /// The client's SUBACK for a broker SUBACK that covers only the filters the ACL allowed: the denied
+    /// filters' codes put back at their places. `None` when this SUBACK needs no edit.
+    fn complete_suback(&mut self, frame: &[u8]) -> Result<Option<Bytes>, FrontError> {
+        let (packet_id, codes) = mqtt::suback_codes(frame, self.version)
+            .map_err(|source| FrontError::UpstreamDecode { source })?;
+        let Some((denied, code)) = self.suback_edits.remove(&packet_id) else {
+            return Ok(None);
+        };
+        let mut allowed = codes.into_iter();
+        let total = denied.len() + allowed.len();
+        let merged: Vec<u8> = (0..total)
+            .map(|i| {
+                if denied.contains(&i) {
+                    code
+                } else {
+                    allowed.next().unwrap_or(code)
+                }
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        mqtt::encode_suback(self.version, packet_id, &merged, &mut out)
+            .map_err(|source| FrontError::Reencode { source })?;
+        Ok(Some(out.freeze()))
     }
 
     /// Moves held acks whose commits finished, in order, to `out`.

@@ -10,6 +10,7 @@
 //!   routes select it holds the publisher's ack until the message is committed to the durable queue,
 //!   closing the window in which rumqttd has acked a message that is only in memory.
 
+pub mod auth;
 pub mod embedded;
 pub mod front;
 pub mod sessions;

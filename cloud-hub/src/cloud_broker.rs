@@ -76,7 +76,20 @@ impl RunningEmbedded {
             })?;
         let (commits_tx, commits) = mpsc::channel(1);
         let front_stop = CancellationToken::new();
+        let auth = match (&cfg.password_file, &cfg.acl_file) {
+            (None, None) => None,
+            (password_file, acl_file) => {
+                let auth = Arc::new(meshbridge_broker::auth::Auth::load(
+                    password_file.as_deref(),
+                    acl_file.as_deref(),
+                    cfg.allow_anonymous.unwrap_or(password_file.is_none()),
+                )?);
+                tokio::spawn(Arc::clone(&auth).reload_loop(front_stop.clone()));
+                Some(auth)
+            }
+        };
         let options = FrontOptions {
+            auth,
             max_packet_size,
             // The hub's publisher and downlink subscriber (`meshbridge-hub`, `meshbridge-hub-downlink`).
             reserved_client_ids: vec![EMBEDDED_CLIENT_ID.to_owned()],

@@ -82,6 +82,9 @@ pub enum HubError {
     /// The embedded cloud broker did not start.
     #[error("the embedded cloud broker did not start")]
     EmbeddedBroker(#[from] EmbeddedError),
+    /// The embedded cloud broker's password or ACL file cannot be used.
+    #[error("cloud broker authentication")]
+    BrokerAuth(#[from] meshbridge_broker::auth::AuthError),
     /// The embedded cloud broker's client port could not be bound.
     #[error("cannot listen for MQTT clients on {addr}")]
     BrokerBind {

@@ -1,5 +1,6 @@
 //! `edge-agent --config FILE`: loads the config, sets up logging and signals, and runs the agent.
 //! `edge-agent --config FILE dead-letters list|replay`: the operator's view of messages refused for good.
+//! `edge-agent passwd FILE USER`: adds or changes a user of a password file (as `mosquitto_passwd`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +28,24 @@ enum Command {
     /// Messages refused for good (by the cloud broker, or too large for the path).
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Add or change a user in a password file (Mosquitto's format, salted PBKDF2-SHA512; the file is
+    /// created if missing). The password is read from standard input (one line) unless --password is
+    /// given. A running agent picks the change up within seconds.
+    Passwd {
+        /// The password file (`broker.password_file`).
+        file: PathBuf,
+        /// The user name.
+        user: String,
+        /// The password (visible in the process list and shell history; prefer standard input).
+        #[arg(long, conflicts_with = "delete")]
+        password: Option<String>,
+        /// Remove the user instead.
+        #[arg(long)]
+        delete: bool,
+        /// PBKDF2 iterations (slower to check, slower to guess).
+        #[arg(long, default_value_t = shared::auth::passwd::DEFAULT_ITERATIONS)]
+        iterations: u32,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -46,6 +65,22 @@ enum DeadLettersCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd {
+        file,
+        user,
+        password,
+        delete,
+        iterations,
+    }) = cli.command
+    {
+        return match passwd(&file, &user, password, delete, iterations) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("edge-agent: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let Some(config) = cli.config else {
         use clap::CommandFactory;
         Cli::command()
@@ -91,6 +126,83 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `edge-agent passwd`: writes the file atomically (a running agent never reads half of it), owner-only.
+fn passwd(
+    file: &std::path::Path,
+    user: &str,
+    password: Option<String>,
+    delete: bool,
+    iterations: u32,
+) -> anyhow::Result<()> {
+    use shared::auth::passwd;
+    passwd::check_user(user).map_err(anyhow::Error::msg)?;
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !delete => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    };
+    if let Err(errors) = passwd::Passwords::parse(&text) {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!("{} has errors: {}", file.display(), lines.join("; "));
+    }
+    let new = if delete {
+        passwd::remove_user(&text, user)
+            .with_context(|| format!("{} has no user {user:?}", file.display()))?
+    } else {
+        let password = match password {
+            Some(p) => p,
+            None => {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("cannot read the password from standard input")?;
+                line.trim_end_matches(['\r', '\n']).to_owned()
+            }
+        };
+        anyhow::ensure!(!password.is_empty(), "empty password");
+        let iterations =
+            std::num::NonZeroU32::new(iterations).context("--iterations must be at least 1")?;
+        let mut salt = [0u8; passwd::SALT_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+            .map_err(|_| anyhow::anyhow!("no randomness for the salt"))?;
+        passwd::set_user(
+            &text,
+            user,
+            &passwd::hash_password(password.as_bytes(), &salt, iterations),
+        )
+    };
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        file.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("passwd")
+    ));
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(new.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, file).with_context(|| format!("cannot replace {}", file.display()))?;
+    println!(
+        "{} user {user:?} in {}",
+        if delete { "removed" } else { "set" },
+        file.display()
+    );
+    Ok(())
 }
 
 fn dead_letters(

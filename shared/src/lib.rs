@@ -13,6 +13,7 @@
 //! - [`policy`]: pure policies: the per-origin dedup window, the routing engine (routes, loop prevention,
 //!   per-route dedup).
 //! - [`hash`]: a stable 64-bit hash for config versions and persisted dedup keys.
+//! - [`auth`]: password files (Mosquitto's format) and topic ACLs (Mosquitto's `acl_file`), pure.
 //! - [`config`]: the serde config model of both programs, loading and `validate()`.
 //! - [`limits`]: the message size and topic length a message must meet to cross the whole path, announced
 //!   by the hub and checked by the agent at PUBLISH time.
@@ -23,6 +24,7 @@
 //!   disk, because the guarantee it gives (committed before acknowledged) is the product's core promise.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod config;
 pub mod envelope;
 pub mod hash;

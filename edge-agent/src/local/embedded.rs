@@ -71,6 +71,31 @@ async fn restore_retained(
     Ok(())
 }
 
+/// The password file, ACL and anonymous rule of the broker section, if any is set (`None`: everyone is
+/// let in, or the single `username`/`password` pair decides).
+pub(crate) fn auth(
+    cfg: &EmbeddedConfig,
+) -> Result<Option<Arc<meshbridge_broker::auth::Auth>>, AgentError> {
+    if cfg.password_file.is_none() && cfg.acl_file.is_none() {
+        return Ok(None);
+    }
+    let allow_anonymous = cfg
+        .allow_anonymous
+        .unwrap_or(cfg.password_file.is_none() && cfg.username.is_none());
+    let auth = meshbridge_broker::auth::Auth::load(
+        cfg.password_file.as_deref(),
+        cfg.acl_file.as_deref(),
+        allow_anonymous,
+    )?;
+    info!(
+        password_file = ?cfg.password_file,
+        acl_file = ?cfg.acl_file,
+        allow_anonymous,
+        "clients authenticated by the broker's files"
+    );
+    Ok(Some(Arc::new(auth)))
+}
+
 /// Serves MQTT clients until `shutdown`, then returns after every commit taken has been answered.
 pub(crate) async fn run(
     cfg: &EmbeddedConfig,
@@ -103,7 +128,12 @@ pub(crate) async fn run(
     }
     .with_log_per_filter(cfg.max_log_per_filter.as_usize());
     let broker = EmbeddedBroker::start(&settings).await?;
+    let auth = auth(cfg)?;
+    if let Some(auth) = &auth {
+        tokio::spawn(Arc::clone(auth).reload_loop(shutdown.clone()));
+    }
     let options = FrontOptions {
+        auth,
         max_packet_size,
         credentials: cfg
             .username

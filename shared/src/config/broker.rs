@@ -35,9 +35,24 @@ pub struct EmbeddedBroker {
         skip_serializing_if = "Option::is_none"
     )]
     pub username: Option<String>,
-    /// Password clients must present; set together with `username` or not at all.
+    /// Password clients must present; set together with `username` or not at all. Kept in the config
+    /// in plaintext: prefer `password_file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<Secret>,
+    /// Users and their salted, slow password hashes, in Mosquitto's format (`edge-agent passwd FILE USER`
+    /// or `mosquitto_passwd` write it; a site's existing file works as it is). A client that presents a
+    /// user name must present its password. Re-read when it changes, without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Topic ACLs in Mosquitto's `acl_file` format (`user`, `topic read|write|readwrite|deny`, `pattern`
+    /// with `%u`/`%c`; lines before the first `user` apply to anonymous clients). Once set, a client may
+    /// publish and subscribe only where it grants. Re-read when it changes, without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl_file: Option<PathBuf>,
+    /// Whether clients without a user name (or with one but no `password_file` to check it) are let in.
+    /// Unset: yes without a `password_file` (the listener defaults to loopback), no with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous: Option<bool>,
     /// Serve MQTT over TLS with this certificate instead of plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServerTls>,
@@ -181,6 +196,12 @@ impl BrokerConfig {
                     resolve(base, &mut tls.cert);
                     resolve(base, &mut tls.key);
                 }
+                for path in [&mut embedded.password_file, &mut embedded.acl_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    resolve(base, path);
+                }
             }
             Self::External(external) => {
                 if external.client_id.is_none() {
@@ -208,6 +229,41 @@ impl BrokerConfig {
                 );
                 if let Some(username) = &embedded.username {
                     report.text(&format!("{prefix}username"), username);
+                }
+                if let Some(path) = &embedded.password_file {
+                    report.path(&format!("{prefix}password_file"), path);
+                    if embedded.username.is_some() {
+                        report.push(
+                            format!("{prefix}password_file"),
+                            super::validate::Problem::Conflicts {
+                                other: format!("{prefix}username"),
+                                why: "the password file holds the users; drop username/password",
+                            },
+                        );
+                    }
+                }
+                if let Some(path) = &embedded.acl_file {
+                    report.path(&format!("{prefix}acl_file"), path);
+                }
+                if embedded.allow_anonymous.is_some()
+                    && embedded.password_file.is_none()
+                    && embedded.acl_file.is_none()
+                {
+                    report.push(
+                        format!("{prefix}allow_anonymous"),
+                        super::validate::Problem::MissingCompanion {
+                            missing: format!("{prefix}password_file` or `{prefix}acl_file"),
+                        },
+                    );
+                }
+                if embedded.username.is_some() && embedded.acl_file.is_some() {
+                    report.push(
+                        format!("{prefix}acl_file"),
+                        super::validate::Problem::Conflicts {
+                            other: format!("{prefix}username"),
+                            why: "ACL users come from a password_file",
+                        },
+                    );
                 }
                 if let Some(tls) = &embedded.tls {
                     report.path(&format!("{prefix}tls.cert"), &tls.cert);

@@ -664,3 +664,42 @@ fn agent_name_of_a_redundant_pair_member_is_checked() {
         }
     }
 }
+
+#[test]
+fn broker_auth_settings_are_checked_together() {
+    let base = Path::new("/cfg");
+    let good = std::fs::read_to_string(fixture("agent-valid.toml")).expect("fixture readable");
+    let listen = "listen = \"127.0.0.1:1884\"";
+    let table: &[(&str, &[&str])] = &[
+        ("password_file = \"passwd\"\nacl_file = \"acl\"\nallow_anonymous = true", &[]),
+        (
+            "password_file = \"passwd\"\nusername = \"u\"\npassword = \"p\"",
+            &["broker.password_file: cannot be set together with broker.username: the password file holds the users; drop username/password"],
+        ),
+        (
+            "allow_anonymous = false",
+            &["broker.allow_anonymous: is set but `broker.password_file` or `broker.acl_file` is not: set both or neither"],
+        ),
+        (
+            "acl_file = \"acl\"\nusername = \"u\"\npassword = \"p\"",
+            &["broker.acl_file: cannot be set together with broker.username: ACL users come from a password_file"],
+        ),
+    ];
+    for (extra, expected) in table {
+        let text = good.replacen(listen, &format!("{listen}\n{extra}"), 1);
+        let result = AgentConfig::from_toml_str(&text, base);
+        if expected.is_empty() {
+            let cfg = result.unwrap_or_else(|e| panic!("{extra}: {e}"));
+            let crate::config::BrokerConfig::Embedded(b) = &cfg.broker else {
+                panic!("embedded")
+            };
+            assert_eq!(
+                b.password_file.as_deref(),
+                Some(Path::new("/cfg/passwd")),
+                "resolved against the config's directory"
+            );
+        } else {
+            assert_eq!(problem_lines(result), *expected, "{extra}");
+        }
+    }
+}

@@ -100,6 +100,14 @@ pub enum Problem {
         /// Key path of the missing setting.
         missing: String,
     },
+    /// Two settings that cannot be used together.
+    #[error("cannot be set together with {other}: {why}")]
+    Conflicts {
+        /// Key path of the other setting.
+        other: String,
+        /// Why not.
+        why: &'static str,
+    },
     /// A value must be unique within a list and is not.
     #[error("duplicate of {first}")]
     Duplicate {

@@ -574,3 +574,81 @@ impl Filters {
         })
     }
 }
+
+/// The SUBSCRIBE at the start of `frame` with only the filters `keep` marks (in packet order), packet
+/// identifier and properties unchanged: what the front forwards when an ACL denies some of a
+/// subscription's filters. `None` if nothing is kept or `keep` does not fit the packet.
+///
+/// # Errors
+/// As [`Filters::decode`].
+pub fn subscribe_keeping(
+    frame: &[u8],
+    version: ProtocolVersion,
+    keep: &[bool],
+) -> Result<Option<Bytes>, DecodeError> {
+    let header = FixedHeader::parse(frame, usize::MAX)?;
+    if frame.len() < header.frame_len() {
+        return Err(DecodeError::Incomplete);
+    }
+    let body = &frame[header.header_len..header.frame_len()];
+    let mut r = Reader::new(body);
+    r.u16("packet identifier")?;
+    if version.has_properties() {
+        r.skip_properties()?;
+    }
+    let prefix = body.len() - r.remaining();
+    let mut kept = Vec::with_capacity(body.len());
+    kept.extend_from_slice(&body[..prefix]);
+    let mut index = 0;
+    let mut any = false;
+    while r.remaining() > 0 {
+        let start = body.len() - r.remaining();
+        r.string("topic filter")?;
+        r.u8("subscription options")?;
+        let end = body.len() - r.remaining();
+        match keep.get(index) {
+            Some(true) => {
+                kept.extend_from_slice(&body[start..end]);
+                any = true;
+            }
+            Some(false) => {}
+            None => return Ok(None),
+        }
+        index += 1;
+    }
+    if !any || index != keep.len() {
+        return Ok(None);
+    }
+    let mut out = bytes::BytesMut::with_capacity(kept.len() + 5);
+    out.extend_from_slice(&[0x82]);
+    crate::mqtt::encode::put_remaining_length(&mut out, kept.len());
+    out.extend_from_slice(&kept);
+    Ok(Some(out.freeze()))
+}
+
+/// The packet identifier and reason codes of the SUBACK at the start of `frame`.
+///
+/// # Errors
+/// [`DecodeError::UnexpectedPacket`] for another packet, or a malformed-field variant.
+pub fn suback_codes(frame: &[u8], version: ProtocolVersion) -> Result<(u16, Vec<u8>), DecodeError> {
+    let header = FixedHeader::parse(frame, usize::MAX)?;
+    if frame.len() < header.frame_len() {
+        return Err(DecodeError::Incomplete);
+    }
+    if header.packet_type != PacketType::Suback {
+        return Err(DecodeError::UnexpectedPacket {
+            expected: PacketType::Suback,
+            found: header.packet_type,
+        });
+    }
+    let mut r = Reader::new(&frame[header.header_len..header.frame_len()]);
+    let packet_id = r.u16("packet identifier")?;
+    if version.has_properties() {
+        r.skip_properties()?;
+    }
+    let mut codes = Vec::with_capacity(r.remaining());
+    while r.remaining() > 0 {
+        codes.push(r.u8("reason code")?);
+    }
+    Ok((packet_id, codes))
+}

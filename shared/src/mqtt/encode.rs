@@ -18,6 +18,11 @@ const fn varint_len(value: usize) -> usize {
 }
 
 /// Writes `value` (at most [`MAX_REMAINING_LENGTH`]) as a variable-byte integer.
+/// Appends a fixed header's remaining length.
+pub(crate) fn put_remaining_length(out: &mut BytesMut, value: usize) {
+    put_varint(out, value);
+}
+
 fn put_varint(out: &mut BytesMut, mut value: usize) {
     loop {
         // Truncation intended: the low 7 bits.

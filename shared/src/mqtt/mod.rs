@@ -27,7 +27,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-pub use decode::{frame_len, split_frame, FixedHeader};
+pub use decode::{frame_len, split_frame, suback_codes, subscribe_keeping, FixedHeader};
 pub use encode::{
     encode_ack, encode_connack_refusal, encode_publish, encode_pubrel, encode_suback,
     encode_unsuback, set_publish_packet_id,

@@ -673,3 +673,51 @@ fn subscribe_and_unsubscribe_filters_decode() {
         Err(DecodeError::UnexpectedPacket { .. })
     ));
 }
+
+#[test]
+fn a_subscribe_keeps_only_the_allowed_filters_and_the_suback_codes_read_back() {
+    // SUBSCRIBE id 7: "a/#" QoS 1, "b/+/c" QoS 2.
+    let v4_sub = [
+        0x82, 16, 0, 7, 0, 3, b'a', b'/', b'#', 1, 0, 5, b'b', b'/', b'+', b'/', b'c', 2,
+    ];
+    let kept = subscribe_keeping(&v4_sub, ProtocolVersion::V3_1_1, &[false, true])
+        .expect("valid")
+        .expect("one kept");
+    let got = Filters::decode(&kept, ProtocolVersion::V3_1_1).expect("valid");
+    assert_eq!(
+        (got.packet_id, got.filters, got.options),
+        (7, vec!["b/+/c".to_owned()], vec![2])
+    );
+    assert_eq!(
+        subscribe_keeping(&v4_sub, ProtocolVersion::V3_1_1, &[false, false]).expect("valid"),
+        None
+    );
+    assert_eq!(
+        subscribe_keeping(&v4_sub, ProtocolVersion::V3_1_1, &[true]).expect("valid"),
+        None,
+        "a mask that does not fit the packet"
+    );
+    // v5: the property block (subscription identifier 5) stays.
+    let v5_sub = [
+        0x82, 14, 0, 8, 2, 0x0B, 5, 0, 2, b'x', b'/', 0, 0, 1, b'y', 1,
+    ];
+    let kept = subscribe_keeping(&v5_sub, ProtocolVersion::V5, &[true, false])
+        .expect("valid")
+        .expect("one kept");
+    assert_eq!(
+        &kept[..],
+        &[0x82, 10, 0, 8, 2, 0x0B, 5, 0, 2, b'x', b'/', 0]
+    );
+    let mut suback = BytesMut::new();
+    encode_suback(ProtocolVersion::V5, 8, &[1, 0x87], &mut suback).expect("encodes");
+    assert_eq!(
+        suback_codes(&suback, ProtocolVersion::V5),
+        Ok((8, vec![1, 0x87]))
+    );
+    let mut suback = BytesMut::new();
+    encode_suback(ProtocolVersion::V3_1_1, 9, &[0x80], &mut suback).expect("encodes");
+    assert_eq!(
+        suback_codes(&suback, ProtocolVersion::V3_1_1),
+        Ok((9, vec![0x80]))
+    );
+}
