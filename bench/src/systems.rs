@@ -240,6 +240,7 @@ key = "pki/hub.key"
 [broker]
 kind = "embedded"
 listen = "{cloud_mqtt}"
+allow_anonymous = true
 [[sites]]
 name = "{SITE}"
 namespace = "{NAMESPACE}"

@@ -138,15 +138,20 @@ pub struct AuthCounters {
     pub subscribe_denied: AtomicU64,
 }
 
-/// One listener's rules: the shared files, and whether anonymous clients are let in there.
+/// The files every listener of a broker shares.
 #[derive(Debug)]
-pub struct Auth {
+struct Files {
     passwords: Option<Watched<Passwords>>,
     acl: Option<Watched<Acl>>,
-    allow_anonymous: bool,
     checks: Semaphore,
-    /// What was refused.
-    pub counters: AuthCounters,
+    counters: AuthCounters,
+}
+
+/// One listener's rules: the broker's files, and whether anonymous clients are let in there.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    files: Arc<Files>,
+    allow_anonymous: bool,
 }
 
 /// The outcome of a CONNECT's credentials.
@@ -170,17 +175,34 @@ impl Auth {
         allow_anonymous: bool,
     ) -> Result<Self, AuthError> {
         Ok(Self {
-            passwords: password_file
-                .map(|p| Watched::load(p, parse_passwords))
-                .transpose()?,
-            acl: acl_file.map(|p| Watched::load(p, parse_acl)).transpose()?,
+            files: Arc::new(Files {
+                passwords: password_file
+                    .map(|p| Watched::load(p, parse_passwords))
+                    .transpose()?,
+                acl: acl_file.map(|p| Watched::load(p, parse_acl)).transpose()?,
+                checks: Semaphore::new(CONCURRENT_CHECKS),
+                counters: AuthCounters::default(),
+            }),
             allow_anonymous,
-            checks: Semaphore::new(CONCURRENT_CHECKS),
-            counters: AuthCounters::default(),
         })
     }
 
-    /// Polls the files every [`RELOAD_EVERY`] until `stop`.
+    /// The same files (users, ACL, counters) for another listener, with its own anonymous rule.
+    #[must_use]
+    pub fn for_listener(&self, allow_anonymous: bool) -> Self {
+        Self {
+            files: Arc::clone(&self.files),
+            allow_anonymous,
+        }
+    }
+
+    /// What was refused, on every listener sharing these files.
+    #[must_use]
+    pub fn counters(&self) -> &AuthCounters {
+        &self.files.counters
+    }
+
+    /// Polls the files every [`RELOAD_EVERY`] until `stop` (once per broker: the listeners share them).
     pub async fn reload_loop(self: Arc<Self>, stop: CancellationToken) {
         loop {
             tokio::select! {
@@ -189,10 +211,10 @@ impl Auth {
             }
             let me = Arc::clone(&self);
             let _ = tokio::task::spawn_blocking(move || {
-                if let Some(p) = &me.passwords {
+                if let Some(p) = &me.files.passwords {
                     p.refresh("password file", parse_passwords);
                 }
-                if let Some(a) = &me.acl {
+                if let Some(a) = &me.files.acl {
                     a.refresh("ACL file", parse_acl);
                 }
             })
@@ -201,9 +223,19 @@ impl Auth {
     }
 
     /// Checks a CONNECT's user name and password (each `None` when absent). Slow when a password is
-    /// checked (see `shared::auth::passwd`): runs on the blocking pool, a few at a time.
-    pub async fn login(&self, username: Option<&[u8]>, password: Option<&[u8]>) -> Login {
-        let login = match (username, &self.passwords) {
+    /// checked (see `shared::auth::passwd`): runs on the blocking pool, a few at a time. A client that
+    /// presented a verified certificate on a listener that requires them is `cert_user` (its Common
+    /// Name), whatever its CONNECT says, as Mosquitto's `use_identity_as_username`.
+    pub async fn login(
+        &self,
+        cert_user: Option<&str>,
+        username: Option<&[u8]>,
+        password: Option<&[u8]>,
+    ) -> Login {
+        if let Some(user) = cert_user {
+            return Login::Admitted(Some(user.to_owned()));
+        }
+        let login = match (username, &self.files.passwords) {
             // Without a password file a user name proves nothing: the client is anonymous (Mosquitto
             // would trust the name for its ACL; a client could then claim any user's rights).
             (None, _) | (Some(_), None) if self.allow_anonymous => Login::Admitted(None),
@@ -214,7 +246,7 @@ impl Auth {
                 };
                 let (user, password) = (user.to_owned(), password.unwrap_or_default().to_vec());
                 let passwords = passwords.get();
-                let Ok(_permit) = self.checks.acquire().await else {
+                let Ok(_permit) = self.files.checks.acquire().await else {
                     return self.refused();
                 };
                 let check = tokio::task::spawn_blocking(move || {
@@ -234,39 +266,52 @@ impl Auth {
     }
 
     fn refused(&self) -> Login {
-        self.counters.logins_refused.fetch_add(1, Ordering::Relaxed);
+        self.files
+            .counters
+            .logins_refused
+            .fetch_add(1, Ordering::Relaxed);
         Login::Refused
     }
 
     /// Whether the ACL (if any) lets `client` publish to `topic`; a denial is counted.
     pub fn can_publish(&self, client: Client<'_>, topic: &str) -> bool {
-        let Some(acl) = &self.acl else {
+        let Some(acl) = &self.files.acl else {
             return true;
         };
         let ok = acl.get().can_publish(client, topic);
         if !ok {
-            self.counters.publish_denied.fetch_add(1, Ordering::Relaxed);
+            self.files
+                .counters
+                .publish_denied
+                .fetch_add(1, Ordering::Relaxed);
         }
         ok
     }
 
     /// Whether the ACL (if any) lets `client` subscribe to `filter`; a denial is counted.
     pub fn can_subscribe(&self, client: Client<'_>, filter: &str) -> bool {
-        let Some(acl) = &self.acl else {
+        let Some(acl) = &self.files.acl else {
             return true;
         };
         let ok = acl.get().can_subscribe(client, filter);
         if !ok {
-            self.counters
+            self.files
+                .counters
                 .subscribe_denied
                 .fetch_add(1, Ordering::Relaxed);
         }
         ok
     }
 
+    /// Whether anonymous clients are let in on this listener.
+    #[must_use]
+    pub const fn allows_anonymous(&self) -> bool {
+        self.allow_anonymous
+    }
+
     /// Whether an ACL is configured (every PUBLISH and SUBSCRIBE is then checked).
     #[must_use]
-    pub const fn has_acl(&self) -> bool {
-        self.acl.is_some()
+    pub fn has_acl(&self) -> bool {
+        self.files.acl.is_some()
     }
 }

@@ -257,6 +257,20 @@ pub enum FrontError {
     /// The client's CONNECT did not carry the configured username and password; it was refused.
     #[error("client refused: wrong or missing username/password")]
     NotAuthorized,
+    /// The TLS handshake failed (no or an untrusted client certificate, no common protocol, ...).
+    #[error("TLS handshake failed")]
+    Tls {
+        /// The handshake's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The client certificate does not name one identity.
+    #[error("client certificate refused")]
+    ClientIdentity {
+        /// Why.
+        #[source]
+        source: meshbridge_tls::server::IdentityError,
+    },
     /// The client's will names a topic the ACL does not let it publish to; it was refused.
     #[error("client refused: its will's topic {topic:?} is denied by the ACL")]
     WillDenied {
@@ -367,6 +381,47 @@ pub async fn serve(
     options: FrontOptions,
     shutdown: CancellationToken,
 ) -> Result<(), FrontError> {
+    let listener = Listener {
+        tcp: listener,
+        tls: None,
+        auth: options.auth.clone(),
+    };
+    serve_listeners(
+        vec![listener],
+        upstreams,
+        select,
+        commits,
+        options,
+        shutdown,
+    )
+    .await
+}
+
+/// One client port of the front.
+pub struct Listener {
+    /// The bound socket.
+    pub tcp: TcpListener,
+    /// TLS on this port (a handshake first, bounded by `connect_timeout`); `None`: plain MQTT.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Who is let in here and what they may do (the broker's files, this port's anonymous rule);
+    /// `None`: everyone, or `FrontOptions::credentials`.
+    pub auth: Option<Arc<crate::auth::Auth>>,
+}
+
+/// [`serve`] on several ports at once (Mosquitto's `listener` blocks: say, plain MQTT on loopback for
+/// local tools and TLS on the plant network), sharing one broker, one commit pipeline and the sessions.
+/// An accept loop that fails for good stops them all.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_listeners(
+    listeners: Vec<Listener>,
+    upstreams: Upstreams,
+    select: Select,
+    commits: mpsc::Sender<CommitRequest>,
+    options: FrontOptions,
+    shutdown: CancellationToken,
+) -> Result<(), FrontError> {
     let shared = Arc::new(Shared {
         upstreams,
         select,
@@ -391,7 +446,22 @@ pub async fn serve(
             }
         });
     }
-    let result = accept_loop(&listener, &shared, &connections, &tracker).await;
+    let mut loops = tokio::task::JoinSet::new();
+    for listener in listeners {
+        loops.spawn(accept_loop(
+            listener,
+            Arc::clone(&shared),
+            connections.clone(),
+            tracker.clone(),
+        ));
+    }
+    let mut result = Ok(());
+    while let Some(ended) = loops.join_next().await {
+        if let Ok(Err(error)) = ended {
+            connections.cancel();
+            result = Err(error);
+        }
+    }
     connections.cancel();
     tracker.close();
     tracker.wait().await;
@@ -399,26 +469,47 @@ pub async fn serve(
 }
 
 async fn accept_loop(
-    listener: &TcpListener,
-    shared: &Arc<Shared>,
-    connections: &CancellationToken,
-    tracker: &TaskTracker,
+    listener: Listener,
+    shared: Arc<Shared>,
+    connections: CancellationToken,
+    tracker: TaskTracker,
 ) -> Result<(), FrontError> {
     let mut backoff = Duration::from_secs(1);
+    let auth = listener.auth;
     loop {
         let accepted = tokio::select! {
             () = connections.cancelled() => return Ok(()),
-            accepted = listener.accept() => accepted,
+            accepted = listener.tcp.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_secs(1);
                 let span = tracing::info_span!("front", %peer, client_id = tracing::field::Empty);
-                let shared = Arc::clone(shared);
+                let shared = Arc::clone(&shared);
                 let token = connections.child_token();
+                let auth = auth.clone();
+                let tls = listener.tls.clone();
                 tracker.spawn(
                     async move {
-                        match connection(stream, &shared, &token).await {
+                        let ended = match tls {
+                            None => {
+                                connection(stream, &shared, auth.as_deref(), None, &token).await
+                            }
+                            Some(tls) => match handshake(&tls, stream, &shared).await {
+                                Ok((stream, user)) => {
+                                    connection(
+                                        stream,
+                                        &shared,
+                                        auth.as_deref(),
+                                        user.as_deref(),
+                                        &token,
+                                    )
+                                    .await
+                                }
+                                Err(error) => Err(error),
+                            },
+                        };
+                        match ended {
                             Ok(()) => debug!("connection closed"),
                             Err(error) => log_connection_end(&error),
                         }
@@ -469,9 +560,67 @@ fn log_connection_end(error: &FrontError) {
     }
 }
 
-async fn connection(
-    mut client: TcpStream,
+/// The TLS handshake of a client on a TLS port, bounded by `connect_timeout`; with client certificates
+/// required, the certificate's Common Name (the client's user name).
+async fn handshake(
+    tls: &tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
     shared: &Shared,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Option<String>), FrontError> {
+    let after = shared.options.connect_timeout;
+    let stream = tokio::time::timeout(after, tls.accept(stream))
+        .await
+        .map_err(|_| FrontError::ConnectTimeout { after })?
+        .map_err(|source| FrontError::Tls { source })?;
+    let user = match stream.get_ref().1.peer_certificates() {
+        Some(chain) => Some(
+            meshbridge_tls::server::leaf_common_name(chain)
+                .map_err(|source| FrontError::ClientIdentity { source })?,
+        ),
+        None => None,
+    };
+    Ok((stream, user))
+}
+
+/// A client connection the front can serve: plain TCP, or TLS over it.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// Its two directions, for the two halves of the relay.
+    fn into_halves(self) -> (Self::Read, Self::Write);
+    /// Turns Nagle off (MQTT packets are small and latency matters more than segment count).
+    fn no_delay(&self);
+}
+
+impl ClientStream for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn no_delay(&self) {
+        // Best effort.
+        let _ = self.set_nodelay(true);
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+    fn no_delay(&self) {
+        // Best effort.
+        let _ = self.get_ref().0.set_nodelay(true);
+    }
+}
+
+async fn connection<S: ClientStream>(
+    mut client: S,
+    shared: &Shared,
+    auth: Option<&crate::auth::Auth>,
+    cert_user: Option<&str>,
     shutdown: &CancellationToken,
 ) -> Result<(), FrontError> {
     let max = shared.options.max_packet_size;
@@ -530,11 +679,11 @@ async fn connection(
         }
     };
     let mut user: Option<Arc<str>> = None;
-    if let Some(auth) = &shared.options.auth {
+    if let Some(auth) = auth {
         let (username, password) =
             connect_credentials(&from_client[..connect_len], header.header_len, version)
                 .unwrap_or((None, None));
-        match auth.login(username, password).await {
+        match auth.login(cert_user, username, password).await {
             crate::auth::Login::Admitted(name) => user = name.map(Arc::from),
             crate::auth::Login::Refused => {
                 let codes = (CONNACK_V3_NOT_AUTHORIZED, CONNACK_V5_BAD_CREDENTIALS);
@@ -616,10 +765,10 @@ async fn connection(
             })?;
     // Both are best effort: MQTT packets are small and latency matters more than segment count.
     let _ = upstream.set_nodelay(true);
-    let _ = client.set_nodelay(true);
+    client.no_delay();
     debug!(?version, upstream = %upstream_addr, "relaying");
 
-    let (client_rd, client_wr) = client.into_split();
+    let (client_rd, client_wr) = client.into_halves();
     let (upstream_rd, upstream_wr) = upstream.into_split();
     let (registrations_tx, registrations_rx) = mpsc::unbounded_channel();
     let disconnected = AtomicBool::new(false);
@@ -668,6 +817,7 @@ async fn connection(
         },
         publisher: Arc::from(connect.client_id.as_str()),
         user,
+        auth,
         disconnected: &disconnected,
         shared,
         version,
@@ -721,8 +871,8 @@ async fn connection(
 
 /// Answers a CONNECT with a refusing CONNACK, `codes` being the (3.1.1, 5.0) return/reason code, and
 /// closes the client's side.
-async fn refuse_connect(
-    client: &mut TcpStream,
+async fn refuse_connect<W: AsyncWrite + Unpin>(
+    client: &mut W,
     version: ProtocolVersion,
     (v3, v5): (u8, u8),
 ) -> Result<(), FrontError> {
@@ -1025,6 +1175,8 @@ struct ClientToBroker<'a> {
     publisher: Arc<str>,
     /// The authenticated user name, for the ACL (`None`: anonymous).
     user: Option<Arc<str>>,
+    /// The listener's rules (the ACL is checked against them).
+    auth: Option<&'a crate::auth::Auth>,
     /// Set for a persistent connection: the front serves its session.
     persistent: Option<&'a Persistent>,
     /// Set when the client sent DISCONNECT (other than MQTT 5's "with will message"): no will then.
@@ -1413,16 +1565,13 @@ impl ClientToBroker<'_> {
 
     /// Whether the ACL (if any) lets this client publish to `topic`.
     fn may_publish(&self, topic: &str) -> bool {
-        self.shared
-            .options
-            .auth
-            .as_ref()
+        self.auth
             .is_none_or(|auth| auth.can_publish(self.acl_client(), topic))
     }
 
     /// The positions of the SUBSCRIBE filters the ACL denies (logged).
     fn denied_filters(&self, filters: &mqtt::Filters) -> Vec<usize> {
-        let Some(auth) = self.shared.options.auth.as_ref().filter(|a| a.has_acl()) else {
+        let Some(auth) = self.auth.filter(|a| a.has_acl()) else {
             return Vec::new();
         };
         let client = self.acl_client();
@@ -1437,7 +1586,7 @@ impl ClientToBroker<'_> {
             warn!(
                 filter = %filters.filters[i],
                 user = client.user,
-                denied_total = auth.counters.subscribe_denied.load(Ordering::Relaxed),
+                denied_total = auth.counters().subscribe_denied.load(Ordering::Relaxed),
                 "subscription denied by the ACL"
             );
         }
@@ -1457,11 +1606,8 @@ impl ClientToBroker<'_> {
     /// Mosquitto does: 3.1.1 has no negative ack, and the message is dropped).
     fn refuse_denied(&mut self, publish: &Publish) {
         let denied_total = self
-            .shared
-            .options
             .auth
-            .as_ref()
-            .map_or(0, |a| a.counters.publish_denied.load(Ordering::Relaxed));
+            .map_or(0, |a| a.counters().publish_denied.load(Ordering::Relaxed));
         warn!(
             topic = %publish.topic,
             user = self.user.as_deref(),

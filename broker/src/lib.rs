@@ -5,6 +5,7 @@
 //! started) so the hub can use them without depending on the agent.
 //!
 //! - [`embedded`]: rumqttd running in-process on internal loopback listeners (one v3.1.1, one v5).
+//! - [`listeners`]: a broker section's client ports (plain or TLS) with their auth rules.
 //! - [`front`]: the MQTT-aware relay on the client port. It dispatches each client to the internal listener
 //!   of its protocol version (so one port serves 3.1.1 and 5.0 clients), and for the messages the uplink
 //!   routes select it holds the publisher's ack until the message is committed to the durable queue,
@@ -13,4 +14,5 @@
 pub mod auth;
 pub mod embedded;
 pub mod front;
+pub mod listeners;
 pub mod sessions;

@@ -10,7 +10,6 @@ use meshbridge_broker::front::{self, CommitRequest, FrontError, FrontOptions};
 use rumqttc::v5::MqttOptions;
 use rumqttc::{TlsConfiguration, Transport};
 use shared::config::{EmbeddedBroker as EmbeddedConfig, ExternalBroker};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -43,9 +42,6 @@ impl RunningEmbedded {
         cfg: &EmbeddedConfig,
         max_message_size: usize,
     ) -> Result<Self, HubError> {
-        if cfg.tls.is_some() {
-            return Err(HubError::EmbeddedTlsUnsupported);
-        }
         if cfg.username.is_some() || cfg.password.is_some() {
             return Err(HubError::EmbeddedAuthUnsupported);
         }
@@ -61,35 +57,16 @@ impl RunningEmbedded {
         }
         .with_log_per_filter(cfg.max_log_per_filter.as_usize());
         let broker = EmbeddedBroker::start(&settings).await?;
-        let listener =
-            TcpListener::bind(cfg.listen)
-                .await
-                .map_err(|source| HubError::BrokerBind {
-                    addr: cfg.listen,
-                    source,
-                })?;
-        let listen = listener
-            .local_addr()
-            .map_err(|source| HubError::BrokerBind {
-                addr: cfg.listen,
-                source,
-            })?;
+        // Closed unless the config opens it: config validation requires a password file or
+        // `allow_anonymous = true` on the main port; further ports without one are closed.
+        let opened = meshbridge_broker::listeners::open(cfg, false).await?;
+        let listen = opened.addrs[0];
         let (commits_tx, commits) = mpsc::channel(1);
         let front_stop = CancellationToken::new();
-        let auth = match (&cfg.password_file, &cfg.acl_file) {
-            (None, None) => None,
-            (password_file, acl_file) => {
-                let auth = Arc::new(meshbridge_broker::auth::Auth::load(
-                    password_file.as_deref(),
-                    acl_file.as_deref(),
-                    cfg.allow_anonymous.unwrap_or(password_file.is_none()),
-                )?);
-                tokio::spawn(Arc::clone(&auth).reload_loop(front_stop.clone()));
-                Some(auth)
-            }
-        };
+        if let Some(auth) = &opened.auth {
+            tokio::spawn(Arc::clone(auth).reload_loop(front_stop.clone()));
+        }
         let options = FrontOptions {
-            auth,
             max_packet_size,
             // The hub's publisher and downlink subscriber (`meshbridge-hub`, `meshbridge-hub-downlink`).
             reserved_client_ids: vec![EMBEDDED_CLIENT_ID.to_owned()],
@@ -97,8 +74,8 @@ impl RunningEmbedded {
         };
         // Pure pass-through: the cloud side has nothing to commit, the front only shares the port between
         // MQTT 3.1.1 and 5 clients.
-        let front = tokio::spawn(front::serve(
-            listener,
+        let front = tokio::spawn(front::serve_listeners(
+            opened.listeners,
             broker.upstreams(),
             Arc::new(|_: &str| false),
             commits_tx,

@@ -82,18 +82,10 @@ pub enum HubError {
     /// The embedded cloud broker did not start.
     #[error("the embedded cloud broker did not start")]
     EmbeddedBroker(#[from] EmbeddedError),
-    /// The embedded cloud broker's password or ACL file cannot be used.
-    #[error("cloud broker authentication")]
-    BrokerAuth(#[from] meshbridge_broker::auth::AuthError),
-    /// The embedded cloud broker's client port could not be bound.
-    #[error("cannot listen for MQTT clients on {addr}")]
-    BrokerBind {
-        /// `broker.listen`.
-        addr: SocketAddr,
-        /// The bind error.
-        #[source]
-        source: io::Error,
-    },
+    /// The embedded cloud broker's client ports cannot be opened (address, TLS files, password or ACL
+    /// file).
+    #[error("cloud broker")]
+    BrokerPorts(#[from] meshbridge_broker::listeners::ListenError),
     /// The embedded cloud broker's client port stopped accepting connections.
     #[error("the cloud broker's client port failed")]
     Front(#[from] FrontError),
@@ -107,9 +99,6 @@ pub enum HubError {
     /// the file.
     #[error("cannot use the TLS configuration for the cloud broker")]
     BrokerTls(#[source] meshbridge_tls::TlsError),
-    /// The embedded broker has TLS configured, which the hub's embedded cloud broker does not serve yet.
-    #[error("broker.tls is not supported for the hub's embedded cloud broker; use an external broker for TLS")]
-    EmbeddedTlsUnsupported,
     /// The embedded broker has credentials configured, which the hub's embedded cloud broker does not check yet.
     #[error("broker.username/password are not supported for the hub's embedded cloud broker")]
     EmbeddedAuthUnsupported,

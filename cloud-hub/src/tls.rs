@@ -18,7 +18,6 @@ use quinn::crypto::rustls::{NoInitialCipherSuite, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
-use x509_parser::prelude::{FromDer, X509Certificate, X509Error};
 
 use crate::pki::{SiteId, SiteNameError};
 
@@ -49,21 +48,9 @@ pub enum TlsError {
     /// The peer identity is not a rustls certificate chain (a different QUIC crypto backend).
     #[error("peer identity is not a certificate chain")]
     UnexpectedIdentityType,
-    /// The leaf certificate is not parseable X.509.
-    #[error("cannot parse the peer's certificate")]
-    CertificateParse(#[source] X509Error),
-    /// The leaf certificate's subject has no Common Name.
-    #[error("peer certificate has no Common Name")]
-    NoCommonName,
-    /// The subject has several Common Names; picking one would let a CA mistake choose the identity.
-    #[error("peer certificate has {count} Common Names, expected exactly one")]
-    MultipleCommonNames {
-        /// How many CNs the subject has.
-        count: usize,
-    },
-    /// The Common Name is not a UTF-8 string type.
-    #[error("peer certificate Common Name is not a string")]
-    CommonNameNotString(#[source] X509Error),
+    /// The leaf certificate does not name exactly one Common Name.
+    #[error(transparent)]
+    Identity(#[from] meshbridge_tls::server::IdentityError),
     /// The Common Name is not a valid site name.
     #[error("peer certificate Common Name {name:?} is not a valid site name")]
     InvalidSiteName {
@@ -180,24 +167,11 @@ pub fn site_identity(conn: &quinn::Connection) -> Result<SiteId, TlsError> {
 
 /// [`site_identity`] on an already extracted chain (leaf first): the leaf's single Common Name as a [`SiteId`].
 pub fn site_identity_from_chain(chain: &[CertificateDer<'_>]) -> Result<SiteId, TlsError> {
-    let leaf = chain.first().ok_or(TlsError::NoPeerCertificate)?;
-    let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| {
-        TlsError::CertificateParse(match e {
-            x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e,
-            x509_parser::nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
-        })
-    })?;
-    let mut cns = cert.subject().iter_common_name();
-    let cn = cns.next().ok_or(TlsError::NoCommonName)?;
-    let extra = cns.count();
-    if extra > 0 {
-        return Err(TlsError::MultipleCommonNames { count: extra + 1 });
+    if chain.is_empty() {
+        return Err(TlsError::NoPeerCertificate);
     }
-    let name = cn.as_str().map_err(TlsError::CommonNameNotString)?;
-    SiteId::new(name).map_err(|source| TlsError::InvalidSiteName {
-        name: name.to_owned(),
-        source,
-    })
+    let name = meshbridge_tls::server::leaf_common_name(chain)?;
+    SiteId::new(&name).map_err(|source| TlsError::InvalidSiteName { name, source })
 }
 
 #[cfg(test)]
@@ -263,15 +237,34 @@ mod tests {
             (
                 "no CN",
                 dn(&[(DnType::OrganizationName, utf8("acme"))]),
-                |r| matches!(r, Err(TlsError::NoCommonName)),
+                |r| {
+                    matches!(
+                        r,
+                        Err(TlsError::Identity(
+                            meshbridge_tls::server::IdentityError::NoCommonName
+                        ))
+                    )
+                },
             ),
             ("empty subject", DistinguishedName::new(), |r| {
-                matches!(r, Err(TlsError::NoCommonName))
+                matches!(
+                    r,
+                    Err(TlsError::Identity(
+                        meshbridge_tls::server::IdentityError::NoCommonName
+                    ))
+                )
             }),
             (
                 "two CNs",
                 dn(&[(DnType::CommonName, utf8("line1")), (cn_oid, utf8("line2"))]),
-                |r| matches!(r, Err(TlsError::MultipleCommonNames { count: 2 })),
+                |r| {
+                    matches!(
+                        r,
+                        Err(TlsError::Identity(
+                            meshbridge_tls::server::IdentityError::MultipleCommonNames { count: 2 }
+                        ))
+                    )
+                },
             ),
             (
                 "CN with slash",
@@ -311,7 +304,9 @@ mod tests {
         let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
         assert!(matches!(
             site_identity_from_chain(&[garbage]),
-            Err(TlsError::CertificateParse(_))
+            Err(TlsError::Identity(
+                meshbridge_tls::server::IdentityError::Parse(_)
+            ))
         ));
     }
 

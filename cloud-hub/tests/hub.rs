@@ -75,7 +75,9 @@ impl RunningHub {
         Self::start_with(
             root,
             mqtt,
-            &format!("[broker]\nkind = \"embedded\"\nlisten = \"{mqtt}\"\n"),
+            &format!(
+                "[broker]\nkind = \"embedded\"\nlisten = \"{mqtt}\"\nallow_anonymous = true\n"
+            ),
         )
         .await
     }
@@ -83,7 +85,13 @@ impl RunningHub {
     /// Starts the hub with an external cloud broker at `broker` (a port where nothing listens, so the hub
     /// serves without one after its startup wait), and waits until its QUIC port is bound.
     async fn start_without_broker(root: &Path) -> anyhow::Result<Self> {
-        let broker = free_tcp()?;
+        // A port that stays ours and never answers MQTT: bound, never accepted. A port only probed free
+        // could be taken meanwhile by another test's broker, which the hub would then connect to (seen
+        // once in CI: the hub welcomed instead of refusing).
+        let hold = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let broker = hold.local_addr()?;
+        // Kept open until the test process ends; one descriptor.
+        std::mem::forget(hold);
         Self::start_with(
             root,
             broker,

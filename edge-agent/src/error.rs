@@ -69,9 +69,9 @@ pub enum AgentError {
     /// The embedded broker (rumqttd) did not start.
     #[error("the embedded broker did not start")]
     EmbeddedBroker(#[from] EmbeddedError),
-    /// The embedded broker's password or ACL file cannot be used.
-    #[error("broker authentication")]
-    Auth(#[from] meshbridge_broker::auth::AuthError),
+    /// The embedded broker's client ports cannot be opened (address, TLS files, password or ACL file).
+    #[error("embedded broker")]
+    Ports(#[from] meshbridge_broker::listeners::ListenError),
     /// The MQTT front stopped accepting clients.
     #[error("the MQTT front failed")]
     Front(#[from] FrontError),

@@ -94,6 +94,26 @@ impl Pki {
         self.write_site(&self.load_ca(), site, validity, "future")
     }
 
+    /// A server certificate from this CA for `names` (DNS names or IPs), written as `server-<tag>.pem`/`.key`:
+    /// for the brokers' TLS ports.
+    pub fn server(&self, names: &[&str], tag: &str) -> CertFiles {
+        let now = OffsetDateTime::now_utc();
+        let validity = Validity::starting_at(now, SITE_LIFETIME).expect("a valid window");
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let issued = self
+            .load_ca()
+            .issue_server(&names, validity)
+            .expect("issue a server certificate");
+        let files = CertFiles {
+            cert: self.dir.join(format!("server-{tag}.pem")),
+            key: self.dir.join(format!("server-{tag}.key")),
+        };
+        issued
+            .write(&files.cert, &files.key)
+            .expect("write the certificate");
+        files
+    }
+
     /// A currently valid certificate for `site` signed by an unrelated CA the hub does not trust.
     pub fn foreign_site(&self, site: &str) -> CertFiles {
         let now = OffsetDateTime::now_utc();

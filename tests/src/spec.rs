@@ -104,6 +104,12 @@ impl HubSpec {
     /// A hub with state in `dir/hub`, QUIC on a free port, the certificates of `pki`, the given broker, and
     /// the sites `sites` under `acme/plant1/{site}`.
     pub fn new(dir: &Path, pki: &Pki, broker: BrokerSpec, sites: &[&str]) -> Self {
+        // The tests' cloud consumers connect anonymously; the hub refuses an open embedded broker
+        // unless the config says so.
+        let broker_extra = match broker {
+            BrokerSpec::Embedded { .. } => vec!["allow_anonymous = true".to_owned()],
+            BrokerSpec::External { .. } => Vec::new(),
+        };
         Self {
             data_dir: dir.join("hub"),
             quic: crate::net::free_udp(),
@@ -114,7 +120,7 @@ impl HubSpec {
                 .iter()
                 .map(|s| ((*s).to_owned(), "acme/plant1/{site}".to_owned()))
                 .collect(),
-            broker_extra: Vec::new(),
+            broker_extra,
             tail: Vec::new(),
             log: "info".to_owned(),
             metrics: None,

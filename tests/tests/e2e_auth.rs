@@ -69,6 +69,11 @@ async fn mosquitto_pub(port: u16, args: &[&str]) -> Output {
     .expect("mosquitto_pub runs")
 }
 
+/// `mosquitto_pub` as `user` to `topic`.
+async fn publish_as(port: u16, user: &str, password: &str, topic: &str) -> Output {
+    mosquitto_pub(port, &["-u", user, "-P", password, "-t", topic, "-m", "x"]).await
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -107,39 +112,13 @@ async fn passwords_and_acls_at_the_edge_broker_with_mosquitto_clients() {
     let cloud = Collector::start(hub_spec.broker.client_addr(), "cloud", &["acme/#"], false).await;
 
     // Denied first, allowed second: once the allowed one arrived, the denied one never will.
-    let denied = mosquitto_pub(
-        edge,
-        &[
-            "-u",
-            "robot5",
-            "-P",
-            "robot5-secret",
-            "-t",
-            "telemetry/robot6/temp",
-            "-m",
-            "6",
-        ],
-    )
-    .await;
+    let denied = publish_as(edge, "robot5", "robot5-secret", "telemetry/robot6/temp").await;
     assert!(
         text(&denied).contains("rc135") || text(&denied).contains("Not authorized"),
         "the denied publish is answered 0x87: {}",
         text(&denied)
     );
-    let allowed = mosquitto_pub(
-        edge,
-        &[
-            "-u",
-            "robot5",
-            "-P",
-            "robot5-secret",
-            "-t",
-            "telemetry/robot5/temp",
-            "-m",
-            "5",
-        ],
-    )
-    .await;
+    let allowed = publish_as(edge, "robot5", "robot5-secret", "telemetry/robot5/temp").await;
     assert!(allowed.status.success(), "{}", text(&allowed));
     assert!(
         cloud
@@ -233,20 +212,7 @@ async fn passwords_and_acls_at_the_edge_broker_with_mosquitto_clients() {
     let deadline = Instant::now() + WAIT;
     loop {
         // robot7 has no grant: the connection is accepted and the publish answered 0x87.
-        let out = mosquitto_pub(
-            edge,
-            &[
-                "-u",
-                "robot7",
-                "-P",
-                "robot7-secret",
-                "-t",
-                "telemetry/robot7/t",
-                "-m",
-                "7",
-            ],
-        )
-        .await;
+        let out = publish_as(edge, "robot7", "robot7-secret", "telemetry/robot7/t").await;
         if text(&out).contains("received CONNACK (0)") {
             break;
         }
@@ -260,4 +226,186 @@ async fn passwords_and_acls_at_the_edge_broker_with_mosquitto_clients() {
     let log = agent.log_text();
     assert!(log.contains("password file reloaded"), "{log}");
     assert!(log.contains("PUBLISH denied by the ACL"), "{log}");
+}
+
+/// Issue 11, item 1: several ports on one edge broker, as a plant runs them (the shipped line1 config's
+/// shape): plaintext and anonymous on loopback for local tools, TLS with a required user, and TLS with
+/// client certificates whose Common Name is the user name. Users and ACL are shared; the certificate is
+/// replaced while the agent runs and the next handshake uses the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_ports_with_users_and_client_certificates() {
+    if clients_skip("tls_ports_with_users_and_client_certificates") {
+        return;
+    }
+    let mesh = Mesh::new(&["line1"]);
+    let password_file = mesh.path().join("passwd");
+    let acl_file = mesh.path().join("acl");
+    passwd(&password_file, "robot5", "robot5-secret");
+    std::fs::write(
+        &acl_file,
+        "topic write telemetry/anon/#\nuser robot5\ntopic write telemetry/robot5/#\nuser line1\ntopic write telemetry/cert/#\n",
+    )
+    .expect("write the ACL");
+    let server = mesh.pki.server(&["localhost", "127.0.0.1"], "edge");
+    let client = mesh.pki.site("line1");
+    let ca = mesh.pki.ca().display().to_string();
+
+    let hub_spec = mesh.hub_spec(BrokerSpec::embedded(), &["line1"]);
+    let _hub = mesh.start_hub(&hub_spec).await;
+    let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
+    let (tls_port, cert_port) = (
+        meshbridge_tests::net::free_tcp(),
+        meshbridge_tests::net::free_tcp(),
+    );
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    spec.broker_extra = vec![
+        format!("password_file = {}", q(&password_file)),
+        format!("acl_file = {}", q(&acl_file)),
+        "allow_anonymous = true".to_owned(),
+        format!(
+            "[[broker.listeners]]\nlisten = \"{tls_port}\"\nallow_anonymous = false\ntls = {{ cert = {}, key = {} }}",
+            q(&server.cert),
+            q(&server.key)
+        ),
+        format!(
+            "[[broker.listeners]]\nlisten = \"{cert_port}\"\ntls = {{ cert = {}, key = {}, client_ca = {:?} }}",
+            q(&server.cert),
+            q(&server.key),
+            ca
+        ),
+    ];
+    let agent = mesh.start_agent("line1", &spec).await;
+    let plain = spec.broker.client_addr().port();
+    let cloud = Collector::start(hub_spec.broker.client_addr(), "cloud", &["acme/#"], false).await;
+    let arrives = |topic: &'static str| {
+        let cloud = &cloud;
+        async move {
+            cloud
+                .wait_until(WAIT, |r| r.iter().any(|m| m.topic.ends_with(topic)))
+                .await
+        }
+    };
+
+    // TLS with a user: verified against the CA, for the name localhost.
+    let tls = tls_port.port();
+    let user = [
+        "-h",
+        "localhost",
+        "--cafile",
+        &ca,
+        "-u",
+        "robot5",
+        "-P",
+        "robot5-secret",
+    ];
+    let out = mosquitto_pub(
+        tls,
+        &[&user[..], &["-t", "telemetry/robot5/tls", "-m", "1"]].concat(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        arrives("telemetry/robot5/tls").await,
+        "nothing from the TLS port"
+    );
+    // No user on that port: refused. A plaintext client on the TLS port: no CONNACK.
+    let out = mosquitto_pub(
+        tls,
+        &[
+            "-h",
+            "localhost",
+            "--cafile",
+            &ca,
+            "-t",
+            "telemetry/anon/x",
+            "-m",
+            "1",
+        ],
+    )
+    .await;
+    assert!(
+        !out.status.success(),
+        "anonymous on the TLS port: {}",
+        text(&out)
+    );
+    let out = mosquitto_pub(tls, &["-t", "telemetry/anon/x", "-m", "1"]).await;
+    assert!(
+        !out.status.success(),
+        "plaintext on the TLS port: {}",
+        text(&out)
+    );
+    // The plaintext loopback port stays open to anonymous local tools (the ACL's anonymous lines).
+    let out = mosquitto_pub(plain, &["-t", "telemetry/anon/plain", "-m", "1"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        arrives("telemetry/anon/plain").await,
+        "nothing from the plaintext port"
+    );
+
+    // Client certificates: the CN (line1) is the user, no password; without one the handshake fails.
+    let certs = [
+        "-h",
+        "localhost",
+        "--cafile",
+        &ca,
+        "--cert",
+        &client.cert.display().to_string(),
+        "--key",
+        &client.key.display().to_string(),
+    ]
+    .map(str::to_owned);
+    let certs: Vec<&str> = certs.iter().map(String::as_str).collect();
+    let out = mosquitto_pub(
+        cert_port.port(),
+        &[&certs[..], &["-t", "telemetry/cert/x", "-m", "1"]].concat(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        arrives("telemetry/cert/x").await,
+        "nothing from the certificate port"
+    );
+    let out = mosquitto_pub(
+        cert_port.port(),
+        &[
+            "-h",
+            "localhost",
+            "--cafile",
+            &ca,
+            "-u",
+            "robot5",
+            "-P",
+            "robot5-secret",
+            "-t",
+            "telemetry/robot5/y",
+            "-m",
+            "1",
+        ],
+    )
+    .await;
+    assert!(
+        !out.status.success(),
+        "no client certificate: {}",
+        text(&out)
+    );
+
+    // A renewed certificate replaces the running one without a restart.
+    let renewed = mesh.pki.server(&["localhost", "127.0.0.1"], "renewed");
+    std::fs::copy(&renewed.cert, &server.cert).expect("replace the certificate");
+    std::fs::copy(&renewed.key, &server.key).expect("replace the key");
+    tokio::time::sleep(meshbridge_tls_reload_wait()).await;
+    let out = mosquitto_pub(
+        tls,
+        &[&user[..], &["-t", "telemetry/robot5/renewed", "-m", "1"]].concat(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(arrives("telemetry/robot5/renewed").await);
+    let log = agent.log_text();
+    assert!(log.contains("TLS certificate reloaded"), "{log}");
+}
+
+/// A little longer than the certificate files' check interval (`tls/src/server.rs`).
+fn meshbridge_tls_reload_wait() -> Duration {
+    Duration::from_millis(2_500)
 }

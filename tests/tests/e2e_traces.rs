@@ -60,6 +60,21 @@ fn complete(spans: &[SpanSeen], trace: &str) -> bool {
     EDGE.iter().chain(HUB.iter()).all(|n| names.contains(n))
 }
 
+/// The message on `topic` the cloud consumer received, waiting for it (`what` says what failed).
+async fn arrived(cloud: &Collector, topic: &str, what: &str) -> Received {
+    assert!(
+        cloud
+            .wait_until(WAIT, |r| r.iter().any(|m| m.topic.ends_with(topic)))
+            .await,
+        "{what}"
+    );
+    cloud
+        .received()
+        .into_iter()
+        .find(|m| m.topic.ends_with(topic))
+        .expect("seen")
+}
+
 /// The cloud message's (trace id, span id) from its `traceparent` user property.
 fn cloud_context(m: &Received) -> (String, String) {
     let tp = m
@@ -154,19 +169,12 @@ async fn a_message_is_traced_from_the_edge_to_the_cloud_consumer_also_across_an_
         ..PublishProperties::default()
     };
     publish_acked(edge, "robot1", "telemetry/one", b"1", false, properties).await;
-    assert!(
-        cloud
-            .wait_until(WAIT, |r| r
-                .iter()
-                .any(|m| m.topic.ends_with("telemetry/one")))
-            .await,
-        "the first message did not reach the cloud"
-    );
-    let first = cloud
-        .received()
-        .into_iter()
-        .find(|m| m.topic.ends_with("telemetry/one"))
-        .expect("seen");
+    let first = arrived(
+        &cloud,
+        "telemetry/one",
+        "the first message did not reach the cloud",
+    )
+    .await;
     let (trace, publish_span) = cloud_context(&first);
     assert_eq!(trace, PUBLISHER_TRACE, "the publisher's trace id is kept");
     assert!(
@@ -197,19 +205,12 @@ async fn a_message_is_traced_from_the_edge_to_the_cloud_consumer_also_across_an_
     let outage = Duration::from_secs(2);
     tokio::time::sleep(outage).await;
     restart(&mut hub, &hub_spec.broker).await;
-    assert!(
-        cloud
-            .wait_until(WAIT, |r| r
-                .iter()
-                .any(|m| m.topic.ends_with("telemetry/two")))
-            .await,
-        "the queued message did not reach the cloud after the outage"
-    );
-    let second = cloud
-        .received()
-        .into_iter()
-        .find(|m| m.topic.ends_with("telemetry/two"))
-        .expect("seen");
+    let second = arrived(
+        &cloud,
+        "telemetry/two",
+        "the queued message did not reach the cloud after the outage",
+    )
+    .await;
     let (trace2, publish_span2) = cloud_context(&second);
     assert_ne!(
         trace2, PUBLISHER_TRACE,

@@ -6,9 +6,13 @@
 //! - [`ALPN`]: the agent↔hub protocol id, one constant for both ends.
 //! - [`load_certs`], [`load_key`], [`load_roots`]: PEM files to rustls types, every error naming its file.
 //! - [`mqtt_client_config`]: TLS to an external MQTT broker (the site's Mosquitto, the cloud broker).
+//! - [`server`]: TLS on the embedded brokers' client listeners (reloaded certificates, client
+//!   certificates) and the leaf Common Name both the hub (site identity) and the brokers (user name) use.
 //!
 //! The QUIC configurations themselves stay with their programs (`edge_agent::tls`, `cloud_hub::tls`): they
 //! differ in everything but these pieces.
+
+pub mod server;
 
 use std::fs;
 use std::io;

@@ -7,7 +7,6 @@ use meshbridge_broker::front::{self, FrontOptions, Select};
 use shared::config::EmbeddedBroker as EmbeddedConfig;
 use shared::envelope::Envelope;
 use shared::queue::RetainedStore;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -71,55 +70,19 @@ async fn restore_retained(
     Ok(())
 }
 
-/// The password file, ACL and anonymous rule of the broker section, if any is set (`None`: everyone is
-/// let in, or the single `username`/`password` pair decides).
-pub(crate) fn auth(
-    cfg: &EmbeddedConfig,
-) -> Result<Option<Arc<meshbridge_broker::auth::Auth>>, AgentError> {
-    if cfg.password_file.is_none() && cfg.acl_file.is_none() {
-        return Ok(None);
-    }
-    let allow_anonymous = cfg
-        .allow_anonymous
-        .unwrap_or(cfg.password_file.is_none() && cfg.username.is_none());
-    let auth = meshbridge_broker::auth::Auth::load(
-        cfg.password_file.as_deref(),
-        cfg.acl_file.as_deref(),
-        allow_anonymous,
-    )?;
-    info!(
-        password_file = ?cfg.password_file,
-        acl_file = ?cfg.acl_file,
-        allow_anonymous,
-        "clients authenticated by the broker's files"
-    );
-    Ok(Some(Arc::new(auth)))
-}
-
 /// Serves MQTT clients until `shutdown`, then returns after every commit taken has been answered.
 pub(crate) async fn run(
     cfg: &EmbeddedConfig,
     ingest: Ingest,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    if cfg.tls.is_some() {
-        return Err(AgentError::Unsupported {
-            key: "broker.tls",
-            reason:
-                "the embedded broker serves plain MQTT only in this version; remove broker.tls or \
-                     terminate TLS in front of the agent (e.g. stunnel)",
-        });
-    }
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| AgentError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
-    let listen = listener.local_addr().map_err(|source| AgentError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    // Without a password file the site broker is open, as a fresh Mosquitto on loopback is.
+    let opened = meshbridge_broker::listeners::open(
+        cfg,
+        cfg.password_file.is_none() && cfg.username.is_none(),
+    )
+    .await?;
+    let listen = opened.addrs[0];
     let max_packet_size = cfg.max_payload.as_usize().saturating_add(PACKET_OVERHEAD);
     let settings = EmbeddedSettings {
         max_packet_size,
@@ -128,12 +91,10 @@ pub(crate) async fn run(
     }
     .with_log_per_filter(cfg.max_log_per_filter.as_usize());
     let broker = EmbeddedBroker::start(&settings).await?;
-    let auth = auth(cfg)?;
-    if let Some(auth) = &auth {
+    if let Some(auth) = &opened.auth {
         tokio::spawn(Arc::clone(auth).reload_loop(shutdown.clone()));
     }
     let options = FrontOptions {
-        auth,
         max_packet_size,
         credentials: cfg
             .username
@@ -171,9 +132,9 @@ pub(crate) async fn run(
         }));
     // Ends by itself once the front (the only sender) is gone, after answering every request it took.
     let commits = tokio::spawn(ingest.run_front_commits(commits_rx));
-    info!(%listen, internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, %site, mode = "embedded", "ready");
-    let served = front::serve(
-        listener,
+    info!(%listen, ports = opened.addrs.len(), internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, %site, mode = "embedded", "ready");
+    let served = front::serve_listeners(
+        opened.listeners,
         broker.upstreams(),
         select,
         commits_tx,

@@ -50,12 +50,19 @@ pub struct EmbeddedBroker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acl_file: Option<PathBuf>,
     /// Whether clients without a user name (or with one but no `password_file` to check it) are let in.
-    /// Unset: yes without a `password_file` (the listener defaults to loopback), no with one.
+    /// Unset: at the edge agent, yes without a `password_file` (the listener defaults to loopback) and no
+    /// with one; at the hub, no: its cloud broker needs a `password_file` or an explicit
+    /// `allow_anonymous = true`, so it is never open by accident.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_anonymous: Option<bool>,
-    /// Serve MQTT over TLS with this certificate instead of plain TCP.
+    /// Serve MQTT over TLS with this certificate instead of plain TCP. The certificate and key are re-read
+    /// when they change, without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServerTls>,
+    /// More client ports, e.g. plaintext on loopback for local tools and TLS with a required user on the
+    /// plant network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<BrokerListener>,
     /// Largest PUBLISH payload accepted from a client for the local broker (a larger packet closes the
     /// connection). What goes to the hub is bounded separately, and refused at PUBLISH time with a reason,
     /// by `uplink.max_message_size` and the hub's announced limit.
@@ -148,6 +155,25 @@ pub struct ServerTls {
     pub cert: PathBuf,
     /// PEM private key of `cert`; relative to the config file's directory.
     pub key: PathBuf,
+    /// PEM CA bundle client certificates must chain to. Set: every client must present one, and its
+    /// Common Name is its user name (Mosquitto's `require_certificate` + `use_identity_as_username`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A further client port of an embedded broker (Mosquitto's `listener` blocks). Users and ACLs are the
+/// broker's (`password_file`, `acl_file`); TLS and the anonymous rule are the port's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerListener {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Serve MQTT over TLS on this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+    /// Whether clients without a user name are let in on this port; unset: as `broker.allow_anonymous`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous: Option<bool>,
 }
 
 /// TLS settings for connecting to a broker.
@@ -192,9 +218,13 @@ impl BrokerConfig {
     pub(crate) fn normalize(&mut self, base: &std::path::Path, default_client_id: &str) {
         match self {
             Self::Embedded(embedded) => {
-                if let Some(tls) = &mut embedded.tls {
+                let extra = embedded.listeners.iter_mut().filter_map(|l| l.tls.as_mut());
+                for tls in embedded.tls.iter_mut().chain(extra) {
                     resolve(base, &mut tls.cert);
                     resolve(base, &mut tls.key);
+                    if let Some(ca) = &mut tls.client_ca {
+                        resolve(base, ca);
+                    }
                 }
                 for path in [&mut embedded.password_file, &mut embedded.acl_file]
                     .into_iter()
@@ -245,14 +275,12 @@ impl BrokerConfig {
                 if let Some(path) = &embedded.acl_file {
                     report.path(&format!("{prefix}acl_file"), path);
                 }
-                if embedded.allow_anonymous.is_some()
-                    && embedded.password_file.is_none()
-                    && embedded.acl_file.is_none()
-                {
+                if embedded.allow_anonymous.is_some() && embedded.username.is_some() {
                     report.push(
                         format!("{prefix}allow_anonymous"),
-                        super::validate::Problem::MissingCompanion {
-                            missing: format!("{prefix}password_file` or `{prefix}acl_file"),
+                        super::validate::Problem::Conflicts {
+                            other: format!("{prefix}username"),
+                            why: "with username/password every client must present them",
                         },
                     );
                 }
@@ -268,6 +296,27 @@ impl BrokerConfig {
                 if let Some(tls) = &embedded.tls {
                     report.path(&format!("{prefix}tls.cert"), &tls.cert);
                     report.path(&format!("{prefix}tls.key"), &tls.key);
+                }
+                for (i, l) in embedded.listeners.iter().enumerate() {
+                    let key = format!("{prefix}listeners[{i}]");
+                    if let Some(tls) = &l.tls {
+                        report.path(&format!("{key}.tls.cert"), &tls.cert);
+                        report.path(&format!("{key}.tls.key"), &tls.key);
+                    }
+                    let first = std::iter::once((format!("{prefix}listen"), embedded.listen))
+                        .chain(
+                            embedded.listeners[..i]
+                                .iter()
+                                .enumerate()
+                                .map(|(j, o)| (format!("{prefix}listeners[{j}].listen"), o.listen)),
+                        )
+                        .find(|(_, addr)| *addr == l.listen && addr.port() != 0);
+                    if let Some((first, _)) = first {
+                        report.push(
+                            format!("{key}.listen"),
+                            super::validate::Problem::Duplicate { first },
+                        );
+                    }
                 }
                 report.size_range(
                     &format!("{prefix}max_payload"),

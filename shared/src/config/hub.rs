@@ -231,6 +231,11 @@ impl HubConfig {
             1_000_000,
         );
         self.broker.validate("broker", &mut report);
+        if let BrokerConfig::Embedded(embedded) = &self.broker {
+            if embedded.password_file.is_none() && embedded.allow_anonymous != Some(true) {
+                report.push("broker.allow_anonymous", Problem::Unauthenticated);
+            }
+        }
         report.int_range("dedup.window", self.dedup.window.into(), 1, 1_048_576);
         report.size_range(
             "limits.max_frame_size",

@@ -41,8 +41,8 @@ pub use agent::{
     load_agent, AgentConfig, FullPolicy, QueueConfig, Route, UplinkConfig, FRAME_OVERHEAD,
 };
 pub use broker::{
-    BrokerConfig, ClientTls, EmbeddedBroker, ExternalBroker, LogFormat, MetricsConfig, ServerTls,
-    StatusConfig,
+    BrokerConfig, BrokerListener, ClientTls, EmbeddedBroker, ExternalBroker, LogFormat,
+    MetricsConfig, ServerTls, StatusConfig,
 };
 pub use diff::{Change, HubConfigDiff, NamedChange, VersionChange};
 pub use effective::{version_of, Accept, Capture, EffectiveConfig, PushedConfig, EFFECTIVE_FORMAT};

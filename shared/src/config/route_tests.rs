@@ -16,6 +16,7 @@ cert = "hub.pem"
 key = "hub.key"
 [broker]
 kind = "embedded"
+allow_anonymous = true
 [[sites]]
 name = "line1"
 namespace = "acme/plant1/{site}"

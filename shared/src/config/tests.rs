@@ -213,6 +213,8 @@ fn bad_hub_reports_every_problem_with_its_key() {
         [
             "listen.max_connections: must be between 1 and 1000000, got 0",
             "broker.password: is set but `broker.username` is not: set both or neither",
+            "broker.allow_anonymous: the cloud broker requires authentication: set broker.password_file, or \
+             broker.allow_anonymous = true to let in anyone who can reach broker.listen",
             "dedup.window: must be between 1 and 1048576, got 0",
             "limits.max_frame_size: must be at least 320KiB (limits.max_message_size + 64KiB overhead), got 256KiB",
             "sites[1].name: duplicate of sites[0].name",
@@ -677,8 +679,8 @@ fn broker_auth_settings_are_checked_together() {
             &["broker.password_file: cannot be set together with broker.username: the password file holds the users; drop username/password"],
         ),
         (
-            "allow_anonymous = false",
-            &["broker.allow_anonymous: is set but `broker.password_file` or `broker.acl_file` is not: set both or neither"],
+            "allow_anonymous = true\nusername = \"u\"\npassword = \"p\"",
+            &["broker.allow_anonymous: cannot be set together with broker.username: with username/password every client must present them"],
         ),
         (
             "acl_file = \"acl\"\nusername = \"u\"\npassword = \"p\"",
@@ -701,5 +703,30 @@ fn broker_auth_settings_are_checked_together() {
         } else {
             assert_eq!(problem_lines(result), *expected, "{extra}");
         }
+    }
+}
+
+#[test]
+fn the_hubs_embedded_cloud_broker_is_closed_unless_the_config_opens_it() {
+    let base = Path::new("/cfg");
+    let hub = |broker: &str| {
+        format!(
+            "data_dir = \"state\"\n[listen]\nquic = \"127.0.0.1:4433\"\n[tls]\nca = \"ca.pem\"\ncert = \"hub.pem\"\nkey = \"hub.key\"\n[broker]\nkind = \"embedded\"\n{broker}\n[[sites]]\nname = \"line1\"\nnamespace = \"acme/{{site}}\"\n"
+        )
+    };
+    assert_eq!(
+        problem_lines(HubConfig::from_toml_str(&hub(""), base)),
+        ["broker.allow_anonymous: the cloud broker requires authentication: set broker.password_file, or broker.allow_anonymous = true to let in anyone who can reach broker.listen"]
+    );
+    assert_eq!(
+        problem_lines(HubConfig::from_toml_str(
+            &hub("allow_anonymous = false"),
+            base
+        ))
+        .len(),
+        1
+    );
+    for open in ["allow_anonymous = true", "password_file = \"passwd\""] {
+        HubConfig::from_toml_str(&hub(open), base).unwrap_or_else(|e| panic!("{open}: {e}"));
     }
 }

@@ -108,6 +108,9 @@ pub enum Problem {
         /// Why not.
         why: &'static str,
     },
+    /// The hub's embedded cloud broker would take anyone without saying so.
+    #[error("the cloud broker requires authentication: set broker.password_file, or broker.allow_anonymous = true to let in anyone who can reach broker.listen")]
+    Unauthenticated,
     /// A value must be unique within a list and is not.
     #[error("duplicate of {first}")]
     Duplicate {

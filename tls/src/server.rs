@@ -1,0 +1,191 @@
+//! TLS for the MQTT client listeners of the embedded brokers (issue 11, item 1): a rustls server
+//! configuration whose certificate is re-read when its files change, optional client-certificate
+//! authentication, and the client certificate's Common Name as the MQTT user name.
+//!
+//! # Reload
+//! Certificates are renewed while brokers run (a plant's IT rotates them; ACME clients do it every few
+//! weeks). The resolver checks the certificate and key files' modification times at most every
+//! [`RELOAD_CHECK`], during a handshake, and swaps in the new pair when both load and match; a pair that
+//! does not load is reported through the caller's hook and the running one stays. Connections already
+//! open keep their session.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use x509_parser::prelude::{FromDer, X509Certificate, X509Error};
+
+use crate::{load_certs, load_key, load_roots, provider, TlsError};
+
+/// How often, at most, the certificate files are checked for changes.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(2);
+
+/// Called with what happened when the certificate files changed: `Ok` with the certificate file after a
+/// reload, `Err` with why the new pair was refused.
+pub type ReloadHook = Arc<dyn Fn(Result<&Path, &TlsError>) + Send + Sync>;
+
+/// Where a listener's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFiles {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA bundle client certificates must chain to; `Some` requires one from every client.
+    pub client_ca: Option<PathBuf>,
+}
+
+struct Current {
+    stamps: Option<(SystemTime, SystemTime)>,
+    checked: Instant,
+    key: Arc<CertifiedKey>,
+}
+
+struct ReloadingCert {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: Mutex<Current>,
+    hook: ReloadHook,
+}
+
+impl std::fmt::Debug for ReloadingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingCert")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn stamps(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((modified(cert)?, modified(key)?))
+}
+
+fn certified(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+    let chain = load_certs(cert)?;
+    let key = load_key(key)?;
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(TlsError::Rustls)?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(TlsError::Rustls)?;
+    Ok(certified)
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.checked.elapsed() >= RELOAD_CHECK {
+            current.checked = Instant::now();
+            let now = stamps(&self.cert, &self.key);
+            if now != current.stamps {
+                current.stamps = now;
+                match certified(&self.cert, &self.key, &self.provider) {
+                    Ok(key) => {
+                        current.key = Arc::new(key);
+                        (self.hook)(Ok(&self.cert));
+                    }
+                    Err(e) => (self.hook)(Err(&e)),
+                }
+            }
+        }
+        Some(Arc::clone(&current.key))
+    }
+}
+
+/// A rustls server configuration for an MQTT listener: TLS 1.2 and 1.3 (what MQTT clients in plants
+/// speak), the certificate from `files` (re-read on change, reported to `hook`), and with
+/// `files.client_ca` a client certificate required from every client and verified against it.
+///
+/// # Errors
+/// [`TlsError`] when a file cannot be used or the certificate does not match its key.
+pub fn mqtt_server_config(
+    files: &ServerFiles,
+    hook: ReloadHook,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let key = certified(&files.cert, &files.key, &provider)?;
+    let resolver = ReloadingCert {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        provider: Arc::clone(&provider),
+        current: Mutex::new(Current {
+            stamps: stamps(&files.cert, &files.key),
+            checked: Instant::now(),
+            key: Arc::new(key),
+        }),
+        hook,
+    };
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?;
+    let config = match &files.client_ca {
+        Some(ca) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider)
+                    .build()
+                    .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_cert_resolver(Arc::new(resolver))
+        }
+        None => builder
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver)),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Why a certificate does not name one identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// No certificate was presented.
+    #[error("peer presented no certificate")]
+    NoCertificate,
+    /// The leaf certificate is not parseable X.509.
+    #[error("cannot parse the peer's certificate")]
+    Parse(#[source] X509Error),
+    /// The leaf's subject has no Common Name.
+    #[error("peer certificate has no Common Name")]
+    NoCommonName,
+    /// The subject has several Common Names; picking one would let a CA mistake choose the identity.
+    #[error("peer certificate has {count} Common Names, expected exactly one")]
+    MultipleCommonNames {
+        /// How many CNs the subject has.
+        count: usize,
+    },
+    /// The Common Name is not a UTF-8 string type.
+    #[error("peer certificate Common Name is not a string")]
+    NotString(#[source] X509Error),
+}
+
+/// The single Common Name of a verified chain's leaf (leaf first): the site's name at the hub, the MQTT
+/// user name on a listener that requires client certificates.
+///
+/// # Errors
+/// [`IdentityError`] when there is no leaf, it does not parse, or it has no or several CNs.
+pub fn leaf_common_name(chain: &[CertificateDer<'_>]) -> Result<String, IdentityError> {
+    let leaf = chain.first().ok_or(IdentityError::NoCertificate)?;
+    let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| {
+        IdentityError::Parse(match e {
+            x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e,
+            x509_parser::nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
+        })
+    })?;
+    let mut cns = cert.subject().iter_common_name();
+    let cn = cns.next().ok_or(IdentityError::NoCommonName)?;
+    let extra = cns.count();
+    if extra > 0 {
+        return Err(IdentityError::MultipleCommonNames { count: extra + 1 });
+    }
+    cn.as_str()
+        .map(str::to_owned)
+        .map_err(IdentityError::NotString)
+}
