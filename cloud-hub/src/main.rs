@@ -80,6 +80,21 @@ enum PkiCommand {
         #[arg(long, default_value_t = 365)]
         days: u64,
     },
+    /// Issue a TLS server certificate signed by the CA in DIR, e.g. for an edge broker's TLS port; written
+    /// as server-FILE.pem / server-FILE.key (replacing an earlier pair of that name).
+    IssueServer {
+        /// File name part: server-FILE.pem.
+        file: String,
+        /// Directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS name or IP address the certificate is valid for (repeatable; the first is also its CN).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -144,6 +159,25 @@ fn pki_command(command: PkiCommand) -> anyhow::Result<()> {
                 "hub: {} ({})",
                 paths.hub_cert.display(),
                 paths.hub_key.display()
+            );
+        }
+        PkiCommand::IssueServer {
+            file,
+            dir,
+            names,
+            days,
+        } => {
+            let lifetime = Duration::from_secs(days.saturating_mul(24 * 3600));
+            let paths = pki::issue_server(&dir, &file, &names, lifetime).with_context(|| {
+                format!(
+                    "issuing a server certificate for {names:?} from {}",
+                    dir.display()
+                )
+            })?;
+            println!(
+                "server {file}: {} ({})",
+                paths.cert.display(),
+                paths.key.display()
             );
         }
         PkiCommand::IssueSite { name, dir, days } => {

@@ -110,6 +110,12 @@ pub enum PkiError {
         #[source]
         source: rcgen::Error,
     },
+    /// A certificate's file name part would leave the PKI directory or be hidden.
+    #[error("invalid certificate file name {name:?}: no `/`, `\\` or leading `.`")]
+    InvalidFileName {
+        /// The rejected name.
+        name: String,
+    },
     /// A site name does not follow the site-name rules (see [`SiteId`]).
     #[error("invalid site name {name:?}")]
     InvalidSiteName {
@@ -477,6 +483,34 @@ pub fn issue_site(dir: &Path, site: &str, lifetime: Duration) -> Result<SiteCert
         site,
         Validity::starting_at(OffsetDateTime::now_utc(), lifetime)?,
     )
+}
+
+/// Issues a TLS server certificate for `names` (DNS names or IPs) valid for `lifetime` from now, signed
+/// by the CA in `dir`, written as `server-<file>.pem` / `server-<file>.key` (replacing an earlier pair).
+/// For the brokers' TLS ports (`broker.tls`, `[[broker.listeners]]`).
+pub fn issue_server(
+    dir: &Path,
+    file: &str,
+    names: &[String],
+    lifetime: Duration,
+) -> Result<SiteCertPaths, PkiError> {
+    if file.is_empty() || file.contains(['/', '\\']) || file.starts_with('.') {
+        return Err(PkiError::InvalidFileName {
+            name: file.to_owned(),
+        });
+    }
+    let pki = PkiPaths::in_dir(dir);
+    let ca = Ca::load(&pki.ca_cert, &pki.ca_key)?;
+    let issued = ca.issue_server(
+        names,
+        Validity::starting_at(OffsetDateTime::now_utc(), lifetime)?,
+    )?;
+    let paths = SiteCertPaths {
+        cert: dir.join(format!("server-{file}.pem")),
+        key: dir.join(format!("server-{file}.key")),
+    };
+    issued.write(&paths.cert, &paths.key)?;
+    Ok(paths)
 }
 
 /// Like [`issue_site`] with an explicit validity window (tests issue expired and not-yet-valid certificates).

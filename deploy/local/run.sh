@@ -28,6 +28,11 @@ for site in line1 line2; do
     fi
 done
 
+if [[ ! -f "$CERTS/server-edge-line1.pem" || ! -f "$CERTS/server-edge-line1.key" ]]; then
+    echo "==> issuing the TLS certificate of line1's MQTT port 8884 (localhost, 127.0.0.1)"
+    "$BIN/cloud-hub" pki issue-server edge-line1 --dir "$CERTS" --name localhost --name 127.0.0.1
+fi
+
 declare -A PIDS=()
 
 # Runs a program with its output prefixed by its name; records the program's own pid (not the prefixer's).
@@ -110,6 +115,9 @@ cat <<'MSG'
       mosquitto_sub -p 1883 -t 'acme/#' -v
       mosquitto_pub -p 1884 -q 1 -t telemetry/robot5/temp -m 21.5
     The subscriber prints: acme/plant1/line1/telemetry/robot5/temp 21.5
+    line1 also listens with TLS on 8884, where a user is required:
+      mosquitto_pub -h localhost -p 8884 --cafile state/certs/ca.pem -u robot5 -P robot5-secret \
+        -t telemetry/robot5/temp -m 1
     Ctrl-C stops everything.
 MSG
 

@@ -91,7 +91,13 @@ impl DeadLettered<'_> {
             detail = %self.detail,
             "message refused for good: moved to the dead-letter store (edge-agent dead-letters list)"
         );
-        counters.dead_lettered.inc();
+        counters
+            .dead_lettered
+            .get_or_create(&crate::metrics::DeadLetterLabel {
+                lane: self.lane.to_string(),
+                reason: format!("{:#04x}", self.reason_code),
+            })
+            .inc();
     }
 }
 

@@ -31,6 +31,13 @@ pub(crate) struct ResultLabel {
     result: &'static str,
 }
 
+/// A dead letter's lane and MQTT 5 reason code (`0x95` too large, `0x90` topic invalid, ...) as labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DeadLetterLabel {
+    pub(crate) lane: String,
+    pub(crate) reason: String,
+}
+
 /// A priority lane as a label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LaneLabel {
@@ -62,8 +69,9 @@ pub(crate) struct LaneCounters {
     pub(crate) connected: Gauge,
     /// Connections the stuck-link watchdog replaced (`uplink.ack_timeout`).
     pub(crate) stalls: Counter,
-    /// Messages moved to the dead-letter store.
-    pub(crate) dead_lettered: Counter,
+    /// Messages moved to the dead-letter store, by lane and reason code (the whole family: the reason is
+    /// known only when a letter is filed).
+    pub(crate) dead_lettered: Family<DeadLetterLabel, Counter>,
     /// The connection's smoothed round-trip time (QUIC's estimate), in seconds.
     pub(crate) rtt: Gauge<f64, AtomicU64>,
 }
@@ -79,7 +87,7 @@ pub(crate) struct AgentMetrics {
     connects: Family<LaneLabel, Counter>,
     connected: Family<LaneLabel, Gauge>,
     stalls: Family<LaneLabel, Counter>,
-    dead_lettered: Family<LaneLabel, Counter>,
+    dead_lettered: Family<DeadLetterLabel, Counter>,
     depth: Family<LaneLabel, Gauge>,
     bytes: Family<LaneLabel, Gauge>,
     oldest_age: Family<LaneLabel, Gauge>,
@@ -297,6 +305,15 @@ impl AgentMetrics {
     /// The event counters of `lane` (created at 0 the first time).
     pub(crate) fn lane(&self, l: u8) -> LaneCounters {
         let label = lane(l);
+        // The reasons the hub itself refuses with (too large, topic invalid once mapped), listed at 0 from
+        // the start so dashboards and alerts see the series before the first letter; a cloud broker's
+        // other codes appear when they happen.
+        for reason in ["0x95", "0x90"] {
+            let _ = self.dead_lettered.get_or_create(&DeadLetterLabel {
+                lane: l.to_string(),
+                reason: reason.to_owned(),
+            });
+        }
         // One statement each: a family's handle holds its read lock until the statement ends, and a
         // second `get_or_create` in the same expression would wait for it to insert (a deadlock).
         let pushes = |result| {
@@ -315,7 +332,7 @@ impl AgentMetrics {
             connects: self.connects.get_or_create(&label).clone(),
             connected: self.connected.get_or_create(&label).clone(),
             stalls: self.stalls.get_or_create(&label).clone(),
-            dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
+            dead_lettered: self.dead_lettered.clone(),
             rtt: self.rtt.get_or_create(&label).clone(),
         }
     }

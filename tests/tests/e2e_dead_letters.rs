@@ -56,6 +56,7 @@ async fn a_refused_message_is_dead_lettered_and_the_rest_flows() {
     let cloud = Collector::start(cloud_broker.addr, "cloud-sub", &["acme/#"], false).await;
     let mut spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
     spec.routes.push("big/#".to_owned());
+    spec.metrics = Some(meshbridge_tests::net::free_tcp());
     let agent = mesh.start_agent("line1", &spec).await;
     let config = mesh.path().join("line1.toml");
     let edge = spec.broker.client_addr();
@@ -87,6 +88,16 @@ async fn a_refused_message_is_dead_lettered_and_the_rest_flows() {
         "one letter, packet too large:\n{listing}"
     );
     assert!(listing.contains("big/image"), "{listing}");
+    // Counted with its reason, where the log line is written (edge-agent/src/events.rs).
+    let body = meshbridge_tests::metrics::scrape(spec.metrics.expect("set")).await;
+    assert_eq!(
+        meshbridge_tests::metrics::sample(
+            &body,
+            "meshbridge_messages_dead_lettered_total{lane=\"0\",reason=\"0x95\"}"
+        ),
+        Some(1),
+        "{body}"
+    );
     assert!(
         agent
             .current_log()

@@ -164,6 +164,10 @@ async fn json_logs_are_one_object_per_line() {
     let mut agent = mesh.start_agent("line1", &spec).await;
     hub.wait_log("agent connected", Duration::from_secs(20))
         .await;
+    // The agent's port accepts (what `start_agent` waits for) a little before it logs "ready".
+    agent
+        .wait_log("\"message\":\"ready\"", Duration::from_secs(20))
+        .await;
     for proc in [&hub, &agent] {
         let log = proc.log_text();
         // The program is still writing: a last line without its newline is not complete yet.

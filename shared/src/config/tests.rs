@@ -730,3 +730,31 @@ fn the_hubs_embedded_cloud_broker_is_closed_unless_the_config_opens_it() {
         HubConfig::from_toml_str(&hub(open), base).unwrap_or_else(|e| panic!("{open}: {e}"));
     }
 }
+
+/// The local mesh's demo user (README, "TLS ports"): the shipped files say what the README promises.
+#[test]
+fn the_shipped_demo_user_and_acl() {
+    use crate::auth::acl::{Acl, Client};
+    use crate::auth::passwd::Passwords;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("shipped file readable");
+    let users = Passwords::parse(&read("edge-line1.passwd")).expect("valid password file");
+    assert!(users.verify("robot5", b"robot5-secret"));
+    let acl = Acl::parse(&read("edge-line1.acl")).expect("valid ACL");
+    let robot5 = Client {
+        user: Some("robot5"),
+        client_id: "r5",
+    };
+    assert!(acl.can_publish(robot5, "telemetry/robot5/temp"));
+    assert!(!acl.can_publish(robot5, "telemetry/robot6/temp"));
+    let anonymous = Client {
+        user: None,
+        client_id: "tool",
+    };
+    assert!(
+        acl.can_publish(anonymous, "telemetry/robot5/temp"),
+        "the plaintext demo stays as it was"
+    );
+    assert!(acl.can_subscribe(anonymous, "$meshbridge/status"));
+    assert!(acl.can_subscribe(anonymous, "cmd/#"));
+}
