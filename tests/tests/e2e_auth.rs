@@ -277,14 +277,6 @@ async fn tls_ports_with_users_and_client_certificates() {
     let agent = mesh.start_agent("line1", &spec).await;
     let plain = spec.broker.client_addr().port();
     let cloud = Collector::start(hub_spec.broker.client_addr(), "cloud", &["acme/#"], false).await;
-    let arrives = |topic: &'static str| {
-        let cloud = &cloud;
-        async move {
-            cloud
-                .wait_until(WAIT, |r| r.iter().any(|m| m.topic.ends_with(topic)))
-                .await
-        }
-    };
 
     // TLS with a user: verified against the CA, for the name localhost.
     let tls = tls_port.port();
@@ -298,16 +290,7 @@ async fn tls_ports_with_users_and_client_certificates() {
         "-P",
         "robot5-secret",
     ];
-    let out = mosquitto_pub(
-        tls,
-        &[&user[..], &["-t", "telemetry/robot5/tls", "-m", "1"]].concat(),
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        arrives("telemetry/robot5/tls").await,
-        "nothing from the TLS port"
-    );
+    reaches(&cloud, tls, &user, "telemetry/robot5/tls").await;
     // No user on that port: refused. A plaintext client on the TLS port: no CONNACK.
     let out = mosquitto_pub(
         tls,
@@ -335,12 +318,7 @@ async fn tls_ports_with_users_and_client_certificates() {
         text(&out)
     );
     // The plaintext loopback port stays open to anonymous local tools (the ACL's anonymous lines).
-    let out = mosquitto_pub(plain, &["-t", "telemetry/anon/plain", "-m", "1"]).await;
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        arrives("telemetry/anon/plain").await,
-        "nothing from the plaintext port"
-    );
+    reaches(&cloud, plain, &[], "telemetry/anon/plain").await;
 
     // Client certificates: the CN (line1) is the user, no password; without one the handshake fails.
     let certs = [
@@ -355,16 +333,7 @@ async fn tls_ports_with_users_and_client_certificates() {
     ]
     .map(str::to_owned);
     let certs: Vec<&str> = certs.iter().map(String::as_str).collect();
-    let out = mosquitto_pub(
-        cert_port.port(),
-        &[&certs[..], &["-t", "telemetry/cert/x", "-m", "1"]].concat(),
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        arrives("telemetry/cert/x").await,
-        "nothing from the certificate port"
-    );
+    reaches(&cloud, cert_port.port(), &certs, "telemetry/cert/x").await;
     let out = mosquitto_pub(
         cert_port.port(),
         &[
@@ -394,15 +363,21 @@ async fn tls_ports_with_users_and_client_certificates() {
     std::fs::copy(&renewed.cert, &server.cert).expect("replace the certificate");
     std::fs::copy(&renewed.key, &server.key).expect("replace the key");
     tokio::time::sleep(meshbridge_tls_reload_wait()).await;
-    let out = mosquitto_pub(
-        tls,
-        &[&user[..], &["-t", "telemetry/robot5/renewed", "-m", "1"]].concat(),
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(arrives("telemetry/robot5/renewed").await);
+    reaches(&cloud, tls, &user, "telemetry/robot5/renewed").await;
     let log = agent.log_text();
     assert!(log.contains("TLS certificate reloaded"), "{log}");
+}
+
+/// Publishes to `topic` through `port` with `args` and checks it reaches the cloud.
+async fn reaches(cloud: &Collector, port: u16, args: &[&str], topic: &str) {
+    let out = mosquitto_pub(port, &[args, &["-t", topic, "-m", "1"]].concat()).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        cloud
+            .wait_until(WAIT, |r| r.iter().any(|m| m.topic.ends_with(topic)))
+            .await,
+        "{topic} did not reach the cloud"
+    );
 }
 
 /// A little longer than the certificate files' check interval (`tls/src/server.rs`).
