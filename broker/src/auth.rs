@@ -144,7 +144,7 @@ struct Files {
     passwords: Option<Watched<Passwords>>,
     acl: Option<Watched<Acl>>,
     checks: Semaphore,
-    counters: AuthCounters,
+    counters: Arc<AuthCounters>,
 }
 
 /// One listener's rules: the broker's files, and whether anonymous clients are let in there.
@@ -165,7 +165,8 @@ pub enum Login {
 }
 
 impl Auth {
-    /// Reads the files (either may be absent).
+    /// Reads the files (either may be absent); refusals are counted in `counters` (the program's
+    /// metrics read them).
     ///
     /// # Errors
     /// [`AuthError`] if a file cannot be read or has bad lines.
@@ -173,6 +174,7 @@ impl Auth {
         password_file: Option<&Path>,
         acl_file: Option<&Path>,
         allow_anonymous: bool,
+        counters: Arc<AuthCounters>,
     ) -> Result<Self, AuthError> {
         Ok(Self {
             files: Arc::new(Files {
@@ -181,7 +183,7 @@ impl Auth {
                     .transpose()?,
                 acl: acl_file.map(|p| Watched::load(p, parse_acl)).transpose()?,
                 checks: Semaphore::new(CONCURRENT_CHECKS),
-                counters: AuthCounters::default(),
+                counters,
             }),
             allow_anonymous,
         })

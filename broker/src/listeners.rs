@@ -50,11 +50,15 @@ pub struct Opened {
 }
 
 /// Binds every port of `cfg`. `default_anonymous` is whether a port whose `allow_anonymous` is unset
-/// (and the broker's too) lets anonymous clients in.
+/// (and the broker's too) lets anonymous clients in; refusals are counted in `counters`.
 ///
 /// # Errors
 /// [`ListenError`] for a port that cannot be bound, unusable TLS files, or unusable auth files.
-pub async fn open(cfg: &EmbeddedBroker, default_anonymous: bool) -> Result<Opened, ListenError> {
+pub async fn open(
+    cfg: &EmbeddedBroker,
+    default_anonymous: bool,
+    counters: Arc<crate::auth::AuthCounters>,
+) -> Result<Opened, ListenError> {
     let ports = std::iter::once((cfg.listen, cfg.tls.as_ref(), cfg.allow_anonymous)).chain(
         cfg.listeners.iter().map(|l| {
             (
@@ -78,6 +82,7 @@ pub async fn open(cfg: &EmbeddedBroker, default_anonymous: bool) -> Result<Opene
             cfg.password_file.as_deref(),
             cfg.acl_file.as_deref(),
             cfg.allow_anonymous.unwrap_or(default_anonymous),
+            counters,
         )?))
     } else {
         None

@@ -59,7 +59,7 @@ impl RunningEmbedded {
         let broker = EmbeddedBroker::start(&settings).await?;
         // Closed unless the config opens it: config validation requires a password file or
         // `allow_anonymous = true` on the main port; further ports without one are closed.
-        let opened = meshbridge_broker::listeners::open(cfg, false).await?;
+        let opened = meshbridge_broker::listeners::open(cfg, false, Arc::default()).await?;
         let listen = opened.addrs[0];
         let (commits_tx, commits) = mpsc::channel(1);
         let front_stop = CancellationToken::new();

@@ -106,6 +106,8 @@ pub(crate) struct Ingest {
     pub(crate) retained_refused: Arc<std::sync::atomic::AtomicU64>,
     /// The embedded broker's persistent sessions, served by the front; `None` in external mode.
     pub(crate) sessions: Option<Arc<meshbridge_broker::sessions::Sessions>>,
+    /// Where the embedded broker counts refused logins and ACL denials (the metrics read them).
+    pub(crate) auth_counters: Arc<meshbridge_broker::auth::AuthCounters>,
 }
 
 impl Ingest {

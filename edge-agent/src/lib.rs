@@ -139,6 +139,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         retained: retained.clone(),
         retained_refused: Arc::clone(&retained_refused),
         sessions: sessions.clone(),
+        auth_counters: metrics.auth_counters(),
     };
 
     let tracker = TaskTracker::new();

@@ -38,6 +38,12 @@ pub(crate) struct DeadLetterLabel {
     pub(crate) reason: String,
 }
 
+/// What an ACL denial was of, as a label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ActionLabel {
+    action: &'static str,
+}
+
 /// A priority lane as a label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LaneLabel {
@@ -103,6 +109,12 @@ pub(crate) struct AgentMetrics {
     retained_bytes: Gauge,
     retained_refused: Counter,
     retained_refused_seen: AtomicU64,
+    /// The embedded broker's refusals (`broker/src/auth.rs`), and their totals at the last render:
+    /// logins refused, publishes denied, subscriptions denied.
+    auth: Arc<meshbridge_broker::auth::AuthCounters>,
+    logins_refused: Counter,
+    acl_denied: Family<ActionLabel, Counter>,
+    auth_seen: [AtomicU64; 3],
     sessions: Gauge,
     sessions_online: Gauge,
     session_queued: Gauge,
@@ -147,6 +159,10 @@ impl AgentMetrics {
             retained_bytes: Gauge::default(),
             retained_refused: Counter::default(),
             retained_refused_seen: AtomicU64::new(0),
+            auth: Arc::default(),
+            logins_refused: Counter::default(),
+            acl_denied: Family::default(),
+            auth_seen: Default::default(),
             sessions: Gauge::default(),
             sessions_online: Gauge::default(),
             session_queued: Gauge::default(),
@@ -295,11 +311,26 @@ impl AgentMetrics {
             m.config_pushes.clone(),
         );
         registry.register(
+            "mqtt_logins_refused",
+            "MQTT clients refused at CONNECT by the embedded broker: wrong password, unknown user, or anonymous where not allowed",
+            m.logins_refused.clone(),
+        );
+        registry.register(
+            "acl_denied",
+            "What the embedded broker's ACL denied: action=publish (not forwarded; MQTT 5 reason 0x87), action=subscribe (per filter; 0x87/0x80 in the SUBACK)",
+            m.acl_denied.clone(),
+        );
+        registry.register(
             "config_version",
             "Version of the routes in force: the config the hub pushed last, or the local file's (meshbridge_site_config_offered_version at the hub is what it should be)",
             m.config_version.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// Where the embedded broker counts its refusals, for `broker::listeners::open`.
+    pub(crate) fn auth_counters(&self) -> Arc<meshbridge_broker::auth::AuthCounters> {
+        Arc::clone(&self.auth)
     }
 
     /// The event counters of `lane` (created at 0 the first time).
@@ -352,6 +383,22 @@ impl AgentMetrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         set(&self.config_version, config_version);
+        let auth = &self.auth;
+        add_since(
+            &self.logins_refused,
+            &self.auth_seen[0],
+            auth.logins_refused.load(Ordering::Relaxed),
+        );
+        for (i, action, total) in [
+            (1, "publish", &auth.publish_denied),
+            (2, "subscribe", &auth.subscribe_denied),
+        ] {
+            let counter = self
+                .acl_denied
+                .get_or_create(&ActionLabel { action })
+                .clone();
+            add_since(&counter, &self.auth_seen[i], total.load(Ordering::Relaxed));
+        }
         let now = crate::ingest::now_ms();
         for l in lanes.all() {
             let stats = l.queue.stats();

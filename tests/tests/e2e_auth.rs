@@ -107,6 +107,7 @@ async fn passwords_and_acls_at_the_edge_broker_with_mosquitto_clients() {
         format!("password_file = {:?}", password_file.display().to_string()),
         format!("acl_file = {:?}", acl_file.display().to_string()),
     ];
+    spec.metrics = Some(meshbridge_tests::net::free_tcp());
     let agent = mesh.start_agent("line1", &spec).await;
     let edge = spec.broker.client_addr().port();
     let cloud = Collector::start(hub_spec.broker.client_addr(), "cloud", &["acme/#"], false).await;
@@ -226,6 +227,24 @@ async fn passwords_and_acls_at_the_edge_broker_with_mosquitto_clients() {
     let log = agent.log_text();
     assert!(log.contains("password file reloaded"), "{log}");
     assert!(log.contains("PUBLISH denied by the ACL"), "{log}");
+
+    // Counted, as logged: three refused logins above (wrong password, unknown user, anonymous; the
+    // retries before robot7's user existed add more), at least the robot6 and robot7 publishes, and the
+    // two subscriptions wider than the grant.
+    let body = meshbridge_tests::metrics::scrape(spec.metrics.expect("set")).await;
+    let sample = |series: &str| meshbridge_tests::metrics::sample(&body, series);
+    assert!(
+        sample("meshbridge_mqtt_logins_refused_total") >= Some(3),
+        "{body}"
+    );
+    assert!(
+        sample("meshbridge_acl_denied_total{action=\"publish\"}") >= Some(2),
+        "{body}"
+    );
+    assert!(
+        sample("meshbridge_acl_denied_total{action=\"subscribe\"}") >= Some(2),
+        "{body}"
+    );
 }
 
 /// Issue 11, item 1: several ports on one edge broker, as a plant runs them (the shipped line1 config's

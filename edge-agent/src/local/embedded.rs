@@ -80,6 +80,7 @@ pub(crate) async fn run(
     let opened = meshbridge_broker::listeners::open(
         cfg,
         cfg.password_file.is_none() && cfg.username.is_none(),
+        Arc::clone(&ingest.auth_counters),
     )
     .await?;
     let listen = opened.addrs[0];
