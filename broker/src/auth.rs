@@ -277,30 +277,28 @@ impl Auth {
 
     /// Whether the ACL (if any) lets `client` publish to `topic`; a denial is counted.
     pub fn can_publish(&self, client: Client<'_>, topic: &str) -> bool {
-        let Some(acl) = &self.files.acl else {
-            return true;
-        };
-        let ok = acl.get().can_publish(client, topic);
-        if !ok {
-            self.files
-                .counters
-                .publish_denied
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        ok
+        self.decide(
+            |acl| acl.can_publish(client, topic),
+            &self.files.counters.publish_denied,
+        )
     }
 
     /// Whether the ACL (if any) lets `client` subscribe to `filter`; a denial is counted.
     pub fn can_subscribe(&self, client: Client<'_>, filter: &str) -> bool {
+        self.decide(
+            |acl| acl.can_subscribe(client, filter),
+            &self.files.counters.subscribe_denied,
+        )
+    }
+
+    /// The ACL's answer (`true` without an ACL), counting a denial in `denied`.
+    fn decide(&self, ask: impl FnOnce(&Acl) -> bool, denied: &AtomicU64) -> bool {
         let Some(acl) = &self.files.acl else {
             return true;
         };
-        let ok = acl.get().can_subscribe(client, filter);
+        let ok = ask(&acl.get());
         if !ok {
-            self.files
-                .counters
-                .subscribe_denied
-                .fetch_add(1, Ordering::Relaxed);
+            denied.fetch_add(1, Ordering::Relaxed);
         }
         ok
     }
