@@ -7,6 +7,12 @@
 //! through the front ([`super::front`]), which needs one listener per protocol (rumqttd picks the
 //! protocol per listener, not per connection).
 //!
+//! A loopback port is open to every local process, and the front's passwords, ACLs and reserved client
+//! ids mean nothing to a client that connects there directly. So each start draws a fresh random
+//! [`InternalLogin`] that the listeners require (rumqttd's own static login check, compared in constant
+//! time): the front writes it into every CONNECT it forwards, and the program's own clients (the hub's
+//! publisher, the agent's downlink) present it. It never leaves the process and is never logged.
+//!
 //! Limits that cannot be lifted:
 //! - The router thread cannot be stopped (rumqttd has no shutdown at all). [`EmbeddedBroker::stop`]
 //!   stops the listeners; connections already accepted run as tasks rumqttd spawned on our runtime and end
@@ -20,8 +26,10 @@
 //! `tracing_subscriber::EnvFilter` directives to hide it (that also hides rumqttd's other per-connection
 //! errors, which the front reports itself).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -36,6 +44,56 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::front::Upstreams;
+
+/// The username of the internal login (the secret is what matters; the name shows up in rumqttd's logs).
+pub const INTERNAL_USER: &str = "meshbridge-internal";
+
+/// The login the internal listeners require, drawn at random for each start of the broker.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InternalLogin {
+    secret: String,
+}
+
+impl InternalLogin {
+    /// A fresh login: 256 bits from the operating system's generator, hex-encoded (rumqttd compares
+    /// logins as UTF-8 strings).
+    ///
+    /// # Errors
+    /// [`EmbeddedError::Random`] when the operating system's generator fails.
+    pub fn generate() -> Result<Self, EmbeddedError> {
+        let mut bytes = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| EmbeddedError::Random)?;
+        let secret = bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+            use std::fmt::Write as _;
+            // Writing to a String cannot fail.
+            let _ = write!(s, "{b:02x}");
+            s
+        });
+        Ok(Self { secret })
+    }
+
+    /// The username to present.
+    #[must_use]
+    pub const fn user(&self) -> &'static str {
+        INTERNAL_USER
+    }
+
+    /// The password to present. Keep it inside the process: anyone holding it bypasses the front.
+    #[must_use]
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+}
+
+impl std::fmt::Debug for InternalLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InternalLogin")
+            .field("user", &INTERNAL_USER)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
 
 /// `EnvFilter` directives that silence rumqttd's per-connection noise (`router-drop` on every normal
 /// disconnect) and its router chatter, e.g. `EnvFilter::new(format!("info,{QUIET_RUMQTTD_LOGS}"))`.
@@ -99,6 +157,9 @@ impl EmbeddedSettings {
 /// Why the embedded broker did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
+    /// The operating system's random generator failed, so no internal login could be drawn.
+    #[error("the system random generator failed")]
+    Random,
     /// No ephemeral loopback port could be reserved for a listener.
     #[error("could not reserve a loopback port")]
     ReservePort {
@@ -126,6 +187,7 @@ pub struct EmbeddedBroker {
     pub v4_addr: SocketAddr,
     /// The internal MQTT 5.0 listener.
     pub v5_addr: SocketAddr,
+    login: Arc<InternalLogin>,
     listeners: Vec<JoinHandle<()>>,
 }
 
@@ -145,36 +207,47 @@ impl EmbeddedBroker {
             initialized_filters: None,
             shared_subscriptions_strategy: rumqttd::Strategy::default(),
         };
+        let login = Arc::new(InternalLogin::generate()?);
         // The router id is only meaningful in rumqttd's (unfinished) cluster mode.
         let router_tx = Router::new(0, router_config).spawn();
         let mut listeners = Vec::with_capacity(2);
         // rumqttd does not export the router handle's type, so each listener gets a constructor closure.
         let v4 = |s| Server::new(s, router_tx.clone(), V4);
         let v5 = |s| Server::new(s, router_tx.clone(), V5);
-        let (v4_addr, v4_task) = start_listener(v4, ProtocolVersion::V3_1_1, settings).await?;
+        let (v4_addr, v4_task) =
+            start_listener(v4, ProtocolVersion::V3_1_1, settings, &login).await?;
         listeners.push(v4_task);
-        let (v5_addr, v5_task) = match start_listener(v5, ProtocolVersion::V5, settings).await {
-            Ok(started) => started,
-            Err(e) => {
-                listeners.iter().for_each(JoinHandle::abort);
-                return Err(e);
-            }
-        };
+        let (v5_addr, v5_task) =
+            match start_listener(v5, ProtocolVersion::V5, settings, &login).await {
+                Ok(started) => started,
+                Err(e) => {
+                    listeners.iter().for_each(JoinHandle::abort);
+                    return Err(e);
+                }
+            };
         listeners.push(v5_task);
         Ok(Self {
             v4_addr,
             v5_addr,
+            login,
             listeners,
         })
     }
 
-    /// The listener addresses in the form the front takes.
+    /// The listener addresses and login in the form the front takes.
     #[must_use]
-    pub const fn upstreams(&self) -> Upstreams {
+    pub fn upstreams(&self) -> Upstreams {
         Upstreams {
             v4: self.v4_addr,
             v5: self.v5_addr,
+            login: Arc::clone(&self.login),
         }
+    }
+
+    /// The login the program's own clients present on the internal listeners.
+    #[must_use]
+    pub fn login(&self) -> &InternalLogin {
+        &self.login
     }
 
     /// Stops accepting connections and waits for the listener tasks to end.
@@ -205,6 +278,7 @@ fn server_settings(
     name: String,
     listen: SocketAddr,
     settings: &EmbeddedSettings,
+    login: &InternalLogin,
 ) -> ServerSettings {
     let connection_timeout_ms =
         u16::try_from(settings.connect_timeout.as_millis()).unwrap_or(u16::MAX);
@@ -217,7 +291,10 @@ fn server_settings(
             connection_timeout_ms,
             max_payload_size: settings.max_packet_size,
             max_inflight_count: settings.max_inflight_count,
-            auth: None,
+            auth: Some(HashMap::from([(
+                INTERNAL_USER.to_owned(),
+                login.secret.clone(),
+            )])),
             external_auth: None,
             dynamic_filters: true,
         },
@@ -228,6 +305,7 @@ async fn start_listener<P>(
     new_server: impl Fn(ServerSettings) -> Server<P>,
     version: ProtocolVersion,
     settings: &EmbeddedSettings,
+    login: &InternalLogin,
 ) -> Result<(SocketAddr, JoinHandle<()>), EmbeddedError>
 where
     P: Protocol + Clone + Send + Sync + 'static,
@@ -235,13 +313,13 @@ where
     for attempt in 1..=START_ATTEMPTS {
         let addr = reserve_port()?;
         let name = format!("meshbridge-internal-{}", version.level());
-        let mut server = new_server(server_settings(name, addr, settings));
+        let mut server = new_server(server_settings(name, addr, settings, login));
         let task = tokio::spawn(async move {
             if let Err(error) = server.start(LinkType::Remote).await {
                 warn!(?error, %addr, "embedded broker listener ended");
             }
         });
-        match probe(addr, version, &task).await {
+        match probe(addr, version, login, &task).await {
             Ok(()) => {
                 debug!(%addr, ?version, "embedded broker listener ready");
                 return Ok((addr, task));
@@ -263,6 +341,7 @@ where
 async fn probe(
     addr: SocketAddr,
     version: ProtocolVersion,
+    login: &InternalLogin,
     task: &JoinHandle<()>,
 ) -> io::Result<()> {
     tokio::time::timeout(PROBE_DEADLINE, async {
@@ -279,7 +358,7 @@ async fn probe(
             }
         };
         stream
-            .write_all(&probe_connect(version, addr.port()))
+            .write_all(&probe_connect(version, addr.port(), login)?)
             .await?;
         let mut buf = BytesMut::with_capacity(64);
         let len = loop {
@@ -310,8 +389,13 @@ async fn probe(
     .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 
-/// A clean-session CONNECT with client id `meshbridge-probe-<port>` and keep-alive 10 s.
-fn probe_connect(version: ProtocolVersion, port: u16) -> Vec<u8> {
+/// A clean-session CONNECT with client id `meshbridge-probe-<port>`, keep-alive 10 s and the internal
+/// login.
+fn probe_connect(
+    version: ProtocolVersion,
+    port: u16,
+    login: &InternalLogin,
+) -> io::Result<BytesMut> {
     let id = format!("meshbridge-probe-{port}");
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', version.level(), 0x02, 0, 10];
     if version.has_properties() {
@@ -325,5 +409,6 @@ fn probe_connect(version: ProtocolVersion, port: u16) -> Vec<u8> {
         u8::try_from(body.len()).expect("invariant: probe CONNECT < 128 bytes"),
     ];
     packet.extend_from_slice(&body);
-    packet
+    mqtt::replace_connect_login(&packet, login.user().as_bytes(), login.secret().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }

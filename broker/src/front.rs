@@ -102,13 +102,16 @@ const CONNACK_V5_SERVER_UNAVAILABLE: u8 = 0x88;
 /// Keep-alive written instead of 0, which rumqttd rejects.
 const KEEP_ALIVE_INSTEAD_OF_ZERO: u16 = u16::MAX;
 
-/// The embedded broker's internal listeners, one per protocol version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The embedded broker's internal listeners, one per protocol version, and the login they require.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstreams {
     /// MQTT 3.1.1 listener.
     pub v4: SocketAddr,
     /// MQTT 5.0 listener.
     pub v5: SocketAddr,
+    /// Written into every CONNECT the front forwards, in place of the client's own login, which the
+    /// front has checked itself (see `broker/src/embedded.rs`).
+    pub login: Arc<crate::embedded::InternalLogin>,
 }
 
 /// Limits of the front.
@@ -303,6 +306,14 @@ pub enum FrontError {
         /// What was wrong.
         #[source]
         source: AliasError,
+    },
+    /// The client's CONNECT could not be re-encoded with the internal login (it decoded, so this means
+    /// a field the front does not parse was cut short).
+    #[error("cannot forward the CONNECT")]
+    ConnectRewrite {
+        /// Why.
+        #[source]
+        source: mqtt::EncodeError,
     },
     /// The client sent a second CONNECT on its connection, a protocol violation (MQTT 3.1.1 §3.1,
     /// 5.0 §3.1): the connection is closed without forwarding it.
@@ -542,6 +553,9 @@ fn log_connection_end(error: &FrontError) {
         FrontError::TopicAlias { source } => {
             warn!(cause = %source, "closing connection: topic alias misuse");
         }
+        FrontError::ConnectRewrite { source } => {
+            warn!(cause = %source, "closing connection: malformed CONNECT from client");
+        }
         FrontError::ReservedClientId { .. } | FrontError::WillDenied { .. } => {
             warn!(cause = %error, "connection refused");
         }
@@ -681,8 +695,7 @@ async fn connection<S: ClientStream>(
     let mut user: Option<Arc<str>> = None;
     if let Some(auth) = auth {
         let (username, password) =
-            connect_credentials(&from_client[..connect_len], header.header_len, version)
-                .unwrap_or((None, None));
+            connect_credentials(&from_client[..connect_len]).unwrap_or((None, None));
         match auth.login(cert_user, username, password).await {
             crate::auth::Login::Admitted(name) => user = name.map(Arc::from),
             crate::auth::Login::Refused => {
@@ -705,8 +718,7 @@ async fn connection<S: ClientStream>(
             }
         }
     } else if let Some((username, password)) = &shared.options.credentials {
-        let presented =
-            connect_credentials(&from_client[..connect_len], header.header_len, version);
+        let presented = connect_credentials(&from_client[..connect_len]);
         let ok = presented
             .is_some_and(|(u, p)| u == Some(username.as_bytes()) && p == Some(password.as_bytes()));
         if !ok {
@@ -735,6 +747,16 @@ async fn connection<S: ClientStream>(
         let at = header.header_len + 2 + connect.protocol_name.len() + 2;
         from_client[at..at + 2].copy_from_slice(&KEEP_ALIVE_INSTEAD_OF_ZERO.to_be_bytes());
     }
+    // The broker's listeners take only the internal login; the client's own was checked above.
+    let login = &shared.upstreams.login;
+    let rest = from_client.split_off(connect_len);
+    from_client = mqtt::replace_connect_login(
+        &from_client,
+        login.user().as_bytes(),
+        login.secret().as_bytes(),
+    )
+    .map_err(|source| FrontError::ConnectRewrite { source })?;
+    from_client.unsplit(rest);
     let attachment = match &shared.options.sessions {
         Some(sessions) => {
             let (sessions, id) = (Arc::clone(sessions), connect.client_id.clone());
@@ -1028,60 +1050,14 @@ const REASON_NOT_AUTHORIZED: u8 = 0x87;
 /// The username and password a CONNECT carries, each `None` when absent.
 type Credentials<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
 
-/// The username and password fields of a whole CONNECT `frame` whose fixed header is `header_len`
-/// bytes, each `None` when its flag is clear; `None` overall if the packet is malformed. Walks the
-/// variable header and payload in order (MQTT 3.1.1 §3.1, 5.0 §3.1): protocol name, level, flags,
-/// keep-alive, [v5 properties], client id, [will: [v5 properties], topic, payload], username, password.
-fn connect_credentials(
-    frame: &[u8],
-    header_len: usize,
-    version: ProtocolVersion,
-) -> Option<Credentials<'_>> {
-    let mut at = header_len;
-    let varint = |at: &mut usize| -> Option<usize> {
-        let mut value = 0usize;
-        for shift in [0, 7, 14, 21] {
-            let byte = *frame.get(*at)?;
-            *at += 1;
-            value |= usize::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(value);
-            }
-        }
-        None
-    };
-    let field = |at: &mut usize| -> Option<&[u8]> {
-        let len = usize::from(u16::from_be_bytes([*frame.get(*at)?, *frame.get(*at + 1)?]));
-        let field = frame.get(*at + 2..*at + 2 + len)?;
-        *at += 2 + len;
-        Some(field)
-    };
-    let has_properties = version == ProtocolVersion::V5;
-    field(&mut at)?; // protocol name
-    let flags = *frame.get(at + 1)?; // after the level byte
-    at += 4; // level, flags, keep-alive
-    if has_properties {
-        at += varint(&mut at)?;
-    }
-    field(&mut at)?; // client id
-    if flags & 0x04 != 0 {
-        if has_properties {
-            at += varint(&mut at)?;
-        }
-        field(&mut at)?; // will topic
-        field(&mut at)?; // will payload
-    }
-    let username = if flags & 0x80 != 0 {
-        Some(field(&mut at)?)
-    } else {
-        None
-    };
-    let password = if flags & 0x40 != 0 {
-        Some(field(&mut at)?)
-    } else {
-        None
-    };
-    Some((username, password))
+/// The username and password fields of a whole CONNECT `frame`, each `None` when its flag is clear;
+/// `None` overall if the packet is malformed.
+fn connect_credentials(frame: &[u8]) -> Option<Credentials<'_>> {
+    let at = mqtt::ConnectLogin::locate(frame).ok()?;
+    Some((
+        at.username.map(|r| &frame[r]),
+        at.password.map(|r| &frame[r]),
+    ))
 }
 
 /// Reads into `buf` until it starts with one complete packet; returns that packet's length.
@@ -2068,14 +2044,14 @@ mod tests {
         ];
         for &(version, will, username, password) in cases {
             let packet = connect(version, will, username, password);
-            let got = connect_credentials(&packet, 2, version);
+            let got = connect_credentials(&packet);
             assert_eq!(
                 got,
                 Some((username.map(str::as_bytes), password.map(str::as_bytes))),
                 "{version:?} will={will:?}"
             );
             assert_eq!(
-                connect_credentials(&packet[..packet.len() - 1], 2, version),
+                connect_credentials(&packet[..packet.len() - 1]),
                 None,
                 "a truncated packet is refused"
             );

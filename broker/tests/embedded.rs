@@ -4,25 +4,44 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
+use shared::mqtt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// An MQTT 3.1.1 CONNECT with clean session, keep-alive 60 s and the given client id.
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+/// An MQTT 3.1.1 (`level` 4) or 5.0 (`level` 5) CONNECT with clean session, keep-alive 60 s, the given
+/// client id and, if given, a username and password.
+fn connect_packet(level: u8, client_id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 60];
+    if level == 5 {
+        body.push(0); // no properties
+    }
     body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     body.extend_from_slice(client_id.as_bytes());
     let mut packet = vec![0x10, body.len() as u8];
     packet.extend(body);
-    packet
+    match login {
+        Some((user, password)) => {
+            mqtt::replace_connect_login(&packet, user.as_bytes(), password.as_bytes())
+                .expect("a valid CONNECT")
+                .to_vec()
+        }
+        None => packet,
+    }
 }
 
-async fn connect(addr: std::net::SocketAddr, client_id: &str) -> Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(&connect_packet(client_id)).await?;
+/// Connects with the broker's internal login and expects the CONNECT accepted.
+async fn connect(broker: &EmbeddedBroker, client_id: &str) -> Result<TcpStream> {
+    let login = broker.login();
+    let mut s = TcpStream::connect(broker.v4_addr).await?;
+    s.write_all(&connect_packet(
+        4,
+        client_id,
+        Some((login.user(), login.secret())),
+    ))
+    .await?;
     let mut connack = [0u8; 4];
     timeout(WAIT, s.read_exact(&mut connack)).await??;
     ensure!(
@@ -32,6 +51,62 @@ async fn connect(addr: std::net::SocketAddr, client_id: &str) -> Result<TcpStrea
     Ok(s)
 }
 
+/// Whether a CONNECT with `login` to `addr` is accepted (a CONNACK with code 0); a refusal, a closed
+/// connection or silence until [`WAIT`] all count as not accepted.
+async fn accepted(
+    addr: std::net::SocketAddr,
+    level: u8,
+    login: Option<(&str, &str)>,
+) -> Result<bool> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&connect_packet(level, "intruder", login))
+        .await?;
+    let mut connack = [0u8; 4];
+    Ok(matches!(
+        timeout(WAIT, s.read_exact(&mut connack)).await,
+        Ok(Ok(_)) if connack[0] == 0x20 && connack[3] == 0
+    ))
+}
+
+/// The internal listeners sit on loopback ports any local process can reach; without the per-start login
+/// nobody gets past them (issue 11 item 4), and the login differs from one start to the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_listeners_take_only_the_per_start_login() -> Result<()> {
+    let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
+    let other = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
+    let login = broker.login();
+    ensure!(
+        login.secret() != other.login().secret(),
+        "a fresh secret per start"
+    );
+    ensure!(
+        !format!("{login:?}").contains(login.secret()),
+        "Debug redacts the secret"
+    );
+    let stale = (other.login().user(), other.login().secret());
+    for (addr, level) in [(broker.v4_addr, 4), (broker.v5_addr, 5)] {
+        let real = Some((login.user(), login.secret()));
+        ensure!(
+            !accepted(addr, level, None).await?,
+            "{addr}: no login accepted"
+        );
+        let guess = Some((login.user(), "guess"));
+        ensure!(
+            !accepted(addr, level, guess).await?,
+            "{addr}: wrong secret accepted"
+        );
+        ensure!(
+            !accepted(addr, level, Some(stale)).await?,
+            "{addr}: another start's secret accepted"
+        );
+        ensure!(
+            accepted(addr, level, real).await?,
+            "{addr}: the real login refused"
+        );
+    }
+    Ok(())
+}
+
 /// A client that says DISCONNECT and goes must not take the next client down with it. rumqttd 0.20 removed
 /// the connection when it handled the DISCONNECT packet and again when the socket closed; by then the
 /// connection id could belong to a new client, which was dropped. Each round checks that the client which
@@ -39,12 +114,11 @@ async fn connect(addr: std::net::SocketAddr, client_id: &str) -> Result<TcpStrea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnecting_client_never_drops_the_next_one() -> Result<()> {
     let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
-    let addr = broker.upstreams().v4;
     for round in 0..200 {
-        let mut first = connect(addr, &format!("first-{round}")).await?;
+        let mut first = connect(&broker, &format!("first-{round}")).await?;
         first.write_all(&[0xe0, 0x00]).await?; // DISCONNECT
         drop(first);
-        let mut second = connect(addr, &format!("second-{round}")).await?;
+        let mut second = connect(&broker, &format!("second-{round}")).await?;
         tokio::time::sleep(Duration::from_millis(5)).await;
         second.write_all(&[0xc0, 0x00]).await?; // PINGREQ
         let mut resp = [0u8; 2];

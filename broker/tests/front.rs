@@ -93,6 +93,17 @@ fn v4_client(
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(inflight);
+    v4_client_with(options)
+}
+
+/// [`v4_client`] with options of the caller's.
+fn v4_client_with(
+    options: rumqttc::MqttOptions,
+) -> (
+    rumqttc::AsyncClient,
+    mpsc::UnboundedReceiver<Result<rumqttc::Event, rumqttc::ConnectionError>>,
+    JoinHandle<()>,
+) {
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
@@ -190,7 +201,15 @@ async fn subscriber(
     broker: &EmbeddedBroker,
     id: &str,
 ) -> Result<(rumqttc::AsyncClient, V4Events, JoinHandle<()>)> {
-    let (client, mut events, task) = v4_client(id, broker.v4_addr, 100);
+    // Straight to the internal listener, which takes only the broker's per-start login.
+    let addr = broker.v4_addr;
+    let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    let login = broker.login();
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_inflight(100)
+        .set_credentials(login.user(), login.secret());
+    let (client, mut events, task) = v4_client_with(options);
     v4_wait(&mut events, |p| {
         matches!(p, rumqttc::Packet::ConnAck(_)).then_some(())
     })

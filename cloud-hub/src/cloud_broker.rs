@@ -57,6 +57,8 @@ impl RunningEmbedded {
         }
         .with_log_per_filter(cfg.max_log_per_filter.as_usize());
         let broker = EmbeddedBroker::start(&settings).await?;
+        // For diagnosis; the internal listeners take only the broker's per-start login.
+        tracing::info!(internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, "embedded cloud broker started");
         // Closed unless the config opens it: config validation requires a password file or
         // `allow_anonymous = true` on the main port; further ports without one are closed.
         let opened = meshbridge_broker::listeners::open(cfg, false, Arc::default()).await?;
@@ -93,24 +95,26 @@ impl RunningEmbedded {
 
     /// Client options for the hub's publisher (straight to the internal v5 listener).
     pub(crate) fn publisher_options(&self) -> MqttOptions {
-        let addr = self.broker.v5_addr;
-        base_options(
-            EMBEDDED_CLIENT_ID,
-            &addr.ip().to_string(),
-            addr.port(),
-            EMBEDDED_KEEP_ALIVE,
-        )
+        self.internal_options(EMBEDDED_CLIENT_ID)
     }
 
     /// Options for the hub's downlink subscriber on this broker (its own client id and session).
     pub(crate) fn subscriber_options(&self) -> MqttOptions {
+        self.internal_options(&format!("{EMBEDDED_CLIENT_ID}-downlink"))
+    }
+
+    /// Options for a client of the internal v5 listener, with the broker's per-start internal login.
+    fn internal_options(&self, client_id: &str) -> MqttOptions {
         let addr = self.broker.v5_addr;
-        base_options(
-            &format!("{EMBEDDED_CLIENT_ID}-downlink"),
+        let mut options = base_options(
+            client_id,
             &addr.ip().to_string(),
             addr.port(),
             EMBEDDED_KEEP_ALIVE,
-        )
+        );
+        let login = self.broker.login();
+        options.set_credentials(login.user(), login.secret());
+        options
     }
 
     /// The front's task, to notice it failing.

@@ -101,3 +101,59 @@ async fn the_programs_own_client_ids_are_refused_on_the_public_ports() {
     drop(agent);
     drop(hub);
 }
+
+/// The `name=value` field of a log line, parsed as a socket address.
+fn log_addr(line: &str, name: &str) -> SocketAddr {
+    let at = line
+        .find(&format!("{name}="))
+        .unwrap_or_else(|| panic!("{name} in {line}"));
+    let value = line[at + name.len() + 1..]
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .next()
+        .unwrap_or_default();
+    value
+        .trim_matches('"')
+        .parse()
+        .unwrap_or_else(|e| panic!("{name} in {line}: {e}"))
+}
+
+/// Issue 11 item 4: the embedded brokers' internal listeners are loopback ports any local process can
+/// reach, so they take only a per-start login the programs keep to themselves. A client that connects
+/// there directly (here: this test process, with the addresses the logs name) is refused, whatever client
+/// id it uses, while the path through the front keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_listeners_refuse_other_local_processes() {
+    let mesh = Mesh::new(&["line1"]);
+    let hub_spec = mesh.hub_spec(BrokerSpec::embedded(), &["line1"]);
+    let mut hub = mesh.start_hub(&hub_spec).await;
+    let spec = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
+    let mut agent = mesh.start_agent("line1", &spec).await;
+    let consumer = Collector::start(
+        hub_spec.broker.client_addr(),
+        "consumer",
+        &["acme/plant1/line1/telemetry/#"],
+        false,
+    )
+    .await;
+    let hub_line = hub.wait_log("embedded cloud broker started", WAIT).await;
+    let agent_line = agent.wait_log("internal_v5=", WAIT).await;
+    for (who, line) in [("hub", &hub_line), ("agent", &agent_line)] {
+        let (v4, v5) = (log_addr(line, "internal_v4"), log_addr(line, "internal_v5"));
+        for id in ["dashboard", "meshbridge-hub", "meshbridge-line1-downlink"] {
+            let got = connect_v5(v5, id).await;
+            assert!(got.is_err(), "{who}'s internal v5 listener let {id} in");
+            let got = connect_v4(v4, id).await;
+            assert!(got.is_err(), "{who}'s internal v4 listener let {id} in");
+        }
+    }
+    prove_path(
+        spec.broker.client_addr(),
+        &consumer,
+        "telemetry/front",
+        "acme/plant1/line1/telemetry/front",
+        Duration::from_secs(20),
+    )
+    .await;
+    drop(agent);
+    drop(hub);
+}

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
+use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings, InternalLogin};
 use meshbridge_broker::front::{self, FrontOptions, Select};
 use shared::config::EmbeddedBroker as EmbeddedConfig;
 use shared::envelope::Envelope;
@@ -27,6 +27,7 @@ const COMMIT_CHANNEL: usize = 1024;
 async fn restore_retained(
     store: &Arc<RetainedStore>,
     broker: std::net::SocketAddr,
+    login: &InternalLogin,
     site: &str,
 ) -> Result<(), AgentError> {
     let store = Arc::clone(store);
@@ -54,7 +55,7 @@ async fn restore_retained(
         &format!("meshbridge-{site}-retained"),
         &broker.ip().to_string(),
         broker.port(),
-        None,
+        Some(internal_credentials(login)),
         None,
     );
     let restored = deliverer
@@ -115,7 +116,7 @@ pub(crate) async fn run(
     };
     if let Some(store) = &ingest.retained {
         // Before any client is served (the listener is bound, but nothing accepts until `serve`).
-        restore_retained(store, broker.v5_addr, &ingest.site).await?;
+        restore_retained(store, broker.v5_addr, broker.login(), &ingest.site).await?;
     }
     let (commits_tx, commits_rx) = mpsc::channel(COMMIT_CHANNEL);
     let routes = Arc::clone(&ingest.routes);
@@ -128,11 +129,12 @@ pub(crate) async fn run(
             client_id: format!("meshbridge-{site}-downlink"),
             host: broker.v5_addr.ip().to_string(),
             port: broker.v5_addr.port(),
-            credentials: None,
+            credentials: Some(internal_credentials(broker.login())),
             transport: None,
         }));
     // Ends by itself once the front (the only sender) is gone, after answering every request it took.
     let commits = tokio::spawn(ingest.run_front_commits(commits_rx));
+    // The internal addresses are logged for diagnosis; they take only the per-start internal login.
     info!(%listen, ports = opened.addrs.len(), internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, %site, mode = "embedded", "ready");
     let served = front::serve_listeners(
         opened.listeners,
@@ -150,4 +152,9 @@ pub(crate) async fn run(
         source,
     })?;
     served.map_err(AgentError::from)
+}
+
+/// The login of the embedded broker's internal listeners, for the agent's own clients there.
+fn internal_credentials(login: &InternalLogin) -> (String, String) {
+    (login.user().to_owned(), login.secret().to_owned())
 }

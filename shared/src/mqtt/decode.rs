@@ -652,3 +652,73 @@ pub fn suback_codes(frame: &[u8], version: ProtocolVersion) -> Result<(u16, Vec<
     }
     Ok((packet_id, codes))
 }
+
+/// Where a CONNECT's login sits: the byte offsets the front needs to read the username and password
+/// and to replace them (see [`super::encode::replace_connect_login`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectLogin {
+    /// Offset of the connect-flags byte in the frame.
+    pub flags_at: usize,
+    /// Offset where the username (or, without one, the password) starts: everything before it is kept
+    /// as it is when the login is replaced.
+    pub login_at: usize,
+    /// The username's bytes in the frame, when the username flag is set.
+    pub username: Option<Range<usize>>,
+    /// The password's bytes in the frame, when the password flag is set.
+    pub password: Option<Range<usize>>,
+}
+
+impl ConnectLogin {
+    /// Finds the login fields of the CONNECT at the start of `frame` (fixed header included), for
+    /// any protocol level: v5 property blocks are skipped, not decoded.
+    ///
+    /// # Errors
+    /// [`DecodeError::Incomplete`] if `frame` holds less than the whole packet,
+    /// [`DecodeError::UnexpectedPacket`] for another packet type, [`DecodeError::Truncated`] when a
+    /// field runs past the packet.
+    pub fn locate(frame: &[u8]) -> Result<Self, DecodeError> {
+        let header = expect_frame(frame, PacketType::Connect)?;
+        let base = header.header_len;
+        let mut r = Reader::new(&frame[base..header.frame_len()]);
+        r.binary("protocol name")?;
+        let level = r.u8("protocol level")?;
+        let flags_at = base + r.pos;
+        let flags = r.u8("connect flags")?;
+        r.u16("keep alive")?;
+        let v5 = level == ProtocolVersion::V5.level();
+        if v5 {
+            r.skip_properties()?;
+        }
+        r.binary("client id")?;
+        if flags & WILL_FLAG != 0 {
+            if v5 {
+                r.skip_properties()?;
+            }
+            r.binary("will topic")?;
+            r.binary("will payload")?;
+        }
+        let login_at = base + r.pos;
+        let shift = |range: Range<usize>| base + range.start..base + range.end;
+        let username = if flags & USERNAME_FLAG == 0 {
+            None
+        } else {
+            Some(shift(r.binary("username")?))
+        };
+        let password = if flags & PASSWORD_FLAG == 0 {
+            None
+        } else {
+            Some(shift(r.binary("password")?))
+        };
+        Ok(Self {
+            flags_at,
+            login_at,
+            username,
+            password,
+        })
+    }
+}
+
+/// CONNECT flag: a username follows.
+pub(crate) const USERNAME_FLAG: u8 = 0b1000_0000;
+/// CONNECT flag: a password follows.
+pub(crate) const PASSWORD_FLAG: u8 = 0b0100_0000;

@@ -260,3 +260,34 @@ pub fn set_publish_packet_id(frame: &mut [u8], packet_id: u16, dup: bool) -> boo
     }
     true
 }
+
+/// Re-encodes the CONNECT at the start of `frame` with `username` and `password` as its login, keeping
+/// every other field byte for byte. The front uses it to present the per-start internal login to the
+/// embedded broker's listeners (`broker/src/embedded.rs`) in place of whatever the client sent, which
+/// the front has already checked.
+///
+/// # Errors
+/// [`EncodeError::Malformed`] when `frame` is not a whole, well-formed CONNECT;
+/// [`EncodeError::FieldTooLong`] or [`EncodeError::PacketTooLarge`] when the new login does not fit.
+pub fn replace_connect_login(
+    frame: &[u8],
+    username: &[u8],
+    password: &[u8],
+) -> Result<BytesMut, EncodeError> {
+    let at = super::decode::ConnectLogin::locate(frame).map_err(EncodeError::Malformed)?;
+    let header = super::FixedHeader::parse(frame, usize::MAX).map_err(EncodeError::Malformed)?;
+    let kept = &frame[header.header_len..at.login_at];
+    let remaining = kept.len() + 2 + username.len() + 2 + password.len();
+    if remaining > MAX_REMAINING_LENGTH {
+        return Err(EncodeError::PacketTooLarge { len: remaining });
+    }
+    let mut out = BytesMut::with_capacity(1 + varint_len(remaining) + remaining);
+    out.put_u8(frame[0]);
+    put_remaining_length(&mut out, remaining);
+    let flags_at = out.len() + at.flags_at - header.header_len;
+    out.put_slice(kept);
+    out[flags_at] |= super::decode::USERNAME_FLAG | super::decode::PASSWORD_FLAG;
+    put_binary(&mut out, "username", username)?;
+    put_binary(&mut out, "password", password)?;
+    Ok(out)
+}

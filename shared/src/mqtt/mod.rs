@@ -27,10 +27,12 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-pub use decode::{frame_len, split_frame, suback_codes, subscribe_keeping, FixedHeader};
+pub use decode::{
+    frame_len, split_frame, suback_codes, subscribe_keeping, ConnectLogin, FixedHeader,
+};
 pub use encode::{
     encode_ack, encode_connack_refusal, encode_publish, encode_pubrel, encode_suback,
-    encode_unsuback, set_publish_packet_id,
+    encode_unsuback, replace_connect_login, set_publish_packet_id,
 };
 
 /// Largest value the 4-byte remaining-length varint can carry (MQTT 3.1.1 §2.2.3, 5.0 §1.5.5).
@@ -491,6 +493,9 @@ pub enum EncodeError {
         /// The value given.
         value: u32,
     },
+    /// The packet to re-encode was not well formed.
+    #[error("malformed input packet: {0}")]
+    Malformed(#[source] DecodeError),
 }
 
 /// Why [`TopicAliases::resolve`] failed. Each is a protocol error by the client (MQTT 5 §3.3.2.3.4).

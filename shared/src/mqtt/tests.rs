@@ -721,3 +721,99 @@ fn a_subscribe_keeps_only_the_allowed_filters_and_the_suback_codes_read_back() {
         Ok((9, vec![0x80]))
     );
 }
+
+/// A CONNECT frame built field by field: protocol `level` (4 or 5), optional will and login; v5 frames
+/// carry a session expiry property, and a will property block when there is a will.
+fn connect_frame(
+    level: u8,
+    client_id: &str,
+    will: Option<(&str, &[u8])>,
+    username: Option<&[u8]>,
+    password: Option<&[u8]>,
+) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&u16::try_from(bytes.len()).expect("short").to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut flags = 0x02;
+    if will.is_some() {
+        flags |= 0x04 | 0x08; // will, QoS 1
+    }
+    if username.is_some() {
+        flags |= 0x80;
+    }
+    if password.is_some() {
+        flags |= 0x40;
+    }
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, flags, 0, 30];
+    if level == 5 {
+        body.extend_from_slice(&[5, 0x11, 0, 0, 0, 60]); // session expiry 60 s
+    }
+    field(&mut body, client_id.as_bytes());
+    if let Some((topic, payload)) = will {
+        if level == 5 {
+            body.extend_from_slice(&[5, 0x18, 0, 0, 0, 3]); // will delay 3 s
+        }
+        field(&mut body, topic.as_bytes());
+        field(&mut body, payload);
+    }
+    if let Some(u) = username {
+        field(&mut body, u);
+    }
+    if let Some(p) = password {
+        field(&mut body, p);
+    }
+    let mut out = vec![0x10];
+    let mut len = BytesMut::new();
+    encode::put_remaining_length(&mut len, body.len());
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&body);
+    out
+}
+
+#[test]
+fn connect_login_is_found_and_replaced() {
+    let frame = connect_frame(4, "c1", Some(("a/w", b"dead")), Some(b"user"), Some(b"pw"));
+    let at = ConnectLogin::locate(&frame).expect("valid");
+    assert_eq!(at.username.map(|r| &frame[r]), Some(&b"user"[..]));
+    assert_eq!(at.password.map(|r| &frame[r]), Some(&b"pw"[..]));
+    let replaced = encode::replace_connect_login(&frame, b"internal", b"s3cret").expect("fits");
+    let expected = connect_frame(
+        4,
+        "c1",
+        Some(("a/w", b"dead")),
+        Some(b"internal"),
+        Some(b"s3cret"),
+    );
+    assert_eq!(&replaced[..], &expected[..]);
+    // Not a CONNECT, or cut short: refused, not guessed at.
+    assert!(encode::replace_connect_login(&[0xc0, 0], b"u", b"p").is_err());
+    assert!(encode::replace_connect_login(&frame[..frame.len() - 1], b"u", b"p").is_err());
+}
+
+proptest! {
+    /// Whatever login a client sent (none, a username only, both), the replaced CONNECT decodes to the
+    /// same client id, flags, will and properties, and carries exactly the new login.
+    #[test]
+    fn connect_login_replacement_keeps_everything_else(
+        v5 in any::<bool>(),
+        client_id in "[a-z0-9]{0,30}",
+        will in proptest::option::of(("[a-z/]{1,20}", proptest::collection::vec(any::<u8>(), 0..300))),
+        username in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        password in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        new_user in proptest::collection::vec(any::<u8>(), 0..40),
+        new_password in proptest::collection::vec(any::<u8>(), 0..80),
+    ) {
+        let level = if v5 { 5 } else { 4 };
+        let will = will.as_ref().map(|(t, p)| (t.as_str(), p.as_slice()));
+        let frame = connect_frame(level, &client_id, will, username.as_deref(), password.as_deref());
+        let replaced = encode::replace_connect_login(&frame, &new_user, &new_password).expect("fits");
+        prop_assert_eq!(frame_len(&replaced, MAX), Ok(replaced.len()));
+        prop_assert_eq!(Connect::decode(&replaced), Connect::decode(&frame));
+        let at = ConnectLogin::locate(&replaced).expect("valid");
+        prop_assert_eq!(at.username.map(|r| replaced[r].to_vec()), Some(new_user.clone()));
+        prop_assert_eq!(at.password.map(|r| replaced[r].to_vec()), Some(new_password.clone()));
+        let expected = connect_frame(level, &client_id, will, Some(&new_user), Some(&new_password));
+        prop_assert_eq!(&replaced[..], &expected[..]);
+    }
+}
