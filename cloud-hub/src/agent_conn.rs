@@ -288,15 +288,8 @@ pub(crate) struct Stops {
 }
 
 /// Serves one accepted (not yet handshaken) connection to its end. Logs its own errors.
-pub(crate) async fn serve(hub: Arc<Hub>, incoming: quinn::Incoming, stops: Stops) {
-    let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(error) => {
-            warn!(%remote, cause = %error, "agent handshake failed");
-            return;
-        }
-    };
+pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, stops: Stops) {
+    let remote = conn.remote_address();
     let span = tracing::info_span!(
         "agent",
         site = tracing::field::Empty,

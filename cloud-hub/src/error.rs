@@ -18,6 +18,10 @@ use crate::tls::TlsError;
 /// agent connection, are logged by its task, and the hub keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
+    /// The handshake limits (`listen.max_handshakes`, `retry_above`, `max_handshakes_per_source`) do not
+    /// fit together (config validation catches this first).
+    #[error("invalid handshake limits")]
+    Admission(#[source] shared::policy::admission::GateLimitsError),
     /// The metrics endpoint could not listen on `metrics.listen`.
     #[error(transparent)]
     Metrics(#[from] meshbridge_metrics::ListenError),

@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use quinn::Endpoint;
 use shared::config::{BrokerConfig, HubConfig};
+use shared::policy::admission::GateLimits;
 use shared::policy::dedup::Dedup;
 use shared::policy::route::RouteTable;
 use shared::policy::route_dedup::{RouteDedups, RouteDedupsSnapshot};
@@ -403,6 +404,7 @@ async fn serve(
         ),
         (routes, dedups, downlinks),
     ));
+    let accept_counters = metrics.accept();
     if let Some(listener) = metrics_listener {
         let hub = Arc::clone(&hub);
         let render: meshbridge_metrics::Render = Arc::new(move || metrics.render(&hub));
@@ -432,8 +434,25 @@ async fn serve(
         hard: CancellationToken::new(),
     };
     let connections = TaskTracker::new();
-    let max_connections = usize::try_from(cfg.listen.max_connections).unwrap_or(usize::MAX);
-    let accepting = accept::accept_loop(&endpoint, &hub, max_connections, &stops, &connections);
+    let listen = &cfg.listen;
+    let limits = accept::AcceptLimits {
+        max_connections: usize::try_from(listen.max_connections).unwrap_or(usize::MAX),
+        gate: GateLimits::new(
+            usize::try_from(listen.max_handshakes).unwrap_or(usize::MAX),
+            usize::try_from(listen.retry_above).unwrap_or(usize::MAX),
+            usize::try_from(listen.max_handshakes_per_source).unwrap_or(usize::MAX),
+        )
+        .map_err(HubError::Admission)?,
+        handshake_timeout: listen.handshake_timeout,
+    };
+    let accepting = accept::accept_loop(
+        &endpoint,
+        &hub,
+        limits,
+        accept_counters,
+        &stops,
+        &connections,
+    );
     let result = match embedded.as_mut() {
         Some(embedded) => {
             tokio::select! {

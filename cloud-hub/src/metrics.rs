@@ -54,6 +54,35 @@ pub(crate) struct PushLabel {
     result: &'static str,
 }
 
+/// An outcome as a label (`outcome` or `result`, per family).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// What the QUIC accept loop counts (see `crate::accept`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AcceptCounters {
+    /// Attempts given a handshake.
+    pub(crate) handshake: Counter,
+    /// Attempts answered with a QUIC Retry (address validation).
+    pub(crate) retry: Counter,
+    /// Validated attempts refused: too many handshakes in flight.
+    pub(crate) refused_busy: Counter,
+    /// Validated attempts refused: their source has too many handshakes in flight.
+    pub(crate) refused_source: Counter,
+    /// Handshakes that completed.
+    pub(crate) completed: Counter,
+    /// Handshakes that failed (TLS refusal, wrong certificate, peer gone).
+    pub(crate) failed: Counter,
+    /// Handshakes dropped at `listen.handshake_timeout`.
+    pub(crate) timed_out: Counter,
+    /// Completed handshakes closed because `listen.max_connections` agents were connected.
+    pub(crate) over_limit: Counter,
+    /// Handshakes in flight now.
+    pub(crate) in_flight: Gauge,
+}
+
 /// Every metric of the hub.
 #[derive(Debug)]
 pub(crate) struct HubMetrics {
@@ -70,6 +99,9 @@ pub(crate) struct HubMetrics {
     cloud_broker_connected: Gauge,
     config_offered: Family<SiteLabel, Gauge>,
     config_applied: Family<SiteLabel, Gauge>,
+    quic_attempts: Family<OutcomeLabel, Counter>,
+    quic_handshakes: Family<OutcomeLabel, Counter>,
+    handshakes_in_flight: Gauge,
     rendering: Mutex<()>,
 }
 
@@ -91,6 +123,9 @@ impl HubMetrics {
             cloud_broker_connected: Gauge::default(),
             config_offered: Family::default(),
             config_applied: Family::default(),
+            quic_attempts: Family::default(),
+            quic_handshakes: Family::default(),
+            handshakes_in_flight: Gauge::default(),
             rendering: Mutex::new(()),
         };
         registry.register(
@@ -153,7 +188,52 @@ impl HubMetrics {
             "Version of the config a site's agent last reported in force (absent until it connected); behind the offered version while a push is pending or was refused",
             m.config_applied.clone(),
         );
+        registry.register(
+            "quic_attempts",
+            "QUIC connection attempts by what the hub did: outcome=handshake, retry (address validation under load), refused_busy, refused_source",
+            m.quic_attempts.clone(),
+        );
+        registry.register(
+            "quic_handshakes",
+            "QUIC handshakes by how they ended: outcome=completed, failed, timed_out, over_connection_limit (closed: listen.max_connections reached)",
+            m.quic_handshakes.clone(),
+        );
+        registry.register(
+            "quic_handshakes_in_flight",
+            "QUIC handshakes in progress",
+            m.handshakes_in_flight.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// The accept loop's counters (every outcome listed at 0 from the start).
+    pub(crate) fn accept(&self) -> AcceptCounters {
+        // One statement each (see `site`).
+        let attempt = |outcome| {
+            let counter = self
+                .quic_attempts
+                .get_or_create(&OutcomeLabel { outcome })
+                .clone();
+            counter
+        };
+        let handshake = |outcome| {
+            let counter = self
+                .quic_handshakes
+                .get_or_create(&OutcomeLabel { outcome })
+                .clone();
+            counter
+        };
+        AcceptCounters {
+            handshake: attempt("handshake"),
+            retry: attempt("retry"),
+            refused_busy: attempt("refused_busy"),
+            refused_source: attempt("refused_source"),
+            completed: handshake("completed"),
+            failed: handshake("failed"),
+            timed_out: handshake("timed_out"),
+            over_limit: handshake("over_connection_limit"),
+            in_flight: self.handshakes_in_flight.clone(),
+        }
     }
 
     /// The event counters of `site` (created at 0).

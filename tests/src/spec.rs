@@ -87,6 +87,8 @@ pub struct HubSpec {
     pub sites: Vec<(String, String)>,
     /// Extra `key = value` lines for the `[broker]` table (e.g. `max_log_per_filter = "4MiB"`).
     pub broker_extra: Vec<String>,
+    /// Extra `key = value` lines for the `[listen]` table (e.g. `max_connections = 4`).
+    pub listen_extra: Vec<String>,
     /// TOML appended at the end, e.g. `[[routes]]` tables.
     pub tail: Vec<String>,
     /// `tracing` filter.
@@ -121,6 +123,7 @@ impl HubSpec {
                 .map(|s| ((*s).to_owned(), "acme/plant1/{site}".to_owned()))
                 .collect(),
             broker_extra,
+            listen_extra: Vec::new(),
             tail: Vec::new(),
             log: "info".to_owned(),
             metrics: None,
@@ -142,6 +145,14 @@ impl HubSpec {
             quote_path(&self.cert.cert),
             quote_path(&self.cert.key),
         );
+        if !self.listen_extra.is_empty() {
+            let quic = format!("quic = \"{}\"\n", self.quic);
+            out = out.replacen(
+                &quic,
+                &format!("{quic}{}\n", self.listen_extra.join("\n")),
+                1,
+            );
+        }
         if self.json_logs {
             // Top-level keys must come before the first table: put it right after `log`.
             out = out.replacen("\n\n[listen]", "\nlog_format = \"json\"\n\n[listen]", 1);

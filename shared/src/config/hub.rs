@@ -111,9 +111,26 @@ fn default_downlink_max_age() -> std::time::Duration {
 pub struct ListenConfig {
     /// UDP address of the QUIC endpoint.
     pub quic: SocketAddr,
-    /// Most concurrent agent connections; further handshakes are refused to protect the hub.
+    /// Most concurrent agent connections. A slot is taken once the handshake completed (half-open
+    /// handshakes never hold one); an agent beyond it is closed with `Overloaded` and retries later.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Most QUIC handshakes in flight at once; a validated attempt beyond it is refused (the agent
+    /// retries). See `shared/src/policy/admission.rs`.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: u32,
+    /// Handshakes in flight above which an attempt whose source address is not yet proven gets a QUIC
+    /// Retry (address validation, one extra round trip) instead of a handshake, so forged Initials cannot
+    /// fill the handshake slots. 0: validate every attempt. Must be below `max_handshakes`.
+    #[serde(default = "default_retry_above")]
+    pub retry_above: u32,
+    /// Most handshakes in flight from one (proven) source address. Agents behind one NAT share it;
+    /// handshakes take milliseconds, so a few dozen covers a plant reconnecting at once.
+    #[serde(default = "default_max_handshakes_per_source")]
+    pub max_handshakes_per_source: u32,
+    /// How long a handshake may take before the hub drops it and frees its slot.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: std::time::Duration,
 }
 
 /// The hub's mutual-TLS material.
@@ -193,6 +210,18 @@ fn default_log() -> String {
 fn default_max_connections() -> u32 {
     1024
 }
+fn default_max_handshakes() -> u32 {
+    256
+}
+fn default_retry_above() -> u32 {
+    64
+}
+fn default_max_handshakes_per_source() -> u32 {
+    32
+}
+fn default_handshake_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
 fn default_dedup_window() -> u32 {
     4096
 }
@@ -229,6 +258,35 @@ impl HubConfig {
             self.listen.max_connections.into(),
             1,
             1_000_000,
+        );
+        let listen = &self.listen;
+        report.int_range(
+            "listen.max_handshakes",
+            listen.max_handshakes.into(),
+            1,
+            100_000,
+        );
+        if listen.retry_above >= listen.max_handshakes {
+            report.push(
+                "listen.retry_above",
+                Problem::NotBelow {
+                    value: listen.retry_above.into(),
+                    other: "listen.max_handshakes".to_owned(),
+                    other_value: listen.max_handshakes.into(),
+                },
+            );
+        }
+        report.int_range(
+            "listen.max_handshakes_per_source",
+            listen.max_handshakes_per_source.into(),
+            1,
+            100_000,
+        );
+        report.duration_range(
+            "listen.handshake_timeout",
+            listen.handshake_timeout,
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(600),
         );
         self.broker.validate("broker", &mut report);
         if let BrokerConfig::Embedded(embedded) = &self.broker {

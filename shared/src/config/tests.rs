@@ -212,6 +212,7 @@ fn bad_hub_reports_every_problem_with_its_key() {
         lines,
         [
             "listen.max_connections: must be between 1 and 1000000, got 0",
+            "listen.retry_above: must be below listen.max_handshakes (16), got 16",
             "broker.password: is set but `broker.username` is not: set both or neither",
             "broker.allow_anonymous: the cloud broker requires authentication: set broker.password_file, or \
              broker.allow_anonymous = true to let in anyone who can reach broker.listen",

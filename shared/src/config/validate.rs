@@ -81,6 +81,16 @@ pub enum Problem {
         /// That upper bound.
         other_value: Duration,
     },
+    /// An integer must be below another setting.
+    #[error("must be below {other} ({other_value}), got {value}")]
+    NotBelow {
+        /// The configured value.
+        value: u64,
+        /// Key path of the setting it must stay below.
+        other: String,
+        /// That setting's value.
+        other_value: u64,
+    },
     /// A size limit is too small to hold what it must carry (a frame must hold a whole batch plus overhead).
     #[error("must be at least {needed} ({reason}), got {value}")]
     SizeTooSmall {
