@@ -212,6 +212,10 @@ impl Drop for LeaseGuard<'_> {
 #[derive(Debug)]
 struct Live {
     id: u64,
+    /// The serial of the certificate the connection was admitted with (what a CRL names).
+    serial: crate::crl::Serial,
+    /// Cancelled when the certificate was revoked: the connection closes with `Unauthorized`.
+    revoked: CancellationToken,
     /// Cancelled to make the connection go away with `Replaced`.
     replaced: CancellationToken,
     /// Cancelled by the connection when its task is done (acks and dedup persisted).
@@ -242,6 +246,15 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
+    /// Closes every live connection admitted with a certificate `revoked` names; returns how many.
+    pub(crate) fn close_revoked(&self, revoked: &crate::crl::Revoked) -> usize {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        live.values()
+            .filter(|l| revoked.serials.contains_key(&l.serial))
+            .inspect(|l| l.revoked.cancel())
+            .count()
+    }
+
     /// Live connections per configured site (each agent and lane of a site counts once).
     pub(crate) fn connections_per_site(&self) -> Vec<(String, u64)> {
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
@@ -444,10 +457,27 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
         return;
     }
 
+    let certificate = match tls::peer_certificate(&conn) {
+        Ok(certificate) => certificate,
+        Err(error) => {
+            // Cannot happen after `site_identity` read the same chain; refused rather than unchecked.
+            warn!(cause = %error, "cannot read the agent's certificate; closing");
+            conn.close(code(GoAwayCode::Unauthorized), b"unreadable certificate");
+            return;
+        }
+    };
+    events::CertificateSeen {
+        serial: &certificate.serial,
+        not_after: certificate.not_after,
+        now: unix_now(),
+    }
+    .emit(&site.counters);
+
     // One live connection per agent of a site: the newest wins, after the old one finished what it had in
     // flight. Two agents sharing one certificate and one name replace each other; a redundant pair names
     // its members.
     let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
+    let revoked = CancellationToken::new();
     let replaced = CancellationToken::new();
     let finished = CancellationToken::new();
     let _finished_guard = finished.clone().drop_guard();
@@ -459,6 +489,8 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             origin.clone(),
             Live {
                 id,
+                serial: certificate.serial.clone(),
+                revoked: revoked.clone(),
                 replaced: replaced.clone(),
                 finished,
             },
@@ -573,6 +605,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             incarnation,
             stops: &stops,
             replaced: &replaced,
+            revoked: &revoked,
             downlink: &downlink,
             downlink_key: &downlink_key,
             lane,
@@ -841,6 +874,8 @@ struct Session<'a> {
     incarnation: u64,
     stops: &'a Stops,
     replaced: &'a CancellationToken,
+    /// Cancelled when the connection's certificate was revoked (`crate::revocation`).
+    revoked: &'a CancellationToken,
     /// The site's downlink queue of this connection's lane.
     downlink: &'a SiteDownlink,
     /// Its key in the downlink store.
@@ -985,6 +1020,12 @@ impl Session<'_> {
                 biased;
                 () = self.stops.shutdown.cancelled(), if !link.is_draining() => {
                     link.drain(GoAwayCode::ShuttingDown, "the hub is shutting down".into());
+                }
+                () = self.revoked.cancelled(), if !link.is_closed() => {
+                    // No drain: a revoked site sends nothing more. What it had in flight stays in its
+                    // queue (unacknowledged), and the dedup state drops it should it come back re-issued.
+                    warn!("the site's certificate was revoked; closing its link");
+                    link.close(GoAwayCode::Unauthorized, "certificate revoked".into());
                 }
                 () = self.replaced.cancelled(), if !link.is_draining() => {
                     link.drain(GoAwayCode::Replaced, "another connection for this site took over".into());
@@ -1613,6 +1654,13 @@ fn to_message(
 /// MQTT 5 reason codes for the refusals the hub decides itself.
 const REASON_TOPIC_NAME_INVALID: u8 = 0x90;
 const REASON_PACKET_TOO_LARGE: u8 = 0x95;
+
+/// The wall clock as Unix seconds (certificate expiry is a calendar matter).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
 
 #[cfg(test)]
 mod tests {

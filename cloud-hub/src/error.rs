@@ -18,6 +18,9 @@ use crate::tls::TlsError;
 /// agent connection, are logged by its task, and the hub keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
+    /// The revocation list (`tls.crl`) cannot be read.
+    #[error("cannot load the revocation list")]
+    Crl(#[source] crate::pki::PkiError),
     /// The handshake limits (`listen.max_handshakes`, `retry_above`, `max_handshakes_per_source`) do not
     /// fit together (config validation catches this first).
     #[error("invalid handshake limits")]

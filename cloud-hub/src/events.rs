@@ -145,3 +145,29 @@ impl ConfigAnswered<'_> {
         }
     }
 }
+
+/// An admitted agent's certificate: its expiry is exposed per site, and warned about within
+/// [`meshbridge_tls::EXPIRY_WARNING_SECS`] of it.
+pub(crate) struct CertificateSeen<'a> {
+    pub(crate) serial: &'a crate::crl::Serial,
+    /// `notAfter`, Unix seconds.
+    pub(crate) not_after: i64,
+    /// The wall clock, Unix seconds.
+    pub(crate) now: i64,
+}
+
+impl CertificateSeen<'_> {
+    pub(crate) fn emit(self, counters: &SiteCounters) {
+        let left = self.not_after.saturating_sub(self.now);
+        if left < meshbridge_tls::EXPIRY_WARNING_SECS {
+            warn!(
+                serial = %self.serial,
+                days = left / 86_400,
+                "the site's certificate expires soon; renew it with `cloud-hub pki renew-site`"
+            );
+        } else {
+            debug!(serial = %self.serial, days = left / 86_400, "site certificate");
+        }
+        counters.cert_expiry.set(self.not_after);
+    }
+}

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`run`]: starts everything from a [`HubConfig`] and serves until the shutdown token is cancelled.
-//! - `accept`: the QUIC accept loop with the connection cap.
+//! - `accept`: the QUIC accept loop: the handshake gate (Retry, per-source limits), then the connection cap.
+//! - [`crl`], `revocation`: revoked site certificates, and following the revocation list while running.
 //! - `agent_conn`: one agent connection (handshake checks, Hello/Welcome, the batch → publish → ack pipeline).
 //! - `publisher`: the MQTT 5 client into the cloud broker, with one completion per batch.
 //! - `cloud_broker`: the embedded cloud broker (rumqttd + front) or the external broker's client options.
@@ -21,6 +22,7 @@
 mod accept;
 mod agent_conn;
 mod cloud_broker;
+pub mod crl;
 mod downlink;
 mod endpoint_key;
 mod error;
@@ -29,6 +31,7 @@ mod metrics;
 pub mod pki;
 mod publisher;
 mod reload;
+mod revocation;
 mod status;
 pub mod store;
 pub mod tls;
@@ -153,12 +156,15 @@ pub async fn run_reloading(
         info!(site = %forgotten, "stored dedup state of a site no longer configured is kept but unused");
     }
 
-    let server_config = tls::server_config(
-        &cfg.tls.ca,
-        &cfg.tls.cert,
-        &cfg.tls.key,
-        &tls::ServerTransport::default(),
-    )?;
+    let tls_files = revocation::TlsFiles {
+        ca: cfg.tls.ca.clone(),
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+        crl: cfg.tls.crl.clone(),
+    };
+    let crl = tls_files.load_crl()?;
+    let server_config = tls_files.server_config(crl.as_ref())?;
+    own_certificate_expiry(&cfg.tls.cert);
     let max_message_size = cfg.limits.max_message_size.as_usize();
 
     let tracker = TaskTracker::new();
@@ -243,7 +249,7 @@ pub async fn run_reloading(
     );
     let served = serve(
         &cfg,
-        server_config,
+        (server_config, tls_files),
         &publisher,
         store,
         embedded.as_mut(),
@@ -344,7 +350,7 @@ struct Routing {
 
 async fn serve(
     cfg: &HubConfig,
-    server_config: quinn::ServerConfig,
+    (server_config, tls_files): (quinn::ServerConfig, revocation::TlsFiles),
     publisher: &Publisher,
     store: DedupStore,
     mut embedded: Option<&mut RunningEmbedded>,
@@ -434,6 +440,12 @@ async fn serve(
         hard: CancellationToken::new(),
     };
     let connections = TaskTracker::new();
+    connections.spawn(revocation::follow(
+        tls_files,
+        endpoint.clone(),
+        Arc::clone(&hub),
+        stops.shutdown.clone(),
+    ));
     let listen = &cfg.listen;
     let limits = accept::AcceptLimits {
         max_connections: usize::try_from(listen.max_connections).unwrap_or(usize::MAX),
@@ -494,3 +506,17 @@ async fn serve(
 
 /// How long the last status messages may take at shutdown.
 const STATUS_FINAL_WAIT: Duration = Duration::from_secs(3);
+
+/// Logs the hub's own certificate's expiry at start, as a warning within
+/// [`meshbridge_tls::EXPIRY_WARNING_SECS`]. A file that does not parse was refused by the TLS setup already.
+fn own_certificate_expiry(path: &std::path::Path) {
+    let Some((_, left)) = meshbridge_tls::server::certificate_file_expiry(path) else {
+        return;
+    };
+    let days = left / 86_400;
+    if left < meshbridge_tls::EXPIRY_WARNING_SECS {
+        warn!(cert = %path.display(), days, "the hub's certificate expires soon; renew it (agents refuse an expired one)");
+    } else {
+        info!(cert = %path.display(), days, "hub certificate");
+    }
+}

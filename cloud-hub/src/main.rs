@@ -80,6 +80,40 @@ enum PkiCommand {
         #[arg(long, default_value_t = 365)]
         days: u64,
     },
+    /// Issue a new certificate for site NAME in place of its current one (site-NAME.pem / .key in DIR).
+    /// The agent presents it from its next connection, without a restart, once the files reach it.
+    RenewSite {
+        /// Site name.
+        name: String,
+        /// Directory holding the CA and the site's certificate.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// Also revoke the certificate being replaced (a key that may be compromised): the hub closes the
+        /// link still using it, and the agent reconnects with the new one.
+        #[arg(long)]
+        revoke_old: bool,
+    },
+    /// Revoke site NAME: every certificate issued for it is added to DIR/crl.pem. A hub with
+    /// `tls.crl` pointing at that file refuses them and closes their live links within seconds.
+    Revoke {
+        /// Site name (ignored with --serial).
+        name: Option<String>,
+        /// Directory holding the CA and crl.pem.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Revoke one certificate by its serial (hex, as `openssl x509 -serial` prints it) instead.
+        #[arg(long)]
+        serial: Option<String>,
+    },
+    /// Show the revocation list DIR/crl.pem (writing an empty one, signed by the CA, if there is none).
+    Crl {
+        /// Directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Issue a TLS server certificate signed by the CA in DIR, e.g. for an edge broker's TLS port; written
     /// as server-FILE.pem / server-FILE.key (replacing an earlier pair of that name).
     IssueServer {
@@ -179,6 +213,82 @@ fn pki_command(command: PkiCommand) -> anyhow::Result<()> {
                 paths.cert.display(),
                 paths.key.display()
             );
+        }
+        PkiCommand::RenewSite {
+            name,
+            dir,
+            days,
+            revoke_old,
+        } => {
+            let lifetime = Duration::from_secs(days.saturating_mul(24 * 3600));
+            let (paths, revoked) = pki::renew_site(&dir, &name, lifetime, revoke_old)
+                .with_context(|| format!("renewing the certificate of site {name:?}"))?;
+            println!(
+                "site {name}: {} ({})",
+                paths.cert.display(),
+                paths.key.display()
+            );
+            if let Some(serial) = revoked {
+                println!("revoked the previous certificate, serial {serial}");
+            }
+        }
+        PkiCommand::Revoke { name, dir, serial } => {
+            let now = time::OffsetDateTime::now_utc();
+            let (added, already) = match (serial, name) {
+                (Some(serial), _) => {
+                    let serial = cloud_hub::crl::Serial::from_hex(&serial)?;
+                    let added =
+                        cloud_hub::crl::revoke_serials(&dir, std::slice::from_ref(&serial), now)
+                            .context("revoking the certificate")?;
+                    let already = if added.is_empty() {
+                        vec![serial]
+                    } else {
+                        Vec::new()
+                    };
+                    (added, already)
+                }
+                (None, Some(name)) => {
+                    let site = pki::SiteId::new(&name)
+                        .with_context(|| format!("invalid site name {name:?}"))?;
+                    cloud_hub::crl::revoke_site(&dir, &site, now)
+                        .with_context(|| format!("revoking site {name:?}"))?
+                }
+                (None, None) => anyhow::bail!("name a site, or give --serial"),
+            };
+            for serial in &added {
+                println!("revoked {serial}");
+            }
+            for serial in &already {
+                println!("already revoked {serial}");
+            }
+            println!(
+                "{}: hubs whose tls.crl is this file refuse these certificates and close their links",
+                dir.join(cloud_hub::crl::CRL_FILE).display()
+            );
+        }
+        PkiCommand::Crl { dir } => {
+            let path = cloud_hub::crl::ensure(&dir, time::OffsetDateTime::now_utc())
+                .context("writing the revocation list")?;
+            let crl = cloud_hub::crl::load(&path)?;
+            let issued = cloud_hub::crl::issued(&dir)?;
+            println!(
+                "{}: number {}, {} revoked",
+                path.display(),
+                crl.revoked.number,
+                crl.revoked.serials.len()
+            );
+            for (serial, at) in &crl.revoked.serials {
+                let site = issued
+                    .iter()
+                    .find(|e| &e.serial == serial)
+                    .map_or("?", |e| e.site.as_str());
+                let rfc3339 = &time::format_description::well_known::Rfc3339;
+                let at = time::OffsetDateTime::from_unix_timestamp(*at)
+                    .ok()
+                    .and_then(|t| t.format(rfc3339).ok())
+                    .unwrap_or_else(|| at.to_string());
+                println!("{serial}  site {site}  revoked {at}");
+            }
         }
         PkiCommand::IssueSite { name, dir, days } => {
             let lifetime = Duration::from_secs(days.saturating_mul(24 * 3600));

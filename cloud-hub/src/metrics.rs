@@ -45,6 +45,26 @@ pub(crate) struct SiteCounters {
     pub(crate) configs_applied: Counter,
     /// Pushed configs the site's agent refused.
     pub(crate) configs_refused: Counter,
+    /// When the certificate of the site's last admitted agent expires.
+    pub(crate) cert_expiry: CertExpiry,
+}
+
+/// A site's certificate-expiry gauge, created when first set: a site no agent has connected for has no
+/// series (a 0 would read as "expired in 1970" to an alert on it).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CertExpiry {
+    family: Family<SiteLabel, Gauge>,
+    site: String,
+}
+
+impl CertExpiry {
+    /// Sets the expiry, Unix seconds.
+    pub(crate) fn set(&self, not_after: i64) {
+        let gauge = self.family.get_or_create(&SiteLabel {
+            site: self.site.clone(),
+        });
+        gauge.set(not_after);
+    }
 }
 
 /// A site and what became of a pushed config, as labels.
@@ -99,6 +119,7 @@ pub(crate) struct HubMetrics {
     cloud_broker_connected: Gauge,
     config_offered: Family<SiteLabel, Gauge>,
     config_applied: Family<SiteLabel, Gauge>,
+    cert_expiry: Family<SiteLabel, Gauge>,
     quic_attempts: Family<OutcomeLabel, Counter>,
     quic_handshakes: Family<OutcomeLabel, Counter>,
     handshakes_in_flight: Gauge,
@@ -123,6 +144,7 @@ impl HubMetrics {
             cloud_broker_connected: Gauge::default(),
             config_offered: Family::default(),
             config_applied: Family::default(),
+            cert_expiry: Family::default(),
             quic_attempts: Family::default(),
             quic_handshakes: Family::default(),
             handshakes_in_flight: Gauge::default(),
@@ -187,6 +209,11 @@ impl HubMetrics {
             "site_config_applied_version",
             "Version of the config a site's agent last reported in force (absent until it connected); behind the offered version while a push is pending or was refused",
             m.config_applied.clone(),
+        );
+        registry.register(
+            "site_certificate_expiry_timestamp_seconds",
+            "When the certificate of the site's last admitted agent expires (Unix seconds; absent until one connected); renew with cloud-hub pki renew-site",
+            m.cert_expiry.clone(),
         );
         registry.register(
             "quic_attempts",
@@ -264,6 +291,10 @@ impl HubMetrics {
             downlink_stalls: self.downlink_stalls.get_or_create(&label).clone(),
             configs_applied: pushes("applied"),
             configs_refused: pushes("refused"),
+            cert_expiry: CertExpiry {
+                family: self.cert_expiry.clone(),
+                site: site.to_owned(),
+            },
         }
     }
 

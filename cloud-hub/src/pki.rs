@@ -10,6 +10,8 @@
 //! ca.pem   ca.key           private CA (10 years), created once by `init`
 //! hub.pem  hub.key          hub server certificate for its DNS names / IPs
 //! site-<name>.pem/.key      one client certificate per site (CN = site name)
+//! crl.pem                   revoked certificates, signed by the CA (see `crate::crl`)
+//! issued.txt                one line per site certificate issued: serial, site, expiry
 //! ```
 //!
 //! Everything that needs the current time takes it as a parameter ([`Validity`]) except the two file-level
@@ -134,6 +136,34 @@ pub enum PkiError {
         not_before: OffsetDateTime,
         /// Requested end.
         not_after: OffsetDateTime,
+    },
+    /// A serial number is not hex.
+    #[error("invalid serial number {text:?}: expected hex, e.g. 3f:a0:... or 3fa0...")]
+    InvalidSerial {
+        /// What was given.
+        text: String,
+    },
+    /// A CRL file is not one PEM-encoded X.509 CRL.
+    #[error("cannot read the revocation list {path}: {why}")]
+    Crl {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A certificate file cannot be read as a certificate.
+    #[error("cannot read the certificate {path}: {why}")]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// `revoke` found no certificate issued for the site (no issuance log line, no `site-<name>.pem`).
+    #[error("no certificate of site {site:?} is known in this PKI directory (give --serial to revoke one by its serial)")]
+    NothingToRevoke {
+        /// The site.
+        site: String,
     },
     /// A lifetime added to the current time overflows the calendar.
     #[error("certificate lifetime {lifetime:?} is too large")]
@@ -273,6 +303,18 @@ impl Ca {
                 source,
             })?;
         Ok(Self { cert_pem, issuer })
+    }
+
+    /// Signs a certificate revocation list with the CA's key; returns it as PEM.
+    pub fn sign_crl(
+        &self,
+        params: &rcgen::CertificateRevocationListParams,
+    ) -> Result<String, PkiError> {
+        let what = "revocation list";
+        params
+            .signed_by(&self.issuer)
+            .and_then(|crl| crl.pem())
+            .map_err(|source| PkiError::Generate { what, source })
     }
 
     /// The CA certificate, PEM (what agents and the hub put in their trust roots).
@@ -445,6 +487,7 @@ pub fn init(dir: &Path, hub_names: &[String]) -> Result<PkiPaths, PkiError> {
     )?;
     ca.write_new(&paths.ca_cert, &paths.ca_key)?;
     write_hub(&ca, &paths, hub_names, now)?;
+    crate::crl::ensure(dir, now)?;
     Ok(paths)
 }
 
@@ -455,10 +498,14 @@ pub fn init(dir: &Path, hub_names: &[String]) -> Result<PkiPaths, PkiError> {
 pub fn ensure_init(dir: &Path, hub_names: &[String]) -> Result<PkiPaths, PkiError> {
     let paths = PkiPaths::in_dir(dir);
     match (paths.ca_cert.exists(), paths.ca_key.exists()) {
-        (true, true) if paths.hub_cert.exists() && paths.hub_key.exists() => Ok(paths),
+        (true, true) if paths.hub_cert.exists() && paths.hub_key.exists() => {
+            crate::crl::ensure(dir, OffsetDateTime::now_utc())?;
+            Ok(paths)
+        }
         (true, true) => {
             let ca = Ca::load(&paths.ca_cert, &paths.ca_key)?;
             write_hub(&ca, &paths, hub_names, OffsetDateTime::now_utc())?;
+            crate::crl::ensure(dir, OffsetDateTime::now_utc())?;
             Ok(paths)
         }
         // Hub files signed by a CA that is gone: minting a new CA would hide the problem.
@@ -528,7 +575,48 @@ pub fn issue_site_with_validity(
     let issued = ca.issue_site(&site_id, validity)?;
     let paths = SiteCertPaths::in_dir(dir, &site_id);
     issued.write(&paths.cert, &paths.key)?;
+    crate::crl::log_issued(
+        dir,
+        &crate::crl::IssuedEntry {
+            serial: crate::crl::serial_of_file(&paths.cert)?,
+            site: site_id.to_string(),
+            not_after: validity.not_after.unix_timestamp(),
+        },
+    )?;
     Ok(paths)
+}
+
+/// Issues a new certificate for `site` (as [`issue_site`]) in place of its current `site-<name>.pem`,
+/// and with `revoke_old` revokes the certificate it replaces. The agent presents the new one from its next
+/// connection without a restart (`edge-agent/src/tls.rs`); revoking the old one makes the hub close the
+/// link that still uses it, so the agent reconnects with the new one at once.
+///
+/// Returns the new files and the serial revoked, if any.
+pub fn renew_site(
+    dir: &Path,
+    site: &str,
+    lifetime: Duration,
+    revoke_old: bool,
+) -> Result<(SiteCertPaths, Option<crate::crl::Serial>), PkiError> {
+    let site_id = SiteId::new(site).map_err(|source| PkiError::InvalidSiteName {
+        name: site.to_owned(),
+        source,
+    })?;
+    let current = SiteCertPaths::in_dir(dir, &site_id).cert;
+    let old = if current.exists() {
+        Some(crate::crl::serial_of_file(&current)?)
+    } else {
+        None
+    };
+    let paths = issue_site(dir, site, lifetime)?;
+    let revoked = match old {
+        Some(old) if revoke_old => {
+            crate::crl::revoke_serials(dir, std::slice::from_ref(&old), OffsetDateTime::now_utc())?;
+            Some(old)
+        }
+        _ => None,
+    };
+    Ok((paths, revoked))
 }
 
 fn write_hub(
@@ -592,7 +680,8 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
 
 /// Writes `bytes` to a sibling temporary file with `mode`, then renames it over `path`, so a reader never sees a
 /// half-written key and an existing file's looser permissions are not inherited.
-fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+/// Writes `bytes` to `path` through a temporary file and a rename, so readers see the old or the new file.
+pub(crate) fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
     let mut tmp_name = path
         .file_name()
         .map(|n| n.to_os_string())

@@ -16,7 +16,7 @@ use meshbridge_tls::{load_certs, load_key, load_roots};
 pub use meshbridge_tls::{provider, PemError, ALPN};
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
 
 use crate::pki::{SiteId, SiteNameError};
@@ -127,17 +127,28 @@ impl ServerTransport {
 }
 
 /// Builds the hub's QUIC server configuration: TLS 1.3 only, client certificate **required** and verified against
-/// the CA in `ca`, ALPN [`ALPN`], server certificate/key from `cert`/`key` (PEM).
+/// the CA in `ca` and not revoked by any of `crls`, ALPN [`ALPN`], server certificate/key from `cert`/`key` (PEM).
+///
+/// Revocation is checked for the leaf only, and a leaf whose issuer has no CRL here passes (a CA bundle
+/// being rotated may hold a CA whose list the hub was not given; `crate::crl` explains the model).
 pub fn server_config(
     ca: &Path,
     cert: &Path,
     key: &Path,
+    crls: Vec<CertificateRevocationListDer<'static>>,
     transport: &ServerTransport,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
     let roots = load_roots(ca)?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !crls.is_empty() {
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let verifier = builder.build()?;
     let chain = load_certs(cert)?;
     let key = load_key(key)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -163,6 +174,28 @@ pub fn site_identity(conn: &quinn::Connection) -> Result<SiteId, TlsError> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| TlsError::UnexpectedIdentityType)?;
     site_identity_from_chain(&chain)
+}
+
+/// The serial and expiry of a connection's verified client certificate.
+pub fn peer_certificate(conn: &quinn::Connection) -> Result<PeerCertificate, TlsError> {
+    let identity = conn.peer_identity().ok_or(TlsError::NoPeerCertificate)?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| TlsError::UnexpectedIdentityType)?;
+    let facts = meshbridge_tls::server::leaf_facts(&chain)?;
+    Ok(PeerCertificate {
+        serial: crate::crl::Serial::from_be(&facts.serial),
+        not_after: facts.not_after,
+    })
+}
+
+/// What the hub keeps of an agent's certificate: the serial a CRL may name, and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// The certificate's serial.
+    pub serial: crate::crl::Serial,
+    /// Its `notAfter`, Unix seconds.
+    pub not_after: i64,
 }
 
 /// [`site_identity`] on an already extracted chain (leaf first): the leaf's single Common Name as a [`SiteId`].
@@ -318,19 +351,20 @@ mod tests {
         let not_pem = dir.path().join("not.pem");
         fs::write(&not_pem, b"hello").expect("write");
         let t = ServerTransport::default();
-        let err =
-            server_config(&missing, &paths.hub_cert, &paths.hub_key, &t).expect_err("missing CA");
+        let err = server_config(&missing, &paths.hub_cert, &paths.hub_key, Vec::new(), &t)
+            .expect_err("missing CA");
         assert!(
             matches!(err, TlsError::Pem(ref e @ PemError::Io { .. }) if e.path() == missing),
             "{err:?}"
         );
-        let err = server_config(&not_pem, &paths.hub_cert, &paths.hub_key, &t)
+        let err = server_config(&not_pem, &paths.hub_cert, &paths.hub_key, Vec::new(), &t)
             .expect_err("no cert in CA file");
         assert!(
             matches!(err, TlsError::Pem(ref e @ PemError::NoCertificates { .. }) if e.path() == not_pem),
             "{err:?}"
         );
-        let err = server_config(&paths.ca_cert, &paths.hub_cert, &not_pem, &t).expect_err("no key");
+        let err = server_config(&paths.ca_cert, &paths.hub_cert, &not_pem, Vec::new(), &t)
+            .expect_err("no key");
         assert!(
             matches!(
                 err,
@@ -342,19 +376,38 @@ mod tests {
             "{err:?}"
         );
         // Hub certificate with the CA's key: rustls notices the mismatch.
-        let err = server_config(&paths.ca_cert, &paths.hub_cert, &paths.ca_key, &t)
-            .expect_err("key mismatch");
+        let err = server_config(
+            &paths.ca_cert,
+            &paths.hub_cert,
+            &paths.ca_key,
+            Vec::new(),
+            &t,
+        )
+        .expect_err("key mismatch");
         assert!(matches!(err, TlsError::Rustls(_)), "{err:?}");
         let huge = ServerTransport {
             idle_timeout: Duration::from_secs(u64::MAX),
             ..ServerTransport::default()
         };
-        let err = server_config(&paths.ca_cert, &paths.hub_cert, &paths.hub_key, &huge)
-            .expect_err("idle");
+        let err = server_config(
+            &paths.ca_cert,
+            &paths.hub_cert,
+            &paths.hub_key,
+            Vec::new(),
+            &huge,
+        )
+        .expect_err("idle");
         assert!(
             matches!(err, TlsError::IdleTimeoutTooLarge { .. }),
             "{err:?}"
         );
-        server_config(&paths.ca_cert, &paths.hub_cert, &paths.hub_key, &t).expect("valid config");
+        server_config(
+            &paths.ca_cert,
+            &paths.hub_cert,
+            &paths.hub_key,
+            Vec::new(),
+            &t,
+        )
+        .expect("valid config");
     }
 }

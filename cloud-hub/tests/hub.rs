@@ -189,6 +189,7 @@ impl FakeAgent {
             &pki.dir.join(format!("site-{site}.pem")),
             &pki.dir.join(format!("site-{site}.key")),
             &ClientTransport::default(),
+            std::sync::Arc::new(|_| {}),
         )?;
         let mut endpoint = Endpoint::client("127.0.0.1:0".parse()?)?;
         endpoint.set_default_client_config(config);

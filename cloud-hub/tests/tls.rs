@@ -50,12 +50,24 @@ struct Hub {
 
 impl Hub {
     fn start() -> anyhow::Result<Self> {
+        Self::start_revoking(&[])
+    }
+
+    /// A hub whose CRL (in its PKI directory) revokes every certificate of `sites`, issued before it starts.
+    fn start_revoking(sites: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let paths = pki::init(dir.path(), &[])?;
+        for site in sites {
+            pki::issue_site(dir.path(), site, Duration::from_secs(3600))?;
+            let site = SiteId::new(site)?;
+            cloud_hub::crl::revoke_site(dir.path(), &site, OffsetDateTime::now_utc())?;
+        }
+        let crl = cloud_hub::crl::load(&dir.path().join(cloud_hub::crl::CRL_FILE))?;
         let config = tls::server_config(
             &paths.ca_cert,
             &paths.hub_cert,
             &paths.hub_key,
+            vec![crl.der],
             &ServerTransport::default(),
         )?;
         let endpoint = Endpoint::server(config, "127.0.0.1:0".parse()?)?;
@@ -138,8 +150,14 @@ async fn echo_client(
 }
 
 fn agent_config(ca: &Path, site: &SiteCertPaths) -> quinn::ClientConfig {
-    client_config(ca, &site.cert, &site.key, &ClientTransport::default())
-        .expect("valid agent config")
+    client_config(
+        ca,
+        &site.cert,
+        &site.key,
+        &ClientTransport::default(),
+        Arc::new(|_| {}),
+    )
+    .expect("valid agent config")
 }
 
 /// A client config trusting `ca` that presents no certificate at all (not constructible with the agent API).
@@ -170,6 +188,7 @@ fn window(from_now_days: i64, to_now_days: i64) -> Validity {
 
 /// TLS alerts (RFC 8446 §6) the refusals below are expected to carry.
 const ALERT_BAD_CERTIFICATE: u8 = 42;
+const ALERT_CERTIFICATE_REVOKED: u8 = 44;
 const ALERT_CERTIFICATE_EXPIRED: u8 = 45;
 const ALERT_UNKNOWN_CA: u8 = 48;
 const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
@@ -234,6 +253,33 @@ async fn good_site_cert_gives_identity_and_echoes() {
                 Served::Refused(err) => panic!("{site}: refused: {err}"),
             }
             assert_eq!(client.expect("client exchange"), PAYLOAD, "{site}");
+        }
+    })
+    .await;
+}
+
+/// A certificate the hub's CRL names is refused at the handshake (issue 11 item 6); a certificate issued
+/// to the same site afterwards, and another site's, are accepted.
+#[tokio::test]
+async fn revoked_cert_is_refused_and_a_new_one_accepted() {
+    bounded(async {
+        let hub = Hub::start_revoking(&["line1"]).expect("hub");
+        let site = SiteId::new("line1").expect("name");
+        let revoked = SiteCertPaths::in_dir(hub.dir(), &site);
+        let (served, client) = hub
+            .attempt(agent_config(&hub.paths.ca_cert, &revoked), "localhost")
+            .await;
+        assert_refused("revoked", ALERT_CERTIFICATE_REVOKED, served, client);
+        for name in ["line1", "line2"] {
+            let fresh = hub.issue(name, window(-1, 1)).expect("issue");
+            let (served, client) = hub
+                .attempt(agent_config(&hub.paths.ca_cert, &fresh), "localhost")
+                .await;
+            assert!(
+                matches!(served, Ok(Served::Echoed { ref site, .. }) if site == name),
+                "{name}: {served:?}"
+            );
+            assert_eq!(client.expect("client exchange"), PAYLOAD);
         }
     })
     .await;

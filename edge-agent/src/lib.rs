@@ -107,11 +107,24 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         keep_alive_interval: Some(cfg.uplink.keep_alive),
         ..tls::ClientTransport::default()
     };
+    let expiry = metrics.certificate_expiry();
+    certificate_in_force(&cfg.uplink.cert, &expiry, "in use");
+    let hook: meshbridge_tls::server::ReloadHook = Arc::new(move |reloaded| match reloaded {
+        Ok(path) => certificate_in_force(
+            path,
+            &expiry,
+            "renewed: presented from the next connection on",
+        ),
+        Err(cause) => {
+            warn!(%cause, "the site certificate's files changed but do not load; the running pair stays");
+        }
+    });
     let client_config = tls::client_config(
         &cfg.uplink.ca,
         &cfg.uplink.cert,
         &cfg.uplink.key,
         &transport,
+        hook,
     )
     .map_err(AgentError::UplinkTls)?;
     let site: Arc<str> = Arc::from(cfg.site.as_str());
@@ -402,4 +415,24 @@ async fn open_broker_state(
         })?
         .map_err(AgentError::Sessions)?;
     Ok((retained, sessions))
+}
+
+/// Logs the site certificate in `path` (serial and expiry; a warning when it expires within
+/// [`meshbridge_tls::EXPIRY_WARNING`]) and sets the expiry gauge. A file that does not parse here was
+/// already refused by the TLS loader, which reports why.
+fn certificate_in_force(
+    path: &std::path::Path,
+    expiry: &prometheus_client::metrics::gauge::Gauge,
+    what: &str,
+) {
+    let Some((facts, left)) = meshbridge_tls::server::certificate_file_expiry(path) else {
+        return;
+    };
+    expiry.set(facts.not_after);
+    let (days, serial) = (left / 86_400, facts.serial_hex());
+    if left < meshbridge_tls::EXPIRY_WARNING_SECS {
+        warn!(cert = %path.display(), %serial, days, "the site certificate expires soon ({what}); renew it with `cloud-hub pki renew-site`");
+    } else {
+        info!(cert = %path.display(), %serial, days, "site certificate {what}");
+    }
 }

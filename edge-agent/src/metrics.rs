@@ -124,6 +124,7 @@ pub(crate) struct AgentMetrics {
     session_dropped: Family<ReasonLabel, Counter>,
     sessions_expired: Counter,
     config_version: Gauge,
+    cert_expiry: Gauge,
     /// Totals of the sessions' counters at the last render: stored, acknowledged, dropped full, dropped
     /// slow, expired.
     session_seen: [AtomicU64; 5],
@@ -172,6 +173,7 @@ impl AgentMetrics {
             session_dropped: Family::default(),
             sessions_expired: Counter::default(),
             config_version: Gauge::default(),
+            cert_expiry: Gauge::default(),
             session_seen: Default::default(),
             rendering: Mutex::new(()),
         };
@@ -325,7 +327,17 @@ impl AgentMetrics {
             "Version of the routes in force: the config the hub pushed last, or the local file's (meshbridge_site_config_offered_version at the hub is what it should be)",
             m.config_version.clone(),
         );
+        registry.register(
+            "uplink_certificate_expiry_timestamp_seconds",
+            "When the site certificate presented to the hub expires (Unix seconds); renew with cloud-hub pki renew-site, the agent picks it up without a restart",
+            m.cert_expiry.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// The gauge of the site certificate's expiry, set at start and at each reload of the certificate.
+    pub(crate) fn certificate_expiry(&self) -> Gauge {
+        self.cert_expiry.clone()
     }
 
     /// Where the embedded broker counts its refusals, for `broker::listeners::open`.

@@ -3,12 +3,16 @@
 //!
 //! Configs are built with the ring provider passed explicitly (`builder_with_provider`), so no process-wide
 //! default crypto provider is needed.
+//!
+//! The site certificate is re-read when its files change (checked at most every 2 s, at a handshake), so a
+//! certificate renewed with `cloud-hub pki renew-site` is presented from the next connection on, without a
+//! restart; a pair that does not load is reported and the running one stays.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshbridge_tls::{load_certs, load_key, load_roots};
+use meshbridge_tls::load_roots;
 pub use meshbridge_tls::{provider, PemError, ALPN};
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
@@ -25,6 +29,9 @@ pub enum TlsError {
     /// The rustls configuration has no cipher suite usable for QUIC's initial packets.
     #[error("TLS configuration unusable for QUIC")]
     NoInitialCipherSuite(#[from] NoInitialCipherSuite),
+    /// The site certificate and key cannot be used together.
+    #[error(transparent)]
+    Certificate(#[from] meshbridge_tls::TlsError),
     /// The idle timeout does not fit in a QUIC varint of milliseconds.
     #[error("idle timeout {idle_timeout:?} is too large for QUIC")]
     IdleTimeoutTooLarge {
@@ -97,23 +104,22 @@ impl ClientTransport {
 }
 
 /// Builds the agent's QUIC client configuration: TLS 1.3 only, the hub verified against the CA in `ca` (and the
-/// server name given to `connect`), the site certificate/key from `cert`/`key` (PEM) presented for client auth,
-/// ALPN [`ALPN`].
+/// server name given to `connect`), the site certificate/key from `cert`/`key` (PEM) presented for client auth
+/// and re-read when they change (each reload or refused pair goes to `hook`), ALPN [`ALPN`].
 pub fn client_config(
     ca: &Path,
     cert: &Path,
     key: &Path,
     transport: &ClientTransport,
+    hook: meshbridge_tls::server::ReloadHook,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let roots = load_roots(ca)?;
-    let chain = load_certs(cert)?;
-    let key = load_key(key)?;
+    let resolver = meshbridge_tls::server::ReloadingCert::new(cert, key, hook)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Rustls)?
         .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(TlsError::Rustls)?;
+        .with_client_cert_resolver(Arc::new(resolver));
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -131,8 +137,15 @@ mod tests {
     fn a_missing_ca_file_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("missing.pem");
-        let err = client_config(&missing, &missing, &missing, &ClientTransport::default())
-            .expect_err("must fail");
+        let hook: meshbridge_tls::server::ReloadHook = Arc::new(|_| {});
+        let err = client_config(
+            &missing,
+            &missing,
+            &missing,
+            &ClientTransport::default(),
+            hook,
+        )
+        .expect_err("must fail");
         assert!(
             matches!(&err, TlsError::Pem(e @ PemError::Io { .. }) if e.path() == missing),
             "{err:?}"

@@ -40,6 +40,11 @@ impl Mesh {
         }
     }
 
+    /// The certificates of this mesh.
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
     /// The working directory (configs, logs, data dirs).
     pub fn path(&self) -> &Path {
         self.dir.as_ref().expect("the mesh directory").path()

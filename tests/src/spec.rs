@@ -81,6 +81,8 @@ pub struct HubSpec {
     pub ca: PathBuf,
     /// The hub's own certificate.
     pub cert: CertFiles,
+    /// `tls.crl`: the revocation list the hub follows (e.g. the mesh PKI's `crl.pem`).
+    pub crl: Option<PathBuf>,
     /// The cloud broker.
     pub broker: BrokerSpec,
     /// `(site, namespace template)` pairs.
@@ -117,6 +119,7 @@ impl HubSpec {
             quic: crate::net::free_udp(),
             ca: pki.ca().to_path_buf(),
             cert: pki.hub(),
+            crl: None,
             broker,
             sites: sites
                 .iter()
@@ -145,6 +148,9 @@ impl HubSpec {
             quote_path(&self.cert.cert),
             quote_path(&self.cert.key),
         );
+        if let Some(crl) = &self.crl {
+            let _ = writeln!(out, "crl = {}", quote_path(crl));
+        }
         if !self.listen_extra.is_empty() {
             let quic = format!("quic = \"{}\"\n", self.quic);
             out = out.replacen(

@@ -14,6 +14,9 @@
 
 pub mod server;
 
+/// Certificates expiring within this many seconds (30 days) are warned about by both programs.
+pub const EXPIRY_WARNING_SECS: i64 = 30 * 24 * 3600;
+
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};

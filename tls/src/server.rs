@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -45,7 +46,10 @@ struct Current {
     key: Arc<CertifiedKey>,
 }
 
-struct ReloadingCert {
+/// A certificate and key read from files and re-read when they change (see the module docs). Serves as
+/// the certificate of a server (an MQTT listener) or of a client (the agent's site certificate towards
+/// the hub, renewed with `cloud-hub pki renew-site` while the agent runs).
+pub struct ReloadingCert {
     cert: PathBuf,
     key: PathBuf,
     provider: Arc<CryptoProvider>,
@@ -79,8 +83,29 @@ fn certified(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Certi
     Ok(certified)
 }
 
-impl ResolvesServerCert for ReloadingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+impl ReloadingCert {
+    /// Loads the pair now (an error here is the caller's start-up error); later changes go to `hook`.
+    ///
+    /// # Errors
+    /// [`TlsError`] when a file cannot be used or the certificate does not match its key.
+    pub fn new(cert: &Path, key: &Path, hook: ReloadHook) -> Result<Self, TlsError> {
+        let provider = provider();
+        let loaded = certified(cert, key, &provider)?;
+        Ok(Self {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            provider,
+            current: Mutex::new(Current {
+                stamps: stamps(cert, key),
+                checked: Instant::now(),
+                key: Arc::new(loaded),
+            }),
+            hook,
+        })
+    }
+
+    /// The pair in force, after re-reading the files if [`RELOAD_CHECK`] has passed and they changed.
+    pub fn current(&self) -> Arc<CertifiedKey> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.checked.elapsed() >= RELOAD_CHECK {
             current.checked = Instant::now();
@@ -96,7 +121,27 @@ impl ResolvesServerCert for ReloadingCert {
                 }
             }
         }
-        Some(Arc::clone(&current.key))
+        Arc::clone(&current.key)
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl ResolvesClientCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -111,18 +156,7 @@ pub fn mqtt_server_config(
     hook: ReloadHook,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
-    let key = certified(&files.cert, &files.key, &provider)?;
-    let resolver = ReloadingCert {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-        provider: Arc::clone(&provider),
-        current: Mutex::new(Current {
-            stamps: stamps(&files.cert, &files.key),
-            checked: Instant::now(),
-            key: Arc::new(key),
-        }),
-        hook,
-    };
+    let resolver = ReloadingCert::new(&files.cert, &files.key, hook)?;
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Rustls)?;
@@ -172,13 +206,7 @@ pub enum IdentityError {
 /// # Errors
 /// [`IdentityError`] when there is no leaf, it does not parse, or it has no or several CNs.
 pub fn leaf_common_name(chain: &[CertificateDer<'_>]) -> Result<String, IdentityError> {
-    let leaf = chain.first().ok_or(IdentityError::NoCertificate)?;
-    let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| {
-        IdentityError::Parse(match e {
-            x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e,
-            x509_parser::nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
-        })
-    })?;
+    let cert = parse_leaf(chain)?;
     let mut cns = cert.subject().iter_common_name();
     let cn = cns.next().ok_or(IdentityError::NoCommonName)?;
     let extra = cns.count();
@@ -188,4 +216,78 @@ pub fn leaf_common_name(chain: &[CertificateDer<'_>]) -> Result<String, Identity
     cn.as_str()
         .map(str::to_owned)
         .map_err(IdentityError::NotString)
+}
+
+fn parse_leaf<'a>(chain: &'a [CertificateDer<'_>]) -> Result<X509Certificate<'a>, IdentityError> {
+    let leaf = chain.first().ok_or(IdentityError::NoCertificate)?;
+    let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| {
+        IdentityError::Parse(match e {
+            x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e,
+            x509_parser::nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
+        })
+    })?;
+    Ok(cert)
+}
+
+/// What the hub and agent report about a certificate: its serial (what a CRL names) and the end of its
+/// validity (what expiry warnings and metrics are made of).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafFacts {
+    /// The serial number, big-endian, without leading zero bytes.
+    pub serial: Vec<u8>,
+    /// `notAfter` as Unix seconds.
+    pub not_after: i64,
+}
+
+impl LeafFacts {
+    /// The serial as lower-case hex, colon-free (as `cloud-hub pki` prints and takes it).
+    #[must_use]
+    pub fn serial_hex(&self) -> String {
+        hex(&self.serial)
+    }
+
+    /// Seconds from `now` (Unix seconds) until the certificate expires; negative once it has.
+    #[must_use]
+    pub const fn expires_in(&self, now: i64) -> i64 {
+        self.not_after.saturating_sub(now)
+    }
+}
+
+/// Lower-case hex of `bytes`.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            use std::fmt::Write as _;
+            // Writing to a String cannot fail.
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// The serial and expiry of a chain's leaf (leaf first).
+///
+/// # Errors
+/// [`IdentityError`] when there is no leaf or it does not parse.
+pub fn leaf_facts(chain: &[CertificateDer<'_>]) -> Result<LeafFacts, IdentityError> {
+    let cert = parse_leaf(chain)?;
+    let serial = cert.tbs_certificate.serial.to_bytes_be();
+    Ok(LeafFacts {
+        serial,
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// The serial and expiry of the PEM certificate at `path`, with the seconds left until it expires
+/// (negative once it has); `None` when it does not load (the TLS setup reports why).
+#[must_use]
+pub fn certificate_file_expiry(path: &Path) -> Option<(LeafFacts, i64)> {
+    let chain = load_certs(path).ok()?;
+    let facts = leaf_facts(&chain).ok()?;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let left = facts.expires_in(now);
+    Some((facts, left))
 }

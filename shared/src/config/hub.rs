@@ -143,6 +143,12 @@ pub struct HubTls {
     pub cert: PathBuf,
     /// PEM private key of `cert`; relative to the config file.
     pub key: PathBuf,
+    /// PEM certificate revocation list signed by `ca` (`cloud-hub pki revoke` keeps `crl.pem` in the PKI
+    /// directory); relative to the config file. Revoked site certificates are refused at the handshake,
+    /// and the links they hold are closed when the file changes (re-read within 2 s). Unset: nothing is
+    /// revoked.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// Duplicate suppression.
@@ -253,6 +259,9 @@ impl HubConfig {
         report.path("tls.ca", &self.tls.ca);
         report.path("tls.cert", &self.tls.cert);
         report.path("tls.key", &self.tls.key);
+        if let Some(crl) = &self.tls.crl {
+            report.path("tls.crl", crl);
+        }
         report.int_range(
             "listen.max_connections",
             self.listen.max_connections.into(),
@@ -424,6 +433,9 @@ impl Model for HubConfig {
         resolve(base, &mut self.tls.ca);
         resolve(base, &mut self.tls.cert);
         resolve(base, &mut self.tls.key);
+        if let Some(crl) = &mut self.tls.crl {
+            resolve(base, crl);
+        }
         self.broker.normalize(base, "meshbridge-hub");
     }
 
