@@ -41,6 +41,7 @@ impl RunningEmbedded {
     pub(crate) async fn start(
         cfg: &EmbeddedConfig,
         max_message_size: usize,
+        auth_counters: Arc<meshbridge_broker::auth::AuthCounters>,
     ) -> Result<Self, HubError> {
         if cfg.username.is_some() || cfg.password.is_some() {
             return Err(HubError::EmbeddedAuthUnsupported);
@@ -61,7 +62,7 @@ impl RunningEmbedded {
         tracing::info!(internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, "embedded cloud broker started");
         // Closed unless the config opens it: config validation requires a password file or
         // `allow_anonymous = true` on the main port; further ports without one are closed.
-        let opened = meshbridge_broker::listeners::open(cfg, false, Arc::default()).await?;
+        let opened = meshbridge_broker::listeners::open(cfg, false, auth_counters).await?;
         let listen = opened.addrs[0];
         let (commits_tx, commits) = mpsc::channel(1);
         let front_stop = CancellationToken::new();

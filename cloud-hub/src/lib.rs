@@ -171,7 +171,8 @@ pub async fn run_reloading(
     let publisher_stop = CancellationToken::new();
     let (mut embedded, options) = match &cfg.broker {
         BrokerConfig::Embedded(embedded) => {
-            let running = RunningEmbedded::start(embedded, max_message_size).await?;
+            let running =
+                RunningEmbedded::start(embedded, max_message_size, metrics.auth_counters()).await?;
             let options = running.publisher_options();
             (Some(running), options)
         }

@@ -123,6 +123,9 @@ pub(crate) struct HubMetrics {
     quic_attempts: Family<OutcomeLabel, Counter>,
     quic_handshakes: Family<OutcomeLabel, Counter>,
     handshakes_in_flight: Gauge,
+    /// The embedded cloud broker's refusals (`broker/src/auth.rs`) and their metrics.
+    auth: std::sync::Arc<meshbridge_broker::auth::AuthCounters>,
+    auth_metrics: meshbridge_metrics::BrokerAuthMetrics,
     rendering: Mutex<()>,
 }
 
@@ -130,6 +133,8 @@ impl HubMetrics {
     /// Registers every metric.
     pub(crate) fn new() -> Self {
         let mut registry = meshbridge_metrics::registry("cloud-hub", env!("CARGO_PKG_VERSION"));
+        let auth_metrics =
+            meshbridge_metrics::BrokerAuthMetrics::register(&mut registry, "embedded cloud broker");
         let m = Self {
             registry: Registry::default(),
             received: Family::default(),
@@ -148,6 +153,8 @@ impl HubMetrics {
             quic_attempts: Family::default(),
             quic_handshakes: Family::default(),
             handshakes_in_flight: Gauge::default(),
+            auth: std::sync::Arc::default(),
+            auth_metrics,
             rendering: Mutex::new(()),
         };
         registry.register(
@@ -231,6 +238,11 @@ impl HubMetrics {
             m.handshakes_in_flight.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// The counters the embedded cloud broker's password file and ACL move.
+    pub(crate) fn auth_counters(&self) -> std::sync::Arc<meshbridge_broker::auth::AuthCounters> {
+        std::sync::Arc::clone(&self.auth)
     }
 
     /// The accept loop's counters (every outcome listed at 0 from the start).
@@ -321,6 +333,15 @@ impl HubMetrics {
         }
         self.cloud_broker_connected
             .set(i64::from(hub.publisher.is_connected()));
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let auth = &self.auth;
+            self.auth_metrics.observe(
+                auth.logins_refused.load(Relaxed),
+                auth.publish_denied.load(Relaxed),
+                auth.subscribe_denied.load(Relaxed),
+            );
+        }
         let table = std::sync::Arc::clone(&hub.routes.borrow());
         for site in hub.sites.keys() {
             let label = SiteLabel { site: site.clone() };

@@ -38,12 +38,6 @@ pub(crate) struct DeadLetterLabel {
     pub(crate) reason: String,
 }
 
-/// What an ACL denial was of, as a label.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct ActionLabel {
-    action: &'static str,
-}
-
 /// A priority lane as a label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LaneLabel {
@@ -112,9 +106,7 @@ pub(crate) struct AgentMetrics {
     /// The embedded broker's refusals (`broker/src/auth.rs`), and their totals at the last render:
     /// logins refused, publishes denied, subscriptions denied.
     auth: Arc<meshbridge_broker::auth::AuthCounters>,
-    logins_refused: Counter,
-    acl_denied: Family<ActionLabel, Counter>,
-    auth_seen: [AtomicU64; 3],
+    auth_metrics: Option<meshbridge_metrics::BrokerAuthMetrics>,
     sessions: Gauge,
     sessions_online: Gauge,
     session_queued: Gauge,
@@ -161,9 +153,7 @@ impl AgentMetrics {
             retained_refused: Counter::default(),
             retained_refused_seen: AtomicU64::new(0),
             auth: Arc::default(),
-            logins_refused: Counter::default(),
-            acl_denied: Family::default(),
-            auth_seen: Default::default(),
+            auth_metrics: None,
             sessions: Gauge::default(),
             sessions_online: Gauge::default(),
             session_queued: Gauge::default(),
@@ -312,16 +302,10 @@ impl AgentMetrics {
             "Configs the hub pushed: result=applied, or result=refused (the running config stays)",
             m.config_pushes.clone(),
         );
-        registry.register(
-            "mqtt_logins_refused",
-            "MQTT clients refused at CONNECT by the embedded broker: wrong password, unknown user, or anonymous where not allowed",
-            m.logins_refused.clone(),
-        );
-        registry.register(
-            "acl_denied",
-            "What the embedded broker's ACL denied: action=publish (not forwarded; MQTT 5 reason 0x87), action=subscribe (per filter; 0x87/0x80 in the SUBACK)",
-            m.acl_denied.clone(),
-        );
+        let auth_metrics = Some(meshbridge_metrics::BrokerAuthMetrics::register(
+            &mut registry,
+            "embedded broker",
+        ));
         registry.register(
             "config_version",
             "Version of the routes in force: the config the hub pushed last, or the local file's (meshbridge_site_config_offered_version at the hub is what it should be)",
@@ -332,7 +316,11 @@ impl AgentMetrics {
             "When the site certificate presented to the hub expires (Unix seconds); renew with cloud-hub pki renew-site, the agent picks it up without a restart",
             m.cert_expiry.clone(),
         );
-        Self { registry, ..m }
+        Self {
+            registry,
+            auth_metrics,
+            ..m
+        }
     }
 
     /// The gauge of the site certificate's expiry, set at start and at each reload of the certificate.
@@ -395,21 +383,13 @@ impl AgentMetrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         set(&self.config_version, config_version);
-        let auth = &self.auth;
-        add_since(
-            &self.logins_refused,
-            &self.auth_seen[0],
-            auth.logins_refused.load(Ordering::Relaxed),
-        );
-        for (i, action, total) in [
-            (1, "publish", &auth.publish_denied),
-            (2, "subscribe", &auth.subscribe_denied),
-        ] {
-            let counter = self
-                .acl_denied
-                .get_or_create(&ActionLabel { action })
-                .clone();
-            add_since(&counter, &self.auth_seen[i], total.load(Ordering::Relaxed));
+        if let Some(auth_metrics) = &self.auth_metrics {
+            let auth = &self.auth;
+            auth_metrics.observe(
+                auth.logins_refused.load(Ordering::Relaxed),
+                auth.publish_denied.load(Ordering::Relaxed),
+                auth.subscribe_denied.load(Ordering::Relaxed),
+            );
         }
         let now = crate::ingest::now_ms();
         for l in lanes.all() {

@@ -79,6 +79,70 @@ pub fn set(gauge: &Gauge, value: u64) {
     gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
 }
 
+/// What an embedded broker's password file and ACL refused, as `mqtt_logins_refused_total` and
+/// `acl_denied_total{action}` (the agent's edge broker and the hub's cloud broker alike). The broker
+/// counts in plain atomics (`broker/src/auth.rs`, which knows nothing of Prometheus); [`Self::observe`]
+/// adds what grew since the last render.
+#[derive(Debug)]
+pub struct BrokerAuthMetrics {
+    logins_refused: prometheus_client::metrics::counter::Counter,
+    acl_denied: prometheus_client::metrics::family::Family<
+        ActionLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// Totals at the last render: logins refused, publishes denied, subscriptions denied.
+    seen: [std::sync::atomic::AtomicU64; 3],
+}
+
+/// What the ACL denied, as a label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ActionLabel {
+    action: &'static str,
+}
+
+impl BrokerAuthMetrics {
+    /// Registers both metrics in `registry`; `broker` names the broker in their help text.
+    pub fn register(registry: &mut Registry, broker: &str) -> Self {
+        let m = Self {
+            logins_refused: prometheus_client::metrics::counter::Counter::default(),
+            acl_denied: prometheus_client::metrics::family::Family::default(),
+            seen: Default::default(),
+        };
+        registry.register(
+            "mqtt_logins_refused",
+            format!("MQTT clients refused at CONNECT by the {broker}: wrong password, unknown user, or anonymous where not allowed"),
+            m.logins_refused.clone(),
+        );
+        registry.register(
+            "acl_denied",
+            format!("What the {broker}'s ACL denied: action=publish (not forwarded; MQTT 5 reason 0x87), action=subscribe (per filter; 0x87/0x80 in the SUBACK)"),
+            m.acl_denied.clone(),
+        );
+        m
+    }
+
+    /// Brings the metrics up to the broker's totals. Call it with renders serialised (each program's
+    /// render holds a lock), or two renders could add the same growth twice.
+    pub fn observe(&self, logins_refused: u64, publish_denied: u64, subscribe_denied: u64) {
+        use std::sync::atomic::Ordering;
+        let add = |counter: &prometheus_client::metrics::counter::Counter, i: usize, total: u64| {
+            let before = self.seen[i].swap(total, Ordering::Relaxed);
+            counter.inc_by(total.saturating_sub(before));
+        };
+        add(&self.logins_refused, 0, logins_refused);
+        for (i, action, total) in [
+            (1, "publish", publish_denied),
+            (2, "subscribe", subscribe_denied),
+        ] {
+            let counter = self
+                .acl_denied
+                .get_or_create(&ActionLabel { action })
+                .clone();
+            add(&counter, i, total);
+        }
+    }
+}
+
 /// Binds `addr` (before the program says it is ready, so a bad address stops it at start-up).
 ///
 /// # Errors

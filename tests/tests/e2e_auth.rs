@@ -6,7 +6,8 @@
 //! - `robot5` may publish `telemetry/robot5/#` only: that reaches the cloud, `telemetry/robot6/temp` is
 //!   answered 0x87 (MQTT 5) and reaches nobody;
 //! - a subscription outside the ACL is refused in the SUBACK (0x87), one inside is granted;
-//! - a user added with `edge-agent passwd` while the agent runs can log in within seconds.
+//! - a user added with `edge-agent passwd` while the agent runs can log in within seconds;
+//! - the hub's embedded cloud broker takes the same files, and the hub counts its refusals.
 
 use std::path::Path;
 use std::process::Output;
@@ -402,4 +403,55 @@ async fn reaches(cloud: &Collector, port: u16, args: &[&str], topic: &str) {
 /// A little longer than the certificate files' check interval (`tls/src/server.rs`).
 fn meshbridge_tls_reload_wait() -> Duration {
     Duration::from_millis(2_500)
+}
+
+/// Issue 11 items 2 and 3 at the hub: its embedded cloud broker takes the same password file and ACL, and
+/// counts its refusals in the hub's own metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hubs_cloud_broker_checks_users_and_counts_refusals() {
+    if clients_skip("the_hubs_cloud_broker_checks_users_and_counts_refusals") {
+        return;
+    }
+    let mesh = Mesh::new(&["line1"]);
+    let password_file = mesh.path().join("cloud-passwd");
+    let acl_file = mesh.path().join("cloud-acl");
+    passwd(&password_file, "dashboard", "dash-secret");
+    std::fs::write(&acl_file, "user dashboard\ntopic read acme/#\n").expect("write the ACL");
+    let mut hub_spec = mesh.hub_spec(BrokerSpec::embedded(), &["line1"]);
+    hub_spec.broker_extra = vec![
+        format!("password_file = {:?}", password_file.display().to_string()),
+        format!("acl_file = {:?}", acl_file.display().to_string()),
+    ];
+    let metrics = meshbridge_tests::net::free_tcp();
+    hub_spec.metrics = Some(metrics);
+    let _hub = mesh.start_hub(&hub_spec).await;
+    let cloud = hub_spec.broker.client_addr().port();
+
+    let anonymous = mosquitto_pub(cloud, &["-t", "acme/x", "-m", "x"]).await;
+    assert!(
+        !anonymous.status.success(),
+        "anonymous: {}",
+        text(&anonymous)
+    );
+    let wrong = publish_as(cloud, "dashboard", "wrong", "acme/x").await;
+    assert!(!wrong.status.success(), "wrong password: {}", text(&wrong));
+    let denied = publish_as(cloud, "dashboard", "dash-secret", "acme/plant1/line1/cmd").await;
+    assert!(
+        text(&denied).contains("rc135") || text(&denied).contains("Not authorized"),
+        "a read-only user's publish is answered 0x87: {}",
+        text(&denied)
+    );
+
+    let body = meshbridge_tests::metrics::scrape(metrics).await;
+    let value = |series: &str| meshbridge_tests::metrics::sample(&body, series);
+    assert_eq!(
+        value("meshbridge_mqtt_logins_refused_total"),
+        Some(2),
+        "{body}"
+    );
+    assert_eq!(
+        value("meshbridge_acl_denied_total{action=\"publish\"}"),
+        Some(1),
+        "{body}"
+    );
 }
