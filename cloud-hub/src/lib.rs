@@ -200,6 +200,9 @@ pub async fn run_reloading(
     };
     let (routes_tx, routes) = watch::channel(Arc::new(table));
     let dedups = Arc::new(Mutex::new(route_dedups));
+    // Makes the per-batch dedup commits durable in groups (`store.rs`); the last flush runs after the
+    // connections drained, when `publisher_stop` is cancelled.
+    tracker.spawn(store.clone().flush_until(publisher_stop.clone()));
     tracker.spawn(save_route_dedups(
         store.clone(),
         Arc::clone(&dedups),

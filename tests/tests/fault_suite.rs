@@ -775,3 +775,52 @@ async fn spoofed_topics_are_not_forwarded() {
         );
     }
 }
+
+/// (9b) The hub and the agent are SIGKILLed together under load (one machine losing power, as far as
+/// processes can show it) and restarted: nothing lost. The hub fsyncs its dedup state every
+/// `cloud_hub::store::FLUSH_EVERY` rather than per batch, and the agent's acknowledgement deletes are
+/// not fsynced either, so the agent may resend what the hub acknowledged in the last flush period and the
+/// hub publish it again: duplicates by id are bounded by one uplink window plus that period's messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_and_agent_sigkill_together() {
+    let name = "hub_and_agent_sigkill";
+    let started = Instant::now();
+    let (mut fm, spec, mut agent) = direct().await;
+    let plan = plan(1.0 + 1.0 + 3.0);
+    let pad = plan.pad;
+    let publisher = Publisher::start(spec.broker.client_addr(), plan);
+    publisher
+        .wait_acked(BEFORE_FAULT, Duration::from_secs(20))
+        .await;
+    let (cloud, hub, hub_broker) = (&fm.cloud, &mut fm.hub, &fm.hub_spec.broker);
+    let (recovery, stall) = longest_stall(cloud, async {
+        agent.kill9();
+        hub.kill9();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        restart(hub, hub_broker).await;
+        restart(&mut agent, &spec.broker).await;
+        let acked_at_restart = publisher.acked();
+        recovery_since(cloud, acked_at_restart, name).await
+    })
+    .await;
+    let outcome = publisher.finish().await;
+    let window = spec.window_messages();
+    let flush_period =
+        (f64::from(RATE) * cloud_hub::store::FLUSH_EVERY.as_secs_f64()).ceil() as usize;
+    let extra = [
+        ("window", window.to_string()),
+        ("flush_period_messages", flush_period.to_string()),
+        ("longest_stall", format!("{:.2}s", stall.as_secs_f64())),
+        ("secs", format!("{:.1}", started.elapsed().as_secs_f64())),
+    ];
+    conclude(
+        name,
+        &fm,
+        &outcome,
+        pad,
+        recovery,
+        window + flush_period,
+        &extra,
+    )
+    .await;
+}
