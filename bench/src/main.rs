@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo build --release --workspace --bins
 //! cargo run --release -p meshbridge-bench -- [--scenario all|throughput|latency|outage|crash|fanin] [--runs N] [--quick]
+//! cargo run --release -p meshbridge-bench -- --scenario sites [--sites 10,100,1000]   # meshbridge only
 //! ```
 //!
 //! Each system is started from scratch for every run, on 127.0.0.1 ephemeral ports, in a temporary
@@ -19,11 +20,13 @@
 //! - `publisher`: one publisher, a minimal MQTT 3.1.1 QoS 1 client that batches its writes.
 //! - `stats`: per-run figures, medians, formatting.
 //! - `scenarios`: what each scenario does and which figures it reports.
+//! - `sites`: N simulated sites against one hub (issue 10 item 5).
 
 mod load;
 mod procs;
 mod publisher;
 mod scenarios;
+mod sites;
 mod stats;
 mod systems;
 
@@ -52,6 +55,9 @@ struct Cli {
     /// Only these systems (comma-separated), e.g. `--systems meshbridge` while profiling.
     #[arg(long, value_enum, value_delimiter = ',')]
     systems: Option<Vec<SystemArg>>,
+    /// Site counts of the `sites` scenario (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [10usize, 100, 1000])]
+    sites: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +69,8 @@ enum Which {
     Crash,
     Fanin,
     LocalSession,
+    /// N simulated sites against one hub (meshbridge only; not part of `all`).
+    Sites,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -90,6 +98,10 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let programs = Programs::locate()?;
     let settings = Settings::new(cli.quick);
+    if cli.scenario == Which::Sites {
+        print_machine(&programs);
+        return run_sites(&programs, &cli).await;
+    }
     let scenarios: Vec<Scenario> = match cli.scenario {
         Which::All => Scenario::all(),
         Which::Throughput => vec![Scenario::Throughput(1), Scenario::Throughput(10)],
@@ -98,6 +110,7 @@ async fn main() -> Result<()> {
         Which::Crash => vec![Scenario::Crash],
         Which::Fanin => vec![Scenario::FanIn],
         Which::LocalSession => vec![Scenario::LocalSession],
+        Which::Sites => unreachable!("handled above"),
     };
     let chosen: Vec<Kind> = match &cli.systems {
         Some(list) => list.iter().map(|s| s.kind()).collect(),
@@ -149,6 +162,27 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// The `sites` scenario: one column per site count, medians of `--runs`.
+async fn run_sites(programs: &Programs, cli: &Cli) -> Result<()> {
+    let settings = sites::SitesSettings::new(cli.quick);
+    let started = Instant::now();
+    let mut columns = Vec::new();
+    for &n in &cli.sites {
+        let mut runs = Vec::with_capacity(cli.runs);
+        for run in 1..=cli.runs {
+            eprintln!("sites · N = {n} · run {run}/{}", cli.runs);
+            match sites::run(programs, n, &settings).await {
+                Ok(rows) => runs.push(rows),
+                Err(error) => eprintln!("  run failed, left out of the medians: {error:#}"),
+            }
+        }
+        columns.push((format!("N = {n}"), median(&runs)));
+    }
+    print_named_table("sites", &settings.describe(), cli.runs, &columns);
+    eprintln!("total time {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn print_machine(programs: &Programs) {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -172,11 +206,19 @@ fn print_machine(programs: &Programs) {
 }
 
 fn print_table(title: &str, description: &str, runs: usize, columns: &[(Kind, Rows)]) {
+    let named: Vec<(String, Rows)> = columns
+        .iter()
+        .map(|(k, rows)| (k.label().to_owned(), rows.clone()))
+        .collect();
+    print_named_table(title, description, runs, &named);
+}
+
+fn print_named_table(title: &str, description: &str, runs: usize, columns: &[(String, Rows)]) {
     println!();
     println!("### {title}");
     println!("{description}; median of {runs} run(s)");
     println!();
-    let header: Vec<&str> = columns.iter().map(|(k, _)| k.label()).collect();
+    let header: Vec<&str> = columns.iter().map(|(k, _)| k.as_str()).collect();
     println!("| | {} |", header.join(" | "));
     println!("| --- |{}", " ---: |".repeat(columns.len()));
     let Some((_, first)) = columns.first() else {
