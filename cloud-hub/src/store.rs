@@ -290,15 +290,13 @@ impl DedupStore {
             txn.commit()?;
             Ok(())
         })();
-        result
-            .map(|()| true)
-            .map_err(|source| {
-                self.dirty.store(true, Ordering::Release);
-                StoreError::Redb {
-                    path: self.path.as_ref().clone(),
-                    source,
-                }
-            })
+        result.map(|()| true).map_err(|source| {
+            self.dirty.store(true, Ordering::Release);
+            StoreError::Redb {
+                path: self.path.as_ref().clone(),
+                source,
+            }
+        })
     }
 
     /// Flushes every [`FLUSH_EVERY`] until `stop`, then once more (after the connections' last saves).
