@@ -31,6 +31,20 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Check a hub config (file, `MESHBRIDGE_*` overrides, every rule) without running; exit status 2
+    /// and every problem listed when it is not valid.
+    CheckConfig {
+        /// Hub config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the effective hub config (file, environment overrides, defaults, resolved paths) as TOML,
+    /// with passwords redacted.
+    PrintConfig {
+        /// Hub config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Manage the private CA and certificates.
     Pki {
         #[command(subcommand)]
@@ -136,6 +150,37 @@ fn main() -> ExitCode {
     let config = match (cli.command, cli.config) {
         (Some(Command::Pki { command }), None) => return report(pki_command(command)),
         (Some(Command::Config { command }), None) => return report(config_command(command)),
+        (Some(Command::CheckConfig { config }), None) => {
+            return match shared::config::load_hub(&config) {
+                Ok(cfg) => {
+                    println!(
+                        "{}: valid ({} site(s), {} route(s), QUIC on {})",
+                        config.display(),
+                        cfg.sites.len(),
+                        cfg.routes.len(),
+                        cfg.listen.quic
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("cloud-hub: {error}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        (Some(Command::PrintConfig { config }), None) => {
+            return match shared::config::load_hub(&config) {
+                Ok(cfg) => report(
+                    shared::config::redacted_toml(&cfg)
+                        .map(|text| print!("{text}"))
+                        .map_err(anyhow::Error::from),
+                ),
+                Err(error) => {
+                    eprintln!("cloud-hub: {error}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         (Some(Command::Run { config }), None) | (None, Some(config)) => config,
         (Some(_), Some(_)) => {
             eprintln!(

@@ -1,6 +1,7 @@
 //! `edge-agent --config FILE`: loads the config, sets up logging and signals, and runs the agent.
 //! `edge-agent --config FILE dead-letters list|replay`: the operator's view of messages refused for good.
 //! `edge-agent passwd FILE USER`: adds or changes a user of a password file (as `mosquitto_passwd`).
+//! `edge-agent --config FILE check-config | print-config`: validates the config, or prints the effective one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +26,12 @@ struct Cli {
 enum Command {
     /// Run the agent (the default).
     Run,
+    /// Check the config (file, `MESHBRIDGE_*` overrides, every rule) without running; exit status 2 and
+    /// every problem listed when it is not valid.
+    CheckConfig,
+    /// Print the effective config (file, environment overrides, defaults, resolved paths) as TOML, with
+    /// passwords redacted.
+    PrintConfig,
     /// Messages refused for good (by the cloud broker, or too large for the path).
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
@@ -97,6 +104,35 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match cli.command {
+        Some(Command::CheckConfig) => {
+            println!(
+                "{}: valid (site {}, {} broker, uplink to {}, {} local route(s))",
+                config.display(),
+                cfg.site,
+                match cfg.broker {
+                    shared::config::BrokerConfig::Embedded(_) => "embedded",
+                    shared::config::BrokerConfig::External(_) => "external",
+                },
+                cfg.uplink.hub,
+                cfg.routes.len()
+            );
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::PrintConfig) => {
+            return match shared::config::redacted_toml(&cfg) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("edge-agent: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     if let Some(Command::DeadLetters(command)) = cli.command {
         return match dead_letters(&cfg, command) {
             Ok(()) => ExitCode::SUCCESS,

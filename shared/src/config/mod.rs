@@ -33,6 +33,7 @@ mod diff;
 mod effective;
 mod hub;
 mod load;
+mod print;
 mod route;
 mod units;
 mod validate;
@@ -51,6 +52,7 @@ pub use hub::{
     SiteConfig,
 };
 pub use load::{ConfigError, ConfigSource, ENV_PREFIX, ENV_SPLIT};
+pub use print::{redacted_toml, PrintError, REDACTED};
 pub(crate) use route::compile;
 pub use route::{
     DedupKeyKind, RetainHandling, RouteConfig, RouteDedupConfig, RouteKind, SiteSelector,
