@@ -151,6 +151,9 @@ fn main() -> ExitCode {
         (Some(Command::Pki { command }), None) => return report(pki_command(command)),
         (Some(Command::Config { command }), None) => return report(config_command(command)),
         (Some(Command::CheckConfig { config }), None) => {
+            for note in env_notes() {
+                eprintln!("cloud-hub: warning: {note}");
+            }
             return match shared::config::load_hub(&config) {
                 Ok(cfg) => {
                     println!(
@@ -222,6 +225,14 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Deprecation warnings for the environment's shared-prefix variables the hub reads.
+fn env_notes() -> Vec<String> {
+    shared::config::deprecated_env(
+        shared::config::Program::Hub,
+        std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()),
+    )
 }
 
 fn pki_command(command: PkiCommand) -> anyhow::Result<()> {
@@ -370,6 +381,9 @@ fn run_hub(config: PathBuf, cfg: shared::config::HubConfig) -> anyhow::Result<()
     let json = cfg.log_format == shared::config::LogFormat::Json;
     meshbridge_metrics::logging::init(&cfg.log, QUIET_RUMQTTD_LOGS, json)
         .context("invalid log filter (RUST_LOG or `log`)")?;
+    for note in env_notes() {
+        tracing::warn!("{note}");
+    }
     meshbridge_metrics::otel::install("cloud-hub", env!("CARGO_PKG_VERSION"))
         .context("invalid tracing set-up (OTEL_* variables)")?;
 

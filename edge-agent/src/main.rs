@@ -104,8 +104,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let env_notes = shared::config::deprecated_env(
+        shared::config::Program::Agent,
+        std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()),
+    );
     match cli.command {
         Some(Command::CheckConfig) => {
+            for note in &env_notes {
+                eprintln!("edge-agent: warning: {note}");
+            }
             println!(
                 "{}: valid (site {}, {} broker, uplink to {}, {} local route(s))",
                 config.display(),
@@ -146,6 +153,9 @@ fn main() -> ExitCode {
     if let Err(error) = meshbridge_metrics::logging::init(&cfg.log, QUIET_RUMQTTD_LOGS, json) {
         eprintln!("edge-agent: invalid log filter (RUST_LOG or `log`): {error}");
         return ExitCode::from(2);
+    }
+    for note in &env_notes {
+        tracing::warn!("{note}");
     }
     if let Err(error) = meshbridge_metrics::otel::install("edge-agent", env!("CARGO_PKG_VERSION")) {
         eprintln!("edge-agent: invalid tracing set-up (OTEL_* variables): {error}");

@@ -104,7 +104,7 @@ filter = "telemetry/#"
     .expect("write the config");
     let out = Command::new(bin(EDGE_AGENT))
         .args(["--config", config.to_str().expect("UTF-8"), "print-config"])
-        .env("MESHBRIDGE_UPLINK__WINDOW", "16")
+        .env("MESHBRIDGE_AGENT_UPLINK__WINDOW", "16")
         .output()
         .expect("run edge-agent");
     let printed = text(&out);

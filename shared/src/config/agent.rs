@@ -396,6 +396,8 @@ impl QueueConfig {
 }
 
 impl Model for AgentConfig {
+    const PROGRAM: super::load::Program = super::load::Program::Agent;
+
     fn normalize(&mut self, base: &Path) {
         resolve(base, &mut self.data_dir);
         resolve(base, &mut self.uplink.ca);

@@ -334,6 +334,9 @@ fn check_filter(report: &mut Report, key: &str, filter: &str) {
 }
 
 impl Model for EffectiveConfig {
+    // Only ever loaded from pushed text, never with environment overrides; the agent is its reader.
+    const PROGRAM: super::load::Program = super::load::Program::Agent;
+
     fn normalize(&mut self, _base: &Path) {}
 
     fn check(&self) -> Result<(), Vec<FieldError>> {

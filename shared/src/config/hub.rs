@@ -428,6 +428,8 @@ impl HubConfig {
 }
 
 impl Model for HubConfig {
+    const PROGRAM: super::load::Program = super::load::Program::Hub;
+
     fn normalize(&mut self, base: &Path) {
         resolve(base, &mut self.data_dir);
         resolve(base, &mut self.tls.ca);

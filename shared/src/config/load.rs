@@ -13,10 +13,124 @@ use serde::de::DeserializeOwned;
 
 use super::validate::FieldError;
 
-/// Prefix of environment variables that override file values; `__` separates nesting levels, so
-/// `MESHBRIDGE_UPLINK__WINDOW=16` sets `uplink.window`. Every variable with this prefix is read, so an unrelated
-/// `MESHBRIDGE_*` variable is refused like any unknown key.
+/// The prefix both programs used to share, still read (with a deprecation warning) for the keys of each
+/// program: `MESHBRIDGE_UPLINK__WINDOW=16` still sets the agent's `uplink.window`. The hub ignores such a
+/// variable for a key only the agent has (and the other way round), so one environment can serve both; a
+/// key neither program has is refused as before, so a typo is not silently ignored.
 pub const ENV_PREFIX: &str = "MESHBRIDGE_";
+
+/// The agent's own prefix: `MESHBRIDGE_AGENT_UPLINK__WINDOW=16` sets `uplink.window`. It wins over the
+/// shared one. (`MESHBRIDGE_AGENT_NAME` keeps its old meaning, `agent_name`.)
+pub const AGENT_ENV_PREFIX: &str = "MESHBRIDGE_AGENT_";
+
+/// The hub's own prefix: `MESHBRIDGE_HUB_LISTEN__MAX_CONNECTIONS=64` sets `listen.max_connections`.
+pub const HUB_ENV_PREFIX: &str = "MESHBRIDGE_HUB_";
+
+/// Top-level keys of the agent's config (checked against the model by a test).
+pub(crate) const AGENT_KEYS: &[&str] = &[
+    "site",
+    "agent_name",
+    "data_dir",
+    "log",
+    "log_format",
+    "broker",
+    "uplink",
+    "queue",
+    "metrics",
+    "status",
+    "routes",
+];
+
+/// Top-level keys of the hub's config (checked against the model by a test).
+pub(crate) const HUB_KEYS: &[&str] = &[
+    "data_dir",
+    "log",
+    "log_format",
+    "listen",
+    "tls",
+    "broker",
+    "dedup",
+    "limits",
+    "sites",
+    "routes",
+    "downlink",
+    "metrics",
+    "status",
+];
+
+/// Which program's environment: its own prefix and keys, and the other program's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// `edge-agent`.
+    Agent,
+    /// `cloud-hub`.
+    Hub,
+}
+
+impl Program {
+    const fn prefix(self) -> &'static str {
+        match self {
+            Self::Agent => AGENT_ENV_PREFIX,
+            Self::Hub => HUB_ENV_PREFIX,
+        }
+    }
+
+    const fn keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Agent => AGENT_KEYS,
+            Self::Hub => HUB_KEYS,
+        }
+    }
+
+    const fn other_keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Agent => HUB_KEYS,
+            Self::Hub => AGENT_KEYS,
+        }
+    }
+
+    /// Whether the variable `MESHBRIDGE_<rest>` (shared prefix) is read by this program: a key of its
+    /// own, or a key of neither program (refused then as unknown, naming the variable). Variables of the
+    /// programs' own prefixes and the other program's keys are left alone.
+    fn reads_shared(self, rest: &str) -> bool {
+        let rest = rest.to_ascii_lowercase();
+        let first = rest.split(ENV_SPLIT).next().unwrap_or_default();
+        if self.keys().contains(&first) {
+            return true;
+        }
+        let own = |p: &str| rest.starts_with(&p["MESHBRIDGE_".len()..].to_ascii_lowercase());
+        !(own(AGENT_ENV_PREFIX) || own(HUB_ENV_PREFIX) || self.other_keys().contains(&first))
+    }
+
+    /// Whether `MESHBRIDGE_<own prefix><rest>` is read under the own prefix. Only the agent's
+    /// `MESHBRIDGE_AGENT_NAME` is not: it is the shared-prefix name of `agent_name`.
+    fn reads_own(self, rest: &str) -> bool {
+        !(self == Self::Agent && rest.eq_ignore_ascii_case("NAME"))
+    }
+}
+
+/// The deprecation warnings for `vars` (the process environment): one per shared-prefix variable this
+/// program reads, naming its new name. The programs log them once logging is set up.
+pub fn deprecated_env(program: Program, vars: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut notes: Vec<String> = vars
+        .into_iter()
+        .filter_map(|name| {
+            let upper = name.to_ascii_uppercase();
+            let rest = upper.strip_prefix(ENV_PREFIX)?;
+            let first = rest.to_ascii_lowercase();
+            let first = first.split(ENV_SPLIT).next().unwrap_or_default().to_owned();
+            let is_own = upper.starts_with(program.prefix()) && program.reads_own(&upper[program.prefix().len()..]);
+            (!is_own && program.keys().contains(&first.as_str())).then(|| {
+                format!(
+                    "environment variable {name} uses the shared MESHBRIDGE_ prefix, which is deprecated: name it {}{rest}",
+                    program.prefix()
+                )
+            })
+        })
+        .collect();
+    notes.sort();
+    notes
+}
 
 /// Separator between nesting levels in environment variable names.
 pub const ENV_SPLIT: &str = "__";
@@ -87,15 +201,17 @@ impl fmt::Display for FigmentErrors<'_> {
                 write!(f, "{}: ", error.path.join("."))?;
             }
             write!(f, "{}", error.kind)?;
-            let from_env = error
+            // figment names an environment provider "`PREFIX` environment variable(s)".
+            let env_prefix = error
                 .metadata
                 .as_ref()
-                .is_some_and(|md| md.name.contains("environment"));
-            if from_env {
+                .filter(|md| md.name.contains("environment"))
+                .and_then(|md| md.name.split('`').nth(1).map(str::to_owned));
+            if let Some(prefix) = env_prefix {
                 let name: Vec<String> = error.path.iter().map(|k| k.to_ascii_uppercase()).collect();
                 write!(
                     f,
-                    " (from environment variable {ENV_PREFIX}{})",
+                    " (from environment variable {prefix}{})",
                     name.join(ENV_SPLIT)
                 )?;
             }
@@ -120,6 +236,8 @@ impl fmt::Display for ProblemList<'_> {
 
 /// What the generic loader needs from a config tree.
 pub(crate) trait Model: DeserializeOwned {
+    /// Whose environment overrides apply.
+    const PROGRAM: Program;
     /// Makes relative paths absolute against `base` and fills defaults that depend on other fields.
     fn normalize(&mut self, base: &Path);
     /// Reports every problem.
@@ -138,9 +256,19 @@ pub(crate) fn load_file<T: Model>(path: &Path) -> Result<T, ConfigError> {
         source,
     })?;
     let base = absolute.parent().unwrap_or(Path::new("/"));
+    let program = T::PROGRAM;
     let figment = Figment::new()
         .merge(Toml::file_exact(path))
-        .merge(Env::prefixed(ENV_PREFIX).split(ENV_SPLIT));
+        .merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(move |key| program.reads_shared(key.as_str()))
+                .split(ENV_SPLIT),
+        )
+        .merge(
+            Env::prefixed(program.prefix())
+                .filter(move |key| program.reads_own(key.as_str()))
+                .split(ENV_SPLIT),
+        );
     finish(figment, base, ConfigSource::File(path.to_owned()))
 }
 

@@ -1,8 +1,9 @@
 //! The config model of both programs: one serde type tree per program, loading, and `validate()`.
 //!
 //! # Loading
-//! [`load_agent`] and [`load_hub`] read a TOML file, apply `MESHBRIDGE_*` environment overrides
-//! (`MESHBRIDGE_UPLINK__WINDOW=16` sets `uplink.window`), resolve relative paths against the file's directory,
+//! [`load_agent`] and [`load_hub`] read a TOML file, apply environment overrides (`MESHBRIDGE_AGENT_*` and
+//! `MESHBRIDGE_HUB_*`, and the deprecated shared `MESHBRIDGE_*` for each program's own keys; see
+//! [`ENV_PREFIX`]), resolve relative paths against the file's directory,
 //! fill defaults and validate. [`AgentConfig::from_toml_str`] and [`HubConfig::from_toml_str`] do the same for
 //! text without environment overrides.
 //!
@@ -51,7 +52,10 @@ pub use hub::{
     load_hub, DedupConfig, DownlinkConfig, HubConfig, HubTls, LimitsConfig, ListenConfig,
     SiteConfig,
 };
-pub use load::{ConfigError, ConfigSource, ENV_PREFIX, ENV_SPLIT};
+pub use load::{
+    deprecated_env, ConfigError, ConfigSource, Program, AGENT_ENV_PREFIX, ENV_PREFIX, ENV_SPLIT,
+    HUB_ENV_PREFIX,
+};
 pub use print::{redacted_toml, PrintError, REDACTED};
 pub(crate) use route::compile;
 pub use route::{

@@ -759,3 +759,102 @@ fn the_shipped_demo_user_and_acl() {
     assert!(acl.can_subscribe(anonymous, "$meshbridge/status"));
     assert!(acl.can_subscribe(anonymous, "cmd/#"));
 }
+
+/// Each program has its own prefix; the shared one still works for each program's own keys (with a
+/// deprecation note), and an agent override in a shared environment no longer stops the hub.
+#[test]
+fn per_program_env_prefixes() {
+    let _env = ENV_LOCK
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let vars = [
+        ("MESHBRIDGE_QUEUE__MAX_BYTES", "2GiB"), // shared prefix, agent-only key
+        ("MESHBRIDGE_UPLINK__WINDOW", "16"),     // shared prefix, agent key
+        ("MESHBRIDGE_AGENT_UPLINK__WINDOW", "32"), // agent prefix: wins
+        ("MESHBRIDGE_AGENT_NAME", "gateway-a"),  // keeps its old meaning, agent_name
+        ("MESHBRIDGE_HUB_DEDUP__WINDOW", "128"), // hub prefix, ignored by the agent
+        ("MESHBRIDGE_LOG", "debug"),             // shared prefix, a key of both
+    ];
+    for (name, value) in vars {
+        std::env::set_var(name, value);
+    }
+    let agent = load_agent(&fixture("agent-valid.toml"));
+    let hub = load_hub(&fixture("hub-valid.toml"));
+    std::env::set_var("MESHBRIDGE_DEDUPE__WINDOW", "4");
+    let typo = load_hub(&fixture("hub-valid.toml"));
+    std::env::remove_var("MESHBRIDGE_DEDUPE__WINDOW");
+    std::env::set_var("MESHBRIDGE_HUB_DEDUP__WINDW", "4");
+    let own_typo = load_hub(&fixture("hub-valid.toml"));
+    std::env::remove_var("MESHBRIDGE_HUB_DEDUP__WINDW");
+    let names = || std::env::vars().map(|(k, _)| k);
+    let agent_notes = deprecated_env(Program::Agent, names());
+    let hub_notes = deprecated_env(Program::Hub, names());
+    for (name, _) in vars {
+        std::env::remove_var(name);
+    }
+
+    let agent = agent.expect("the agent loads");
+    assert_eq!(agent.uplink.window, 32);
+    assert_eq!(agent.queue.max_bytes, ByteSize::gib(2));
+    assert_eq!(agent.agent_name.as_deref(), Some("gateway-a"));
+    assert_eq!(agent.log, "debug");
+    let hub = hub.expect("the hub ignores the agent's variables");
+    assert_eq!(hub.dedup.window, 128);
+    assert_eq!(hub.log, "debug");
+    let typo = typo
+        .expect_err("a key of neither program is refused")
+        .to_string();
+    assert!(
+        typo.contains("MESHBRIDGE_DEDUPE__WINDOW") || typo.contains("dedupe"),
+        "{typo}"
+    );
+    let own_typo = own_typo
+        .expect_err("a typo under the hub's prefix is refused")
+        .to_string();
+    assert!(
+        own_typo.contains("MESHBRIDGE_HUB_DEDUP__WINDW"),
+        "{own_typo}"
+    );
+    assert_eq!(
+        agent_notes,
+        [
+            "environment variable MESHBRIDGE_AGENT_NAME uses the shared MESHBRIDGE_ prefix, which is deprecated: name it MESHBRIDGE_AGENT_AGENT_NAME",
+            "environment variable MESHBRIDGE_LOG uses the shared MESHBRIDGE_ prefix, which is deprecated: name it MESHBRIDGE_AGENT_LOG",
+            "environment variable MESHBRIDGE_QUEUE__MAX_BYTES uses the shared MESHBRIDGE_ prefix, which is deprecated: name it MESHBRIDGE_AGENT_QUEUE__MAX_BYTES",
+            "environment variable MESHBRIDGE_UPLINK__WINDOW uses the shared MESHBRIDGE_ prefix, which is deprecated: name it MESHBRIDGE_AGENT_UPLINK__WINDOW",
+        ]
+    );
+    assert_eq!(
+        hub_notes,
+        ["environment variable MESHBRIDGE_LOG uses the shared MESHBRIDGE_ prefix, which is deprecated: name it MESHBRIDGE_HUB_LOG"]
+    );
+}
+
+/// The key lists the environment filters use are the models' top-level keys (serde names every field it
+/// expected when it meets an unknown one).
+#[test]
+fn env_key_lists_match_the_models() {
+    fn expected_fields<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
+        let err = toml::from_str::<T>("__probe__ = 1").expect_err("unknown key");
+        let text = err.to_string();
+        let list = text
+            .split("expected one of")
+            .nth(1)
+            .unwrap_or_else(|| panic!("serde lists the fields: {text}"));
+        let mut fields: Vec<String> = list
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        fields.sort();
+        fields
+    }
+    let sorted = |keys: &[&str]| {
+        let mut v: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(expected_fields::<AgentConfig>(), sorted(load::AGENT_KEYS));
+    assert_eq!(expected_fields::<HubConfig>(), sorted(load::HUB_KEYS));
+}
