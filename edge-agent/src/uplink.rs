@@ -204,6 +204,10 @@ pub(crate) enum UplinkError {
     Downlink(#[source] crate::local::deliver::DeliverError),
 }
 
+/// TLS alerts (RFC 8446 §6.2) that mean the hub refused our certificate: bad, unsupported, revoked,
+/// expired, unknown, unknown CA, missing. Retrying will not help until the certificate is replaced.
+const CERTIFICATE_ALERTS: [u8; 7] = [42, 43, 44, 45, 46, 48, 116];
+
 impl UplinkError {
     /// Whether an operator must act (the hub refuses us for a reason retrying alone will not fix).
     fn needs_operator(&self) -> bool {
@@ -215,8 +219,27 @@ impl UplinkError {
             } | Self::DeadLetters(_)
                 | Self::Queue(_)
                 | Self::Connection(quinn::ConnectionError::TransportError(_))
-        )
+        ) || peer_tls_alert(self).is_some_and(|alert| CERTIFICATE_ALERTS.contains(&alert))
     }
+}
+
+/// The TLS alert the hub closed the connection with (a QUIC crypto error, codes 0x100–0x1ff), found
+/// anywhere in `error`'s source chain; a revoked certificate arrives this way (alert 44), wrapped in the
+/// read that noticed the close.
+fn peer_tls_alert(error: &(dyn std::error::Error + 'static)) -> Option<u8> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(quinn::ConnectionError::ConnectionClosed(close)) =
+            e.downcast_ref::<quinn::ConnectionError>()
+        {
+            let code = u64::from(close.error_code);
+            if (0x100..0x200).contains(&code) {
+                return u8::try_from(code - 0x100).ok();
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// The uplink task's state across connections.

@@ -68,7 +68,7 @@ async fn a_revoked_site_is_cut_off_and_the_others_carry_on() {
     .await;
     let line1 = mesh.agent_spec("line1", BrokerSpec::embedded(), &hub_spec);
     let line2 = mesh.agent_spec("line2", BrokerSpec::embedded(), &hub_spec);
-    let _agent1 = mesh.start_agent("line1", &line1).await;
+    let mut agent1 = mesh.start_agent("line1", &line1).await;
     let _agent2 = mesh.start_agent("line2", &line2).await;
     for (spec, site) in [(&line1, "line1"), (&line2, "line2")] {
         prove_path(
@@ -92,6 +92,15 @@ async fn a_revoked_site_is_cut_off_and_the_others_carry_on() {
         |v| v == Some(0),
     )
     .await;
+    // Its reconnects fail the handshake (alert 44), which the agent reports at error level: only a new
+    // certificate fixes it.
+    let down = agent1
+        .wait_log("invalid peer certificate: Revoked", WAIT)
+        .await;
+    assert!(
+        down.contains("ERROR") && down.contains("uplink down"),
+        "{down}"
+    );
 
     // line1's agent still accepts and queues (nothing acknowledged is lost), but nothing of it reaches
     // the cloud: each reconnect fails its handshake.
