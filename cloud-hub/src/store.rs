@@ -34,6 +34,10 @@ use shared::policy::dedup::{Dedup, DedupError, DedupSnapshot};
 /// How often the dedup commits of the last period are made durable (see the module docs).
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
+/// This file's schema version (`shared::queue::schema`); version 0, from before versions, has the same
+/// layout.
+const SCHEMA_VERSION: u64 = 1;
+
 /// File name of the hub's database inside `data_dir`.
 pub const DB_FILE: &str = "hub.redb";
 
@@ -111,6 +115,15 @@ impl PendingRefusals {
 /// Errors of the dedup store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The file was written by a newer hub.
+    #[error("dedup store {path}: {source}")]
+    Schema {
+        /// The file.
+        path: PathBuf,
+        /// The versions.
+        #[source]
+        source: shared::queue::schema::SchemaError,
+    },
     /// redb failed opening, reading or committing (I/O error, full disk, corrupt file).
     #[error("dedup store {path}")]
     Redb {
@@ -161,6 +174,13 @@ impl DedupStore {
         let db = Database::create(&path).map_err(|e| err(e.into()))?;
         // Create the table so that later read transactions find it.
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
+        shared::queue::schema::check_and_stamp(&txn, SCHEMA_VERSION).map_err(|e| match e {
+            shared::queue::schema::SchemaError::Redb(e) => err(e),
+            source => StoreError::Schema {
+                path: path.clone(),
+                source,
+            },
+        })?;
         txn.open_table(DEDUP).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;
 
@@ -376,6 +396,30 @@ impl DedupStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store from before schema versions opens with its sites and is stamped; a newer one is refused.
+    #[test]
+    fn older_files_migrate_and_newer_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (store, _) = DedupStore::open(dir.path()).expect("open");
+            let snapshot = Dedup::new(8).expect("window").snapshot().encode();
+            store.save_blocking("line1", &snapshot).expect("save");
+            store.flush_blocking().expect("flush");
+            shared::queue::schema::remove_version(&store.db).expect("as before versions");
+        }
+        {
+            let (store, sites) = DedupStore::open(dir.path()).expect("migrates");
+            assert!(sites.contains_key("line1"), "the site's state survived");
+            assert_eq!(
+                shared::queue::schema::version_of(&store.db).expect("read"),
+                SCHEMA_VERSION
+            );
+            shared::queue::schema::force_version(&store.db, SCHEMA_VERSION + 1).expect("newer");
+        }
+        let err = DedupStore::open(dir.path()).expect_err("refused");
+        assert!(matches!(err, StoreError::Schema { .. }), "{err}");
+    }
 
     #[test]
     fn pending_refusals_survive_reopen_and_go_when_emptied() {

@@ -52,6 +52,7 @@ fn kind(e: &QueueError) -> &'static str {
         QueueError::DiskFull { .. } => "disk-full",
         QueueError::Storage { .. } => "storage",
         QueueError::Format { .. } => "format",
+        QueueError::Schema { .. } => "schema",
     }
 }
 

@@ -32,6 +32,7 @@ mod dead;
 mod mem;
 mod redb;
 mod retained;
+pub mod schema;
 mod session;
 
 use std::time::Duration;
@@ -170,6 +171,15 @@ pub enum QueueError {
         /// What redb reported.
         #[source]
         source: ::redb::Error,
+    },
+    /// The file's schema version is newer than this build reads (see [`schema`]).
+    #[error("{path}: {source}")]
+    Schema {
+        /// The file.
+        path: String,
+        /// The versions.
+        #[source]
+        source: schema::SchemaError,
     },
     /// The file holds something this version cannot read (a newer format, or not a queue at all).
     #[error("queue file {path} is not a meshbridge queue of a known format: {detail}")]

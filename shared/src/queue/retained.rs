@@ -25,6 +25,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use super::QueueError;
 
+/// This file's schema version (`super::schema`).
+const SCHEMA_VERSION: u64 = 1;
 const RETAINED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained");
 
 /// How much the store keeps.
@@ -115,6 +117,13 @@ impl RetainedStore {
         let mut sizes = Sizes::default();
         {
             let txn = db.begin_write().map_err(|e| err(e.into()))?;
+            super::schema::check_and_stamp(&txn, SCHEMA_VERSION).map_err(|e| match e {
+                super::schema::SchemaError::Redb(e) => err(e),
+                source => QueueError::Schema {
+                    path: path.display().to_string(),
+                    source,
+                },
+            })?;
             txn.open_table(RETAINED).map_err(|e| err(e.into()))?;
             txn.commit().map_err(|e| err(e.into()))?;
             let read = db.begin_read().map_err(|e| err(e.into()))?;
@@ -276,6 +285,30 @@ mod tests {
             [("status/door".to_owned(), Bytes::from_static(b"closed"))]
         );
         assert_eq!(store.stats(), (1, 6), "sizes are rebuilt on open");
+    }
+
+    /// A store written before schema versions (no version row) opens with its messages and is stamped; one
+    /// a newer build stamped is refused, naming both versions.
+    #[test]
+    fn older_files_migrate_and_newer_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("retained.redb");
+        {
+            let store = RetainedStore::open(&path, RetainedLimits::default()).expect("open");
+            store.apply(&[set("status/door", b"open")]).expect("apply");
+            super::super::schema::remove_version(&store.db).expect("as before versions");
+        }
+        {
+            let store = RetainedStore::open(&path, RetainedLimits::default()).expect("migrates");
+            assert_eq!(store.all().expect("read").len(), 1, "the message survived");
+            assert_eq!(
+                super::super::schema::version_of(&store.db).expect("read"),
+                SCHEMA_VERSION
+            );
+            super::super::schema::force_version(&store.db, SCHEMA_VERSION + 1).expect("newer");
+        }
+        let err = RetainedStore::open(&path, RetainedLimits::default()).expect_err("refused");
+        assert!(err.to_string().contains("newer meshbridge"), "{err}");
     }
 
     #[test]

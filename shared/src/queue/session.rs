@@ -35,6 +35,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use super::QueueError;
 
+/// This file's schema version (`super::schema`).
+const SCHEMA_VERSION: u64 = 1;
 const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
 const MESSAGES: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("messages");
 
@@ -173,6 +175,13 @@ impl SessionStore {
         };
         {
             let txn = db.begin_write().map_err(|e| err(e.into()))?;
+            super::schema::check_and_stamp(&txn, SCHEMA_VERSION).map_err(|e| match e {
+                super::schema::SchemaError::Redb(e) => err(e),
+                source => QueueError::Schema {
+                    path: path.display().to_string(),
+                    source,
+                },
+            })?;
             txn.open_table(SESSIONS).map_err(|e| err(e.into()))?;
             txn.open_table(MESSAGES).map_err(|e| err(e.into()))?;
             txn.commit().map_err(|e| err(e.into()))?;
@@ -473,6 +482,27 @@ mod tests {
 
     fn packet(n: u8) -> Bytes {
         Bytes::from(vec![0x32, 5, 0, 1, b't', 0, n])
+    }
+
+    /// A store from before schema versions opens and is stamped; one a newer build stamped is refused.
+    #[test]
+    fn older_files_migrate_and_newer_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sessions.redb");
+        {
+            let store = SessionStore::open(&path, SessionLimits::default()).expect("open");
+            super::super::schema::remove_version(&store.db).expect("as before versions");
+        }
+        {
+            let store = SessionStore::open(&path, SessionLimits::default()).expect("migrates");
+            assert_eq!(
+                super::super::schema::version_of(&store.db).expect("read"),
+                SCHEMA_VERSION
+            );
+            super::super::schema::force_version(&store.db, SCHEMA_VERSION + 1).expect("newer");
+        }
+        let err = SessionStore::open(&path, SessionLimits::default()).expect_err("refused");
+        assert!(matches!(err, QueueError::Schema { .. }), "{err}");
     }
 
     #[test]
