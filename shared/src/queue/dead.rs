@@ -28,6 +28,8 @@ use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable,
 
 use super::QueueError;
 
+/// This file's schema version (`super::schema`).
+const SCHEMA_VERSION: u64 = 1;
 const LETTERS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("letters");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// seq -> id of the letter holding it: the same message filed twice (a refusal repeated after a crash, an
@@ -107,6 +109,16 @@ impl DeadLetters {
                 Err(e) => return Err(super::redb::storage_error(&path, e.into())),
             }
         };
+        let err = |e: redb::Error| super::redb::storage_error(&path, e);
+        let txn = db.begin_write().map_err(|e| err(e.into()))?;
+        super::schema::check_and_stamp(&txn, SCHEMA_VERSION).map_err(|e| match e {
+            super::schema::SchemaError::Redb(e) => err(e),
+            source => QueueError::Schema {
+                path: path.display().to_string(),
+                source,
+            },
+        })?;
+        txn.commit().map_err(|e| err(e.into()))?;
         Ok(Self { path, db, limits })
     }
 
@@ -272,6 +284,30 @@ mod tests {
             detail: format!("not authorized ({seq})"),
             body: Bytes::from(vec![seq as u8; len]),
         }
+    }
+
+    /// A store from before schema versions opens with its letters and is stamped; a newer one is refused.
+    #[test]
+    fn older_files_migrate_and_newer_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dead.redb");
+        let limits = DeadLetterLimits::default();
+        {
+            let store = DeadLetters::open(&path, limits, Duration::ZERO).expect("open");
+            store.add(&[letter(7, 10)], 1_000).expect("add");
+            super::super::schema::remove_version(&store.db).expect("as before versions");
+        }
+        {
+            let store = DeadLetters::open(&path, limits, Duration::ZERO).expect("migrates");
+            assert_eq!(store.list().expect("list").len(), 1, "the letter survived");
+            assert_eq!(
+                super::super::schema::version_of(&store.db).expect("read"),
+                SCHEMA_VERSION
+            );
+            super::super::schema::force_version(&store.db, SCHEMA_VERSION + 1).expect("newer");
+        }
+        let err = DeadLetters::open(&path, limits, Duration::ZERO).expect_err("refused");
+        assert!(matches!(err, QueueError::Schema { .. }), "{err}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Schema versions of the redb files besides the queue (issue 13 item 6): the retained store, the
-//! persistent sessions and the hub's dedup store each carry one row, `meshbridge_schema.version`, checked
-//! and written in the write transaction that opens the file.
+//! persistent sessions, the dead letters and the hub's dedup store each carry one row,
+//! `meshbridge_schema.version`, checked and written in the write transaction that opens the file.
 //!
 //! - A file without the row was written before versions existed: version 0. Versions 0 and 1 share one
 //!   layout, so migrating it is writing the row; a later layout change adds its step here, keyed by the
