@@ -469,7 +469,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     events::CertificateSeen {
         serial: &certificate.serial,
         not_after: certificate.not_after,
-        now: unix_now(),
+        now: meshbridge_tls::server::unix_now(),
     }
     .emit(&site.counters);
 
@@ -1654,13 +1654,6 @@ fn to_message(
 /// MQTT 5 reason codes for the refusals the hub decides itself.
 const REASON_TOPIC_NAME_INVALID: u8 = 0x90;
 const REASON_PACKET_TOO_LARGE: u8 = 0x95;
-
-/// The wall clock as Unix seconds (certificate expiry is a calendar matter).
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
 
 #[cfg(test)]
 mod tests {

@@ -7,9 +7,15 @@ use std::process::{Command, Output};
 
 use meshbridge_tests::bins::{bin, CLOUD_HUB, EDGE_AGENT};
 
+/// A config fixture of the `shared` crate of this workspace (`shared/testdata/config/` at the repository
+/// root, beside this `tests/` crate): the same files `shared::config`'s own tests load.
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/testdata/config")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace root");
+    root.join("shared")
+        .join("testdata")
+        .join("config")
         .join(name)
 }
 

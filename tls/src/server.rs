@@ -285,9 +285,14 @@ pub fn leaf_facts(chain: &[CertificateDer<'_>]) -> Result<LeafFacts, IdentityErr
 pub fn certificate_file_expiry(path: &Path) -> Option<(LeafFacts, i64)> {
     let chain = load_certs(path).ok()?;
     let facts = leaf_facts(&chain).ok()?;
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let left = facts.expires_in(now);
+    let left = facts.expires_in(unix_now());
     Some((facts, left))
+}
+
+/// The wall clock as Unix seconds (certificate validity is a calendar matter; 0 before 1970).
+#[must_use]
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }

@@ -111,13 +111,7 @@ impl DeadLetters {
         };
         let err = |e: redb::Error| super::redb::storage_error(&path, e);
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
-        super::schema::check_and_stamp(&txn, SCHEMA_VERSION).map_err(|e| match e {
-            super::schema::SchemaError::Redb(e) => err(e),
-            source => QueueError::Schema {
-                path: path.display().to_string(),
-                source,
-            },
-        })?;
+        super::schema::check_queue_file(&txn, SCHEMA_VERSION, &path)?;
         txn.commit().map_err(|e| err(e.into()))?;
         Ok(Self { path, db, limits })
     }

@@ -117,13 +117,7 @@ impl RetainedStore {
         let mut sizes = Sizes::default();
         {
             let txn = db.begin_write().map_err(|e| err(e.into()))?;
-            super::schema::check_and_stamp(&txn, SCHEMA_VERSION).map_err(|e| match e {
-                super::schema::SchemaError::Redb(e) => err(e),
-                source => QueueError::Schema {
-                    path: path.display().to_string(),
-                    source,
-                },
-            })?;
+            super::schema::check_queue_file(&txn, SCHEMA_VERSION, &path)?;
             txn.open_table(RETAINED).map_err(|e| err(e.into()))?;
             txn.commit().map_err(|e| err(e.into()))?;
             let read = db.begin_read().map_err(|e| err(e.into()))?;

@@ -55,6 +55,26 @@ pub fn check_and_stamp(txn: &WriteTransaction, current: u64) -> Result<u64, Sche
     Ok(found)
 }
 
+/// [`check_and_stamp`] for the stores whose errors are [`super::QueueError`]s (retained, sessions, dead
+/// letters): a newer file becomes [`super::QueueError::Schema`], a redb failure a storage error naming
+/// `path`.
+///
+/// # Errors
+/// As described.
+pub(super) fn check_queue_file(
+    txn: &WriteTransaction,
+    current: u64,
+    path: &std::path::Path,
+) -> Result<u64, super::QueueError> {
+    check_and_stamp(txn, current).map_err(|e| match e {
+        SchemaError::Redb(e) => super::redb::storage_error(path, e),
+        source => super::QueueError::Schema {
+            path: path.display().to_string(),
+            source,
+        },
+    })
+}
+
 /// The version recorded in `db` (0 when none), for tests and diagnostics.
 ///
 /// # Errors
