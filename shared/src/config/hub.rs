@@ -39,7 +39,10 @@ pub struct HubConfig {
     /// Size limits enforced on what agents send.
     #[serde(default)]
     pub limits: LimitsConfig,
-    /// The sites allowed to connect. An agent whose certificate names no site here is refused.
+    /// The sites allowed to connect. An agent whose certificate names no site here is refused. May be
+    /// empty: a freshly installed hub runs with none until `cloud-hub site add` appends the first, and the
+    /// running hub admits sites as they are added.
+    #[serde(default)]
     pub sites: Vec<SiteConfig>,
     /// What flows where: uplink, downlink and site-to-site routes (see [`RouteConfig`] for the shape). Each
     /// site's share is pushed to its agent ([`EffectiveConfig`](super::EffectiveConfig)). Optional, so
@@ -357,9 +360,6 @@ impl HubConfig {
     }
 
     fn validate_sites(&self, report: &mut Report) {
-        if self.sites.is_empty() {
-            report.push("sites", Problem::Empty);
-        }
         // (index, expanded namespace) of every site whose template is valid, for the overlap check.
         let mut expanded: Vec<(usize, String)> = Vec::with_capacity(self.sites.len());
         for (i, site) in self.sites.iter().enumerate() {

@@ -1,8 +1,10 @@
 //! Loading: TOML file (or text) → figment extraction with `MESHBRIDGE_` environment overrides → path
 //! resolution and defaults → `validate()`.
 //!
-//! figment reports only the first extraction error (a syntax error, an unknown key, a wrong type); everything
-//! that extracts is then checked by `validate()`, which reports every problem at once.
+//! figment reports only the first extraction error (an unknown key, a wrong type, a bad value), so the loader
+//! takes the offending key out and extracts again until nothing is left to report (`extract_all`); what
+//! extracts is then checked by `validate()`. One run lists every mistake of a file, each with its key path,
+//! except after a TOML syntax error, which leaves no tree to go on with.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -168,13 +170,16 @@ pub enum ConfigError {
     },
     /// The text is not valid TOML, or does not fit the model: an unknown key, a wrong type, a missing required
     /// field, a malformed duration or size. figment stops at the first such error; its message names the key.
-    #[error("invalid config {source_name}: {}", FigmentErrors(error))]
+    #[error("invalid config {source_name}: {} problem(s)\n  {}{}", error.count() + problems.len(), FigmentErrors(error), ProblemTail(problems))]
     Parse {
         /// Where the config came from.
         source_name: ConfigSource,
-        /// figment's error, naming the key and the provider (file or environment variable).
+        /// figment's errors (one or more, chained), each naming its key and provider (file or environment
+        /// variable).
         #[source]
         error: Box<figment::Error>,
+        /// What the rules found in the rest of the config (keys the errors name are left out).
+        problems: Vec<FieldError>,
     },
     /// The config parsed but `validate()` found problems; all of them are listed, one per line.
     #[error("invalid config {source_name}: {} problem(s)\n{}", errors.len(), ProblemList(errors))]
@@ -198,7 +203,7 @@ impl fmt::Display for FigmentErrors<'_> {
                 f.write_str("\n  ")?;
             }
             if !error.path.is_empty() {
-                write!(f, "{}: ", error.path.join("."))?;
+                write!(f, "{}: ", key_of(&error))?;
             }
             write!(f, "{}", error.kind)?;
             // figment names an environment provider "`PREFIX` environment variable(s)".
@@ -215,6 +220,18 @@ impl fmt::Display for FigmentErrors<'_> {
                     name.join(ENV_SPLIT)
                 )?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Problems listed after figment's errors, each on its own line.
+struct ProblemTail<'a>(&'a [FieldError]);
+
+impl fmt::Display for ProblemTail<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for error in self.0 {
+            write!(f, "\n  {error}")?;
         }
         Ok(())
     }
@@ -287,16 +304,330 @@ fn finish<T: Model>(
     base: &Path,
     source_name: ConfigSource,
 ) -> Result<T, ConfigError> {
-    let mut config: T = figment.extract().map_err(|error| ConfigError::Parse {
+    let (config, errors) = extract_all::<T>(&figment);
+    let parse_error = |error: figment::Error, problems: Vec<FieldError>| ConfigError::Parse {
         source_name: source_name.clone(),
         error: Box::new(error),
-    })?;
+        problems,
+    };
+    let Some(mut config) = config else {
+        let error = chained(errors).expect("invariant: no config comes with at least one error");
+        return Err(parse_error(error, Vec::new()));
+    };
     config.normalize(base);
-    config.check().map_err(|errors| ConfigError::Invalid {
-        source_name,
-        errors,
-    })?;
-    Ok(config)
+    let problems = config.check().err().unwrap_or_default();
+    match chained(errors) {
+        None if problems.is_empty() => Ok(config),
+        None => Err(ConfigError::Invalid {
+            source_name,
+            errors: problems,
+        }),
+        Some(error) => {
+            // The rules run on what was left once the bad keys were taken out; a problem under a key
+            // already reported (or stood in for) says nothing new.
+            let reported: Vec<String> = error.clone().into_iter().map(|e| key_of(&e)).collect();
+            let problems = problems
+                .into_iter()
+                .filter(|p| !reported.iter().any(|r| is_under(&p.key, r)))
+                .collect();
+            Err(parse_error(error, problems))
+        }
+    }
+}
+
+/// One figment error holding `errors`, which iterates them in order.
+fn chained(errors: Vec<figment::Error>) -> Option<figment::Error> {
+    errors.into_iter().rev().reduce(figment::Error::chain)
+}
+
+/// How many extraction errors one load reports at most (each costs one more extraction).
+const MAX_EXTRACTION_ERRORS: usize = 64;
+
+/// Extracts `T`, collecting every extraction error rather than the first one only: figment (serde) stops at
+/// the first unknown key, wrong type or bad value, so after each the offending key is taken out of the tree
+/// and extraction runs again. A key that must be there (missing, or required and taken out) gets a stand-in
+/// value, trying one type after another until one extracts, so the keys after it are still checked; a
+/// stand-in is never used, because any error fails the load. Returns the config extracted from what was
+/// left (for the semantic checks), if any, and the errors, each with the metadata of the provider (file or
+/// environment variable) its key came from.
+fn extract_all<T: DeserializeOwned>(figment: &Figment) -> (Option<T>, Vec<figment::Error>) {
+    use figment::error::Kind;
+    use figment::value::Dict;
+    use figment::Provider;
+
+    let mut tree: Dict = match figment.data() {
+        Ok(mut profiles) => profiles
+            .remove(&figment::Profile::Default)
+            .unwrap_or_default(),
+        // Not TOML at all: there is no tree to go on with.
+        Err(error) => return (None, vec![error]),
+    };
+    let mut errors: Vec<figment::Error> = Vec::new();
+    // Every key reported so far, with the stand-in in use for it (if any).
+    let mut reported: Vec<(Vec<String>, Option<usize>)> = Vec::new();
+    for _ in 0..MAX_EXTRACTION_ERRORS * (STAND_INS + 1) {
+        let attempt = Figment::from(figment::providers::Serialized::defaults(&tree)).extract::<T>();
+        let mut error = match attempt {
+            Ok(config) => return (Some(config), errors),
+            Err(error) => error
+                .into_iter()
+                .next()
+                .expect("an error holds one at least"),
+        };
+        let mut path = error.path.clone();
+        let missing = match &error.kind {
+            Kind::MissingField(field) => {
+                path.push(field.to_string());
+                true
+            }
+            // serde names an unknown key in the error, figment the table it is in.
+            Kind::UnknownField(field, _) if path.last() != Some(field) => {
+                path.push(field.clone());
+                false
+            }
+            _ => false,
+        };
+        if !missing {
+            narrow::<T>(&tree, &mut path, &error.kind);
+        }
+        // An error at or under a key reported already: that key went missing when taken out, or its
+        // stand-in has the wrong type (or lacks what its type requires).
+        if let Some(slot) = reported
+            .iter()
+            .enumerate()
+            .filter(|(_, (p, _))| path.starts_with(p))
+            .max_by_key(|(_, (p, _))| p.len())
+            .map(|(i, _)| i)
+        {
+            let (at, stand_in_in_use) = &mut reported[slot];
+            let next = stand_in_in_use.map_or(0, |i| i + 1);
+            let Some(value) = stand_in(next) else {
+                return (None, errors);
+            };
+            *stand_in_in_use = Some(next);
+            if !set(&mut tree, at, value) {
+                return (None, errors);
+            }
+            continue;
+        }
+        // Reported with the provider its key came from (the rebuilt tree has lost that), and the value.
+        error.metadata = figment.find_metadata(&path.join(".")).cloned();
+        if let (Some(text), Kind::Message(_) | Kind::InvalidValue(..)) =
+            (lookup(&tree, &path).and_then(scalar_text), &error.kind)
+        {
+            error.kind = Kind::Message(format!("{} (value: {text})", error.kind));
+        }
+        if !missing {
+            error.path.clone_from(&path);
+        }
+        errors.push(error);
+        if errors.len() >= MAX_EXTRACTION_ERRORS || path.is_empty() {
+            return (None, errors);
+        }
+        let is_element = path.last().is_some_and(|k| k.parse::<usize>().is_ok());
+        if missing || is_element {
+            // An array element is replaced rather than removed, so later elements keep their index.
+            reported.push((path.clone(), Some(0)));
+            if !set(&mut tree, &path, stand_in(0).expect("a first stand-in")) {
+                return (None, errors);
+            }
+        } else {
+            reported.push((path.clone(), None));
+            if !remove(&mut tree, &path) {
+                return (None, errors);
+            }
+        }
+    }
+    (None, errors)
+}
+
+/// Narrows an error reported at a table to the key inside it that causes it: serde loses the key within
+/// internally tagged enums such as `[broker]` (`kind = "embedded"`), so figment names `broker` for a bad
+/// `broker.listen`. The key is found by taking the table's keys out one at a time until the error changes.
+fn narrow<T: DeserializeOwned>(
+    tree: &figment::value::Dict,
+    path: &mut Vec<String>,
+    kind: &figment::error::Kind,
+) {
+    use figment::error::Kind;
+    use figment::value::Value;
+    if !matches!(
+        kind,
+        Kind::Message(_) | Kind::InvalidValue(..) | Kind::InvalidType(..)
+    ) {
+        return;
+    }
+    let before = kind.to_string();
+    while let Some(Value::Dict(_, children)) = lookup(tree, path) {
+        // Taking the culprit out makes the error go away (or become another); taking out a required key
+        // (the enum's tag, say) only says that key is missing, which is weaker evidence.
+        let mut strong = None;
+        let mut weak = Vec::new();
+        for key in children.keys().take(64) {
+            let mut trial = tree.clone();
+            let mut at = path.clone();
+            at.push(key.clone());
+            remove(&mut trial, &at);
+            match Figment::from(figment::providers::Serialized::defaults(&trial)).extract::<T>() {
+                Ok(_) => strong = Some(key),
+                Err(e) => match e.into_iter().next().map(|e| e.kind) {
+                    Some(Kind::MissingField(field)) if field == key.as_str() => weak.push(key),
+                    Some(other) if other.to_string() != before => strong = Some(key),
+                    _ => {}
+                },
+            }
+            if strong.is_some() {
+                break;
+            }
+        }
+        let culprit = strong.or(if weak.len() == 1 { weak.pop() } else { None });
+        match culprit {
+            Some(key) => path.push(key.clone()),
+            None => break,
+        }
+    }
+}
+
+/// How many stand-in types [`stand_in`] has.
+const STAND_INS: usize = 5;
+
+/// The stand-in values tried in turn for a key that must be there.
+fn stand_in(i: usize) -> Option<figment::value::Value> {
+    use figment::value::{Dict, Value};
+    Some(match i {
+        0 => Value::from(String::new()),
+        1 => Value::from(0u64),
+        2 => Value::from(false),
+        3 => Value::from(Dict::new()),
+        4 => Value::from(Vec::<Value>::new()),
+        _ => return None,
+    })
+}
+
+/// The value at `path` (keys, and indices into arrays).
+fn lookup<'a>(
+    tree: &'a figment::value::Dict,
+    path: &[String],
+) -> Option<&'a figment::value::Value> {
+    use figment::value::Value;
+    let (first, rest) = path.split_first()?;
+    let mut value = tree.get(first)?;
+    for key in rest {
+        value = match value {
+            Value::Dict(_, dict) => dict.get(key)?,
+            Value::Array(_, items) => items.get(key.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
+/// Sets the value at `path`, creating missing tables on the way; false when the path crosses a value
+/// that is not a table or array.
+fn set(tree: &mut figment::value::Dict, path: &[String], value: figment::value::Value) -> bool {
+    use figment::value::{Dict, Value};
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut dict = tree;
+    let mut parents = parents.iter().peekable();
+    while let Some(key) = parents.next() {
+        let entry = dict
+            .entry(key.clone())
+            .or_insert_with(|| Value::from(Dict::new()));
+        match entry {
+            Value::Dict(_, inner) => dict = inner,
+            Value::Array(_, items) => {
+                // An index: step into that element, which must itself be a table (or be the target).
+                let Some(index) = parents.next().and_then(|k| k.parse::<usize>().ok()) else {
+                    return false;
+                };
+                let Some(element) = items.get_mut(index) else {
+                    return false;
+                };
+                match element {
+                    Value::Dict(_, inner) => dict = inner,
+                    _ => return false,
+                }
+            }
+            _ => return false,
+        }
+    }
+    dict.insert(last.clone(), value);
+    true
+}
+
+/// Removes the key at `path`; false when there is none.
+fn remove(tree: &mut figment::value::Dict, path: &[String]) -> bool {
+    use figment::value::Value;
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    if parents.is_empty() {
+        return tree.remove(last).is_some();
+    }
+    let mut dict = tree;
+    let mut parents = parents.iter().peekable();
+    while let Some(key) = parents.next() {
+        let Some(entry) = dict.get_mut(key) else {
+            return false;
+        };
+        match entry {
+            Value::Dict(_, inner) => dict = inner,
+            Value::Array(_, items) => {
+                let Some(index) = parents.next().and_then(|k| k.parse::<usize>().ok()) else {
+                    return false;
+                };
+                match items.get_mut(index) {
+                    Some(Value::Dict(_, inner)) => dict = inner,
+                    _ => return false,
+                }
+            }
+            _ => return false,
+        }
+    }
+    dict.remove(last).is_some()
+}
+
+/// A scalar as written in TOML (strings quoted); `None` for tables and arrays.
+fn scalar_text(value: &figment::value::Value) -> Option<String> {
+    use figment::value::Value;
+    match value {
+        Value::String(_, s) => Some(format!("{s:?}")),
+        Value::Char(_, c) => Some(format!("{:?}", c.to_string())),
+        Value::Bool(_, b) => Some(b.to_string()),
+        Value::Num(_, n) => n
+            .to_u128()
+            .map(|v| v.to_string())
+            .or_else(|| n.to_i128().map(|v| v.to_string()))
+            .or_else(|| n.to_f64().map(|v| v.to_string())),
+        Value::Empty(..) | Value::Dict(..) | Value::Array(..) => None,
+    }
+}
+
+/// A figment error's key in [`FieldError`]'s style: `routes[2].filter`.
+fn key_of(error: &figment::Error) -> String {
+    let mut key = String::new();
+    for segment in &error.path {
+        if segment.parse::<usize>().is_ok() {
+            key.push_str(&format!("[{segment}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(segment);
+        }
+    }
+    key
+}
+
+/// Whether `key` is `parent` or lies under it.
+fn is_under(key: &str, parent: &str) -> bool {
+    parent.is_empty()
+        || key == parent
+        || key
+            .strip_prefix(parent)
+            .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
 }
 
 /// Makes `path` absolute against `base` if it is relative. Lexical only (no `canonicalize`): the file need not

@@ -562,14 +562,16 @@ fn validate_table_on_single_changes() {
 }
 
 #[test]
-fn empty_sites_and_routes_are_refused() {
+fn a_hub_without_sites_loads_and_an_agent_without_routes_is_refused() {
     let base = Path::new("/cfg");
     let hub = std::fs::read_to_string(fixture("hub-valid.toml")).expect("fixture readable");
-    let hub = "sites = []\n".to_owned() + hub.split("[[sites]]").next().expect("text before sites");
-    assert_eq!(
-        problem_lines(HubConfig::from_toml_str(&hub, base)),
-        ["sites: must not be empty"]
-    );
+    // A fresh install: `cloud-hub site add` appends the first site to a file without any.
+    let before_sites = hub.split("[[sites]]").next().expect("text before sites");
+    let cfg = HubConfig::from_toml_str(before_sites, base).expect("no sites is valid");
+    assert!(cfg.sites.is_empty());
+    let cfg = HubConfig::from_toml_str(&("sites = []\n".to_owned() + before_sites), base)
+        .expect("an empty list is valid too");
+    assert!(cfg.sites.is_empty());
 
     let agent = std::fs::read_to_string(fixture("agent-valid.toml")).expect("fixture readable");
     let agent = agent
@@ -857,4 +859,110 @@ fn env_key_lists_match_the_models() {
     };
     assert_eq!(expected_fields::<AgentConfig>(), sorted(load::AGENT_KEYS));
     assert_eq!(expected_fields::<HubConfig>(), sorted(load::HUB_KEYS));
+}
+
+/// Issue 13 item 5: a file with several mistakes lists every one of them in one run, each with its key
+/// path, and with the value where the message would not show it. (figment alone stops at the first.)
+#[test]
+fn every_mistake_of_a_file_is_listed_at_once() {
+    let text = r#"
+site = "line1"
+data_dir = 5
+colour = "blue"
+
+[broker]
+kind = "embedded"
+listen = "127.0.0.1:99999"
+
+[uplink]
+hub = "127.0.0.1:4433"
+server_name = "hub.meshbridge.local"
+ca = "ca.pem"
+cert = "line1.pem"
+key = "line1.key"
+batch_max_bytes = "2 furlongs"
+window = "eight"
+
+[[routes]]
+filter = "telemetry/#"
+qos = 7
+
+[[routes]]
+filter = "alarms/+/active"
+retain = "maybe"
+"#;
+    let err = AgentConfig::from_toml_str(text, Path::new("/etc/meshbridge")).expect_err("invalid");
+    let shown = err.to_string();
+    assert!(shown.contains("7 problem(s)"), "{shown}");
+    for line in [
+        "broker.listen: invalid socket address syntax (value: \"127.0.0.1:99999\")",
+        "colour: unknown field",
+        "data_dir: invalid type: found signed int `5`",
+        "routes[1].retain: invalid type: found string \"maybe\"",
+        "uplink.batch_max_bytes: unknown byte-size unit `furlongs`",
+        "(value: \"2 furlongs\")",
+        "uplink.window: invalid type: found string \"eight\"",
+        // The rules still run on the rest of the file.
+        "routes[0].qos: must be between 0 and 2, got 7",
+    ] {
+        assert!(shown.contains(line), "missing {line:?} in:\n{shown}");
+    }
+    match err {
+        ConfigError::Parse {
+            error, problems, ..
+        } => {
+            assert_eq!(error.count(), 6, "{shown}");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Required keys missing, and one of the wrong type: all named, none hides another.
+    let err = AgentConfig::from_toml_str(
+        "site = [1]\n[broker]\nkind = \"embedded\"\n[queue]\nmax_bytes = true\n",
+        Path::new("/"),
+    )
+    .expect_err("invalid");
+    let shown = err.to_string();
+    for needle in [
+        "site: invalid type",
+        "missing field `data_dir`",
+        "missing field `uplink`",
+        "queue.max_bytes: invalid type",
+    ] {
+        assert!(shown.contains(needle), "missing {needle:?} in:\n{shown}");
+    }
+
+    // The hub's file too, with a bad value inside a tagged table and an unknown key in a site.
+    let hub = r#"
+data_dir = "state"
+[listen]
+quic = "127.0.0.1:4433"
+max_connections = -1
+[tls]
+ca = "ca.pem"
+cert = "hub.pem"
+key = "hub.key"
+[broker]
+kind = "embedded"
+listen = "nowhere"
+[[sites]]
+name = "line1"
+namespace = "acme/{site}"
+colour = "red"
+"#;
+    let err = HubConfig::from_toml_str(hub, Path::new("/")).expect_err("invalid");
+    let shown = err.to_string();
+    for needle in [
+        "listen.max_connections: invalid",
+        "broker.listen: invalid socket address syntax (value: \"nowhere\")",
+        "sites[0].colour: unknown field",
+    ] {
+        assert!(shown.contains(needle), "missing {needle:?} in:\n{shown}");
+    }
+
+    // A syntax error leaves no tree to go on with: it alone is reported, with its place.
+    let err = AgentConfig::from_toml_str("site = \"line1\"\n[uplink\n", Path::new("/"))
+        .expect_err("invalid");
+    assert!(err.to_string().contains("1 problem(s)"), "{err}");
 }
