@@ -204,12 +204,26 @@ impl Auth {
         &self.files.counters
     }
 
-    /// Polls the files every [`RELOAD_EVERY`] until `stop` (once per broker: the listeners share them).
+    /// Polls the files every [`RELOAD_EVERY`], and at once on SIGHUP (`systemctl reload`), until `stop`
+    /// (once per broker: the listeners share them).
     pub async fn reload_loop(self: Arc<Self>, stop: CancellationToken) {
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
+            #[cfg(unix)]
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(h) => drop(h.recv().await),
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hup = std::future::pending::<()>();
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(RELOAD_EVERY) => {}
+                () = hup => {}
             }
             let me = Arc::clone(&self);
             let _ = tokio::task::spawn_blocking(move || {

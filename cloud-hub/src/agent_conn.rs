@@ -105,6 +105,9 @@ pub(crate) struct Site {
     pub(crate) refusals: Mutex<HashMap<String, PendingRefusals>>,
     /// The site's event counters.
     pub(crate) counters: crate::metrics::SiteCounters,
+    /// Cancelled when a config reload removed the site (`crate::sites`): its links drain and close with
+    /// `Unauthorized`, and it is refused from then on.
+    pub(crate) removed: CancellationToken,
 }
 
 impl Site {
@@ -125,6 +128,7 @@ impl Site {
             downlink_busy: watch::Sender::new(0),
             refusals: Mutex::new(refusals),
             counters,
+            removed: CancellationToken::new(),
         }
     }
 
@@ -225,7 +229,8 @@ struct Live {
 /// State shared by every connection.
 #[derive(Debug)]
 pub(crate) struct Hub {
-    pub(crate) sites: HashMap<String, Arc<Site>>,
+    /// The configured sites (changed by a config reload).
+    pub(crate) sites: Arc<crate::sites::Sites>,
     pub(crate) publisher: Publisher,
     pub(crate) store: DedupStore,
     pub(crate) max_frame_size: usize,
@@ -259,16 +264,18 @@ impl Hub {
     pub(crate) fn connections_per_site(&self) -> Vec<(String, u64)> {
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
         self.sites
-            .keys()
+            .names()
+            .into_iter()
             .map(|site| {
-                let count = live.keys().filter(|origin| owned_by(site, origin)).count();
-                (site.clone(), count as u64)
+                let count = live.keys().filter(|origin| owned_by(&site, origin)).count();
+                let count = count as u64;
+                (site, count)
             })
             .collect()
     }
 
     pub(crate) fn new(
-        sites: HashMap<String, Arc<Site>>,
+        sites: Arc<crate::sites::Sites>,
         publisher: Publisher,
         store: DedupStore,
         (max_frame_size, max_message_size, downlink_ack_timeout): (usize, usize, Duration),
@@ -321,7 +328,7 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
     let (admission, site) = match &identity {
         Ok(name) => {
             span.record("site", name.as_str());
-            match hub.sites.get(name.as_str()).cloned() {
+            match hub.sites.get(name.as_str()) {
                 Some(site) => (
                     Admission::Site {
                         max_topic_len: u16::try_from(site.namespace.local_topic_room())
@@ -1026,6 +1033,10 @@ impl Session<'_> {
                     // queue (unacknowledged), and the dedup state drops it should it come back re-issued.
                     warn!("the site's certificate was revoked; closing its link");
                     link.close(GoAwayCode::Unauthorized, "certificate revoked".into());
+                }
+                () = self.site.removed.cancelled(), if !link.is_draining() => {
+                    warn!("the site was removed from the hub's config; closing its link");
+                    link.drain(GoAwayCode::Unauthorized, "site removed from the hub's config".into());
                 }
                 () = self.replaced.cancelled(), if !link.is_draining() => {
                     link.drain(GoAwayCode::Replaced, "another connection for this site took over".into());

@@ -32,12 +32,13 @@ pub mod pki;
 mod publisher;
 mod reload;
 mod revocation;
+pub mod site;
+mod sites;
 mod status;
 pub mod store;
 pub mod tls;
 mod traced;
 
-use std::collections::HashMap;
 use std::fs;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,11 +46,9 @@ use std::time::Duration;
 use quinn::Endpoint;
 use shared::config::{BrokerConfig, HubConfig};
 use shared::policy::admission::GateLimits;
-use shared::policy::dedup::Dedup;
 use shared::policy::route::RouteTable;
 use shared::policy::route_dedup::{RouteDedups, RouteDedupsSnapshot};
 use shared::queue::QueueLimits;
-use shared::topic::Namespace;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,7 +58,7 @@ pub use agent_conn::MESHBRIDGE_ID;
 pub use error::HubError;
 pub use publisher::PublishError;
 
-use agent_conn::{Hub, Site, Stops};
+use agent_conn::{Hub, Stops};
 use cloud_broker::RunningEmbedded;
 use downlink::DownlinkStore;
 use publisher::Publisher;
@@ -102,7 +101,7 @@ pub async fn run_reloading(
         source,
     })?;
     let data_dir = cfg.data_dir.clone();
-    let (store, mut restored, refusals) = tokio::task::spawn_blocking(move || {
+    let (store, restored, refusals) = tokio::task::spawn_blocking(move || {
         let (store, restored) = DedupStore::open(&data_dir)?;
         let refusals = store.refusals()?;
         Ok::<_, store::StoreError>((store, restored, refusals))
@@ -116,45 +115,12 @@ pub async fn run_reloading(
         Some(addr) => Some(meshbridge_metrics::bind(addr).await?),
         None => None,
     };
-    let mut sites = HashMap::with_capacity(cfg.sites.len());
-    for site in &cfg.sites {
-        let namespace =
-            Namespace::from_template(&site.namespace, &site.name).map_err(|source| {
-                HubError::Namespace {
-                    site: site.name.clone(),
-                    source,
-                }
-            })?;
-        let dedup = match restored.remove(&site.name) {
-            Some(dedup) => dedup,
-            None => Dedup::new(cfg.dedup.window).map_err(HubError::DedupWindow)?,
-        };
-        if dedup.window_size() != cfg.dedup.window {
-            info!(
-                site = %site.name,
-                stored = dedup.window_size(),
-                configured = cfg.dedup.window,
-                "keeping the stored dedup window size for this site"
-            );
-        }
-        sites.insert(
-            site.name.clone(),
-            Arc::new(Site::new(
-                site.name.clone(),
-                namespace,
-                dedup,
-                refusals
-                    .iter()
-                    .filter(|(origin, _)| agent_conn::owned_by(&site.name, origin))
-                    .map(|(origin, pending)| (origin.clone(), pending.clone()))
-                    .collect(),
-                metrics.site(&site.name),
-            )),
-        );
-    }
-    for forgotten in restored.keys() {
-        info!(site = %forgotten, "stored dedup state of a site no longer configured is kept but unused");
-    }
+    let sites = Arc::new(sites::Sites::new(
+        &cfg,
+        restored,
+        refusals,
+        Arc::clone(&metrics),
+    )?);
 
     let tls_files = revocation::TlsFiles {
         ca: cfg.tls.ca.clone(),
@@ -239,7 +205,7 @@ pub async fn run_reloading(
         tracker.spawn(reload::follow(
             path,
             cfg.clone(),
-            routes_tx.clone(),
+            (routes_tx.clone(), Arc::clone(&sites)),
             publisher_stop.clone(),
         ));
     }
@@ -344,7 +310,7 @@ async fn save_route_dedups(
 
 /// The sites and what the connections route by.
 struct Routing {
-    sites: HashMap<String, Arc<Site>>,
+    sites: Arc<sites::Sites>,
     routes: watch::Receiver<Arc<RouteTable>>,
     dedups: Arc<Mutex<RouteDedups>>,
     downlinks: Arc<DownlinkStore>,
@@ -438,6 +404,10 @@ async fn serve(
         (None, BrokerConfig::Embedded(e)) => format!("mqtt://{}", e.listen),
     };
     info!(%quic, %broker, sites = cfg.sites.len(), "ready");
+    if cfg.sites.is_empty() {
+        warn!("no sites are configured yet: every agent is refused until one is added (`cloud-hub site add NAME`)");
+    }
+    meshbridge_metrics::systemd::ready(&format!("QUIC on {quic}, cloud broker {broker}"));
 
     let stops = Stops {
         shutdown: shutdown.child_token(),

@@ -1,4 +1,5 @@
 //! The `cloud-hub` program: runs the hub from a config file, or manages the development PKI.
+//! `cloud-hub health --config FILE` probes a running hub's metrics endpoint (container health checks).
 
 use std::error::Error as _;
 use std::path::PathBuf;
@@ -45,10 +46,23 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Probe the running hub's metrics endpoint (`metrics.listen`; 0.0.0.0 is probed on 127.0.0.1): exit
+    /// status 0 when `GET /metrics` answers 200 within 2 s, else 1 and the reason on standard error. For
+    /// container health checks (the images have no shell or curl).
+    Health {
+        /// Hub config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Manage the private CA and certificates.
     Pki {
         #[command(subcommand)]
         command: PkiCommand,
+    },
+    /// Add factory lines (sites): certificate, hub config entry and the agent's bundle in one step.
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
     },
     /// Inspect hub configs without running the hub.
     Config {
@@ -68,6 +82,38 @@ enum ConfigCommand {
         config: PathBuf,
         /// The edited config.
         new: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCommand {
+    /// Add site NAME: issue its certificate from the hub's CA (the directory of `tls.ca`), add it to the
+    /// hub config (a running hub picks it up within a second) and write a bundle with the agent's config,
+    /// certificate, key and CA. On the gateway: `edge-agent bootstrap BUNDLE`.
+    Add {
+        /// Site name (the certificate's Common Name: the site's identity at the hub).
+        name: String,
+        /// Hub config file, edited in place (comments kept; the site is appended).
+        #[arg(long, default_value = "/etc/meshbridge/hub.toml")]
+        config: PathBuf,
+        /// The hub as the gateway reaches it, HOST:PORT (default: `listen.quic`, unless it is 0.0.0.0/[::]).
+        #[arg(long)]
+        hub_address: Option<String>,
+        /// Name the agent checks in the hub certificate (default: the certificate's first DNS name or IP).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Namespace pattern, e.g. "acme/plant1/{site}" (default: the one all existing sites share).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Validity of the site certificate in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// Bundle file to write (mode 0600: it holds the site's private key). Default: NAME.bundle.tar.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing bundle file.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -149,6 +195,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match (cli.command, cli.config) {
         (Some(Command::Pki { command }), None) => return report(pki_command(command)),
+        (Some(Command::Site { command }), None) => return report(site_command(command)),
         (Some(Command::Config { command }), None) => return report(config_command(command)),
         (Some(Command::CheckConfig { config }), None) => {
             for note in env_notes() {
@@ -168,6 +215,27 @@ fn main() -> ExitCode {
                 Err(error) => {
                     eprintln!("cloud-hub: {error}");
                     ExitCode::from(2)
+                }
+            };
+        }
+        (Some(Command::Health { config }), None) => {
+            // 1, never 2, on every failure: Docker reserves health-check status 2.
+            let listen = shared::config::load_hub(&config)
+                .map_err(anyhow::Error::from)
+                .and_then(|cfg| {
+                    cfg.metrics.listen.with_context(|| {
+                        format!("{} has no [metrics] listen to probe", config.display())
+                    })
+                });
+            return match listen.and_then(health) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    let reason: Vec<String> = format!("{error:#}")
+                        .lines()
+                        .map(|l| l.trim().to_owned())
+                        .collect();
+                    eprintln!("cloud-hub: unhealthy: {}", reason.join("; "));
+                    ExitCode::FAILURE
                 }
             };
         }
@@ -217,6 +285,20 @@ fn main() -> ExitCode {
     report(run_hub(config, cfg))
 }
 
+/// `cloud-hub health`: probes the metrics endpoint at `listen`.
+fn health(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let target = meshbridge_metrics::probe_target(listen);
+    runtime.block_on(meshbridge_metrics::probe(
+        target,
+        meshbridge_metrics::PROBE_TIMEOUT,
+    ))?;
+    Ok(())
+}
+
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -233,6 +315,49 @@ fn env_notes() -> Vec<String> {
         shared::config::Program::Hub,
         std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()),
     )
+}
+
+fn site_command(command: SiteCommand) -> anyhow::Result<()> {
+    match command {
+        SiteCommand::Add {
+            name,
+            config,
+            hub_address,
+            server_name,
+            namespace,
+            days,
+            out,
+            force,
+        } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.bundle.tar")));
+            let added = cloud_hub::site::add(&cloud_hub::site::SiteAdd {
+                config: &config,
+                site: &name,
+                hub_address: hub_address.as_deref(),
+                server_name: server_name.as_deref(),
+                namespace: namespace.as_deref(),
+                lifetime: Duration::from_secs(days.saturating_mul(24 * 3600)),
+                out: &out,
+                overwrite: force,
+            })?;
+            println!(
+                "site {name}: certificate {}, namespace {:?}, added to {}",
+                added.cert.display(),
+                added.namespace,
+                config.display()
+            );
+            println!(
+                "bundle: {} (agent -> {}, server name {}; forwards {} until the hub pushes its routes)",
+                added.bundle.display(),
+                added.hub,
+                added.server_name,
+                added.filters.join(", ")
+            );
+            println!("a running hub admits {name} within a second; on the gateway:");
+            println!("  edge-agent bootstrap {}", added.bundle.display());
+        }
+    }
+    Ok(())
 }
 
 fn pki_command(command: PkiCommand) -> anyhow::Result<()> {
@@ -394,6 +519,8 @@ fn run_hub(config: PathBuf, cfg: shared::config::HubConfig) -> anyhow::Result<()
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+        // systemd readiness ("ready" in lib.rs), STOPPING=1 and watchdog pings.
+        let _systemd = meshbridge_metrics::systemd::supervise(shutdown.clone());
         let result = cloud_hub::run_reloading(Some(config), cfg, shutdown).await;
         signals.abort();
         result.context("cloud-hub failed")

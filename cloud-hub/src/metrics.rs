@@ -343,11 +343,12 @@ impl HubMetrics {
             );
         }
         let table = std::sync::Arc::clone(&hub.routes.borrow());
-        for site in hub.sites.keys() {
-            let label = SiteLabel { site: site.clone() };
-            let offered = crate::agent_conn::offer(&table, site).map_or(0, |o| o.version);
+        for site in hub.sites.names() {
+            let offered = crate::agent_conn::offer(&table, &site).map_or(0, |o| o.version);
+            let applied = hub.status.config_version(&site);
+            let label = SiteLabel { site };
             set(&self.config_offered.get_or_create(&label), offered);
-            if let Some(applied) = hub.status.config_version(site) {
+            if let Some(applied) = applied {
                 set(&self.config_applied.get_or_create(&label), applied);
             }
         }

@@ -1,9 +1,10 @@
 //! Live config reload: on SIGHUP, and when the config file changes (checked every second), the hub reads
 //! its file again. A file that fails validation is refused with every problem logged, and the running
 //! config stays. A valid one has its routes put in force at once: the downlink subscriptions follow, every
-//! connected agent whose share changed gets a `ConfigPush`, and the next message is routed by it. Changes
-//! to sections that are wired at start (listener, TLS, broker, limits, dedup, downlink, sites) are logged
-//! as needing a restart.
+//! connected agent whose share changed gets a `ConfigPush`, and the next message is routed by it. Sites
+//! added are admitted and sites removed are refused and closed at once (`crate::sites`). Changes to
+//! sections that are wired at start (listener, TLS, broker, limits, dedup, downlink, a site's namespace)
+//! are logged as needing a restart.
 //!
 //! Polling the file's length and modification time once a second costs one `stat` and catches editors
 //! that replace the file (a new inode) as well as those that rewrite it, with no platform watcher.
@@ -18,6 +19,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::sites::Sites;
+
 /// How often the file is checked for changes.
 const POLL: Duration = Duration::from_secs(1);
 
@@ -31,7 +34,7 @@ fn stamp(path: &std::path::Path) -> Option<(u64, SystemTime)> {
 pub(crate) async fn follow(
     path: PathBuf,
     mut current: HubConfig,
-    routes: watch::Sender<Arc<RouteTable>>,
+    (routes, sites): (watch::Sender<Arc<RouteTable>>, Arc<Sites>),
     stop: CancellationToken,
 ) {
     #[cfg(unix)]
@@ -69,7 +72,7 @@ pub(crate) async fn follow(
                 "the file changed"
             }
         };
-        if let Some(next) = reload(&path, &current, &routes, why) {
+        if let Some(next) = reload(&path, &current, (&routes, &sites), why) {
             current = next;
         }
     }
@@ -79,7 +82,7 @@ pub(crate) async fn follow(
 fn reload(
     path: &std::path::Path,
     current: &HubConfig,
-    routes: &watch::Sender<Arc<RouteTable>>,
+    (routes, sites): (&watch::Sender<Arc<RouteTable>>, &Sites),
     why: &str,
 ) -> Option<HubConfig> {
     let new = match load_hub(path) {
@@ -103,12 +106,26 @@ fn reload(
         }
     };
     info!(path = %path.display(), trigger = why, "config reloaded; routes in force now:\n{diff}");
-    let mut restart: Vec<&str> = diff.restart.clone();
-    if !diff.sites.is_empty() {
-        restart.push("sites");
+    // Sites first: a route naming a new site must find it admitted.
+    let changes = match sites.apply(&new) {
+        Ok(changes) => changes,
+        Err(e) => {
+            error!(path = %path.display(), trigger = why, cause = %e, "config reload refused; the running config stays");
+            return None;
+        }
+    };
+    if !changes.added.is_empty() {
+        info!(sites = %changes.added.join(", "), "sites admitted from now on");
+    }
+    if !changes.removed.is_empty() {
+        warn!(sites = %changes.removed.join(", "), "sites removed: refused from now on, their links closed");
+    }
+    let mut restart: Vec<String> = diff.restart.iter().map(|s| (*s).to_owned()).collect();
+    for site in &changes.restart {
+        restart.push(format!("sites.{site}.namespace"));
     }
     if current.downlink != new.downlink {
-        restart.push("downlink");
+        restart.push("downlink".to_owned());
     }
     if !restart.is_empty() {
         warn!(sections = %restart.join(", "), "these config changes take effect only after a restart");

@@ -143,8 +143,9 @@ pub(crate) async fn run(hub: Arc<Hub>, interval: Duration, stop: CancellationTok
     let started = tokio::time::Instant::now();
     let mut publications: HashMap<String, Publication<SiteStatus>> = hub
         .sites
-        .keys()
-        .map(|site| (site.clone(), Publication::new(interval)))
+        .names()
+        .into_iter()
+        .map(|site| (site, Publication::new(interval)))
         .collect();
     // Checked at least this often, so the interval is kept whatever it is.
     let mut tick = tokio::time::interval(interval.min(Duration::from_secs(1)));
@@ -161,7 +162,7 @@ pub(crate) async fn run(hub: Arc<Hub>, interval: Duration, stop: CancellationTok
                 .map_or(key.as_str(), |(site, _)| site);
             *backlog.entry(site.to_owned()).or_default() += depth;
         }
-        for (name, site) in &hub.sites {
+        for (name, site) in &hub.sites.all() {
             let status = hub
                 .status
                 .status(name, backlog.get(name).copied().unwrap_or(0));

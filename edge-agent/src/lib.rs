@@ -15,9 +15,11 @@
 //! broker → uplink reads the queue → hub → `Ack{upto}` → `RedbQueue::ack_upto` (deleted). A message is deleted
 //! only once the hub has it; an acknowledged message survives `kill -9` of the agent.
 
+pub mod bootstrap;
 pub mod dead_letters;
 pub mod error;
 mod events;
+pub mod hangup;
 pub mod tls;
 
 mod ingest;

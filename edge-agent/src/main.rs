@@ -1,7 +1,9 @@
 //! `edge-agent --config FILE`: loads the config, sets up logging and signals, and runs the agent.
 //! `edge-agent --config FILE dead-letters list|replay`: the operator's view of messages refused for good.
+//! `edge-agent bootstrap BUNDLE`: installs a site bundle from `cloud-hub site add` under /etc/meshbridge.
 //! `edge-agent passwd FILE USER`: adds or changes a user of a password file (as `mosquitto_passwd`).
 //! `edge-agent --config FILE check-config | print-config`: validates the config, or prints the effective one.
+//! `edge-agent --config FILE health`: probes the running agent's metrics endpoint (container health checks).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +34,10 @@ enum Command {
     /// Print the effective config (file, environment overrides, defaults, resolved paths) as TOML, with
     /// passwords redacted.
     PrintConfig,
+    /// Probe the running agent's metrics endpoint (`metrics.listen`; 0.0.0.0 is probed on 127.0.0.1):
+    /// exit status 0 when `GET /metrics` answers 200 within 2 s, else 1 and the reason on standard error.
+    /// For container health checks (the images have no shell or curl).
+    Health,
     /// Messages refused for good (by the cloud broker, or too large for the path).
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
@@ -52,6 +58,24 @@ enum Command {
         /// PBKDF2 iterations (slower to check, slower to guess).
         #[arg(long, default_value_t = shared::auth::passwd::DEFAULT_ITERATIONS)]
         iterations: u32,
+    },
+    /// Install a site bundle made by `cloud-hub site add NAME` on this gateway: the agent's config as
+    /// ETC_DIR/agent.toml and its CA, certificate and key in ETC_DIR/agent/ (key and config readable by
+    /// the `meshbridge` group only). The config is checked before anything is replaced. Then start it:
+    /// `systemctl enable --now meshbridge-edge-agent` (or restart it).
+    Bootstrap {
+        /// The bundle file (NAME.bundle.tar).
+        bundle: PathBuf,
+        /// Config directory.
+        #[arg(long, default_value = "/etc/meshbridge")]
+        etc_dir: PathBuf,
+        /// State directory written into the config as data_dir (default: the bundle's,
+        /// /var/lib/meshbridge/agent).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Replace an installed config of another site or hub.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -88,6 +112,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Bootstrap {
+        bundle,
+        etc_dir,
+        state_dir,
+        force,
+    }) = &cli.command
+    {
+        return bootstrap(bundle, etc_dir, state_dir.as_deref(), *force);
+    }
     let Some(config) = cli.config else {
         use clap::CommandFactory;
         Cli::command()
@@ -97,6 +130,23 @@ fn main() -> ExitCode {
             )
             .exit();
     };
+    if let Some(Command::Health) = cli.command {
+        // 1, never 2, on every failure: Docker reserves health-check status 2.
+        let listen = shared::config::load_agent(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| {
+                cfg.metrics.listen.with_context(|| {
+                    format!("{} has no [metrics] listen to probe", config.display())
+                })
+            });
+        return match listen.and_then(health) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("edge-agent: unhealthy: {}", one_line(&error));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cfg = match shared::config::load_agent(&config) {
         Ok(cfg) => cfg,
         Err(error) => {
@@ -161,7 +211,7 @@ fn main() -> ExitCode {
         eprintln!("edge-agent: invalid tracing set-up (OTEL_* variables): {error}");
         return ExitCode::from(2);
     }
-    match serve(cfg) {
+    match serve(config, cfg) {
         Ok(()) => {
             meshbridge_metrics::otel::shutdown();
             ExitCode::SUCCESS
@@ -175,6 +225,46 @@ fn main() -> ExitCode {
 }
 
 /// `edge-agent passwd`: writes the file atomically (a running agent never reads half of it), owner-only.
+fn bootstrap(
+    bundle: &std::path::Path,
+    etc_dir: &std::path::Path,
+    state_dir: Option<&std::path::Path>,
+    force: bool,
+) -> ExitCode {
+    let request = edge_agent::bootstrap::Bootstrap {
+        bundle,
+        etc_dir,
+        state_dir,
+        force,
+    };
+    match edge_agent::bootstrap::install(&request) {
+        Ok(done) => {
+            let what = if done.unchanged {
+                "already installed, unchanged"
+            } else if done.replaced {
+                "installed, replacing the previous config"
+            } else {
+                "installed"
+            };
+            println!(
+                "site {} {what}: {} (hub {}, state in {})",
+                done.site,
+                done.config.display(),
+                done.hub,
+                done.data_dir.display()
+            );
+            println!(
+                "start it: systemctl enable --now meshbridge-edge-agent (or restart it if it runs)"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("edge-agent: {:#}", anyhow::Error::from(error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn passwd(
     file: &std::path::Path,
     user: &str,
@@ -301,12 +391,41 @@ fn dead_letters(
     }
 }
 
-fn serve(cfg: shared::config::AgentConfig) -> anyhow::Result<()> {
+/// `edge-agent health`: probes the metrics endpoint at `listen`.
+fn health(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let target = meshbridge_metrics::probe_target(listen);
+    runtime.block_on(meshbridge_metrics::probe(
+        target,
+        meshbridge_metrics::PROBE_TIMEOUT,
+    ))?;
+    Ok(())
+}
+
+/// An error and its causes on one line (a config error lists its problems on several).
+fn one_line(error: &anyhow::Error) -> String {
+    format!("{error:#}")
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn serve(config: PathBuf, cfg: shared::config::AgentConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+        // SIGHUP (`systemctl reload`) would otherwise kill the agent; systemd readiness and watchdog.
+        let hangup =
+            edge_agent::hangup::follow(config, cfg.clone()).context("cannot listen for SIGHUP")?;
+        let hangup = tokio::spawn(hangup);
+        let _systemd = meshbridge_metrics::systemd::supervise(shutdown.clone());
         let result = edge_agent::run(cfg, shutdown).await;
+        hangup.abort();
         signals.abort();
         result.context("edge-agent failed")
     })

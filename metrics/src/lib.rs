@@ -9,9 +9,13 @@
 //! One route, answered with one string, for a scraper on a trusted network: a bounded request read
 //! (8 KiB, 5 s), `GET /metrics` or 404, `Connection: close`. That is less code than wiring a framework's
 //! router and shutdown, and it keeps hyper and tower out of a gateway's binary.
+//!
+//! [`probe`] is the client side, for the programs' `health` command: the container images have no shell
+//! and no curl, so the programs check their own endpoint.
 
 pub mod logging;
 pub mod otel;
+pub mod systemd;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -180,6 +184,121 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
     }
 }
 
+/// How long the programs' `health` command waits for the endpoint: connect, request and status line.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a [`probe`] of the endpoint failed: each variant is one reason an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Nothing accepted the TCP connection (the program is not running, or serves metrics elsewhere).
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// The address probed.
+        addr: SocketAddr,
+        /// The connect error (e.g. connection refused).
+        #[source]
+        source: std::io::Error,
+    },
+    /// No status line arrived within the probe's time (a wedged process, or a peer that is not this
+    /// endpoint and waits for more).
+    #[error("no answer from {addr} within {timeout:?}")]
+    Timeout {
+        /// The address probed.
+        addr: SocketAddr,
+        /// The probe's time limit.
+        timeout: Duration,
+    },
+    /// The connection failed after it was accepted (reset, closed before a status line).
+    #[error("the connection to {addr} failed")]
+    Io {
+        /// The address probed.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// What came back does not start with an HTTP status line (another service on that port).
+    #[error("{addr} did not answer with HTTP: {first_line:?}")]
+    NotHttp {
+        /// The address probed.
+        addr: SocketAddr,
+        /// The first bytes of the answer, lossily decoded.
+        first_line: String,
+    },
+    /// An HTTP answer other than 200 (e.g. 404: something else serves that port).
+    #[error("{addr} answered HTTP {status} to GET /metrics")]
+    Status {
+        /// The address probed.
+        addr: SocketAddr,
+        /// The status code.
+        status: u16,
+    },
+}
+
+/// Where to probe the endpoint configured as `listen`: an unspecified address (`0.0.0.0`, `[::]`) listens
+/// on every interface, loopback included, so it is probed on loopback of the same family.
+#[must_use]
+pub fn probe_target(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// Health probe: `GET /metrics` on `addr` over plain TCP, `Ok` on HTTP 200, all within `timeout`. Only the
+/// status line is read. The programs' `health` command runs it (container images have no shell or curl).
+///
+/// # Errors
+/// [`ProbeError`], one variant per reason.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
+    /// The status line is at most this long (`HTTP/1.1 200 OK`); more without a line end is not HTTP.
+    const MAX_STATUS_LINE: usize = 256;
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ProbeError::Connect { addr, source })?;
+        let io = |source| ProbeError::Io { addr, source };
+        stream
+            .write_all(
+                b"GET /metrics HTTP/1.1\r\nHost: meshbridge-health\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .map_err(io)?;
+        let mut answer = Vec::with_capacity(MAX_STATUS_LINE);
+        let mut chunk = [0u8; MAX_STATUS_LINE];
+        while !answer.contains(&b'\n') && answer.len() < MAX_STATUS_LINE {
+            let n = stream.read(&mut chunk).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        if answer.is_empty() {
+            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let line = answer.split(|&b| b == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line).trim_end().to_owned();
+        let mut parts = line.splitn(3, ' ');
+        let status = match (parts.next(), parts.next()) {
+            (Some(version), Some(code)) if version.starts_with("HTTP/1.") => code.parse().ok(),
+            _ => None,
+        };
+        match status {
+            Some(200) => Ok(()),
+            Some(status) => Err(ProbeError::Status { addr, status }),
+            None => Err(ProbeError::NotHttp {
+                addr,
+                first_line: line.chars().take(80).collect(),
+            }),
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ProbeError::Timeout { addr, timeout })?
+}
+
 async fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(512);
     let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
@@ -286,5 +405,82 @@ mod tests {
 
         shutdown.cancel();
         server.await.expect("the server stops");
+    }
+
+    #[test]
+    fn unspecified_listen_addresses_are_probed_on_loopback() {
+        for (listen, target) in [
+            ("0.0.0.0:9600", "127.0.0.1:9600"),
+            ("[::]:9600", "[::1]:9600"),
+            ("10.1.2.3:9601", "10.1.2.3:9601"),
+            ("127.0.0.1:9602", "127.0.0.1:9602"),
+        ] {
+            let listen: SocketAddr = listen.parse().expect("addr");
+            assert_eq!(
+                probe_target(listen),
+                target.parse().expect("addr"),
+                "{listen}"
+            );
+        }
+    }
+
+    /// A one-shot server that reads a request and answers `answer` (or nothing, holding the connection).
+    async fn fake(answer: Option<&'static [u8]>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            match answer {
+                Some(answer) => {
+                    let _ = stream.write_all(answer).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(60)).await,
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn probe_passes_on_the_endpoint_and_names_each_failure() {
+        let timeout = Duration::from_secs(2);
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let registry = Arc::new(registry("test", "1.2.3"));
+        let render: Render = Arc::new(move || super::render(&registry));
+        let server = tokio::spawn(serve(listener, render, shutdown.clone()));
+        probe(addr, timeout)
+            .await
+            .expect("a serving endpoint is healthy");
+        shutdown.cancel();
+        server.await.expect("the server stops");
+        // The listener is closed with the server: nothing accepts on that port any more.
+        let stopped = probe(addr, timeout).await.expect_err("stopped");
+        assert!(matches!(stopped, ProbeError::Connect { .. }), "{stopped:?}");
+
+        let not_found = fake(Some(b"HTTP/1.1 404 Not Found\r\n\r\n")).await;
+        let error = probe(not_found, timeout).await.expect_err("404");
+        assert!(
+            matches!(error, ProbeError::Status { status: 404, .. }),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("HTTP 404"), "{error}");
+
+        let other = fake(Some(b"SSH-2.0-OpenSSH_9.2\r\n")).await;
+        let error = probe(other, timeout).await.expect_err("not HTTP");
+        assert!(matches!(error, ProbeError::NotHttp { .. }), "{error:?}");
+
+        let closed = fake(Some(b"")).await;
+        let error = probe(closed, timeout).await.expect_err("closed");
+        assert!(matches!(error, ProbeError::Io { .. }), "{error:?}");
+
+        let silent = fake(None).await;
+        let short = Duration::from_millis(200);
+        let error = probe(silent, short).await.expect_err("silent");
+        assert!(matches!(error, ProbeError::Timeout { .. }), "{error:?}");
     }
 }

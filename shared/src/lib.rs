@@ -19,12 +19,14 @@
 //!   by the hub and checked by the agent at PUBLISH time.
 //! - [`link`]: the agent↔hub link protocol as two pure state machines (handshake, window, acks, resume,
 //!   config push, downlink) that the async shells drive.
+//! - [`bundle`]: the site bundle `cloud-hub site add` writes and `edge-agent bootstrap` installs.
 //! - [`site`]: the rules of a site name, shared by the config model, the PKI and the hub.
 //! - [`queue`]: the durable outbound queue (redb) and its in-memory model. The one module that touches the
 //!   disk, because the guarantee it gives (committed before acknowledged) is the product's core promise.
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bundle;
 pub mod config;
 pub mod envelope;
 pub mod hash;

@@ -3,8 +3,8 @@
 //! missing piece there is a broken pipeline, not a reason to pass); anywhere else it prints a loud
 //! `SKIPPED` line that says what is missing and how to get it, and the caller returns early.
 //!
-//! A skipped test still shows as passed in cargo's summary, which is why the line is loud and why CI does
-//! not allow it.
+//! A skipped test still shows as passed in cargo's summary, which is why the line is loud, why it is also
+//! listed at the end of `scripts/test.sh`'s run (`TEST_MESHBRIDGE_SKIP_LOG`), and why CI does not allow it.
 
 use std::process::Command;
 
@@ -25,11 +25,35 @@ pub fn missing(test: &str, available: bool, what: &str, remedy: &str) -> bool {
         !in_ci(),
         "{test}: prerequisite missing under CI=true: {what} ({remedy})"
     );
-    eprintln!(
-        "\n*** SKIPPED {test}: {what} ({remedy}). This test did NOT run; CI=true makes it fail instead. ***\n"
+    skipped(
+        test,
+        &format!("{what} ({remedy}). This test did NOT run; CI=true makes it fail instead."),
     );
     true
 }
+
+/// Says loudly that `test` did not run and why, on stderr and in the list `scripts/test.sh` prints at the
+/// end of the run.
+pub fn skipped(test: &str, why: &str) {
+    let line = format!("SKIPPED {test}: {why}");
+    eprintln!("\n*** {line} ***\n");
+    // cargo's harness shows a passing test's output only with --nocapture, so the line also goes to the
+    // file scripts/test.sh names and prints after the run.
+    if let Some(path) = std::env::var_os(SKIP_LOG) {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}
+
+/// The environment variable naming the file skipped tests are listed in (set by scripts/test.sh). Not
+/// `MESHBRIDGE_*`: the programs read every such variable as a config key.
+pub const SKIP_LOG: &str = "TEST_MESHBRIDGE_SKIP_LOG";
 
 /// Whether this process runs as root (tmpfs mounts, network namespaces and firewall rules need it).
 pub fn is_root() -> bool {

@@ -218,6 +218,37 @@ pub fn leaf_common_name(chain: &[CertificateDer<'_>]) -> Result<String, Identity
         .map_err(IdentityError::NotString)
 }
 
+/// The names a leaf certificate is valid for, in its order: the subject alternative names' DNS names and IP
+/// addresses (as text). `cloud-hub site add` takes the first as the server name a new agent checks.
+///
+/// # Errors
+/// [`IdentityError`] when the chain is empty or the leaf does not parse.
+pub fn leaf_subject_alt_names(chain: &[CertificateDer<'_>]) -> Result<Vec<String>, IdentityError> {
+    use x509_parser::extensions::GeneralName;
+    let cert = parse_leaf(chain)?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
+                GeneralName::IPAddress(bytes) => match bytes.len() {
+                    4 => names.push(
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).expect("4 bytes"))
+                            .to_string(),
+                    ),
+                    16 => names.push(
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*bytes).expect("16 bytes"))
+                            .to_string(),
+                    ),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(names)
+}
+
 fn parse_leaf<'a>(chain: &'a [CertificateDer<'_>]) -> Result<X509Certificate<'a>, IdentityError> {
     let leaf = chain.first().ok_or(IdentityError::NoCertificate)?;
     let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| {

@@ -136,6 +136,7 @@ pub(crate) async fn run(
     let commits = tokio::spawn(ingest.run_front_commits(commits_rx));
     // The internal addresses are logged for diagnosis; they take only the per-start internal login.
     info!(%listen, ports = opened.addrs.len(), internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, %site, mode = "embedded", "ready");
+    meshbridge_metrics::systemd::ready(&format!("site {site}: serving MQTT on {listen}"));
     let served = front::serve_listeners(
         opened.listeners,
         broker.upstreams(),

@@ -176,6 +176,7 @@ pub(crate) async fn run(
                     if !ready {
                         ready = true;
                         info!(broker = %cfg.address, site = %ingest.site, mode = "external", "ready");
+                        meshbridge_metrics::systemd::ready(&format!("site {}: joined the broker at {}", ingest.site, cfg.address));
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
