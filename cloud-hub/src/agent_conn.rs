@@ -237,6 +237,8 @@ pub(crate) struct Hub {
     pub(crate) max_message_size: usize,
     /// `downlink.ack_timeout`: the downlink's stuck-link watchdog.
     pub(crate) downlink_ack_timeout: Duration,
+    /// Protocol versions spoken (`listen.max_protocol_version` caps them).
+    pub(crate) versions: shared::wire::VersionRange,
     /// The routes in force (swapped on a config reload); empty: the agents' own files decide what is
     /// forwarded, and everything forwarded is published under the site's namespace.
     pub(crate) routes: Routes,
@@ -278,7 +280,12 @@ impl Hub {
         sites: Arc<crate::sites::Sites>,
         publisher: Publisher,
         store: DedupStore,
-        (max_frame_size, max_message_size, downlink_ack_timeout): (usize, usize, Duration),
+        (max_frame_size, max_message_size, downlink_ack_timeout, versions): (
+            usize,
+            usize,
+            Duration,
+            shared::wire::VersionRange,
+        ),
         (routes, dedups, downlinks): (Routes, Dedups, Arc<DownlinkStore>),
     ) -> Self {
         Self {
@@ -288,6 +295,7 @@ impl Hub {
             max_frame_size,
             max_message_size,
             downlink_ack_timeout,
+            versions,
             routes,
             dedups,
             downlinks,
@@ -675,6 +683,8 @@ fn link_config(hub: &Hub) -> HubConfig {
         max_message_size: u32::try_from(hub.max_message_size).unwrap_or(u32::MAX),
         capabilities: Capabilities::CONFIG_PUSH.union(Capabilities::DOWNLINK),
         hello_timeout: HELLO_TIMEOUT,
+        versions: hub.versions,
+        software_version: env!("CARGO_PKG_VERSION").to_owned(),
         keepalive: None,
         downlink_window: DOWNLINK_WINDOW,
         downlink_ack_timeout: Some(hub.downlink_ack_timeout),

@@ -377,6 +377,7 @@ async fn serve(
             cfg.limits.max_frame_size.as_usize(),
             cfg.limits.max_message_size.as_usize(),
             cfg.downlink.ack_timeout,
+            shared::wire::VersionRange::supported_up_to(cfg.listen.max_protocol_version),
         ),
         (routes, dedups, downlinks),
     ));

@@ -102,18 +102,24 @@ impl DeadLettered<'_> {
 }
 
 /// The hub welcomed a connection.
-pub(crate) struct LinkUp {
+pub(crate) struct LinkUp<'a> {
     pub(crate) hub: std::net::SocketAddr,
+    /// The protocol version agreed.
+    pub(crate) protocol: u16,
+    /// The hub's software version (empty from a hub at protocol version 2).
+    pub(crate) hub_version: &'a str,
     pub(crate) depth: u64,
     pub(crate) acked: u64,
     pub(crate) hub_high_water: u64,
     pub(crate) rtt: Duration,
 }
 
-impl LinkUp {
+impl LinkUp<'_> {
     pub(crate) fn emit(self, counters: &LaneCounters) {
         info!(
             hub = %self.hub,
+            protocol = self.protocol,
+            hub_version = if self.hub_version.is_empty() { "unknown (protocol 2)" } else { self.hub_version },
             depth = self.depth,
             acked = self.acked,
             hub_high_water = self.hub_high_water,
@@ -121,6 +127,7 @@ impl LinkUp {
         );
         counters.connects.inc();
         counters.connected.set(1);
+        counters.protocol_version.set(self.protocol.into());
         counters.rtt.set(self.rtt.as_secs_f64());
     }
 }

@@ -67,6 +67,8 @@ pub(crate) struct LaneCounters {
     pub(crate) connects: Counter,
     /// 1 while the lane's connection is welcomed.
     pub(crate) connected: Gauge,
+    /// The protocol version the hub agreed on at the last welcome.
+    pub(crate) protocol_version: Gauge,
     /// Connections the stuck-link watchdog replaced (`uplink.ack_timeout`).
     pub(crate) stalls: Counter,
     /// Messages moved to the dead-letter store, by lane and reason code (the whole family: the reason is
@@ -86,6 +88,7 @@ pub(crate) struct AgentMetrics {
     config_pushes: Family<ResultLabel, Counter>,
     connects: Family<LaneLabel, Counter>,
     connected: Family<LaneLabel, Gauge>,
+    protocol_version: Family<LaneLabel, Gauge>,
     stalls: Family<LaneLabel, Counter>,
     dead_lettered: Family<DeadLetterLabel, Counter>,
     depth: Family<LaneLabel, Gauge>,
@@ -136,6 +139,7 @@ impl AgentMetrics {
             config_pushes: Family::default(),
             connects: Family::default(),
             connected: Family::default(),
+            protocol_version: Family::default(),
             stalls: Family::default(),
             dead_lettered: Family::default(),
             depth: Family::default(),
@@ -191,6 +195,11 @@ impl AgentMetrics {
             "uplink_connected",
             "1 while the lane's uplink connection is welcomed",
             m.connected.clone(),
+        );
+        registry.register(
+            "uplink_protocol_version",
+            "Agent-hub protocol version agreed at the lane's last welcome (the lower one when agent and hub are a release apart)",
+            m.protocol_version.clone(),
         );
         registry.register(
             "messages_dead_lettered",
@@ -362,6 +371,7 @@ impl AgentMetrics {
             configs_refused: pushes("refused"),
             connects: self.connects.get_or_create(&label).clone(),
             connected: self.connected.get_or_create(&label).clone(),
+            protocol_version: self.protocol_version.get_or_create(&label).clone(),
             stalls: self.stalls.get_or_create(&label).clone(),
             dead_lettered: self.dead_lettered.clone(),
             rtt: self.rtt.get_or_create(&label).clone(),

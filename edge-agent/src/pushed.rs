@@ -237,4 +237,68 @@ mod tests {
         let kept = fs::read_to_string(dir.path().join(PUSHED_FILE)).expect("kept");
         assert_eq!(kept, good);
     }
+
+    /// The last-good file as the first release of the document wrote it (`format = 1`, before `lanes`
+    /// existed; shared/src/config/effective.rs). Later additions are optional and omitted when empty, so
+    /// such a file still loads as it is, with the same version: the hub sees the agent running the config it
+    /// would push and does not push it again.
+    const FIRST_FORMAT: &str = r#"format = 1
+site = "line1"
+
+[[capture]]
+filter = "handoff/#"
+retain = "keep"
+priority = 0
+routes = ["handoff"]
+
+[[capture]]
+filter = "telemetry/#"
+qos = 1
+retain = "keep"
+priority = 0
+routes = ["telemetry"]
+
+[[accept]]
+filter = "cmd/#"
+routes = ["commands"]
+"#;
+
+    #[test]
+    fn a_last_good_config_of_the_first_format_is_still_run_with_its_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(PUSHED_FILE), FIRST_FORMAT).expect("write");
+        let (live, _) = live(dir.path());
+        assert_eq!(live.version(), version_of(FIRST_FORMAT));
+        assert!(live.decide("telemetry/robot5/temp").is_some());
+        assert!(live.decide("handoff/part42").is_some());
+        assert!(
+            live.decide("boot/x").is_none(),
+            "the file's bootstrap routes are not used"
+        );
+        // What the current build would write for the same routes is the same text, so the same version.
+        let parsed = EffectiveConfig::from_toml_str(FIRST_FORMAT).expect("parses");
+        assert_eq!(parsed.to_toml(), FIRST_FORMAT);
+    }
+
+    #[test]
+    fn a_last_good_config_a_newer_build_wrote_is_not_misread() {
+        // A downgraded agent finds a file of a later format: it runs its own bootstrap routes until the
+        // hub pushes again, rather than guessing at a document it does not know.
+        for newer in [
+            FIRST_FORMAT.replacen("format = 1", "format = 2", 1),
+            FIRST_FORMAT.replacen("priority = 0\n", "priority = 0\nsampling = 0.5\n", 1),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            fs::write(dir.path().join(PUSHED_FILE), &newer).expect("write");
+            let (live, _) = live(dir.path());
+            assert_eq!(live.version(), 0, "{newer}");
+            assert!(live.decide("boot/x").is_some());
+            assert!(live.decide("telemetry/robot5/temp").is_none());
+            // The file is left for the newer build to find again.
+            assert_eq!(
+                fs::read_to_string(dir.path().join(PUSHED_FILE)).expect("kept"),
+                newer
+            );
+        }
+    }
 }

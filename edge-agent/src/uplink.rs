@@ -349,6 +349,9 @@ impl Uplink {
                 },
                 window: usize::try_from(self.cfg.window).unwrap_or(usize::MAX),
                 handshake_timeout: HANDSHAKE_TIMEOUT,
+                versions: shared::wire::VersionRange::supported_up_to(
+                    self.cfg.max_protocol_version,
+                ),
                 keepalive: None,
                 ack_timeout: Some(self.cfg.ack_timeout),
             },
@@ -672,6 +675,7 @@ impl Session<'_> {
                         version,
                         limits,
                         hub_high_water,
+                        hub_version,
                         ..
                     } => {
                         debug!(
@@ -689,6 +693,8 @@ impl Session<'_> {
                         grace_until = Some(Instant::now() + LANE_GRACE);
                         events::LinkUp {
                             hub: self.addr,
+                            protocol: version,
+                            hub_version: &hub_version,
                             depth: stats.depth,
                             acked: stats.acked.max(hub_high_water),
                             hub_high_water,

@@ -258,6 +258,7 @@ async fn serve(conn: quinn::Connection, state: Arc<Mutex<HubState>>) -> Result<(
         config_version: 0,
         max_message_size,
         max_topic_len,
+        hub_version: "test-hub".into(),
     }
     .encode(&mut out)?;
     send.write_all(&out).await?;

@@ -113,6 +113,12 @@ pub struct UplinkConfig {
     /// How long shutdown waits for in-flight batches to be acknowledged before closing the link.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Newest agent↔hub protocol version offered (2 or 3). Each release speaks its own version and the one
+    /// before, so an agent and a hub one release apart agree on the older one by themselves; set 2 only to
+    /// hold upgraded agents to it while hubs are rolled back or forward. Default: the newest this build speaks
+    /// (`PROTOCOL_VERSION` in shared/src/wire/version.rs, 3).
+    #[serde(default = "default_max_protocol_version")]
+    pub max_protocol_version: u16,
     /// Largest frame sent or accepted on the link; must hold a full batch plus [`FRAME_OVERHEAD`], and the
     /// largest message (`max_message_size`) plus [`FRAME_OVERHEAD`].
     #[serde(default = "default_max_frame_size")]
@@ -177,6 +183,9 @@ fn default_batch_max_messages() -> u32 {
 }
 fn default_batch_max_bytes() -> ByteSize {
     ByteSize::mib(1)
+}
+fn default_max_protocol_version() -> u16 {
+    crate::wire::PROTOCOL_VERSION
 }
 fn default_window() -> u32 {
     8
@@ -310,6 +319,12 @@ impl UplinkConfig {
             ByteSize::mib(256),
         );
         report.int_range("uplink.window", self.window.into(), 1, 1024);
+        report.int_range(
+            "uplink.max_protocol_version",
+            self.max_protocol_version.into(),
+            crate::wire::OLDEST_SUPPORTED.into(),
+            crate::wire::PROTOCOL_VERSION.into(),
+        );
         report.nonzero("uplink.reconnect_min", self.reconnect_min);
         report.nonzero("uplink.reconnect_max", self.reconnect_max);
         if self.reconnect_min > self.reconnect_max {

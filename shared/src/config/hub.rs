@@ -134,6 +134,12 @@ pub struct ListenConfig {
     /// How long a handshake may take before the hub drops it and frees its slot.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: std::time::Duration,
+    /// Newest agent↔hub protocol version spoken (2 or 3). Each release speaks its own version and the one
+    /// before, so agents one release older or newer connect by themselves; set 2 only to hold an upgraded
+    /// hub to it, for example while it might be rolled back. Default: the newest this build speaks
+    /// (`PROTOCOL_VERSION` in shared/src/wire/version.rs, 3).
+    #[serde(default = "default_max_protocol_version")]
+    pub max_protocol_version: u16,
 }
 
 /// The hub's mutual-TLS material.
@@ -228,6 +234,9 @@ fn default_retry_above() -> u32 {
 fn default_max_handshakes_per_source() -> u32 {
     32
 }
+fn default_max_protocol_version() -> u16 {
+    crate::wire::PROTOCOL_VERSION
+}
 fn default_handshake_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(10)
 }
@@ -288,6 +297,12 @@ impl HubConfig {
                 },
             );
         }
+        report.int_range(
+            "listen.max_protocol_version",
+            listen.max_protocol_version.into(),
+            crate::wire::OLDEST_SUPPORTED.into(),
+            crate::wire::PROTOCOL_VERSION.into(),
+        );
         report.int_range(
             "listen.max_handshakes_per_source",
             listen.max_handshakes_per_source.into(),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::{increasing, ConnId, Keepalive, Liveness, ProtocolViolation};
 use crate::envelope::Envelope;
 use crate::limits::PathLimits;
-use crate::wire::{Capabilities, ConfigRejection, Frame, GoAwayCode, SUPPORTED};
+use crate::wire::{Capabilities, ConfigRejection, Frame, GoAwayCode, VersionRange};
 
 /// How the agent's end behaves; fixed for the machine's life.
 #[derive(Debug, Clone)]
@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub window: usize,
     /// How long the hub may take to answer `Hello`.
     pub handshake_timeout: Duration,
+    /// Protocol versions offered in `Hello` ([`crate::wire::SUPPORTED`], or capped by
+    /// `uplink.max_protocol_version` during a rolling upgrade); a `Welcome` naming another is refused.
+    pub versions: VersionRange,
     /// Application-level liveness, if any.
     pub keepalive: Option<Keepalive>,
     /// The stuck-link watchdog: how long batches may stay in flight without any `Ack` on an open
@@ -70,6 +73,8 @@ pub enum AgentAction {
         limits: PathLimits,
         /// The hub's committed high-water mark for this incarnation.
         hub_high_water: u64,
+        /// The hub's software version (empty at protocol version 2).
+        hub_version: String,
     },
     /// Acknowledge the queue up to and including `upto` (deletes those entries).
     AckUpTo {
@@ -225,7 +230,7 @@ impl AgentLink {
         let id = ConnId(self.next_conn);
         self.transmits.clear();
         self.transmits.push_back(Frame::Hello {
-            versions: SUPPORTED,
+            versions: self.cfg.versions,
             capabilities: self.cfg.capabilities,
             agent_name: self.cfg.agent_name.clone(),
             incarnation: marks.incarnation,
@@ -284,8 +289,9 @@ impl AgentLink {
                 config_version: _,
                 max_message_size,
                 max_topic_len,
+                hub_version,
             } => {
-                if !SUPPORTED.contains(version) {
+                if !self.cfg.versions.contains(version) {
                     return Err(AgentEnd::Protocol(ProtocolViolation::UnsupportedVersion {
                         version,
                     }));
@@ -302,6 +308,7 @@ impl AgentLink {
                         max_frame_size,
                     },
                     hub_high_water,
+                    hub_version,
                 });
                 if hub_high_water > marks.written {
                     return Err(AgentEnd::Restarted {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::{increasing, Keepalive, Liveness, ProtocolViolation, Refusal};
 use crate::envelope::Envelope;
 use crate::wire::{
-    negotiate, Capabilities, ConfigRejectReason, ConfigRejection, Frame, GoAwayCode, SUPPORTED,
+    negotiate, Capabilities, ConfigRejectReason, ConfigRejection, Frame, GoAwayCode,
 };
 
 /// How the hub's end behaves.
@@ -31,6 +31,11 @@ pub struct HubConfig {
     pub capabilities: Capabilities,
     /// How long the agent may take to send `Hello`.
     pub hello_timeout: Duration,
+    /// Protocol versions this hub speaks ([`crate::wire::SUPPORTED`], or capped by
+    /// `listen.max_protocol_version` during a rolling upgrade).
+    pub versions: crate::wire::VersionRange,
+    /// The hub's software version, stated in `Welcome` from protocol version 3 on.
+    pub software_version: String,
     /// Application-level liveness, if any.
     pub keepalive: Option<Keepalive>,
     /// `Downlink` frames in flight (sent, not acknowledged) at most.
@@ -296,10 +301,11 @@ impl HubConn {
                 reason: reason.clone(),
             });
         }
-        let version = negotiate(versions, SUPPORTED).map_err(|mismatch| HubEnd::Refused {
-            code: GoAwayCode::IncompatibleVersion,
-            reason: mismatch.to_string(),
-        })?;
+        let version =
+            negotiate(versions, self.cfg.versions).map_err(|mismatch| HubEnd::Refused {
+                code: GoAwayCode::IncompatibleVersion,
+                reason: mismatch.to_string(),
+            })?;
         if lane > super::lane::MAX_LANE {
             return Err(HubEnd::Refused {
                 code: GoAwayCode::ProtocolError,
@@ -368,6 +374,12 @@ impl HubConn {
             config_version: resume.config.as_ref().map_or(0, |c| c.version),
             max_message_size: self.cfg.max_message_size,
             max_topic_len,
+            // Version 2's Welcome ends before it.
+            hub_version: if hello.version >= 3 {
+                self.cfg.software_version.clone()
+            } else {
+                String::new()
+            },
         });
         self.phase = Phase::Open(Box::new(Open {
             capabilities,

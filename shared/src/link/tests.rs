@@ -39,6 +39,7 @@ fn agent_cfg(capabilities: Capabilities) -> AgentConfig {
         capabilities,
         window: 2,
         handshake_timeout: Duration::from_secs(10),
+        versions: SUPPORTED,
         keepalive: None,
         ack_timeout: None,
     }
@@ -53,6 +54,7 @@ fn welcome(hub_high_water: u64, capabilities: Capabilities) -> Frame {
         config_version: 0,
         max_message_size: 1024,
         max_topic_len: 100,
+        hub_version: "9.9.9".into(),
     }
 }
 
@@ -584,6 +586,8 @@ fn hub_cfg(capabilities: Capabilities) -> HubConfig {
         max_message_size: 1024,
         capabilities,
         hello_timeout: Duration::from_secs(10),
+        versions: SUPPORTED,
+        software_version: "9.9.9".into(),
         keepalive: None,
         downlink_window: 2,
         downlink_ack_timeout: None,
@@ -692,7 +696,7 @@ fn hub_refuses_unknown_sites_and_versions() {
     assert_eq!(code, GoAwayCode::IncompatibleVersion);
     assert_eq!(
         reason,
-        "no common protocol version: agent speaks 1..=1, hub speaks 2..=2"
+        "no common protocol version: agent speaks 1..=1, hub speaks 2..=3"
     );
     assert!(matches!(
         hub_closed(&events(&mut h)),
@@ -785,6 +789,7 @@ fn hub_welcome_applies_the_incarnation_rule() {
                 config_version: 0,
                 max_message_size: 1024,
                 max_topic_len: 90,
+                hub_version: "9.9.9".into(),
             }]
         );
         assert_eq!(
@@ -1273,4 +1278,63 @@ fn hub_watchdog_closes_a_connection_whose_downlink_gets_no_ack() {
         ),
         "the agent is told why"
     );
+}
+
+/// An agent and a hub one protocol version apart (issue 13 item 6): either side capped at the previous
+/// version, as the previous release speaks it, agrees with the other on that version; the hub's software
+/// version travels only from version 3 on. The frames cross the real codec in both directions.
+#[test]
+fn agent_and_hub_one_version_apart_agree_on_the_older() {
+    let previous = VersionRange::supported_up_to(PROTOCOL_VERSION - 1);
+    for (agent_versions, hub_versions, want, want_hub_version) in [
+        (SUPPORTED, SUPPORTED, PROTOCOL_VERSION, "9.9.9"),
+        (previous, SUPPORTED, PROTOCOL_VERSION - 1, ""),
+        (SUPPORTED, previous, PROTOCOL_VERSION - 1, ""),
+    ] {
+        let now = Instant::now();
+        let mut a = AgentLink::new(
+            AgentConfig {
+                versions: agent_versions,
+                ..agent_cfg(Capabilities::EMPTY)
+            },
+            5,
+        );
+        let mut h = HubConn::new(
+            now,
+            HubConfig {
+                versions: hub_versions,
+                ..hub_cfg(Capabilities::EMPTY)
+            },
+            site(),
+        );
+        let c = a.connect(now, marks(0, 0));
+        let through_codec = |frame: Frame| {
+            let mut buf = bytes::BytesMut::new();
+            frame.encode(&mut buf).expect("encodes");
+            crate::wire::decode(&mut buf, 1 << 20)
+                .expect("decodes")
+                .expect("whole")
+        };
+        for frame in transmits_a(&mut a) {
+            h.handle_frame(through_codec(frame), now);
+        }
+        events(&mut h);
+        h.welcome(now, 90, Resume::default());
+        for frame in transmits_h(&mut h) {
+            a.handle_frame(c, through_codec(frame), now);
+        }
+        let welcomed = actions(&mut a).into_iter().find_map(|action| match action {
+            AgentAction::Welcomed {
+                version,
+                hub_version,
+                ..
+            } => Some((version, hub_version)),
+            _ => None,
+        });
+        assert_eq!(
+            welcomed,
+            Some((want, want_hub_version.to_owned())),
+            "agent {agent_versions}, hub {hub_versions}"
+        );
+    }
 }

@@ -148,7 +148,8 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
             any::<u64>(),
             any::<u64>(),
             any::<u32>(),
-            any::<u16>()
+            any::<u16>(),
+            text()
         )
             .prop_map(
                 |(
@@ -159,6 +160,7 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
                     config_version,
                     max_message_size,
                     max_topic_len,
+                    hub_version,
                 )| {
                     Frame::Welcome {
                         version,
@@ -168,6 +170,12 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
                         config_version,
                         max_message_size,
                         max_topic_len,
+                        // Only a version 3 (or later) Welcome carries it.
+                        hub_version: if version >= 3 {
+                            hub_version
+                        } else {
+                            String::new()
+                        },
                     }
                 }
             ),

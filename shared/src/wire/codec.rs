@@ -93,15 +93,24 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
                 agent_version,
             });
         }
-        FrameType::Welcome => Frame::Welcome {
-            version: r.u16("Welcome version")?,
-            capabilities: Capabilities::from_bits(r.u64("Welcome capabilities")?),
-            max_frame_size: r.u32("Welcome max_frame_size")?,
-            hub_high_water: r.u64("Welcome hub_high_water")?,
-            config_version: r.u64("Welcome config_version")?,
-            max_message_size: r.u32("Welcome max_message_size")?,
-            max_topic_len: r.u16("Welcome max_topic_len")?,
-        },
+        FrameType::Welcome => {
+            let version = r.u16("Welcome version")?;
+            Frame::Welcome {
+                version,
+                capabilities: Capabilities::from_bits(r.u64("Welcome capabilities")?),
+                max_frame_size: r.u32("Welcome max_frame_size")?,
+                hub_high_water: r.u64("Welcome hub_high_water")?,
+                config_version: r.u64("Welcome config_version")?,
+                max_message_size: r.u32("Welcome max_message_size")?,
+                max_topic_len: r.u16("Welcome max_topic_len")?,
+                // The layout follows the version the Welcome names (the wire docs' version table).
+                hub_version: if version >= 3 {
+                    r.str16("Welcome hub_version")?
+                } else {
+                    String::new()
+                },
+            }
+        }
         FrameType::Batch => Frame::Batch {
             entries: parse_entries(&mut r)?,
         },
@@ -264,6 +273,7 @@ impl Frame {
                 config_version,
                 max_message_size,
                 max_topic_len,
+                hub_version,
             } => {
                 buf.put_u16(*version);
                 buf.put_u64(capabilities.bits());
@@ -272,6 +282,10 @@ impl Frame {
                 buf.put_u64(*config_version);
                 buf.put_u32(*max_message_size);
                 buf.put_u16(*max_topic_len);
+                // A version 2 Welcome ends here: the hub_version is not sent (and must be empty).
+                if *version >= 3 {
+                    put_bytes16(buf, "Welcome hub_version", hub_version.as_bytes())?;
+                }
             }
             Self::Ack { upto: value }
             | Self::DownlinkAck { upto: value }
@@ -561,7 +575,9 @@ mod tests {
                     config_version: 1,
                     max_message_size: 0x0004_0000,
                     max_topic_len: 0xFFE4,
+                    hub_version: String::new(),
                 },
+                // Version 2's layout, byte for byte as the release before version 3 sent and read it.
                 vec![
                     0, 0, 0, 37, 0x02, // prefix, type
                     0, 2, // version
@@ -571,6 +587,29 @@ mod tests {
                     0, 0, 0, 0, 0, 0, 0, 1, // config_version
                     0, 4, 0, 0, // max_message_size (256 KiB)
                     0xFF, 0xE4, // max_topic_len
+                ],
+            ),
+            (
+                Frame::Welcome {
+                    version: 3,
+                    capabilities: Capabilities::from_bits(3),
+                    max_frame_size: 0x0100_0000,
+                    hub_high_water: 9,
+                    config_version: 1,
+                    max_message_size: 0x0004_0000,
+                    max_topic_len: 0xFFE4,
+                    hub_version: "0.1.0".into(),
+                },
+                vec![
+                    0, 0, 0, 44, 0x02, // prefix, type
+                    0, 3, // version
+                    0, 0, 0, 0, 0, 0, 0, 3, // capabilities
+                    1, 0, 0, 0, // max_frame_size
+                    0, 0, 0, 0, 0, 0, 0, 9, // hub_high_water
+                    0, 0, 0, 0, 0, 0, 0, 1, // config_version
+                    0, 4, 0, 0, // max_message_size (256 KiB)
+                    0xFF, 0xE4, // max_topic_len
+                    0, 5, b'0', b'.', b'1', b'.', b'0', // hub_version
                 ],
             ),
         ];

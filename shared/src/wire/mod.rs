@@ -8,7 +8,7 @@
 //! | type | frame         | body |
 //! |------|---------------|------|
 //! | 0x01 | `Hello`       | `u16 min` `u16 max` `u64 capabilities` `u64 incarnation` `u64 last_acked` `u64 config_version` `str16 agent_name` [`u8 lane`, absent = 0] [`str16 agent_version`, absent = empty] (then bytes a later version may add, ignored) |
-//! | 0x02 | `Welcome`     | `u16 version` `u64 capabilities` `u32 max_frame_size` `u64 hub_high_water` `u64 config_version` `u32 max_message_size` `u16 max_topic_len` (the last two since version 2) |
+//! | 0x02 | `Welcome`     | `u16 version` `u64 capabilities` `u32 max_frame_size` `u64 hub_high_water` `u64 config_version` `u32 max_message_size` `u16 max_topic_len` (the last two since version 2) `str16 hub_version` (since version 3) |
 //! | 0x03 | `Batch`       | `u32 count`, then `count` × (`u64 seq` `u32 body_len` body) |
 //! | 0x04 | `Ack`         | `u64 upto` |
 //! | 0x05 | `ConfigPush`  | `u64 version` `str32 toml` |
@@ -41,6 +41,7 @@
 //! |---------|--------|
 //! | 1 | first version |
 //! | 2 | `Welcome` ends with `u32 max_message_size` `u16 max_topic_len`: the hub states the largest payload and the longest site-local topic it will publish, so the agent refuses at PUBLISH time what the hub would drop after the publisher was acknowledged ([`crate::limits`]). Version 1 is no longer spoken: a v1 hub cannot state its limits, so an agent talking to it could again acknowledge what the hub then drops. Also new in 2: `Refused` (hub → agent), a message refused for good, which the agent dead-letters before the `Ack` that covers it. |
+//! | 3 | `Welcome` ends with `str16 hub_version`, the hub's software version, which the agent logs and exports (`meshbridge_uplink_protocol_version`, the "uplink connected" line), so an operator sees which hubs a fleet mid-upgrade talks to. Versions 2 and 3 are spoken ([`SUPPORTED`]): an agent and a hub one version apart agree on 2. |
 //!
 //! `GoAway` grew once, without a version bump, and only in a way no older peer can see:
 //! - the code [`GoAwayCode::Unavailable`] (7): the hub cannot take data now (its cloud broker is not
@@ -74,7 +75,7 @@ pub use codec::{
     check, decode, encode_batch_raw, parse, BatchEncoder, BatchKind, DEFAULT_MAX_FRAME_SIZE,
 };
 pub use error::{DecodeError, EncodeError, VersionMismatch};
-pub use version::{negotiate, VersionRange, PROTOCOL_VERSION, SUPPORTED};
+pub use version::{negotiate, VersionRange, OLDEST_SUPPORTED, PROTOCOL_VERSION, SUPPORTED};
 
 use crate::envelope::Envelope;
 
@@ -123,6 +124,9 @@ pub enum Frame {
         /// Longest site-local topic (bytes) the hub can publish: 65,535 minus the length of this site's
         /// namespace prefix and its `/`. The agent refuses longer topics at PUBLISH time.
         max_topic_len: u16,
+        /// The hub's software version (`cloud-hub --version`); empty at version 2, whose `Welcome` ends
+        /// before it.
+        hub_version: String,
     },
     /// Agent → hub uplink data, in seq order.
     Batch {

@@ -8,16 +8,38 @@ use std::fmt;
 
 use super::VersionMismatch;
 
-/// The protocol version this build speaks best. Version 2 added the hub's limits to `Welcome` (see the
-/// version table in the [module docs](super)).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The protocol version this build speaks best. Version 3 added the hub's software version to `Welcome`
+/// (see the version table in the [module docs](super)).
+pub const PROTOCOL_VERSION: u16 = 3;
 
-/// Every protocol version this build can speak: only [`PROTOCOL_VERSION`], because a version 1 peer cannot
-/// state or learn the path's limits (see the version table in the [module docs](super)).
+/// The oldest version this build speaks: the one before [`PROTOCOL_VERSION`]. Each release speaks its own
+/// version and the one before, so a fleet upgrades one side at a time: hub first or agents first, an agent
+/// and a hub one version apart agree on the older one. Version 1 is not spoken at all: a version 1 peer
+/// cannot state or learn the path's limits (the version table in the [module docs](super)).
+pub const OLDEST_SUPPORTED: u16 = 2;
+
+/// Every protocol version this build can speak.
 pub const SUPPORTED: VersionRange = VersionRange {
-    min: PROTOCOL_VERSION,
+    min: OLDEST_SUPPORTED,
     max: PROTOCOL_VERSION,
 };
+
+impl VersionRange {
+    /// [`SUPPORTED`] capped at `max` (`uplink.max_protocol_version`, `listen.max_protocol_version`): during
+    /// a rolling upgrade an operator may hold the new build to the old version until every peer speaks the
+    /// new one. A cap outside [`SUPPORTED`] gives an empty range (the config's rules refuse it first).
+    #[must_use]
+    pub const fn supported_up_to(max: u16) -> Self {
+        Self {
+            min: OLDEST_SUPPORTED,
+            max: if max < PROTOCOL_VERSION {
+                max
+            } else {
+                PROTOCOL_VERSION
+            },
+        }
+    }
+}
 
 /// An inclusive range of protocol versions. A range with `min > max` is empty: it is representable because
 /// it arrives from the network, and negotiating with it always fails.
@@ -129,10 +151,21 @@ mod tests {
         let err = negotiate(v1, SUPPORTED).expect_err("v1 agent");
         assert_eq!(
             err.to_string(),
-            "no common protocol version: agent speaks 1..=1, hub speaks 2..=2"
+            "no common protocol version: agent speaks 1..=1, hub speaks 2..=3"
         );
         assert!(negotiate(SUPPORTED, v1).is_err(), "v1 hub");
-        // A future agent that still speaks 2 is served.
-        assert_eq!(negotiate(r(1, 3), SUPPORTED), Ok(2));
+        // A peer one release ahead (3..=4) or behind (1..=2 would be refused; 2..=2 is served).
+        assert_eq!(negotiate(r(3, 4), SUPPORTED), Ok(3));
+        assert_eq!(negotiate(r(2, 2), SUPPORTED), Ok(2));
+    }
+
+    #[test]
+    fn a_cap_holds_a_side_to_an_older_version() {
+        assert_eq!(VersionRange::supported_up_to(PROTOCOL_VERSION), SUPPORTED);
+        assert_eq!(VersionRange::supported_up_to(u16::MAX), SUPPORTED);
+        let previous = VersionRange::supported_up_to(OLDEST_SUPPORTED);
+        assert_eq!(previous, r(OLDEST_SUPPORTED, OLDEST_SUPPORTED));
+        assert_eq!(negotiate(previous, SUPPORTED), Ok(OLDEST_SUPPORTED));
+        assert!(VersionRange::supported_up_to(OLDEST_SUPPORTED - 1).is_empty());
     }
 }

@@ -194,6 +194,7 @@ fn agent_cfg() -> AgentConfig {
             | Capabilities::DOWNLINK,
         window: 2,
         handshake_timeout: Duration::from_secs(10),
+        versions: shared::wire::SUPPORTED,
         keepalive: Some(Keepalive {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(3),
@@ -208,6 +209,8 @@ fn hub_cfg() -> HubConfig {
         max_message_size: 1 << 16,
         capabilities: Capabilities::CONFIG_PUSH | Capabilities::DOWNLINK,
         hello_timeout: Duration::from_secs(10),
+        versions: shared::wire::SUPPORTED,
+        software_version: "harness".into(),
         keepalive: Some(Keepalive {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(3),
