@@ -227,7 +227,7 @@ fn main() -> ExitCode {
                         format!("{} has no [metrics] listen to probe", config.display())
                     })
                 });
-            return match listen.and_then(health) {
+            return match listen.and_then(|listen| Ok(meshbridge_metrics::probe_blocking(listen)?)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     let reason: Vec<String> = format!("{error:#}")
@@ -283,20 +283,6 @@ fn main() -> ExitCode {
         }
     };
     report(run_hub(config, cfg))
-}
-
-/// `cloud-hub health`: probes the metrics endpoint at `listen`.
-fn health(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    let target = meshbridge_metrics::probe_target(listen);
-    runtime.block_on(meshbridge_metrics::probe(
-        target,
-        meshbridge_metrics::PROBE_TIMEOUT,
-    ))?;
-    Ok(())
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

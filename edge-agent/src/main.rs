@@ -139,7 +139,7 @@ fn main() -> ExitCode {
                     format!("{} has no [metrics] listen to probe", config.display())
                 })
             });
-        return match listen.and_then(health) {
+        return match listen.and_then(|listen| Ok(meshbridge_metrics::probe_blocking(listen)?)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("edge-agent: unhealthy: {}", one_line(&error));
@@ -389,20 +389,6 @@ fn dead_letters(
             Ok(())
         }
     }
-}
-
-/// `edge-agent health`: probes the metrics endpoint at `listen`.
-fn health(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    let target = meshbridge_metrics::probe_target(listen);
-    runtime.block_on(meshbridge_metrics::probe(
-        target,
-        meshbridge_metrics::PROBE_TIMEOUT,
-    ))?;
-    Ok(())
 }
 
 /// An error and its causes on one line (a config error lists its problems on several).

@@ -235,6 +235,20 @@ pub enum ProbeError {
     },
 }
 
+/// The programs' `health` command: probes the endpoint configured as `listen` ([`probe_target`]) within
+/// [`PROBE_TIMEOUT`], on a runtime of its own (the command runs outside the programs' runtimes).
+///
+/// # Errors
+/// [`ProbeError`]; [`ProbeError::Io`] also when the runtime cannot start.
+pub fn probe_blocking(listen: SocketAddr) -> Result<(), ProbeError> {
+    let addr = probe_target(listen);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ProbeError::Io { addr, source })?;
+    runtime.block_on(probe(addr, PROBE_TIMEOUT))
+}
+
 /// Where to probe the endpoint configured as `listen`: an unspecified address (`0.0.0.0`, `[::]`) listens
 /// on every interface, loopback included, so it is probed on loopback of the same family.
 #[must_use]

@@ -5,6 +5,7 @@
 //! `target/<profile>/deps/<test>-<hash>`, the binaries are in `target/<profile>/`.
 
 use std::path::PathBuf;
+use std::process::{Command, Output};
 
 /// The cloud hub program.
 pub const CLOUD_HUB: &str = "cloud-hub";
@@ -32,4 +33,26 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Runs the workspace binary `program` with `args` to its end (a command such as `check-config` or
+/// `site add`, not a server), without the caller's `RUST_LOG`.
+///
+/// # Panics
+/// If it cannot be started.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(bin(program))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}
+
+/// A finished command's standard output and standard error, in that order.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }

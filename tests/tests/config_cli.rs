@@ -3,9 +3,9 @@
 //! redacted.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use meshbridge_tests::bins::{bin, CLOUD_HUB, EDGE_AGENT};
+use meshbridge_tests::bins::{bin, output_text as text, run, CLOUD_HUB, EDGE_AGENT};
 
 /// A config fixture of the `shared` crate of this workspace (`shared/testdata/config/` at the repository
 /// root, beside this `tests/` crate): the same files `shared::config`'s own tests load.
@@ -17,22 +17,6 @@ fn fixture(name: &str) -> PathBuf {
         .join("testdata")
         .join("config")
         .join(name)
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(bin(program))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

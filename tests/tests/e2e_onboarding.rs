@@ -4,10 +4,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use meshbridge_tests::bins::{bin, CLOUD_HUB, EDGE_AGENT};
+use meshbridge_tests::bins::{bin, output_text as text, run, CLOUD_HUB, EDGE_AGENT};
 use meshbridge_tests::mesh::{prove_path, Mesh};
 use meshbridge_tests::mqtt::Collector;
 use meshbridge_tests::net::free_tcp;
@@ -15,22 +14,6 @@ use meshbridge_tests::process::Proc;
 use meshbridge_tests::spec::BrokerSpec;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(bin(program))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn s(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
