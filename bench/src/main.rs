@@ -58,6 +58,13 @@ struct Cli {
     /// Site counts of the `sites` scenario (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [10usize, 100, 1000])]
     sites: Vec<usize>,
+    /// Run this `edge-agent` instead of the one beside the bench: for A/B runs of two builds, alternated
+    /// by the caller (this machine's figures swing ±30 % between runs of one build; see the README).
+    #[arg(long)]
+    agent_binary: Option<std::path::PathBuf>,
+    /// Run this `cloud-hub` instead of the one beside the bench (as `--agent-binary`).
+    #[arg(long)]
+    hub_binary: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -96,7 +103,7 @@ impl SystemArg {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let programs = Programs::locate()?;
+    let programs = Programs::locate(cli.agent_binary.clone(), cli.hub_binary.clone())?;
     let settings = Settings::new(cli.quick);
     if cli.scenario == Which::Sites {
         print_machine(&programs);
@@ -203,6 +210,11 @@ fn print_machine(programs: &Programs) {
         })
         .unwrap_or_default();
     println!("machine: {model}, {cores} cores; {mosquitto}");
+    println!(
+        "meshbridge: {} and {}",
+        programs.agent.display(),
+        programs.hub.display()
+    );
 }
 
 fn print_table(title: &str, description: &str, runs: usize, columns: &[(Kind, Rows)]) {

@@ -55,13 +55,13 @@ pub(crate) struct Programs {
 }
 
 impl Programs {
-    /// Finds the agent and hub next to this executable (same target dir and profile) and Mosquitto on the
-    /// usual paths.
-    pub(crate) fn locate() -> Result<Self> {
+    /// Finds the agent and hub next to this executable (same target dir and profile), unless given, and
+    /// Mosquitto on the usual paths.
+    pub(crate) fn locate(agent: Option<PathBuf>, hub: Option<PathBuf>) -> Result<Self> {
         let exe = std::env::current_exe().context("locating the bench executable")?;
         let dir = exe.parent().context("bench executable has no directory")?;
-        let agent = dir.join("edge-agent");
-        let hub = dir.join("cloud-hub");
+        let agent = agent.unwrap_or_else(|| dir.join("edge-agent"));
+        let hub = hub.unwrap_or_else(|| dir.join("cloud-hub"));
         for program in [&agent, &hub] {
             if !program.is_file() {
                 bail!(

@@ -16,9 +16,7 @@
 //! and the `agent_name` in `Hello` are never trusted (they are only logged when they disagree).
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -45,7 +43,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::downlink::{encode_delivery, Dedups, DownlinkStore, Routes, SiteDownlink};
 use crate::events;
 use crate::publisher::{OutMessage, PublishError, Publisher, Refusal, Refusals};
-use crate::store::{DedupStore, PendingRefusals, MAX_PENDING_REFUSALS};
+use crate::store::{PendingRefusals, MAX_PENDING_REFUSALS};
 use crate::tls;
 
 /// How long an agent may take to open its stream and send `Hello` after the handshake.
@@ -88,9 +86,6 @@ pub(crate) struct Site {
     /// A [`Dedup`] holding only this site's links (one origin per agent of the site: see [`origin`]), so
     /// its snapshot is the site's row in the store.
     pub(crate) dedup: Mutex<Dedup>,
-    /// Serialises the commits of the site's dedup row. The agents of a redundant pair commit it from two
-    /// connections; each snapshot is taken under this lock, so a slower write never replaces a newer row.
-    pub(crate) save_lock: tokio::sync::Mutex<()>,
     /// The connection that serves the site's downlink, if one does. At most one: the agents of a redundant
     /// pair share one site broker, and each command must reach it once. The others watch it and reconnect
     /// to take it over when it is released.
@@ -108,9 +103,36 @@ pub(crate) struct Site {
     /// Cancelled when a config reload removed the site (`crate::sites`): its links drain and close with
     /// `Unauthorized`, and it is refused from then on.
     pub(crate) removed: CancellationToken,
+    /// The dedup state or refusals changed since the store last took the site's row.
+    pub(crate) dirty: AtomicBool,
 }
 
 impl Site {
+    /// The site's row for the store if it changed since the last one taken: its dedup snapshot and, per
+    /// origin, its pending refusals (`None`: none left, the row is removed). Taken under the dedup lock, so
+    /// the snapshot and the refusals belong together.
+    pub(crate) fn take_row(&self) -> Option<crate::store::SiteRow> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+        let refusals = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(origin, pending)| {
+                let row = (!pending.by_seq.is_empty()).then(|| pending.encode());
+                (origin.clone(), row)
+            })
+            .collect();
+        Some(crate::store::SiteRow {
+            site: self.name.clone(),
+            snapshot: dedup.snapshot().encode(),
+            refusals,
+        })
+    }
+
     /// A site with its restored dedup state.
     pub(crate) fn new(
         name: String,
@@ -123,12 +145,12 @@ impl Site {
             name,
             namespace,
             dedup: Mutex::new(dedup),
-            save_lock: tokio::sync::Mutex::new(()),
             downlink_lease: std::array::from_fn(|_| watch::Sender::new(None)),
             downlink_busy: watch::Sender::new(0),
             refusals: Mutex::new(refusals),
             counters,
             removed: CancellationToken::new(),
+            dirty: AtomicBool::new(false),
         }
     }
 
@@ -232,7 +254,6 @@ pub(crate) struct Hub {
     /// The configured sites (changed by a config reload).
     pub(crate) sites: Arc<crate::sites::Sites>,
     pub(crate) publisher: Publisher,
-    pub(crate) store: DedupStore,
     pub(crate) max_frame_size: usize,
     pub(crate) max_message_size: usize,
     /// `downlink.ack_timeout`: the downlink's stuck-link watchdog.
@@ -279,7 +300,6 @@ impl Hub {
     pub(crate) fn new(
         sites: Arc<crate::sites::Sites>,
         publisher: Publisher,
-        store: DedupStore,
         (max_frame_size, max_message_size, downlink_ack_timeout, versions): (
             usize,
             usize,
@@ -291,7 +311,6 @@ impl Hub {
         Self {
             sites,
             publisher,
-            store,
             max_frame_size,
             max_message_size,
             downlink_ack_timeout,
@@ -639,9 +658,6 @@ async fn serve_connection(hub: Arc<Hub>, conn: Connection, stops: Stops, span: t
             End::PublishTimeout => {
                 warn!(timeout = ?PUBLISH_TIMEOUT, "cloud broker did not acknowledge a batch in time; closing the agent connection");
             }
-            End::Store(error) => {
-                error!(cause = %error, "cannot persist dedup state; closing the agent connection without acking");
-            }
             End::Downlink(error) => {
                 error!(cause = %error, "a downlink queue failed; closing the agent connection without acking");
             }
@@ -827,8 +843,6 @@ enum End {
     Publish(PublishError),
     /// The cloud broker did not answer in time.
     PublishTimeout,
-    /// The dedup state could not be committed.
-    Store(crate::store::StoreError),
     /// A site's downlink queue failed.
     Downlink(crate::HubError),
     /// The downlink watchdog: frames unacknowledged on a live connection.
@@ -883,8 +897,6 @@ impl Pending {
 }
 
 /// A dedup commit in progress, with the batches it covers.
-type Saving<'a> = Pin<Box<dyn Future<Output = Result<(), crate::store::StoreError>> + Send + 'a>>;
-
 struct Session<'a> {
     hub: &'a Hub,
     site: &'a Site,
@@ -932,8 +944,6 @@ impl Session<'_> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
         // When the batch at the head of `pending` must be done.
         let mut head_deadline: Option<tokio::time::Instant> = None;
-        let mut saving: Option<Saving<'_>> = None;
-        let mut saving_group: Vec<Done> = Vec::new();
         // Why the session ends, when the shell decided it (the machine's `Closed` follows).
         let mut end: Option<End> = None;
         let mut routes = self.hub.routes.clone();
@@ -999,8 +1009,8 @@ impl Session<'_> {
                 // Closed by the shell: its `GoAway` is written by the caller.
                 return end.take().unwrap_or(End::Stopped(GoAwayCode::Normal));
             }
-            if matches!(end, Some(End::PeerGone(_))) && pending.is_empty() && saving.is_none() {
-                // The agent left; what it had sent is published and committed (so its resend is
+            if matches!(end, Some(End::PeerGone(_))) && pending.is_empty() {
+                // The agent left; what it had sent is published and marked seen (so its resend is
                 // dropped as a duplicate), and there is nobody to tell.
                 return end.take().expect("just matched");
             }
@@ -1063,30 +1073,7 @@ impl Session<'_> {
                     end = Some(End::PublishTimeout);
                     link.close(GoAwayCode::Overloaded, "cloud broker did not acknowledge in time".into());
                 }
-                saved = async { saving.as_mut().expect("guarded by the condition").await }, if saving.is_some() => {
-                    saving = None;
-                    match saved {
-                        Err(error) => {
-                            end = Some(End::Store(error));
-                            link.close(GoAwayCode::Overloaded, "hub storage failed".into());
-                        }
-                        Ok(()) => {
-                            for (_, upto, refused) in saving_group.drain(..) {
-                                events::Refused { refusals: &refused }.emit(&self.site.counters);
-                                let refusals = refused
-                                    .into_iter()
-                                    .map(|r| LinkRefusal {
-                                        seq: r.seq,
-                                        reason_code: r.reason_code,
-                                        detail: r.detail,
-                                    })
-                                    .collect();
-                                link.committed(upto, refusals);
-                            }
-                        }
-                    }
-                }
-                done = async { (&mut pending.front_mut().expect("guarded by the condition").done).await }, if saving.is_none() && !pending.is_empty() => {
+                done = async { (&mut pending.front_mut().expect("guarded by the condition").done).await }, if !pending.is_empty() => {
                     let head = pending.pop_front().expect("guarded by the condition");
                     head_deadline = None;
                     let mut group = match done {
@@ -1110,13 +1097,26 @@ impl Session<'_> {
                             end = Some(End::Publish(error));
                         }
                         Ok(group) => {
+                            // Seen in memory now; the store flusher writes the site's row with its next
+                            // group commit (`crate::store`, which says why the Ack need not wait for it).
                             self.observe(&group);
-                            saving_group = group;
-                            saving = Some(Box::pin(self.save_dedup()));
+                            self.site.dirty.store(true, Ordering::Release);
+                            for (_, upto, refused) in group {
+                                events::Refused { refusals: &refused }.emit(&self.site.counters);
+                                let refusals = refused
+                                    .into_iter()
+                                    .map(|r| LinkRefusal {
+                                        seq: r.seq,
+                                        reason_code: r.reason_code,
+                                        detail: r.detail,
+                                    })
+                                    .collect();
+                                link.committed(upto, refusals);
+                            }
                         }
                     }
                 }
-                () = sleep_until(head_deadline), if saving.is_none() && head_deadline.is_some() => {
+                () = sleep_until(head_deadline), if head_deadline.is_some() => {
                     end = Some(End::PublishTimeout);
                     link.close(GoAwayCode::Overloaded, "cloud broker did not acknowledge in time".into());
                 }
@@ -1170,7 +1170,8 @@ impl Session<'_> {
                 let _ = dedup.observe(self.origin, self.incarnation, seq);
             }
         }
-        drop(dedup);
+        // The dedup lock is held on while the refusals are updated: the store's flusher takes both under
+        // it (`Site::take_row`), so no row has a seq marked seen without its refusal.
         if group.iter().all(|(_, _, refused)| refused.is_empty()) {
             return;
         }
@@ -1194,34 +1195,6 @@ impl Session<'_> {
         while pending.by_seq.len() > MAX_PENDING_REFUSALS {
             pending.by_seq.pop_first();
         }
-    }
-
-    /// Commits the site's dedup row: the snapshot is taken once the site's previous commit is done, so
-    /// what is on disk only moves forward when two members of a pair commit at once.
-    async fn save_dedup(&self) -> Result<(), crate::store::StoreError> {
-        let _turn = self.site.save_lock.lock().await;
-        let snapshot = self
-            .site
-            .dedup
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .snapshot()
-            .encode();
-        let refusals = self
-            .site
-            .refusals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(origin, pending)| {
-                let row = (!pending.by_seq.is_empty()).then(|| pending.encode());
-                (origin.clone(), row)
-            })
-            .collect();
-        self.hub
-            .store
-            .save(self.site.name.clone(), snapshot, refusals)
-            .await
     }
 
     /// Filters, routes and hands one batch to the publisher; `None` for an empty batch. What the routes

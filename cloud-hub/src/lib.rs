@@ -166,9 +166,13 @@ pub async fn run_reloading(
     };
     let (routes_tx, routes) = watch::channel(Arc::new(table));
     let dedups = Arc::new(Mutex::new(route_dedups));
-    // Makes the per-batch dedup commits durable in groups (`store.rs`); the last flush runs after the
-    // connections drained, when `publisher_stop` is cancelled.
-    tracker.spawn(store.clone().flush_until(publisher_stop.clone()));
+    // Writes the sites' dedup rows in one durable commit every 100 ms (`store.rs` says why the Acks need not
+    // wait for it); the last flush runs after the connections drained, when `publisher_stop` is cancelled.
+    tracker.spawn(sites::flush_until(
+        Arc::clone(&sites),
+        store.clone(),
+        publisher_stop.clone(),
+    ));
     tracker.spawn(save_route_dedups(
         store.clone(),
         Arc::clone(&dedups),
@@ -221,7 +225,6 @@ pub async fn run_reloading(
         &cfg,
         (server_config, tls_files),
         &publisher,
-        store,
         embedded.as_mut(),
         Routing {
             sites,
@@ -322,7 +325,6 @@ async fn serve(
     cfg: &HubConfig,
     (server_config, tls_files): (quinn::ServerConfig, revocation::TlsFiles),
     publisher: &Publisher,
-    store: DedupStore,
     mut embedded: Option<&mut RunningEmbedded>,
     routing: Routing,
     shutdown: &CancellationToken,
@@ -372,7 +374,6 @@ async fn serve(
     let hub = Arc::new(Hub::new(
         sites,
         publisher.clone(),
-        store,
         (
             cfg.limits.max_frame_size.as_usize(),
             cfg.limits.max_message_size.as_usize(),

@@ -19,7 +19,7 @@ use tracing::info;
 
 use crate::agent_conn::{owned_by, Site};
 use crate::metrics::HubMetrics;
-use crate::store::PendingRefusals;
+use crate::store::{DedupStore, PendingRefusals, SiteRow, FLUSH_EVERY};
 use crate::HubError;
 
 /// Dedup state and pending refusals of a site that is not configured (now).
@@ -35,6 +35,8 @@ struct Spare {
 pub(crate) struct Sites {
     map: RwLock<HashMap<String, Arc<Site>>>,
     spare: Mutex<Spare>,
+    /// Sites removed while their last changes were not yet written; the next flush takes them.
+    retired: Mutex<Vec<Arc<Site>>>,
     /// `dedup.window` for a site without stored state.
     window: u32,
     metrics: Arc<HubMetrics>,
@@ -65,6 +67,7 @@ impl Sites {
                 dedup: restored,
                 refusals,
             }),
+            retired: Mutex::new(Vec::new()),
             window: cfg.dedup.window,
             metrics,
         };
@@ -133,6 +136,10 @@ impl Sites {
         for name in gone {
             if let Some(site) = map.remove(&name) {
                 site.removed.cancel();
+                self.retired
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(Arc::clone(&site));
                 let mut spare = self.lock_spare();
                 let dedup = site
                     .dedup
@@ -200,6 +207,18 @@ impl Sites {
         )))
     }
 
+    /// The rows of every site (configured or just removed) whose state changed since the last call.
+    fn take_rows(&self) -> Vec<SiteRow> {
+        let retired =
+            std::mem::take(&mut *self.retired.lock().unwrap_or_else(PoisonError::into_inner));
+        self.all()
+            .into_iter()
+            .map(|(_, site)| site)
+            .chain(retired)
+            .filter_map(|site| site.take_row())
+            .collect()
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Site>>> {
         self.map.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -210,5 +229,47 @@ impl Sites {
 
     fn lock_spare(&self) -> std::sync::MutexGuard<'_, Spare> {
         self.spare.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Writes the sites' changed dedup rows every [`FLUSH_EVERY`] until `stop`, then once more (the connections
+/// have drained by then, so a graceful stop leaves nothing unwritten). Rows a failed commit did not write
+/// are kept and written with the next, newer rows of the same site replacing them.
+pub(crate) async fn flush_until(
+    sites: Arc<Sites>,
+    store: DedupStore,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unwritten: Vec<SiteRow> = Vec::new();
+    loop {
+        let stopping = tokio::select! {
+            () = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let fresh = sites.take_rows();
+        unwritten.retain(|old| !fresh.iter().any(|new| new.site == old.site));
+        unwritten.extend(fresh);
+        if !unwritten.is_empty() {
+            let rows = std::mem::take(&mut unwritten);
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || {
+                let result = store.write_rows_blocking(&rows);
+                (rows, result)
+            })
+            .await
+            {
+                Ok((_, Ok(()))) => {}
+                Ok((rows, Err(cause))) => {
+                    tracing::error!(%cause, sites = rows.len(), "cannot write the dedup state; retrying (nothing is lost, a crash now could bring duplicates)");
+                    unwritten = rows;
+                }
+                Err(cause) => tracing::error!(%cause, "the dedup flush task failed"),
+            }
+        }
+        if stopping {
+            return;
+        }
     }
 }

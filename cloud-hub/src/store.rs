@@ -1,14 +1,18 @@
 //! Durable dedup state: one redb row per site holding that site's encoded [`DedupSnapshot`].
 //!
-//! Why a row per site rather than one blob: every agent connection persists after each group of acknowledged
-//! batches, and a per-site row keeps that write proportional to one site's window, not to the whole fleet.
-//! The commit happens *before* the hub sends `Ack`.
+//! Why a row per site rather than one blob: a flush writes only the sites whose state changed, so its size
+//! follows the busy sites' windows, not the whole fleet.
 //!
-//! # Durability: a group fsync every [`FLUSH_EVERY`], not one per batch
-//! Per-batch commits are `Durability::None` (written, not fsynced), and [`DedupStore::flush_blocking`],
-//! run every [`FLUSH_EVERY`] while something changed and once at shutdown, makes them durable with one
-//! `Durability::Immediate` commit. At a factory line's 1,000 msg/s each batch holds one message, and an
-//! fsync per batch cost the hub ~100 µs of CPU per message on this machine.
+//! # Durability: one commit every [`FLUSH_EVERY`] for every site that changed, not one per batch
+//! A batch is marked seen in memory (the site's `Dedup`), and its `Ack` goes out once the cloud broker
+//! accepted it. The flusher (`crate::sites::flush_until`) takes the rows of the sites that changed every
+//! [`FLUSH_EVERY`], and once more at shutdown after the connections drained, and writes them in one
+//! `Durability::Immediate` commit ([`DedupStore::write_rows_blocking`]). At a factory line's 1,000 msg/s each
+//! batch holds one message: a commit with fsync per batch cost the hub ~100 µs of CPU per message on this
+//! machine, and a non-durable commit per batch (the step before this one) still a redb write transaction
+//! and a blocking-pool hand-off each, for nothing a crash could keep: redb persists a `Durability::None`
+//! commit only with the next durable one, so what a hub `kill -9` loses was always the last
+//! [`FLUSH_EVERY`], and still is.
 //!
 //! What this can and cannot change, since the dedup state only ever suppresses duplicates:
 //! - nothing is lost: a message is acknowledged only after the cloud broker accepted it, whatever the
@@ -25,11 +29,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use shared::policy::dedup::{Dedup, DedupError, DedupSnapshot};
+
+/// One site's row as the flusher writes it: the encoded [`DedupSnapshot`] and, per origin, its encoded
+/// [`PendingRefusals`] (`None`: none left, the row is removed). Taken together under the site's dedup lock.
+#[derive(Debug, Clone)]
+pub struct SiteRow {
+    /// The site.
+    pub site: String,
+    /// Its encoded dedup snapshot.
+    pub snapshot: Vec<u8>,
+    /// Its origins' pending refusals.
+    pub refusals: Vec<(String, Option<Vec<u8>>)>,
+}
 
 /// How often the dedup commits of the last period are made durable (see the module docs).
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -154,8 +169,6 @@ pub enum StoreError {
 pub struct DedupStore {
     db: Arc<Database>,
     path: Arc<PathBuf>,
-    /// Set by every commit that is not durable yet; cleared by a flush.
-    dirty: Arc<AtomicBool>,
 }
 
 impl DedupStore {
@@ -210,7 +223,6 @@ impl DedupStore {
             Self {
                 db: Arc::new(db),
                 path: Arc::new(path),
-                dirty: Arc::new(AtomicBool::new(false)),
             },
             sites,
         ))
@@ -249,45 +261,34 @@ impl DedupStore {
         })
     }
 
-    /// Writes one site's encoded snapshot in one commit (blocking), durable at the next flush.
+    /// Writes the rows of the sites that changed since the last flush in one durable commit
+    /// (`crate::sites::flush_until` calls it every [`FLUSH_EVERY`] and at shutdown).
     ///
     /// # Errors
-    /// [`StoreError::Redb`] if the commit fails (nothing is then recorded, and the caller must not ack).
-    pub fn save_blocking(&self, site: &str, snapshot: &[u8]) -> Result<(), StoreError> {
-        self.save_site_blocking(site, snapshot, &[])
-    }
-
-    /// Writes one site's encoded snapshot and its origins' pending refusals (`None`: none left, the row is
-    /// removed) in one commit (blocking), made durable by the next [`Self::flush_blocking`].
-    ///
-    /// # Errors
-    /// [`StoreError::Redb`] if the commit fails (nothing is then recorded, and the caller must not ack).
-    pub fn save_site_blocking(
-        &self,
-        site: &str,
-        snapshot: &[u8],
-        refusals: &[(String, Option<Vec<u8>>)],
-    ) -> Result<(), StoreError> {
+    /// [`StoreError::Redb`] if the commit fails; nothing of it is then recorded, and the caller keeps the
+    /// rows for the next attempt.
+    pub fn write_rows_blocking(&self, rows: &[SiteRow]) -> Result<(), StoreError> {
         let result = (|| -> Result<(), redb::Error> {
             let mut txn = self.db.begin_write()?;
-            txn.set_durability(Durability::None)?;
+            txn.set_durability(Durability::Immediate)?;
             {
                 let mut table = txn.open_table(DEDUP)?;
-                table.insert(site, snapshot)?;
                 let mut pending = txn.open_table(REFUSALS)?;
-                for (origin, row) in refusals {
-                    match row {
-                        Some(bytes) => {
-                            pending.insert(origin.as_str(), bytes.as_slice())?;
-                        }
-                        None => {
-                            pending.remove(origin.as_str())?;
+                for row in rows {
+                    table.insert(row.site.as_str(), row.snapshot.as_slice())?;
+                    for (origin, refusals) in &row.refusals {
+                        match refusals {
+                            Some(bytes) => {
+                                pending.insert(origin.as_str(), bytes.as_slice())?;
+                            }
+                            None => {
+                                pending.remove(origin.as_str())?;
+                            }
                         }
                     }
                 }
             }
             txn.commit()?;
-            self.dirty.store(true, Ordering::Release);
             Ok(())
         })();
         result.map_err(|source| StoreError::Redb {
@@ -296,56 +297,6 @@ impl DedupStore {
         })
     }
 
-    /// Makes every commit since the last flush durable (one fsync), if there was any (blocking).
-    ///
-    /// # Errors
-    /// [`StoreError::Redb`] if the commit fails; the commits stay pending for the next flush.
-    pub fn flush_blocking(&self) -> Result<bool, StoreError> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
-            return Ok(false);
-        }
-        let result = (|| -> Result<(), redb::Error> {
-            let mut txn = self.db.begin_write()?;
-            txn.set_durability(Durability::Immediate)?;
-            txn.commit()?;
-            Ok(())
-        })();
-        result.map(|()| true).map_err(|source| {
-            self.dirty.store(true, Ordering::Release);
-            StoreError::Redb {
-                path: self.path.as_ref().clone(),
-                source,
-            }
-        })
-    }
-
-    /// Flushes every [`FLUSH_EVERY`] until `stop`, then once more (after the connections' last saves).
-    pub async fn flush_until(self, stop: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(FLUSH_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let stopping = tokio::select! {
-                () = stop.cancelled() => true,
-                _ = tick.tick() => false,
-            };
-            let store = self.clone();
-            match tokio::task::spawn_blocking(move || store.flush_blocking()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(cause)) => {
-                    tracing::error!(%cause, "cannot make the dedup state durable; retrying (nothing is lost, a crash now could bring duplicates)");
-                }
-                Err(cause) => tracing::error!(%cause, "the dedup flush task failed"),
-            }
-            if stopping {
-                return;
-            }
-        }
-    }
-
-    /// [`save_blocking`](Self::save_blocking) on tokio's blocking pool.
-    ///
-    /// # Errors
-    /// As `save_blocking`, plus [`StoreError::Join`].
     /// The routes' dedup snapshot saved last, if any.
     pub fn load_route_dedup(&self) -> Result<Option<Vec<u8>>, StoreError> {
         let result = (|| -> Result<Option<Vec<u8>>, redb::Error> {
@@ -379,23 +330,27 @@ impl DedupStore {
             source,
         })
     }
-
-    pub async fn save(
-        &self,
-        site: String,
-        snapshot: Vec<u8>,
-        refusals: Vec<(String, Option<Vec<u8>>)>,
-    ) -> Result<(), StoreError> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.save_site_blocking(&site, &snapshot, &refusals))
-            .await
-            .map_err(StoreError::Join)?
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One site's row, written as the flusher writes it.
+    fn write(
+        store: &DedupStore,
+        site: &str,
+        snapshot: &[u8],
+        refusals: &[(String, Option<Vec<u8>>)],
+    ) {
+        store
+            .write_rows_blocking(&[SiteRow {
+                site: site.to_owned(),
+                snapshot: snapshot.to_vec(),
+                refusals: refusals.to_vec(),
+            }])
+            .expect("write");
+    }
 
     /// A store from before schema versions opens with its sites and is stamped; a newer one is refused.
     #[test]
@@ -404,8 +359,7 @@ mod tests {
         {
             let (store, _) = DedupStore::open(dir.path()).expect("open");
             let snapshot = Dedup::new(8).expect("window").snapshot().encode();
-            store.save_blocking("line1", &snapshot).expect("save");
-            store.flush_blocking().expect("flush");
+            write(&store, "line1", &snapshot, &[]);
             shared::queue::schema::remove_version(&store.db).expect("as before versions");
         }
         {
@@ -440,13 +394,12 @@ mod tests {
             let (store, _) = DedupStore::open(dir.path()).expect("open");
             assert!(store.refusals().expect("read").is_empty());
             let snapshot = Dedup::new(8).expect("window").snapshot().encode();
-            store
-                .save_site_blocking(
-                    "line1",
-                    &snapshot,
-                    &[("line1/a".to_owned(), Some(pending.encode()))],
-                )
-                .expect("save");
+            write(
+                &store,
+                "line1",
+                &snapshot,
+                &[("line1/a".to_owned(), Some(pending.encode()))],
+            );
         }
         let (store, _) = DedupStore::open(dir.path()).expect("reopen");
         let snapshot = Dedup::new(8).expect("window").snapshot().encode();
@@ -454,9 +407,7 @@ mod tests {
             store.refusals().expect("read").get("line1/a"),
             Some(&pending)
         );
-        store
-            .save_site_blocking("line1", &snapshot, &[("line1/a".to_owned(), None)])
-            .expect("save");
+        write(&store, "line1", &snapshot, &[("line1/a".to_owned(), None)]);
         assert!(store.refusals().expect("read").is_empty());
     }
 
@@ -487,19 +438,13 @@ mod tests {
             for seq in [1, 2, 3, 5] {
                 let _ = d.observe("line1", 7, seq);
             }
-            store
-                .save_blocking("line1", &d.snapshot().encode())
-                .expect("save");
+            write(&store, "line1", &d.snapshot().encode(), &[]);
             let mut d2 = Dedup::new(64).expect("window");
             let _ = d2.observe("line2", 9, 1);
-            store
-                .save_blocking("line2", &d2.snapshot().encode())
-                .expect("save");
+            write(&store, "line2", &d2.snapshot().encode(), &[]);
             // Overwrite line2: the last commit wins.
             let _ = d2.observe("line2", 9, 2);
-            store
-                .save_blocking("line2", &d2.snapshot().encode())
-                .expect("save");
+            write(&store, "line2", &d2.snapshot().encode(), &[]);
         }
         let (_store, sites) = DedupStore::open(dir.path()).expect("reopen");
         let cases: &[(&str, u64, u64, &[u64])] = &[("line1", 7, 3, &[5]), ("line2", 9, 2, &[])];
@@ -519,7 +464,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let (store, _) = DedupStore::open(dir.path()).expect("open");
-            store.save_blocking("line9", b"garbage").expect("save");
+            write(&store, "line9", b"garbage", &[]);
         }
         let err = DedupStore::open(dir.path()).expect_err("corrupt");
         assert!(
