@@ -498,7 +498,11 @@ fn run_hub(config: PathBuf, cfg: shared::config::HubConfig) -> anyhow::Result<()
     meshbridge_metrics::otel::install("cloud-hub", env!("CARGO_PKG_VERSION"))
         .context("invalid tracing set-up (OTEL_* variables)")?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        builder.worker_threads(usize::from(cfg.worker_threads));
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

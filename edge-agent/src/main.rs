@@ -401,7 +401,14 @@ fn one_line(error: &anyhow::Error) -> String {
 }
 
 fn serve(config: PathBuf, cfg: shared::config::AgentConfig) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        builder.worker_threads(usize::from(cfg.worker_threads));
+    }
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));

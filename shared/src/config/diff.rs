@@ -109,6 +109,7 @@ impl HubConfigDiff {
             "log",
             old.log != new.log || old.log_format != new.log_format,
         );
+        section("worker_threads", old.worker_threads != new.worker_threads);
         section("listen", old.listen != new.listen);
         section("tls", old.tls != new.tls);
         section("broker", old.broker != new.broker);
