@@ -498,14 +498,8 @@ fn run_hub(config: PathBuf, cfg: shared::config::HubConfig) -> anyhow::Result<()
     meshbridge_metrics::otel::install("cloud-hub", env!("CARGO_PKG_VERSION"))
         .context("invalid tracing set-up (OTEL_* variables)")?;
 
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if cfg.worker_threads > 0 {
-        builder.worker_threads(usize::from(cfg.worker_threads));
-    }
-    let runtime = builder
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let runtime =
+        meshbridge_metrics::runtime(cfg.worker_threads).context("starting the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));

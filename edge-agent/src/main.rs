@@ -401,13 +401,7 @@ fn one_line(error: &anyhow::Error) -> String {
 }
 
 fn serve(config: PathBuf, cfg: shared::config::AgentConfig) -> anyhow::Result<()> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if cfg.worker_threads > 0 {
-        builder.worker_threads(usize::from(cfg.worker_threads));
-    }
-    let runtime = builder
-        .enable_all()
-        .build()
+    let runtime = meshbridge_metrics::runtime(cfg.worker_threads)
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();

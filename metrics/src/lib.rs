@@ -235,6 +235,19 @@ pub enum ProbeError {
     },
 }
 
+/// The programs' async runtime: `worker_threads` workers (the config key of both programs), or one per
+/// core when it is 0.
+///
+/// # Errors
+/// When the runtime cannot start (threads, the I/O driver).
+pub fn runtime(worker_threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(usize::from(worker_threads));
+    }
+    builder.enable_all().build()
+}
+
 /// The programs' `health` command: probes the endpoint configured as `listen` ([`probe_target`]) within
 /// [`PROBE_TIMEOUT`], on a runtime of its own (the command runs outside the programs' runtimes).
 ///
