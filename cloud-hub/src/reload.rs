@@ -124,6 +124,10 @@ fn reload(
     for site in &changes.restart {
         restart.push(format!("sites.{site}.namespace"));
     }
+    // `log` is put in force at once; `log_format` still needs a restart (the same section).
+    if current.log != new.log && apply_log(&new.log) && current.log_format == new.log_format {
+        restart.retain(|section| section != "log");
+    }
     if current.downlink != new.downlink {
         restart.push("downlink".to_owned());
     }
@@ -132,4 +136,23 @@ fn reload(
     }
     routes.send_replace(Arc::new(table));
     Some(new)
+}
+
+/// Puts a changed `log` in force (`meshbridge_metrics::logging::reload`); whether it did.
+fn apply_log(log: &str) -> bool {
+    use meshbridge_metrics::logging::{reload, Reloaded};
+    match reload(log, meshbridge_broker::embedded::QUIET_RUMQTTD_LOGS) {
+        Ok(Reloaded::Applied(filter)) => {
+            info!(%filter, "log filter now in force");
+            true
+        }
+        Ok(Reloaded::RustLogWins) => {
+            info!("RUST_LOG is set and stays in force; `log` applies at a start without it");
+            true
+        }
+        Err(e) => {
+            warn!(cause = %e, "cannot apply the new log filter; the one in force stays");
+            false
+        }
+    }
 }

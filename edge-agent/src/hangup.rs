@@ -7,6 +7,7 @@
 //! - TLS certificates (the site certificate towards the hub, the broker's TLS ports) are re-read at the
 //!   next handshake after their files change; nothing to do.
 //! - Routes come from the hub (`ConfigPush`), never from the file once pushed.
+//! - A changed `log` directive is put in force at once (unless `RUST_LOG` is set, which wins).
 //! - Every other key of the config file is wired at start: the file is read again and compared with the
 //!   running config, and the keys that differ are logged as needing a restart. A file that no longer
 //!   loads is logged with every problem, so a restart is not attempted blind.
@@ -24,18 +25,18 @@ use tracing::{info, warn};
 /// When the signal handler cannot be installed.
 pub fn follow(
     config: PathBuf,
-    running: AgentConfig,
+    mut running: AgentConfig,
 ) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     Ok(async move {
         while hangup.recv().await.is_some() {
-            answer(&config, &running);
+            answer(&config, &mut running);
         }
     })
 }
 
-/// One SIGHUP: logs what is followed and what in the file would need a restart.
-fn answer(config: &std::path::Path, running: &AgentConfig) {
+/// One SIGHUP: applies a changed `log`, logs what is followed and what in the file would need a restart.
+fn answer(config: &std::path::Path, running: &mut AgentConfig) {
     let followed = followed_files(running);
     info!(
         files = %followed.join(", "),
@@ -48,6 +49,9 @@ fn answer(config: &std::path::Path, running: &AgentConfig) {
             "SIGHUP: the config file does not load; the running config stays, and a restart would fail"
         ),
         Ok(new) => {
+            if new.log != running.log && apply_log(&new.log) {
+                running.log.clone_from(&new.log);
+            }
             let keys = changed_keys(running, &new);
             if keys.is_empty() {
                 info!(config = %config.display(), "SIGHUP: the config file is as running");
@@ -58,6 +62,27 @@ fn answer(config: &std::path::Path, running: &AgentConfig) {
                     "SIGHUP: the config file differs from the running config; these keys take effect at the next restart"
                 );
             }
+        }
+    }
+}
+
+/// Puts a changed `log` in force (`meshbridge_metrics::logging::reload`); whether it did.
+fn apply_log(log: &str) -> bool {
+    use meshbridge_metrics::logging::{reload, Reloaded};
+    match reload(log, meshbridge_broker::embedded::QUIET_RUMQTTD_LOGS) {
+        Ok(Reloaded::Applied(filter)) => {
+            info!(%filter, "SIGHUP: log filter now in force");
+            true
+        }
+        Ok(Reloaded::RustLogWins) => {
+            info!(
+                "SIGHUP: RUST_LOG is set and stays in force; `log` applies at a start without it"
+            );
+            true
+        }
+        Err(e) => {
+            warn!(cause = %e, "SIGHUP: cannot apply the new log filter; the one in force stays");
+            false
         }
     }
 }

@@ -6,6 +6,10 @@
 //!   targets), applies.
 //! - `log_format = "json"` writes one JSON object per line (timestamp, level, target, fields, spans) for log
 //!   collectors; `text`, the default, writes human-readable lines.
+//! - The filter can be replaced while the program runs ([`reload`]: a changed `log` on `systemctl reload`
+//!   or a hub config reload); `RUST_LOG`, when set, still wins. The format cannot (a restart).
+
+use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
@@ -33,11 +37,64 @@ pub fn init(config: &str, quiet: &str, json: bool) -> Result<(), ParseError> {
     let filter = filter(rust_log.as_deref(), config, quiet)?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
-        builder.json().init();
+        let builder = builder.json().with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = RELOAD.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
+        builder.init();
     } else {
+        let builder = builder.with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = RELOAD.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
         builder.init();
     }
     Ok(())
+}
+
+/// Replaces the filter of the subscriber [`init`] installed.
+type Reloader = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+static RELOAD: OnceLock<Reloader> = OnceLock::new();
+
+/// What [`reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The filter in force now (the config's `log` with the quiet directives).
+    Applied(String),
+    /// `RUST_LOG` is set: it stays in force, whatever the config says.
+    RustLogWins,
+}
+
+/// Why [`reload`] could not apply a new `log`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The directives do not parse (the config rules check `log` as text only).
+    #[error("invalid log filter")]
+    Parse(#[from] ParseError),
+    /// [`init`] did not run in this process.
+    #[error("no log subscriber of ours is installed")]
+    NotInstalled,
+    /// The subscriber refused the new filter.
+    #[error("cannot replace the log filter: {0}")]
+    Failed(String),
+}
+
+/// Puts a changed `log` directive in force without a restart, unless `RUST_LOG` decides.
+///
+/// # Errors
+/// [`ReloadError`]; the filter in force then stays.
+pub fn reload(config: &str, quiet: &str) -> Result<Reloaded, ReloadError> {
+    if std::env::var("RUST_LOG").is_ok_and(|v| !v.trim().is_empty()) {
+        return Ok(Reloaded::RustLogWins);
+    }
+    let new = filter(None, config, quiet)?;
+    let text = new.to_string();
+    let apply = RELOAD.get().ok_or(ReloadError::NotInstalled)?;
+    apply(new).map_err(ReloadError::Failed)?;
+    Ok(Reloaded::Applied(text))
 }
 
 #[cfg(test)]

@@ -142,24 +142,47 @@ async fn both_programs_notify_systemd_and_the_agent_survives_sighup() {
             Duration::from_secs(10),
         )
         .await;
-    // A changed key is named as needing a restart.
+    // A changed `log` is put in force at once; another changed key is named as needing a restart.
     let config = mesh.path().join("line1.toml");
     let text = std::fs::read_to_string(&config).expect("read the agent config");
     std::fs::write(
         &config,
-        text.replacen("log = ", "log = \"debug\"\n# was: log = ", 1),
+        text.replacen(
+            "log = ",
+            "log = \"debug\"\nworker_threads = 1\n# was: log = ",
+            1,
+        ),
     )
     .expect("edit the agent config");
     signal(&agent, "HUP");
+    let applied = agent
+        .wait_log("SIGHUP: log filter now in force", Duration::from_secs(10))
+        .await;
+    assert!(applied.contains("debug"), "{applied}");
     let line = agent
         .wait_log(
             "these keys take effect at the next restart",
             Duration::from_secs(10),
         )
         .await;
-    assert!(line.contains("keys=log"), "{line}");
-    // The hub reloads its config on SIGHUP as before.
+    assert!(line.contains("keys=worker_threads"), "{line}");
+    assert!(
+        !line.contains("keys=log") && !line.contains(", log"),
+        "log was applied: {line}"
+    );
+    // The hub reloads its config on SIGHUP as before, and puts a changed `log` in force too.
+    let hub_config = mesh.path().join("hub.toml");
+    let text = std::fs::read_to_string(&hub_config).expect("read the hub config");
+    std::fs::write(
+        &hub_config,
+        text.replacen("log = ", "log = \"debug\"\n# was: log = ", 1),
+    )
+    .expect("edit the hub config");
     signal(&hub, "HUP");
+    let applied = hub
+        .wait_log("log filter now in force", Duration::from_secs(10))
+        .await;
+    assert!(applied.contains("debug"), "{applied}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         agent.is_running(),
