@@ -219,25 +219,10 @@ fn main() -> ExitCode {
             };
         }
         (Some(Command::Health { config }), None) => {
-            // 1, never 2, on every failure: Docker reserves health-check status 2.
             let listen = shared::config::load_hub(&config)
-                .map_err(anyhow::Error::from)
-                .and_then(|cfg| {
-                    cfg.metrics.listen.with_context(|| {
-                        format!("{} has no [metrics] listen to probe", config.display())
-                    })
-                });
-            return match listen.and_then(|listen| Ok(meshbridge_metrics::probe_blocking(listen)?)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    let reason: Vec<String> = format!("{error:#}")
-                        .lines()
-                        .map(|l| l.trim().to_owned())
-                        .collect();
-                    eprintln!("cloud-hub: unhealthy: {}", reason.join("; "));
-                    ExitCode::FAILURE
-                }
-            };
+                .map(|cfg| cfg.metrics.listen)
+                .map_err(|e| e.to_string());
+            return meshbridge_metrics::health_command("cloud-hub", &config, listen);
         }
         (Some(Command::PrintConfig { config }), None) => {
             return match shared::config::load_hub(&config) {

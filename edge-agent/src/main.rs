@@ -131,21 +131,10 @@ fn main() -> ExitCode {
             .exit();
     };
     if let Some(Command::Health) = cli.command {
-        // 1, never 2, on every failure: Docker reserves health-check status 2.
         let listen = shared::config::load_agent(&config)
-            .map_err(anyhow::Error::from)
-            .and_then(|cfg| {
-                cfg.metrics.listen.with_context(|| {
-                    format!("{} has no [metrics] listen to probe", config.display())
-                })
-            });
-        return match listen.and_then(|listen| Ok(meshbridge_metrics::probe_blocking(listen)?)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("edge-agent: unhealthy: {}", one_line(&error));
-                ExitCode::FAILURE
-            }
-        };
+            .map(|cfg| cfg.metrics.listen)
+            .map_err(|e| e.to_string());
+        return meshbridge_metrics::health_command("edge-agent", &config, listen);
     }
     let cfg = match shared::config::load_agent(&config) {
         Ok(cfg) => cfg,
@@ -389,15 +378,6 @@ fn dead_letters(
             Ok(())
         }
     }
-}
-
-/// An error and its causes on one line (a config error lists its problems on several).
-fn one_line(error: &anyhow::Error) -> String {
-    format!("{error:#}")
-        .lines()
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 fn serve(config: PathBuf, cfg: shared::config::AgentConfig) -> anyhow::Result<()> {

@@ -248,6 +248,35 @@ pub fn runtime(worker_threads: u16) -> std::io::Result<tokio::runtime::Runtime> 
     builder.enable_all().build()
 }
 
+/// The whole `health` command of both programs: `listen` is the loaded config's `metrics.listen`, or why
+/// the config did not load. Prints one line on standard error when unhealthy, and returns the exit status:
+/// 0 healthy, 1 for every failure, never 2, which Docker reserves for health checks.
+pub fn health_command(
+    program: &str,
+    config: &std::path::Path,
+    listen: Result<Option<SocketAddr>, String>,
+) -> std::process::ExitCode {
+    let reason = match listen {
+        Err(why) => why,
+        Ok(None) => format!("{} has no [metrics] listen to probe", config.display()),
+        Ok(Some(listen)) => match probe_blocking(listen) {
+            Ok(()) => return std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                let mut text = error.to_string();
+                let mut source = std::error::Error::source(&error);
+                while let Some(cause) = source {
+                    text.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                text
+            }
+        },
+    };
+    let line: Vec<&str> = reason.lines().map(str::trim).collect();
+    eprintln!("{program}: unhealthy: {}", line.join("; "));
+    std::process::ExitCode::FAILURE
+}
+
 /// The programs' `health` command: probes the endpoint configured as `listen` ([`probe_target`]) within
 /// [`PROBE_TIMEOUT`], on a runtime of its own (the command runs outside the programs' runtimes).
 ///
