@@ -35,7 +35,13 @@ pub fn filter(rust_log: Option<&str>, config: &str, quiet: &str) -> Result<EnvFi
 pub fn init(config: &str, quiet: &str, json: bool) -> Result<(), ParseError> {
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = filter(rust_log.as_deref(), config, quiet)?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // When standard output is gone (the reader of a pipe died: a log shipper, or `deploy/local/run.sh`
+    // killed with its prefixers), tracing-subscriber reports each failed write with `eprintln!`, which
+    // panics once standard error is gone too: a panic in whatever task logged, and a shutdown that then
+    // never finished. A program with nowhere to log keeps running and stopping as usual instead.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false);
     if json {
         let builder = builder.json().with_filter_reloading();
         let handle = builder.reload_handle();
