@@ -7,7 +7,8 @@
 //! are the messages acknowledged upstream (the front releases PUBACKs, the external client sends them), and
 //! the uplink is woken.
 //!
-//! The queue is synchronous (redb), so every append runs in `spawn_blocking`, never on an async worker.
+//! The queue is synchronous (redb), so an append never runs on an async worker: the embedded mode commits on
+//! a thread of its own ([`Ingest::run_front_commits`]), the external mode on the blocking pool.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -113,38 +114,52 @@ pub(crate) struct Ingest {
 impl Ingest {
     /// Appends the group's bodies, one queue batch per priority lane, highest lane first, then wakes each
     /// lane's uplink. A lane's part is emptied once it is committed; on failure the parts not committed
-    /// stay in the group (a retry does not commit the others twice).
+    /// stay in the group (a retry does not commit the others twice). Runs the commit on the blocking pool
+    /// (the external mode's path; the embedded mode commits on a thread of its own,
+    /// [`Self::run_front_commits`]).
     pub(crate) async fn commit(&self, group: &mut Group) -> Result<(), CommitError> {
+        let this = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        let mut owned = std::mem::replace(group, Group::new(&self.site));
+        let (result, owned) = tokio::task::spawn_blocking(move || {
+            let result = this.commit_blocking(&mut owned, &handle);
+            (result, owned)
+        })
+        .await
+        .map_err(CommitError::Panicked)?;
+        *group = owned;
+        result
+    }
+
+    /// [`Self::commit`] on the calling thread, which may block (never an async worker). `handle` opens a
+    /// priority lane's queue the first time the lane is used.
+    pub(crate) fn commit_blocking(
+        &self,
+        group: &mut Group,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<(), CommitError> {
         let commit_start = std::time::SystemTime::now();
         if let (false, Some(store)) = (group.retained.is_empty(), &self.retained) {
-            let changes = std::mem::take(&mut group.retained);
-            let store = Arc::clone(store);
-            let (result, changes) = tokio::task::spawn_blocking(move || {
-                let result = store.apply(&changes);
-                (result, changes)
-            })
-            .await
-            .map_err(CommitError::Panicked)?;
-            if let Err(e) = result {
-                group.retained = changes;
-                return Err(e.into());
-            }
-            debug!(changes = changes.len(), "retained messages stored");
+            store.apply(&group.retained)?;
+            debug!(changes = group.retained.len(), "retained messages stored");
+            group.retained.clear();
         }
         for l in (0..=MAX_LANE).rev() {
             let part = &mut group.lanes[usize::from(l)];
             if part.ends.is_empty() {
                 continue;
             }
-            let lane = self
-                .lanes
-                .ensure(l)
-                .await
-                .map_err(|source| CommitError::Lane {
-                    lane: l,
-                    source: Box::new(source),
-                })?;
-            let outcome = commit_part(&lane.queue, part).await?;
+            let lane =
+                match self.lanes.get(l) {
+                    Some(lane) => lane,
+                    None => handle.block_on(self.lanes.ensure(l)).map_err(|source| {
+                        CommitError::Lane {
+                            lane: l,
+                            source: Box::new(source),
+                        }
+                    })?,
+                };
+            let outcome = commit_part(&lane.queue, part)?;
             crate::events::Committed {
                 lane: l,
                 first_seq: outcome.first_seq,
@@ -166,68 +181,52 @@ impl Ingest {
     }
 }
 
-/// Appends one lane's part of a group as one queue batch (in `spawn_blocking`). The part is emptied on
+/// Appends one lane's part of a group as one queue batch, on the calling thread. The part is emptied on
 /// success and kept as it was on failure.
-async fn commit_part(
-    queue: &Arc<RedbQueue>,
-    group: &mut LaneGroup,
-) -> Result<AppendOutcome, CommitError> {
-    {
-        let bodies = group.buf.split().freeze();
-        let ends = std::mem::take(&mut group.ends);
-        let marks = std::mem::take(&mut group.marks);
-        let queue = Arc::clone(queue);
-        let result = tokio::task::spawn_blocking(move || {
-            let mut slices: Vec<&[u8]> = Vec::with_capacity(ends.len());
-            let mut start = 0;
-            for &end in &ends {
-                slices.push(&bodies[start..end]);
-                start = end;
-            }
-            let outcome = if marks.is_empty() {
-                queue.append(&slices, now_ms())
-            } else {
-                let refs: Vec<Mark<'_>> = marks
-                    .iter()
-                    .map(|(key, digest)| Mark {
-                        key,
-                        digest: *digest,
-                    })
-                    .collect();
-                queue.append_marked(&slices, &refs, now_ms())
-            };
-            drop(slices);
-            (outcome, bodies, ends, marks)
-        })
-        .await;
-        let (outcome, bodies, mut ends, mut marks) = result.map_err(CommitError::Panicked)?;
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                // Keep the group for a retry (external mode); `buf` was emptied by `split`, so the offsets
-                // in `ends` are valid again. A rare path, so the copy does not matter.
-                group.buf.extend_from_slice(&bodies);
-                group.ends = ends;
-                group.marks = marks;
-                return Err(e.into());
-            }
-        };
-        ends.clear();
-        group.ends = ends;
-        marks.clear();
-        group.marks = marks;
-        Ok(outcome)
+fn commit_part(queue: &RedbQueue, group: &mut LaneGroup) -> Result<AppendOutcome, CommitError> {
+    let mut slices: Vec<&[u8]> = Vec::with_capacity(group.ends.len());
+    let mut start = 0;
+    for &end in &group.ends {
+        slices.push(&group.buf[start..end]);
+        start = end;
     }
+    let outcome = if group.marks.is_empty() {
+        queue.append(&slices, now_ms())
+    } else {
+        let refs: Vec<Mark<'_>> = group
+            .marks
+            .iter()
+            .map(|(key, digest)| Mark {
+                key,
+                digest: *digest,
+            })
+            .collect();
+        queue.append_marked(&slices, &refs, now_ms())
+    }?;
+    drop(slices);
+    group.buf.clear();
+    group.ends.clear();
+    group.marks.clear();
+    Ok(outcome)
 }
 
 impl Ingest {
-    /// The embedded mode's commit loop: takes the front's [`CommitRequest`]s, groups whatever is waiting,
-    /// commits, answers every request. Ends when every sender is gone (the front stopped), after the
-    /// requests already taken are answered.
-    pub(crate) async fn run_front_commits(self, mut requests: mpsc::Receiver<CommitRequest>) {
+    /// The embedded mode's commit loop, on a thread of its own (it blocks): takes the front's
+    /// [`CommitRequest`]s, groups whatever is waiting, commits, answers every request. Ends when every
+    /// sender is gone (the front stopped), after the requests already taken are answered.
+    ///
+    /// Why a thread and not a task that hands each group to the blocking pool: at a factory line's rate
+    /// every message is a group of its own, and each hand-off between threads is a wake-up that costs more
+    /// CPU than the rest of the message's path at the edge (`README.md`, Performance). Here a request wakes
+    /// this thread once; the commit runs where it is, and the answer goes straight to the front's task.
+    pub(crate) fn run_front_commits(
+        self,
+        mut requests: mpsc::Receiver<CommitRequest>,
+        handle: &tokio::runtime::Handle,
+    ) {
         let mut group = Group::new(&self.site);
         let mut waiting = Vec::new();
-        while let Some(first) = requests.recv().await {
+        while let Some(first) = requests.blocking_recv() {
             waiting.push(first);
             while group_has_room(&waiting, self.max_group_bytes) {
                 match requests.try_recv() {
@@ -304,7 +303,7 @@ impl Ingest {
             let answer = if group.is_empty() {
                 Ok(())
             } else {
-                match self.commit(&mut group).await {
+                match self.commit_blocking(&mut group, handle) {
                     Ok(_) => Ok(()),
                     Err(e) => {
                         log_commit_error(&e);

@@ -705,7 +705,8 @@ impl Session<'_> {
                     AgentAction::AckUpTo { upto } => {
                         // By the watermark: appends during the ack do not move it.
                         let before = queue.acked();
-                        blocking(queue, move |q| q.ack_upto(upto)).await?;
+                        // In memory only (the next commit writes it): no blocking hop per ack.
+                        queue.ack_upto(upto).map_err(UplinkError::Queue)?;
                         events::Acknowledged {
                             upto,
                             count: queue.acked().saturating_sub(before),
@@ -769,8 +770,14 @@ impl Session<'_> {
             let outranked = waiting_for_higher
                 || lane::outranked(*higher.borrow_and_update(), self.uplink.lane);
             while let Some(from) = link.next_send().filter(|_| !outranked) {
-                let entries =
-                    blocking(queue, move |q| q.read(from, batch_messages, batch_bytes)).await?;
+                // Right behind the appends the entries are still in memory; a backlog comes from the file
+                // on a blocking thread.
+                let entries = match queue.read_cached(from, batch_messages, batch_bytes) {
+                    Some(entries) => entries,
+                    None => {
+                        blocking(queue, move |q| q.read(from, batch_messages, batch_bytes)).await?
+                    }
+                };
                 let Some(last) = entries.last().map(|e| e.seq) else {
                     link.queue_written(from - 1);
                     break;

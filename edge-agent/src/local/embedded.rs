@@ -133,7 +133,9 @@ pub(crate) async fn run(
             transport: None,
         }));
     // Ends by itself once the front (the only sender) is gone, after answering every request it took.
-    let commits = tokio::spawn(ingest.run_front_commits(commits_rx));
+    let handle = tokio::runtime::Handle::current();
+    let commits =
+        tokio::task::spawn_blocking(move || ingest.run_front_commits(commits_rx, &handle));
     // The internal addresses are logged for diagnosis; they take only the per-start internal login.
     info!(%listen, ports = opened.addrs.len(), internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, %site, mode = "embedded", "ready");
     meshbridge_metrics::systemd::ready(&format!("site {site}: serving MQTT on {listen}"));

@@ -214,8 +214,9 @@ pub trait Queue {
     ) -> Result<Vec<Entry>, QueueError>;
 
     /// Acknowledges every message up to and including `seq` (clamped to the last appended seq) and deletes
-    /// what becomes unreachable. Returns how many messages this call newly acknowledged; acknowledging a
-    /// lower seq than before is a no-op returning 0.
+    /// what becomes unreachable (at once, or with the next write: reads never return it again either way).
+    /// Returns how many messages this call newly acknowledged; acknowledging a lower seq than before is a
+    /// no-op returning 0.
     fn ack_upto(&self, seq: u64) -> Result<u64, QueueError>;
 
     /// Drops batches older than [`QueueLimits::max_age`] at `now_ms`; returns how many messages expired.
