@@ -120,7 +120,7 @@ impl Ingest {
     pub(crate) async fn commit(&self, group: &mut Group) -> Result<(), CommitError> {
         let this = self.clone();
         let handle = tokio::runtime::Handle::current();
-        let mut owned = std::mem::replace(group, Group::new(&self.site));
+        let mut owned = std::mem::replace(group, Group::unallocated(&self.site));
         let (result, owned) = tokio::task::spawn_blocking(move || {
             let result = this.commit_blocking(&mut owned, &handle);
             (result, owned)
@@ -474,8 +474,15 @@ struct LaneGroup {
 impl Group {
     /// An empty group for `site`.
     pub(crate) fn new(site: &str) -> Self {
-        let mut lanes: Vec<LaneGroup> = (0..=MAX_LANE).map(|_| LaneGroup::default()).collect();
-        lanes[0].buf = BytesMut::with_capacity(64 * 1024);
+        let mut group = Self::unallocated(site);
+        group.lanes[0].buf = BytesMut::with_capacity(64 * 1024);
+        group
+    }
+
+    /// An empty group whose buffers grow on first use: what stands in for a group lent to a blocking
+    /// thread, and what is left if that thread panicked.
+    fn unallocated(site: &str) -> Self {
+        let lanes: Vec<LaneGroup> = (0..=MAX_LANE).map(|_| LaneGroup::default()).collect();
         Self {
             lanes,
             last_lane: 0,
