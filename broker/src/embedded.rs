@@ -36,6 +36,8 @@ use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::Protocol;
+/// The router's word on its subscribers (see [`EmbeddedBroker::pressure`]).
+pub use rumqttd::SubscriberPressure;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use shared::mqtt::{self, ProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -118,7 +120,8 @@ pub struct EmbeddedSettings {
     pub connect_timeout: Duration,
     /// Size of one in-memory log segment per topic (bounds the offline backlog with the next field).
     pub max_segment_size: usize,
-    /// Number of segments kept per topic; the oldest is dropped silently beyond it.
+    /// Number of segments kept per topic, the one being written included; the oldest is dropped beyond
+    /// it, read or not (see [`EmbeddedBroker::pressure`]).
     pub max_segment_count: usize,
 }
 
@@ -130,14 +133,17 @@ impl Default for EmbeddedSettings {
             max_inflight_count: 1_000,
             connect_timeout: Duration::from_secs(30),
             max_segment_size: DEFAULT_LOG_PER_FILTER / LOG_SEGMENTS,
-            max_segment_count: LOG_SEGMENTS - 1,
+            max_segment_count: LOG_SEGMENTS,
         }
     }
 }
 
-/// Segments of a filter's log: rumqttd keeps `max_segment_count` full segments plus the active one, and
-/// drops the oldest whole segment, so a log holds between 3/4 of its bound and the bound itself.
-const LOG_SEGMENTS: usize = 4;
+/// Segments of a filter's log: rumqttd keeps `max_segment_count` segments, the one being written
+/// included, and drops the oldest whole segment when a new one starts. Sixteen, so that the subscriber
+/// pressure of the patched router (`vendor/rumqttd/PATCHED.md`: held with 5 segments left before a
+/// subscriber loses data, released at 8) has a quarter of the log as margin for what a publisher still
+/// has in flight when it stops.
+const LOG_SEGMENTS: usize = 16;
 /// Default memory per subscription filter (the config's `broker.max_log_per_filter`).
 const DEFAULT_LOG_PER_FILTER: usize = 32 * 1024 * 1024;
 
@@ -149,7 +155,7 @@ impl EmbeddedSettings {
     #[must_use]
     pub fn with_log_per_filter(mut self, bytes: usize) -> Self {
         self.max_segment_size = (bytes / LOG_SEGMENTS).max(4096);
-        self.max_segment_count = LOG_SEGMENTS - 1;
+        self.max_segment_count = LOG_SEGMENTS;
         self
     }
 }
@@ -189,6 +195,7 @@ pub struct EmbeddedBroker {
     pub v5_addr: SocketAddr,
     login: Arc<InternalLogin>,
     listeners: Vec<JoinHandle<()>>,
+    pressure: Arc<SubscriberPressure>,
 }
 
 impl EmbeddedBroker {
@@ -209,7 +216,9 @@ impl EmbeddedBroker {
         };
         let login = Arc::new(InternalLogin::generate()?);
         // The router id is only meaningful in rumqttd's (unfinished) cluster mode.
-        let router_tx = Router::new(0, router_config).spawn();
+        let router = Router::new(0, router_config);
+        let pressure = router.pressure();
+        let router_tx = router.spawn();
         let mut listeners = Vec::with_capacity(2);
         // rumqttd does not export the router handle's type, so each listener gets a constructor closure.
         let v4 = |s| Server::new(s, router_tx.clone(), V4);
@@ -231,7 +240,18 @@ impl EmbeddedBroker {
             v5_addr,
             login,
             listeners,
+            pressure,
         })
+    }
+
+    /// What the router says about its subscribers: `held` while a connected QoS 1/2 subscriber is
+    /// close to losing messages it has not read (rumqttd's log per filter drops its oldest segment
+    /// whether or not it was read), and how many messages subscribers lost. A publisher that stops
+    /// while `held` is set keeps its subscribers from losing anything: the hub's does
+    /// (`cloud-hub/src/publisher.rs`), which moves the wait back to the agents' disk queues.
+    #[must_use]
+    pub fn pressure(&self) -> Arc<SubscriberPressure> {
+        Arc::clone(&self.pressure)
     }
 
     /// The listener addresses and login in the form the front takes.

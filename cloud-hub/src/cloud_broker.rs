@@ -94,6 +94,11 @@ impl RunningEmbedded {
         })
     }
 
+    /// The embedded broker's subscriber pressure, which the hub's publisher obeys.
+    pub(crate) fn pressure(&self) -> Arc<meshbridge_broker::embedded::SubscriberPressure> {
+        self.broker.pressure()
+    }
+
     /// Client options for the hub's publisher (straight to the internal v5 listener).
     pub(crate) fn publisher_options(&self) -> MqttOptions {
         self.internal_options(EMBEDDED_CLIENT_ID)

@@ -144,7 +144,19 @@ pub async fn run_reloading(
         }
         BrokerConfig::External(external) => (None, cloud_broker::external_options(external)?),
     };
-    let publisher = Publisher::spawn(options, &tracker, publisher_stop.clone());
+    let pressure = embedded.as_ref().map(RunningEmbedded::pressure);
+    metrics.watch_pressure(pressure.clone());
+    // A fifth of the log per filter: the router holds with more than a quarter left (publisher.rs).
+    let handed_budget = match &cfg.broker {
+        BrokerConfig::Embedded(embedded) => embedded.max_log_per_filter.as_usize() / 5,
+        BrokerConfig::External(_) => usize::MAX,
+    };
+    let publisher = Publisher::spawn(
+        options,
+        pressure.map(|p| (p, handed_budget)),
+        &tracker,
+        publisher_stop.clone(),
+    );
 
     // Routes: compiled once here (the config was validated at load), swapped whole on a reload.
     let table = RouteTable::new(&cfg).map_err(|errors| HubError::Routes {

@@ -126,6 +126,10 @@ pub(crate) struct HubMetrics {
     /// The embedded cloud broker's refusals (`broker/src/auth.rs`) and their metrics.
     auth: std::sync::Arc<meshbridge_broker::auth::AuthCounters>,
     auth_metrics: meshbridge_metrics::BrokerAuthMetrics,
+    /// The embedded cloud broker's subscriber pressure (see `cloud-hub/src/publisher.rs`), once started.
+    pressure: std::sync::OnceLock<std::sync::Arc<meshbridge_broker::embedded::SubscriberPressure>>,
+    pressure_held: Gauge,
+    subscriber_lost: Counter,
     rendering: Mutex<()>,
 }
 
@@ -155,6 +159,9 @@ impl HubMetrics {
             handshakes_in_flight: Gauge::default(),
             auth: std::sync::Arc::default(),
             auth_metrics,
+            pressure: std::sync::OnceLock::new(),
+            pressure_held: Gauge::default(),
+            subscriber_lost: Counter::default(),
             rendering: Mutex::new(()),
         };
         registry.register(
@@ -237,7 +244,27 @@ impl HubMetrics {
             "QUIC handshakes in progress",
             m.handshakes_in_flight.clone(),
         );
+        registry.register(
+            "cloud_broker_subscribers_held",
+            "1 while the hub holds new messages because a subscriber of its embedded cloud broker is falling behind (the agents' queues take the wait)",
+            m.pressure_held.clone(),
+        );
+        registry.register(
+            "cloud_broker_subscriber_messages_lost",
+            "Messages subscribers of the embedded cloud broker missed because its log dropped them unread (QoS 0 subscriptions, disconnected persistent sessions)",
+            m.subscriber_lost.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Reports the embedded cloud broker's subscriber pressure from now on (`None`: external broker).
+    pub(crate) fn watch_pressure(
+        &self,
+        pressure: Option<std::sync::Arc<meshbridge_broker::embedded::SubscriberPressure>>,
+    ) {
+        if let Some(pressure) = pressure {
+            let _ = self.pressure.set(pressure);
+        }
     }
 
     /// The counters the embedded cloud broker's password file and ACL move.
@@ -333,6 +360,15 @@ impl HubMetrics {
         }
         self.cloud_broker_connected
             .set(i64::from(hub.publisher.is_connected()));
+        if let Some(pressure) = self.pressure.get() {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.pressure_held
+                .set(i64::from(pressure.held.load(Relaxed)));
+            let lost = pressure.lost.load(Relaxed);
+            // Rendering is serialised (`rendering`), so the difference is added once.
+            self.subscriber_lost
+                .inc_by(lost.saturating_sub(self.subscriber_lost.get()));
+        }
         {
             use std::sync::atomic::Ordering::Relaxed;
             let auth = &self.auth;

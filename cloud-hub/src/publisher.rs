@@ -28,9 +28,11 @@
 //! a new generation reconnects after a back-off. Events of older generations are ignored.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use meshbridge_broker::embedded::SubscriberPressure;
 use rumqttc::v5::mqttbytes::v5::{PubAckReason, PubCompReason, PubRecReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions};
@@ -54,6 +56,18 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How long a stopping publisher waits for its DISCONNECT to be written.
 const DISCONNECT_WAIT: Duration = Duration::from_millis(500);
+/// How often a publisher held by the embedded broker's subscriber pressure looks again.
+///
+/// Why the publisher holds: rumqttd keeps a fixed log per subscription filter and drops its oldest
+/// segment when a new one starts, read or not, so a subscriber slower than the publishers would lose
+/// messages the hub had already acknowledged to the agents. The patched router
+/// (`vendor/rumqttd/PATCHED.md`) says when a connected QoS 1/2 subscriber gets close to that; the
+/// publisher then hands nothing new to the broker, its batch queue fills, agent connections stop
+/// getting acknowledgements, and the agents' windows and then their disk queues take the wait. What is
+/// already handed over still goes in: the router holds with more than a quarter of the log left for it
+/// (`broker/src/embedded.rs`), and the publisher never has more than a fifth of the log handed over and
+/// unacknowledged (`handed_budget`).
+const PRESSURE_POLL: Duration = Duration::from_millis(5);
 
 /// One message to publish, already mapped into the site's namespace.
 #[derive(Debug)]
@@ -142,15 +156,24 @@ pub(crate) struct Publisher {
 
 impl Publisher {
     /// Starts the publisher task on `tracker`; it runs until `stop` is cancelled.
+    ///
+    /// `pressure` is the embedded cloud broker's subscriber pressure and the most message bytes the
+    /// publisher may have handed to the broker and not seen acknowledged (`None` for an external broker):
+    /// while it is held, no new message is handed to the broker (see [`PRESSURE_POLL`]).
     pub(crate) fn spawn(
         options: MqttOptions,
+        pressure: Option<(Arc<SubscriberPressure>, usize)>,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::channel(BATCH_QUEUE);
         let (connected_tx, connected) = watch::channel(false);
         let (events_tx, events_rx) = mpsc::channel(REQUEST_CAP);
-        let task = PublisherTask::new(options, events_tx, connected_tx, tracker.clone(), stop);
+        let mut task = PublisherTask::new(options, events_tx, connected_tx, tracker.clone(), stop);
+        if let Some((pressure, budget)) = pressure {
+            task.pressure = Some(pressure);
+            task.handed_budget = Some(budget);
+        }
         tracker.spawn(task.run(rx, events_rx));
         Self { tx, connected }
     }
@@ -217,9 +240,14 @@ struct PublisherTask {
     /// Messages of accepted batches not yet handed to rumqttc (kept while `unsent` is full).
     backlog: VecDeque<(u64, OutMessage)>,
     /// Handed to rumqttc, waiting for `Outgoing::Publish`: (batch id, QoS, seq).
-    unsent: VecDeque<(u64, QoS, u64)>,
-    /// Written QoS 1/2 publishes by packet id: (batch id, seq).
-    inflight: HashMap<u16, (u64, u64)>,
+    /// Handed to rumqttc, waiting for `Outgoing::Publish`: (batch id, QoS, seq, size).
+    unsent: VecDeque<(u64, QoS, u64, usize)>,
+    /// Written QoS 1/2 publishes by packet id: (batch id, seq, size).
+    inflight: HashMap<u16, (u64, u64, usize)>,
+    /// Message bytes (topic and payload, as rumqttd counts them in its log) in `unsent` and `inflight`.
+    handed_bytes: usize,
+    /// Most `handed_bytes` before feeding waits (embedded broker only; see [`PRESSURE_POLL`]).
+    handed_budget: Option<usize>,
     /// The broker's Maximum Packet Size from its CONNACK, if it set one.
     max_packet_size: Option<usize>,
     /// Messages in flight when the broker connection failed; see the module docs.
@@ -233,6 +261,10 @@ struct PublisherTask {
     stop: CancellationToken,
     /// Stops the current generation's event loop task.
     drive_stop: CancellationToken,
+    /// The embedded broker's subscriber pressure; see [`PRESSURE_POLL`].
+    pressure: Option<Arc<SubscriberPressure>>,
+    /// Whether the last look at `pressure` found it held.
+    held: bool,
 }
 
 impl PublisherTask {
@@ -272,7 +304,31 @@ impl PublisherTask {
             tracker,
             stop,
             drive_stop,
+            pressure: None,
+            held: false,
+            handed_bytes: 0,
+            handed_budget: None,
         }
+    }
+
+    /// Whether the embedded broker asks the publisher to hold; logs each change.
+    fn holding(&mut self) -> bool {
+        let held = self
+            .pressure
+            .as_ref()
+            .is_some_and(|p| p.held.load(std::sync::atomic::Ordering::Acquire));
+        if held != self.held {
+            self.held = held;
+            if held {
+                warn!(
+                    backlog = self.backlog.len(),
+                    "a subscriber of the cloud broker is falling behind: holding new messages (the agents' queues take the wait)"
+                );
+            } else {
+                info!("the cloud broker's subscribers caught up: publishing again");
+            }
+        }
+        held
     }
 
     async fn run(
@@ -282,9 +338,11 @@ impl PublisherTask {
     ) {
         loop {
             let accepting = self.backlog.is_empty();
+            let waiting_out_pressure = self.held && !self.backlog.is_empty();
             tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break,
+                () = tokio::time::sleep(PRESSURE_POLL), if waiting_out_pressure => self.feed(),
                 Some((generation, event)) = events.recv() => {
                     if generation == self.generation {
                         self.on_event(event);
@@ -340,10 +398,20 @@ impl PublisherTask {
     /// Hands backlog messages to rumqttc while its request channel has room (only this task sends on it, so
     /// `try_publish` cannot find it full).
     fn feed(&mut self) {
+        if self.backlog.is_empty() || self.holding() {
+            return;
+        }
         while self.unsent.len() < REQUEST_CAP && self.isolated.is_none() {
             let Some((id, m)) = self.backlog.front() else {
                 break;
             };
+            let over_budget = self.handed_budget.is_some_and(|budget| {
+                self.handed_bytes + message_size(m) > budget
+                    && !(self.unsent.is_empty() && self.inflight.is_empty())
+            });
+            if over_budget {
+                break;
+            }
             let (id, seq) = (*id, m.seq);
             let Some(waiter) = self.waiters.get(&id) else {
                 // The batch already failed; do not publish the rest of it.
@@ -374,6 +442,7 @@ impl PublisherTask {
                 break;
             };
             let qos = m.qos;
+            let size = message_size(&m);
             if let Some(max) = self.max_packet_size {
                 let size = m.packet_size_bound();
                 if size > max {
@@ -403,7 +472,10 @@ impl PublisherTask {
                 m.payload,
                 m.properties,
             ) {
-                Ok(()) => self.unsent.push_back((id, qos, seq)),
+                Ok(()) => {
+                    self.unsent.push_back((id, qos, seq, size));
+                    self.handed_bytes += size;
+                }
                 Err(error) => {
                     warn!(cause = %error, "the MQTT client refused a publish; failing its batch");
                     self.fail(id, PublishError::ConnectionLost);
@@ -428,15 +500,16 @@ impl PublisherTask {
                 self.connected_tx.send_replace(true);
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let Some((id, qos, seq)) = self.unsent.pop_front() else {
+                let Some((id, qos, seq, size)) = self.unsent.pop_front() else {
                     warn!(pkid, "publish event without a pending request; ignored");
                     return;
                 };
                 if qos == QoS::AtMostOnce {
+                    self.handed_bytes -= size;
                     self.resolve_isolated(id, seq);
                     self.complete(id);
                 } else {
-                    self.inflight.insert(pkid, (id, seq));
+                    self.inflight.insert(pkid, (id, seq, size));
                 }
             }
             Ok(Event::Incoming(Incoming::PubAck(ack))) => match ack.reason {
@@ -502,8 +575,15 @@ impl PublisherTask {
         ));
     }
 
+    /// Takes a written QoS 1/2 publish out of `inflight`.
+    fn take_inflight(&mut self, pkid: u16) -> Option<(u64, u64)> {
+        let (id, seq, size) = self.inflight.remove(&pkid)?;
+        self.handed_bytes -= size;
+        Some((id, seq))
+    }
+
     fn complete_pkid(&mut self, pkid: u16) {
-        match self.inflight.remove(&pkid) {
+        match self.take_inflight(pkid) {
             Some((id, seq)) => {
                 self.resolve_isolated(id, seq);
                 self.complete(id);
@@ -524,13 +604,13 @@ impl PublisherTask {
 
     fn fail_pkid(&mut self, pkid: u16, error: PublishError) {
         warn!(pkid, cause = %error, "cloud broker publish failed; failing its batch");
-        if let Some((id, _)) = self.inflight.remove(&pkid) {
+        if let Some((id, _)) = self.take_inflight(pkid) {
             self.fail(id, error);
         }
     }
 
     fn refuse_pkid(&mut self, pkid: u16, reason_code: u8, detail: String) {
-        match self.inflight.remove(&pkid) {
+        match self.take_inflight(pkid) {
             Some((id, seq)) => {
                 self.resolve_isolated(id, seq);
                 self.refuse(id, seq, reason_code, detail);
@@ -588,7 +668,7 @@ impl PublisherTask {
             }
             return;
         }
-        let in_flight = self.inflight.values().copied().chain(
+        let in_flight = self.inflight.values().map(|&(id, seq, _)| (id, seq)).chain(
             self.unsent
                 .iter()
                 .filter(|u| u.1 != QoS::AtMostOnce)
@@ -608,6 +688,7 @@ impl PublisherTask {
         self.backlog.clear();
         self.unsent.clear();
         self.inflight.clear();
+        self.handed_bytes = 0;
         self.isolated = None;
     }
 }
@@ -667,6 +748,11 @@ impl Suspects {
             }
         }
     }
+}
+
+/// A message's size as rumqttd counts it in its log (topic, payload and 4 bytes).
+fn message_size(m: &OutMessage) -> usize {
+    4 + m.topic.len() + m.payload.len()
 }
 
 /// MQTT 5 reason codes the hub gives refusals it decides itself.

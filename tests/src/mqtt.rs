@@ -436,6 +436,18 @@ impl Collector {
         filters: &[&str],
         persistent: bool,
     ) -> Self {
+        Self::start_paced(addr, client_id, filters, persistent, None).await
+    }
+
+    /// [`Self::start`] for a slow consumer: after each message it waits `pause` before it reads on, so
+    /// the broker's writes to it back up (TCP) once it falls behind.
+    pub async fn start_paced(
+        addr: SocketAddr,
+        client_id: &str,
+        filters: &[&str],
+        persistent: bool,
+        pause: Option<Duration>,
+    ) -> Self {
         let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         options.set_keep_alive(Duration::from_secs(10));
         if persistent {
@@ -474,6 +486,9 @@ impl Collector {
                                 qos: p.qos as u8,
                                 user_properties,
                             });
+                            if let Some(pause) = pause {
+                                tokio::time::sleep(pause).await;
+                            }
                         }
                         Ok(_) => {}
                         Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,

@@ -6,7 +6,8 @@
 //!   offered rate while the cloud falls behind, and nothing piles up at the hub;
 //! - the hub's memory stays bounded: the stalled consumer's backlog and the slow site cost the hub (which
 //!   runs the embedded cloud broker in its own process) a bounded amount;
-//! - the other site keeps flowing with no long stall;
+//! - the other site keeps flowing, with one stall no longer than the time the hub holds publishers for a
+//!   subscriber that stopped reading (5 s, then it counts as stalled and misses what its log drops);
 //! - once the link is fast again everything drains: lost 0, unexpected 0, duplicates 0, order kept.
 //!
 //! Needs root (network namespace, veth, `tc`): CI runs as root; elsewhere the test says it did not run.
@@ -36,6 +37,9 @@ const PAD: usize = 1024;
 /// The slow link.
 const SLOW_RATE: &str = "1mbit";
 const MIB: u64 = 1024 * 1024;
+/// How long the hub's embedded broker holds publishers for a subscriber that reads nothing while close
+/// to the end of its log (`PRESSURE_STALLED` in vendor/rumqttd/src/router/routing.rs).
+const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 /// The hub's `broker.max_log_per_filter` (MiB): the run publishes several times that per filter (CI:
 /// ~15 MiB, soak: ~110 MiB), so the bound is what is tested, not the run's volume. It must still hold
@@ -221,8 +225,11 @@ async fn slow_link_and_stalled_consumer() {
         "{NAME}: the fast site did not keep flowing: {} of {fast_acked} delivered within 5 s of its end",
         distinct_from("fast", &cloud.received())
     );
+    // One stall is expected: while the stalled consumer is close to the end of its log, the hub holds
+    // every publisher for it (issue 10: a slow subscriber must not lose messages), until it has read
+    // nothing for 5 s (`PRESSURE_STALLED`, vendor/rumqttd/src/router/routing.rs) and counts as stalled.
     assert!(
-        stall < Duration::from_secs(2),
+        stall < STALLED_AFTER + Duration::from_secs(2),
         "{NAME}: the cloud stream stalled for {stall:?} while the fast site was publishing"
     );
 

@@ -73,8 +73,10 @@ pub struct EmbeddedBroker {
     pub max_connections: u32,
     /// Memory the broker keeps per subscription filter. The embedded broker (rumqttd) holds everything
     /// published to a filter that has subscribers in one in-memory log, delivered or not, and trims only
-    /// the oldest part of it; this bounds that log. A subscriber (or an offline persistent session) more
-    /// than this far behind loses the oldest messages, as Mosquitto drops beyond `max_queued_messages`.
+    /// the oldest part of it; this bounds that log. At the edge, a subscriber (or an offline persistent
+    /// session) more than this far behind loses the oldest messages, as Mosquitto drops beyond
+    /// `max_queued_messages`. At the hub, a connected QoS 1/2 subscriber that falls this far behind holds
+    /// the hub's publishing instead (the agents' queues take the wait), unless it reads nothing for 5 s.
     /// The hub's own cloud broker keeps one such log per filter its consumers use, so this is what a
     /// stalled consumer can cost the hub's memory. Before this bound existed, the log kept up to 1 GiB per
     /// filter (fault scenario 11 in `tests/tests/fault_slow.rs`).

@@ -55,7 +55,53 @@ pub enum RouterError {
 // TODO: set this to some appropriate value
 const TOPIC_ALIAS_MAX: u16 = 4096;
 
+/// meshbridge patch (see PATCHED.md): what the router tells the program around it about its subscribers.
+///
+/// A filter's log keeps a fixed number of segments and drops the oldest when a new one starts, whether or
+/// not every subscriber has read it. `held` is set while a *connected* QoS 1/2 subscriber reads within
+/// [`PRESSURE_HOLD_LEFT`] segments of that point, and cleared once every such subscriber is at least
+/// [`PRESSURE_RELEASE_LEFT`] segments away from it, so a publisher that stops while it is set keeps the
+/// log from overtaking its slowest subscriber. A subscriber that stopped reading altogether (no read for
+/// [`PRESSURE_STALLED`] while close to the end) is not held for, or one dead client would stop every
+/// publisher. `lost` counts the messages subscribers missed all the same (a stalled subscriber, a
+/// disconnected persistent session, a QoS 0 subscription, a publisher that does not hold).
+#[derive(Debug, Default)]
+pub struct SubscriberPressure {
+    /// Set while a subscriber is close to losing unread messages.
+    pub held: std::sync::atomic::AtomicBool,
+    /// Messages subscribers missed because the log dropped them before they were read.
+    pub lost: std::sync::atomic::AtomicU64,
+}
+
+/// Segments left before a subscriber loses data at which `held` is set.
+pub const PRESSURE_HOLD_LEFT: u64 = 5;
+/// Segments left at which `held` is cleared again.
+pub const PRESSURE_RELEASE_LEFT: u64 = 8;
+/// How long a pressing subscriber may go without reading (no new delivery, no acknowledgement) before
+/// it counts as stalled and publishers are no longer held for it.
+pub const PRESSURE_STALLED: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// meshbridge patch: one subscriber's part in [`SubscriberPressure`].
+struct ConnPressure {
+    /// Sum of its requests' read offsets when last seen.
+    position: u64,
+    /// When `position` last changed or it last acknowledged a delivery.
+    moved: std::time::Instant,
+    /// Close to losing data (with hysteresis).
+    pressing: bool,
+    /// Pressing without reading for [`PRESSURE_STALLED`]: not held for.
+    stalled: bool,
+}
+
+/// Least time between two checks while `held` is clear (while it is set, every turn checks, so that it
+/// is cleared by the last acknowledgement of a catching-up subscriber).
+const PRESSURE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+
 pub struct Router {
+    /// meshbridge patch: see [`SubscriberPressure`].
+    pressure: std::sync::Arc<SubscriberPressure>,
+    pressure_checked: std::time::Instant,
+    pressure_conns: HashMap<ConnectionId, ConnPressure>,
     id: RouterId,
     /// Id of this router. Used to index native commitlog to store data from
     /// local connections
@@ -122,6 +168,9 @@ impl Router {
 
         let max_connections = config.max_connections;
         Router {
+            pressure: Default::default(),
+            pressure_checked: std::time::Instant::now(),
+            pressure_conns: HashMap::new(),
             id: router_id,
             config: config.clone(),
             graveyard: Graveyard::new(),
@@ -143,6 +192,83 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+        }
+    }
+
+    /// meshbridge patch: the router's [`SubscriberPressure`], shared with the program around it.
+    pub fn pressure(&self) -> std::sync::Arc<SubscriberPressure> {
+        std::sync::Arc::clone(&self.pressure)
+    }
+
+    /// meshbridge patch: sets or clears `pressure.held` from the connected QoS 1/2 subscribers that are
+    /// not caught up (their requests wait in the scheduler or in `notifications`; a caught-up request
+    /// waits on its filter's log and has nothing left to lose). A subscriber whose reads have not moved
+    /// for [`PRESSURE_STALLED`] while it presses is stalled (it stopped reading its socket): holding
+    /// for it would stop every publisher for as long as it stays connected, so it stops counting, and
+    /// what it then misses is counted in `lost`. It counts again once it reads.
+    fn update_pressure(&mut self) {
+        use std::sync::atomic::Ordering;
+        let held = self.pressure.held.load(Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        if !held && now.duration_since(self.pressure_checked) < PRESSURE_CHECK_INTERVAL {
+            return;
+        }
+        self.pressure_checked = now;
+        let datalog = &self.datalog;
+        let left = |request: &DataRequest| -> Option<u64> {
+            if request.qos == 0 {
+                return None;
+            }
+            let log = &datalog.native.get(request.filter_idx)?.log;
+            let (_, tail) = log._head_and_tail();
+            let lag = tail.saturating_sub(request.cursor.0);
+            Some((log.max_mem_segments() as u64).saturating_sub(lag))
+        };
+        // Per connection: the fewest segments left before a loss, and the sum of its read positions
+        // (which moves whenever it reads anything).
+        let mut seen: HashMap<ConnectionId, (u64, u64)> = HashMap::new();
+        let requests = self
+            .scheduler
+            .trackers
+            .iter()
+            .flat_map(|(id, t)| t.data_requests.iter().map(move |r| (id, r)))
+            .chain(self.notifications.iter().map(|(id, r)| (*id, r)));
+        for (id, request) in requests {
+            if let Some(left) = left(request) {
+                let e = seen.entry(id).or_insert((u64::MAX, 0));
+                e.0 = e.0.min(left);
+                e.1 = e.1.wrapping_add(request.cursor.1);
+            }
+        }
+        self.pressure_conns.retain(|id, _| seen.contains_key(id));
+        let mut now_held = false;
+        for (id, (left, position)) in seen {
+            let c = self.pressure_conns.entry(id).or_insert(ConnPressure {
+                position,
+                moved: now,
+                pressing: false,
+                stalled: false,
+            });
+            if position != c.position {
+                c.position = position;
+                c.moved = now;
+            }
+            c.pressing = left <= PRESSURE_HOLD_LEFT || (c.pressing && left < PRESSURE_RELEASE_LEFT);
+            let stalled = c.pressing && now.duration_since(c.moved) >= PRESSURE_STALLED;
+            if stalled != c.stalled {
+                c.stalled = stalled;
+                let client_id = self.connections.get(id).map(|c| c.client_id.as_str());
+                if stalled {
+                    warn!(?client_id, segments_left = left, "subscriber stalled near the end of its log: publishers no longer held for it, it will miss what the log drops");
+                } else {
+                    info!(?client_id, "stalled subscriber reads again");
+                }
+            }
+            now_held |= c.pressing && !c.stalled;
+        }
+        if now_held != held {
+            self.pressure.held.store(now_held, Ordering::Release);
+            info!(held = now_held, "subscriber pressure");
         }
     }
 
@@ -196,8 +322,20 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            let (id, data) = self.router_rx.recv()?;
-            self.events(id, data);
+            if self.pressure.held.load(std::sync::atomic::Ordering::Relaxed) {
+                // meshbridge patch: while publishers are held, wake up now and then even without
+                // events, so that a stalled subscriber is noticed (`update_pressure`).
+                match self.router_rx.recv_timeout(PRESSURE_CHECK_INTERVAL * 20) {
+                    Ok((id, data)) => self.events(id, data),
+                    Err(flume::RecvTimeoutError::Timeout) => {}
+                    Err(flume::RecvTimeoutError::Disconnected) => {
+                        return Err(RouterError::Disconnected)
+                    }
+                }
+            } else {
+                let (id, data) = self.router_rx.recv()?;
+                self.events(id, data);
+            }
         }
 
         // Try reading more from connections in a non-blocking
@@ -226,6 +364,8 @@ impl Router {
         for _ in 0..100 {
             self.consume();
         }
+
+        self.update_pressure();
 
         // self.send_all_alerts();
         Ok(())
@@ -771,6 +911,10 @@ impl Router {
                         disconnect = true;
                         break;
                     }
+                    // meshbridge patch: an acknowledging subscriber is reading, not stalled.
+                    if let Some(c) = self.pressure_conns.get_mut(&id) {
+                        c.moved = std::time::Instant::now();
+                    }
 
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
@@ -784,6 +928,10 @@ impl Router {
                         error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
                         disconnect = true;
                         break;
+                    }
+                    // meshbridge patch: an acknowledging subscriber is reading, not stalled.
+                    if let Some(c) = self.pressure_conns.get_mut(&id) {
+                        c.moved = std::time::Instant::now();
                     }
 
                     let ackslog = self.ackslog.get_mut(id).unwrap();
@@ -1058,6 +1206,7 @@ impl Router {
                 alertlog,
                 connection,
                 shared_group,
+                &self.pressure,
             ) {
                 ConsumeStatus::BufferFull => {
                     requests.push_back(request);
@@ -1420,6 +1569,7 @@ fn forward_device_data(
     alertlog: &mut AlertLog,
     connection: &mut Connection,
     shared_group: Option<&mut SharedGroup>,
+    pressure: &SubscriberPressure,
 ) -> ConsumeStatus {
     let span = tracing::info_span!("outgoing_publish", client_id = outgoing.client_id);
     let _guard = span.enter();
@@ -1510,6 +1660,11 @@ fn forward_device_data(
     }
 
     if start != request.cursor {
+        // meshbridge patch: count what the subscriber missed (offsets are absolute per filter).
+        pressure.lost.fetch_add(
+            start.1.saturating_sub(request.cursor.1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let error = format!(
             "Read cursor start jumped from {:?} to {:?} on {}",
             request.cursor, start, request.filter

@@ -94,6 +94,12 @@ where
         (self.head, self.tail)
     }
 
+    /// meshbridge patch: the segments this log keeps, the active one included (see `apply_retention`).
+    #[inline]
+    pub fn max_mem_segments(&self) -> usize {
+        self.max_mem_segments
+    }
+
     #[inline]
     pub fn memory_segments_count(&self) -> usize {
         self.segments.len()
