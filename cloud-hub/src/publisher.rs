@@ -239,8 +239,7 @@ struct PublisherTask {
     consecutive_failures: u32,
     /// Messages of accepted batches not yet handed to rumqttc (kept while `unsent` is full).
     backlog: VecDeque<(u64, OutMessage)>,
-    /// Handed to rumqttc, waiting for `Outgoing::Publish`: (batch id, QoS, seq).
-    /// Handed to rumqttc, waiting for `Outgoing::Publish`: (batch id, QoS, seq, size).
+    /// Handed to rumqttc, waiting for `Outgoing::Publish`: (batch id, QoS, seq, size in the log).
     unsent: VecDeque<(u64, QoS, u64, usize)>,
     /// Written QoS 1/2 publishes by packet id: (batch id, seq, size).
     inflight: HashMap<u16, (u64, u64, usize)>,
@@ -442,7 +441,7 @@ impl PublisherTask {
                 break;
             };
             let qos = m.qos;
-            let size = message_size(&m);
+            let log_size = message_size(&m);
             if let Some(max) = self.max_packet_size {
                 let size = m.packet_size_bound();
                 if size > max {
@@ -473,8 +472,8 @@ impl PublisherTask {
                 m.properties,
             ) {
                 Ok(()) => {
-                    self.unsent.push_back((id, qos, seq, size));
-                    self.handed_bytes += size;
+                    self.unsent.push_back((id, qos, seq, log_size));
+                    self.handed_bytes += log_size;
                 }
                 Err(error) => {
                     warn!(cause = %error, "the MQTT client refused a publish; failing its batch");
@@ -505,7 +504,7 @@ impl PublisherTask {
                     return;
                 };
                 if qos == QoS::AtMostOnce {
-                    self.handed_bytes -= size;
+                    self.handed_bytes = self.handed_bytes.saturating_sub(size);
                     self.resolve_isolated(id, seq);
                     self.complete(id);
                 } else {
@@ -578,7 +577,7 @@ impl PublisherTask {
     /// Takes a written QoS 1/2 publish out of `inflight`.
     fn take_inflight(&mut self, pkid: u16) -> Option<(u64, u64)> {
         let (id, seq, size) = self.inflight.remove(&pkid)?;
-        self.handed_bytes -= size;
+        self.handed_bytes = self.handed_bytes.saturating_sub(size);
         Some((id, seq))
     }
 
