@@ -251,7 +251,7 @@ impl HubMetrics {
         );
         registry.register(
             "cloud_broker_subscriber_messages_lost",
-            "Messages subscribers of the embedded cloud broker missed because its log dropped them unread (QoS 0 subscriptions, disconnected persistent sessions)",
+            "Messages subscribers of the embedded cloud broker missed because its log dropped them unread (QoS 0 subscriptions, disconnected persistent sessions, a subscriber that read nothing for 5 s)",
             m.subscriber_lost.clone(),
         );
         Self { registry, ..m }
