@@ -140,9 +140,9 @@ impl Default for EmbeddedSettings {
 
 /// Segments of a filter's log: rumqttd keeps `max_segment_count` segments, the one being written
 /// included, and drops the oldest whole segment when a new one starts. Sixteen, so that the subscriber
-/// pressure of the patched router (`vendor/rumqttd/PATCHED.md`: held with 5 segments left before a
-/// subscriber loses data, released at 8) has a quarter of the log as margin for what a publisher still
-/// has in flight when it stops.
+/// pressure of the patched router (`vendor/rumqttd/PATCHED.md`: held with 8 segments left before a
+/// subscriber loses data, released at 11) has half the log as margin for what a publisher still has in
+/// flight when it stops.
 const LOG_SEGMENTS: usize = 16;
 /// Default memory per subscription filter (the config's `broker.max_log_per_filter`).
 const DEFAULT_LOG_PER_FILTER: usize = 32 * 1024 * 1024;

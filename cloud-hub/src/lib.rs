@@ -146,9 +146,9 @@ pub async fn run_reloading(
     };
     let pressure = embedded.as_ref().map(RunningEmbedded::pressure);
     metrics.watch_pressure(pressure.clone());
-    // A fifth of the log per filter: the router holds with more than a quarter left (publisher.rs).
+    // An eighth of the log per filter: the router holds with half of it left (publisher.rs).
     let handed_budget = match &cfg.broker {
-        BrokerConfig::Embedded(embedded) => embedded.max_log_per_filter.as_usize() / 5,
+        BrokerConfig::Embedded(embedded) => embedded.max_log_per_filter.as_usize() / 8,
         BrokerConfig::External(_) => usize::MAX,
     };
     let publisher = Publisher::spawn(

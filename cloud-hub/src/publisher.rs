@@ -64,9 +64,9 @@ const DISCONNECT_WAIT: Duration = Duration::from_millis(500);
 /// (`vendor/rumqttd/PATCHED.md`) says when a connected QoS 1/2 subscriber gets close to that; the
 /// publisher then hands nothing new to the broker, its batch queue fills, agent connections stop
 /// getting acknowledgements, and the agents' windows and then their disk queues take the wait. What is
-/// already handed over still goes in: the router holds with more than a quarter of the log left for it
-/// (`broker/src/embedded.rs`), and the publisher never has more than a fifth of the log handed over and
-/// unacknowledged (`handed_budget`).
+/// already handed over still goes in: the router holds with half of the log left for it, checked after
+/// every event that starts a segment (`broker/src/embedded.rs`), and the publisher never has more than an
+/// eighth of the log handed over and unacknowledged (`handed_budget`).
 const PRESSURE_POLL: Duration = Duration::from_millis(5);
 
 /// One message to publish, already mapped into the site's namespace.

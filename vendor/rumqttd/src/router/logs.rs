@@ -58,6 +58,8 @@ pub struct DataLog {
     pub native: Slab<Data<PublishData>>,
     /// Map of subscription filter name to filter index
     filter_indexes: HashMap<Filter, FilterIdx>,
+    /// meshbridge patch: set when an append started a new segment in some log; the router takes it.
+    pub rotated: bool,
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
@@ -86,6 +88,7 @@ impl DataLog {
             native,
             publish_filters,
             filter_indexes,
+            rotated: false,
             retained_publishes,
         })
     }

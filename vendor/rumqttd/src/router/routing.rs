@@ -73,10 +73,12 @@ pub struct SubscriberPressure {
     pub lost: std::sync::atomic::AtomicU64,
 }
 
-/// Segments left before a subscriber loses data at which `held` is set.
-pub const PRESSURE_HOLD_LEFT: u64 = 5;
+/// Segments left before a subscriber loses data at which `held` is set: half the log, so that what a
+/// publisher has in flight when it sees `held` (and what arrived in the event that started the segment)
+/// fits in what is left.
+pub const PRESSURE_HOLD_LEFT: u64 = 8;
 /// Segments left at which `held` is cleared again.
-pub const PRESSURE_RELEASE_LEFT: u64 = 8;
+pub const PRESSURE_RELEASE_LEFT: u64 = 11;
 /// How long a pressing subscriber may go without reading (no new delivery, no acknowledgement) before
 /// it counts as stalled and publishers are no longer held for it.
 pub const PRESSURE_STALLED: std::time::Duration = std::time::Duration::from_secs(5);
@@ -206,11 +208,15 @@ impl Router {
     /// for [`PRESSURE_STALLED`] while it presses is stalled (it stopped reading its socket): holding
     /// for it would stop every publisher for as long as it stays connected, so it stops counting, and
     /// what it then misses is counted in `lost`. It counts again once it reads.
-    fn update_pressure(&mut self) {
+    ///
+    /// Runs after every event that started a new segment in some log (the only moment a lag grows,
+    /// `force`), and otherwise at most every [`PRESSURE_CHECK_INTERVAL`] while clear and on every turn
+    /// while held (so that the last acknowledgement of a catching-up subscriber clears it).
+    fn update_pressure(&mut self, force: bool) {
         use std::sync::atomic::Ordering;
         let held = self.pressure.held.load(Ordering::Relaxed);
         let now = std::time::Instant::now();
-        if !held && now.duration_since(self.pressure_checked) < PRESSURE_CHECK_INTERVAL {
+        if !force && !held && now.duration_since(self.pressure_checked) < PRESSURE_CHECK_INTERVAL {
             return;
         }
         self.pressure_checked = now;
@@ -272,6 +278,14 @@ impl Router {
         }
     }
 
+    /// meshbridge patch: handles one event, then checks the subscriber pressure if it started a segment.
+    fn events_then_pressure(&mut self, id: ConnectionId, data: Event) {
+        self.events(id, data);
+        if std::mem::take(&mut self.datalog.rotated) {
+            self.update_pressure(true);
+        }
+    }
+
     /// Gets handle to the router. This is not a public method to ensure that link
     /// is created only after the router starts
     fn link(&self) -> Sender<(ConnectionId, Event)> {
@@ -326,7 +340,7 @@ impl Router {
                 // meshbridge patch: while publishers are held, wake up now and then even without
                 // events, so that a stalled subscriber is noticed (`update_pressure`).
                 match self.router_rx.recv_timeout(PRESSURE_CHECK_INTERVAL * 20) {
-                    Ok((id, data)) => self.events(id, data),
+                    Ok((id, data)) => self.events_then_pressure(id, data),
                     Err(flume::RecvTimeoutError::Timeout) => {}
                     Err(flume::RecvTimeoutError::Disconnected) => {
                         return Err(RouterError::Disconnected)
@@ -334,7 +348,7 @@ impl Router {
                 }
             } else {
                 let (id, data) = self.router_rx.recv()?;
-                self.events(id, data);
+                self.events_then_pressure(id, data);
             }
         }
 
@@ -345,7 +359,7 @@ impl Router {
         for _ in 0..500 {
             // All these methods will handle state and errors
             match self.router_rx.try_recv() {
-                Ok((id, data)) => self.events(id, data),
+                Ok((id, data)) => self.events_then_pressure(id, data),
                 Err(TryRecvError::Disconnected) => return Err(RouterError::Disconnected),
                 Err(TryRecvError::Empty) => break,
             }
@@ -365,7 +379,7 @@ impl Router {
             self.consume();
         }
 
-        self.update_pressure();
+        self.update_pressure(false);
 
         // self.send_all_alerts();
         Ok(())
@@ -1401,13 +1415,18 @@ fn append_to_commitlog(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
-        let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        let data = datalog.native.get_mut(filter_idx).unwrap();
+        let segment_before = data.log._head_and_tail().1;
         let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let (offset, filter) = data.append(publish_data.into(), notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
         );
+        // meshbridge patch: a new segment is when a subscriber's lag grows (`update_pressure`).
+        if offset.0 != segment_before {
+            datalog.rotated = true;
+        }
 
         o = offset;
     }
@@ -1466,13 +1485,18 @@ fn append_will_message(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
-        let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        let data = datalog.native.get_mut(filter_idx).unwrap();
+        let segment_before = data.log._head_and_tail().1;
         let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let (offset, filter) = data.append(publish_data.into(), notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
         );
+        // meshbridge patch: a new segment is when a subscriber's lag grows (`update_pressure`).
+        if offset.0 != segment_before {
+            datalog.rotated = true;
+        }
 
         o = offset;
     }
