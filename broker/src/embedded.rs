@@ -33,6 +33,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use rumqttd::local::LinkBuilder;
+/// The in-process link's halves and error (see [`LocalLinks`]).
+pub use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::Protocol;
@@ -182,6 +185,9 @@ pub enum EmbeddedError {
         /// Attempts made, each on a fresh port.
         attempts: u32,
     },
+    /// An in-process link to the router could not be opened ([`LocalLinks::open`]).
+    #[error("could not open a link to the embedded broker's router: {0}")]
+    Link(String),
 }
 
 /// A running embedded broker: the internal listener addresses and the listener tasks.
@@ -196,6 +202,46 @@ pub struct EmbeddedBroker {
     login: Arc<InternalLogin>,
     listeners: Vec<JoinHandle<()>>,
     pressure: Arc<SubscriberPressure>,
+    links: LocalLinks,
+}
+
+/// Opens in-process connections to the embedded broker's router: rumqttd's local links, which hand
+/// packets to the router thread through shared buffers instead of a loopback socket. The hub's
+/// publisher uses one (`cloud-hub/src/publisher/local.rs`): a batch of PUBLISHes becomes one push and
+/// one wake-up of the router, with no MQTT encoding, no socket and no connection task of rumqttd's.
+/// Nothing outside the process can reach a local link, so it needs no login.
+#[derive(Clone)]
+pub struct LocalLinks {
+    /// rumqttd does not export the router handle's type, so the handle lives in a closure.
+    open: Arc<OpenLink>,
+}
+
+/// Connects a client id to the router; the error is rumqttd's `LinkError`, as text (it is 800 bytes).
+type OpenLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync;
+
+impl std::fmt::Debug for LocalLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalLinks").finish_non_exhaustive()
+    }
+}
+
+impl LocalLinks {
+    /// Connects `client_id` to the router with a clean session and dynamic filters (a PUBLISH to a
+    /// topic no subscription matches yet creates that topic's log instead of failing the connection,
+    /// as the internal listeners are set up too).
+    ///
+    /// # Errors
+    /// [`EmbeddedError::Link`] when the router is gone or refused the connection (its
+    /// `max_connections`).
+    pub async fn open(&self, client_id: &str) -> Result<(LinkTx, LinkRx), EmbeddedError> {
+        let open = Arc::clone(&self.open);
+        let client_id = client_id.to_owned();
+        // rumqttd's link builder blocks on the router's CONNACK.
+        tokio::task::spawn_blocking(move || open(&client_id))
+            .await
+            .map_err(|e| EmbeddedError::Link(e.to_string()))?
+            .map_err(EmbeddedError::Link)
+    }
 }
 
 impl EmbeddedBroker {
@@ -219,6 +265,19 @@ impl EmbeddedBroker {
         let router = Router::new(0, router_config);
         let pressure = router.pressure();
         let router_tx = router.spawn();
+        let links = {
+            let router_tx = router_tx.clone();
+            LocalLinks {
+                open: Arc::new(move |client_id: &str| {
+                    LinkBuilder::new(client_id, router_tx.clone())
+                        .clean_session(true)
+                        .dynamic_filters(true)
+                        .build()
+                        .map(|(tx, rx, _connack)| (tx, rx))
+                        .map_err(|e| e.to_string())
+                }),
+            }
+        };
         let mut listeners = Vec::with_capacity(2);
         // rumqttd does not export the router handle's type, so each listener gets a constructor closure.
         let v4 = |s| Server::new(s, router_tx.clone(), V4);
@@ -241,6 +300,7 @@ impl EmbeddedBroker {
             login,
             listeners,
             pressure,
+            links,
         })
     }
 
@@ -252,6 +312,12 @@ impl EmbeddedBroker {
     #[must_use]
     pub fn pressure(&self) -> Arc<SubscriberPressure> {
         Arc::clone(&self.pressure)
+    }
+
+    /// Opens in-process connections to this broker's router.
+    #[must_use]
+    pub fn local_links(&self) -> LocalLinks {
+        self.links.clone()
     }
 
     /// The listener addresses and login in the form the front takes.

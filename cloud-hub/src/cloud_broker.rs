@@ -99,9 +99,11 @@ impl RunningEmbedded {
         self.broker.pressure()
     }
 
-    /// Client options for the hub's publisher (straight to the internal v5 listener).
-    pub(crate) fn publisher_options(&self) -> MqttOptions {
-        self.internal_options(EMBEDDED_CLIENT_ID)
+    /// In-process links to the router, and the client id the hub's publisher uses on one.
+    pub(crate) fn publisher_links(
+        &self,
+    ) -> (meshbridge_broker::embedded::LocalLinks, &'static str) {
+        (self.broker.local_links(), EMBEDDED_CLIENT_ID)
     }
 
     /// Options for the hub's downlink subscriber on this broker (its own client id and session).

@@ -135,28 +135,33 @@ pub async fn run_reloading(
 
     let tracker = TaskTracker::new();
     let publisher_stop = CancellationToken::new();
-    let (mut embedded, options) = match &cfg.broker {
-        BrokerConfig::Embedded(embedded) => {
+    let (mut embedded, publisher) = match &cfg.broker {
+        BrokerConfig::Embedded(config) => {
             let running =
-                RunningEmbedded::start(embedded, max_message_size, metrics.auth_counters()).await?;
-            let options = running.publisher_options();
-            (Some(running), options)
+                RunningEmbedded::start(config, max_message_size, metrics.auth_counters()).await?;
+            let pressure = running.pressure();
+            metrics.watch_pressure(Some(Arc::clone(&pressure)));
+            let (links, client_id) = running.publisher_links();
+            // An eighth of the log per filter: the router holds with half of it left
+            // (`cloud-hub/src/publisher/local.rs`).
+            let publisher = Publisher::spawn_local(
+                links,
+                client_id,
+                pressure,
+                config.max_log_per_filter.as_usize() / 8,
+                &tracker,
+                publisher_stop.clone(),
+            );
+            (Some(running), publisher)
         }
-        BrokerConfig::External(external) => (None, cloud_broker::external_options(external)?),
+        BrokerConfig::External(external) => {
+            let options = cloud_broker::external_options(external)?;
+            (
+                None,
+                Publisher::spawn(options, &tracker, publisher_stop.clone()),
+            )
+        }
     };
-    let pressure = embedded.as_ref().map(RunningEmbedded::pressure);
-    metrics.watch_pressure(pressure.clone());
-    // An eighth of the log per filter: the router holds with half of it left (publisher.rs).
-    let handed_budget = match &cfg.broker {
-        BrokerConfig::Embedded(embedded) => embedded.max_log_per_filter.as_usize() / 8,
-        BrokerConfig::External(_) => usize::MAX,
-    };
-    let publisher = Publisher::spawn(
-        options,
-        pressure.map(|p| (p, handed_budget)),
-        &tracker,
-        publisher_stop.clone(),
-    );
 
     // Routes: compiled once here (the config was validated at load), swapped whole on a reload.
     let table = RouteTable::new(&cfg).map_err(|errors| HubError::Routes {

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use meshbridge_broker::embedded::SubscriberPressure;
+use meshbridge_broker::embedded::{LocalLinks, SubscriberPressure};
 use rumqttc::v5::mqttbytes::v5::{PubAckReason, PubCompReason, PubRecReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions};
@@ -41,6 +41,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+
+mod local;
 
 /// Most publishes handed to rumqttc and not yet written; also the capacity of its request channel.
 const REQUEST_CAP: usize = 4096;
@@ -56,18 +58,6 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How long a stopping publisher waits for its DISCONNECT to be written.
 const DISCONNECT_WAIT: Duration = Duration::from_millis(500);
-/// How often a publisher held by the embedded broker's subscriber pressure looks again.
-///
-/// Why the publisher holds: rumqttd keeps a fixed log per subscription filter and drops its oldest
-/// segment when a new one starts, read or not, so a subscriber slower than the publishers would lose
-/// messages the hub had already acknowledged to the agents. The patched router
-/// (`vendor/rumqttd/PATCHED.md`) says when a connected QoS 1/2 subscriber gets close to that; the
-/// publisher then hands nothing new to the broker, its batch queue fills, agent connections stop
-/// getting acknowledgements, and the agents' windows and then their disk queues take the wait. What is
-/// already handed over still goes in: the router holds with half of the log left for it, checked after
-/// every event that starts a segment (`broker/src/embedded.rs`), and the publisher never has more than an
-/// eighth of the log handed over and unacknowledged (`handed_budget`).
-const PRESSURE_POLL: Duration = Duration::from_millis(5);
 
 /// One message to publish, already mapped into the site's namespace.
 #[derive(Debug)]
@@ -155,26 +145,44 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    /// Starts the publisher task on `tracker`; it runs until `stop` is cancelled.
-    ///
-    /// `pressure` is the embedded cloud broker's subscriber pressure and the most message bytes the
-    /// publisher may have handed to the broker and not seen acknowledged (`None` for an external broker):
-    /// while it is held, no new message is handed to the broker (see [`PRESSURE_POLL`]).
+    /// Starts the publisher task for an MQTT broker (an external one) on `tracker`; it runs until
+    /// `stop` is cancelled.
     pub(crate) fn spawn(
         options: MqttOptions,
-        pressure: Option<(Arc<SubscriberPressure>, usize)>,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::channel(BATCH_QUEUE);
         let (connected_tx, connected) = watch::channel(false);
         let (events_tx, events_rx) = mpsc::channel(REQUEST_CAP);
-        let mut task = PublisherTask::new(options, events_tx, connected_tx, tracker.clone(), stop);
-        if let Some((pressure, budget)) = pressure {
-            task.pressure = Some(pressure);
-            task.handed_budget = Some(budget);
-        }
+        let task = PublisherTask::new(options, events_tx, connected_tx, tracker.clone(), stop);
         tracker.spawn(task.run(rx, events_rx));
+        Self { tx, connected }
+    }
+
+    /// Starts the publisher task of the embedded cloud broker, on an in-process link to its router
+    /// (see [`local`] for why), as `client_id`; it runs until `stop` is cancelled. While the broker's
+    /// subscriber `pressure` is held, nothing new is handed over, and never more than `handed_budget`
+    /// message bytes are handed over and unacknowledged (see [`local::PRESSURE_POLL`]).
+    pub(crate) fn spawn_local(
+        links: LocalLinks,
+        client_id: &str,
+        pressure: Arc<SubscriberPressure>,
+        handed_budget: usize,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(BATCH_QUEUE);
+        let (connected_tx, connected) = watch::channel(false);
+        let task = local::LocalTask::new(
+            links,
+            client_id,
+            pressure,
+            handed_budget,
+            connected_tx,
+            stop,
+        );
+        tracker.spawn(task.run(rx));
         Self { tx, connected }
     }
 
@@ -230,6 +238,84 @@ struct Waiter {
     done: oneshot::Sender<Result<Refusals, PublishError>>,
 }
 
+/// The batches handed to a publisher task and not completed yet, by batch id: both tasks' bookkeeping
+/// (this module's, for any MQTT broker, and [`local`]'s, for the embedded one).
+#[derive(Debug, Default)]
+struct Waiters {
+    by_id: HashMap<u64, Waiter>,
+    next: u64,
+}
+
+impl Waiters {
+    /// Registers a batch of `len` messages; returns its id.
+    fn add(
+        &mut self,
+        site: String,
+        len: usize,
+        done: oneshot::Sender<Result<Refusals, PublishError>>,
+    ) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.by_id.insert(
+            id,
+            Waiter {
+                site,
+                remaining: len,
+                refused: Vec::new(),
+                done,
+            },
+        );
+        id
+    }
+
+    fn get(&self, id: u64) -> Option<&Waiter> {
+        self.by_id.get(&id)
+    }
+
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// One message of batch `id` is done; the batch completes with its last one. A batch that failed
+    /// earlier is gone, and its other messages are ignored here.
+    fn complete(&mut self, id: u64) {
+        let finished = self.by_id.get_mut(&id).is_some_and(|w| {
+            w.remaining -= 1;
+            w.remaining == 0
+        });
+        if finished {
+            if let Some(w) = self.by_id.remove(&id) {
+                let _ = w.done.send(Ok(w.refused));
+            }
+        }
+    }
+
+    /// Records a final refusal of one message; it counts as done for its batch.
+    fn refuse(&mut self, id: u64, seq: u64, reason_code: u8, detail: String) {
+        if let Some(w) = self.by_id.get_mut(&id) {
+            w.refused.push(Refusal {
+                seq,
+                reason_code,
+                detail,
+            });
+        }
+        self.complete(id);
+    }
+
+    /// Fails batch `id` as a whole (the agent resends it).
+    fn fail(&mut self, id: u64, error: PublishError) {
+        if let Some(w) = self.by_id.remove(&id) {
+            let _ = w.done.send(Err(error));
+        }
+    }
+
+    fn fail_all(&mut self, error: &PublishError) {
+        for (_, w) in self.by_id.drain() {
+            let _ = w.done.send(Err(error.clone()));
+        }
+    }
+}
+
 struct PublisherTask {
     options: MqttOptions,
     client: AsyncClient,
@@ -239,31 +325,22 @@ struct PublisherTask {
     consecutive_failures: u32,
     /// Messages of accepted batches not yet handed to rumqttc (kept while `unsent` is full).
     backlog: VecDeque<(u64, OutMessage)>,
-    /// Handed to rumqttc, waiting for `Outgoing::Publish`: (batch id, QoS, seq, size in the log).
-    unsent: VecDeque<(u64, QoS, u64, usize)>,
-    /// Written QoS 1/2 publishes by packet id: (batch id, seq, size).
-    inflight: HashMap<u16, (u64, u64, usize)>,
-    /// Message bytes (topic and payload, as rumqttd counts them in its log) in `unsent` and `inflight`.
-    handed_bytes: usize,
-    /// Most `handed_bytes` before feeding waits (embedded broker only; see [`PRESSURE_POLL`]).
-    handed_budget: Option<usize>,
+    /// Handed to rumqttc, waiting for `Outgoing::Publish`: (batch id, QoS, seq).
+    unsent: VecDeque<(u64, QoS, u64)>,
+    /// Written QoS 1/2 publishes by packet id: (batch id, seq).
+    inflight: HashMap<u16, (u64, u64)>,
     /// The broker's Maximum Packet Size from its CONNACK, if it set one.
     max_packet_size: Option<usize>,
     /// Messages in flight when the broker connection failed; see the module docs.
     suspects: Suspects,
     /// The suspect published alone, waiting for its answer: (batch id, seq).
     isolated: Option<(u64, u64)>,
-    waiters: HashMap<u64, Waiter>,
-    next_batch: u64,
+    waiters: Waiters,
     events_tx: mpsc::Sender<Tagged>,
     tracker: TaskTracker,
     stop: CancellationToken,
     /// Stops the current generation's event loop task.
     drive_stop: CancellationToken,
-    /// The embedded broker's subscriber pressure; see [`PRESSURE_POLL`].
-    pressure: Option<Arc<SubscriberPressure>>,
-    /// Whether the last look at `pressure` found it held.
-    held: bool,
 }
 
 impl PublisherTask {
@@ -297,37 +374,12 @@ impl PublisherTask {
             max_packet_size: None,
             suspects: Suspects::default(),
             isolated: None,
-            waiters: HashMap::new(),
-            next_batch: 0,
+            waiters: Waiters::default(),
             events_tx,
             tracker,
             stop,
             drive_stop,
-            pressure: None,
-            held: false,
-            handed_bytes: 0,
-            handed_budget: None,
         }
-    }
-
-    /// Whether the embedded broker asks the publisher to hold; logs each change.
-    fn holding(&mut self) -> bool {
-        let held = self
-            .pressure
-            .as_ref()
-            .is_some_and(|p| p.held.load(std::sync::atomic::Ordering::Acquire));
-        if held != self.held {
-            self.held = held;
-            if held {
-                warn!(
-                    backlog = self.backlog.len(),
-                    "a subscriber of the cloud broker is falling behind: holding new messages (the agents' queues take the wait)"
-                );
-            } else {
-                info!("the cloud broker's subscribers caught up: publishing again");
-            }
-        }
-        held
     }
 
     async fn run(
@@ -337,11 +389,9 @@ impl PublisherTask {
     ) {
         loop {
             let accepting = self.backlog.is_empty();
-            let waiting_out_pressure = self.held && !self.backlog.is_empty();
             tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break,
-                () = tokio::time::sleep(PRESSURE_POLL), if waiting_out_pressure => self.feed(),
                 Some((generation, event)) = events.recv() => {
                     if generation == self.generation {
                         self.on_event(event);
@@ -379,17 +429,9 @@ impl PublisherTask {
             let _ = batch.done.send(Err(PublishError::BrokerUnavailable));
             return;
         }
-        let id = self.next_batch;
-        self.next_batch += 1;
-        self.waiters.insert(
-            id,
-            Waiter {
-                site: batch.site,
-                remaining: batch.messages.len(),
-                refused: Vec::new(),
-                done: batch.done,
-            },
-        );
+        let id = self
+            .waiters
+            .add(batch.site, batch.messages.len(), batch.done);
         self.backlog
             .extend(batch.messages.into_iter().map(|m| (id, m)));
     }
@@ -397,22 +439,15 @@ impl PublisherTask {
     /// Hands backlog messages to rumqttc while its request channel has room (only this task sends on it, so
     /// `try_publish` cannot find it full).
     fn feed(&mut self) {
-        if self.backlog.is_empty() || self.holding() {
+        if self.backlog.is_empty() {
             return;
         }
         while self.unsent.len() < REQUEST_CAP && self.isolated.is_none() {
             let Some((id, m)) = self.backlog.front() else {
                 break;
             };
-            let over_budget = self.handed_budget.is_some_and(|budget| {
-                self.handed_bytes + message_size(m) > budget
-                    && !(self.unsent.is_empty() && self.inflight.is_empty())
-            });
-            if over_budget {
-                break;
-            }
             let (id, seq) = (*id, m.seq);
-            let Some(waiter) = self.waiters.get(&id) else {
+            let Some(waiter) = self.waiters.get(id) else {
                 // The batch already failed; do not publish the rest of it.
                 self.backlog.pop_front();
                 continue;
@@ -441,7 +476,6 @@ impl PublisherTask {
                 break;
             };
             let qos = m.qos;
-            let log_size = message_size(&m);
             if let Some(max) = self.max_packet_size {
                 let size = m.packet_size_bound();
                 if size > max {
@@ -471,10 +505,7 @@ impl PublisherTask {
                 m.payload,
                 m.properties,
             ) {
-                Ok(()) => {
-                    self.unsent.push_back((id, qos, seq, log_size));
-                    self.handed_bytes += log_size;
-                }
+                Ok(()) => self.unsent.push_back((id, qos, seq)),
                 Err(error) => {
                     warn!(cause = %error, "the MQTT client refused a publish; failing its batch");
                     self.fail(id, PublishError::ConnectionLost);
@@ -499,16 +530,15 @@ impl PublisherTask {
                 self.connected_tx.send_replace(true);
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let Some((id, qos, seq, size)) = self.unsent.pop_front() else {
+                let Some((id, qos, seq)) = self.unsent.pop_front() else {
                     warn!(pkid, "publish event without a pending request; ignored");
                     return;
                 };
                 if qos == QoS::AtMostOnce {
-                    self.handed_bytes = self.handed_bytes.saturating_sub(size);
                     self.resolve_isolated(id, seq);
                     self.complete(id);
                 } else {
-                    self.inflight.insert(pkid, (id, seq, size));
+                    self.inflight.insert(pkid, (id, seq));
                 }
             }
             Ok(Event::Incoming(Incoming::PubAck(ack))) => match ack.reason {
@@ -576,9 +606,7 @@ impl PublisherTask {
 
     /// Takes a written QoS 1/2 publish out of `inflight`.
     fn take_inflight(&mut self, pkid: u16) -> Option<(u64, u64)> {
-        let (id, seq, size) = self.inflight.remove(&pkid)?;
-        self.handed_bytes = self.handed_bytes.saturating_sub(size);
-        Some((id, seq))
+        self.inflight.remove(&pkid)
     }
 
     fn complete_pkid(&mut self, pkid: u16) {
@@ -595,7 +623,7 @@ impl PublisherTask {
     fn resolve_isolated(&mut self, id: u64, seq: u64) {
         if self.isolated == Some((id, seq)) {
             self.isolated = None;
-            if let Some(w) = self.waiters.get(&id) {
+            if let Some(w) = self.waiters.get(id) {
                 self.suspects.clear(&w.site, seq);
             }
         }
@@ -621,30 +649,11 @@ impl PublisherTask {
     /// Records a final refusal of one message; it counts as done for its batch.
     fn refuse(&mut self, id: u64, seq: u64, reason_code: u8, detail: String) {
         self.resolve_isolated(id, seq);
-        if let Some(w) = self.waiters.get_mut(&id) {
-            w.refused.push(Refusal {
-                seq,
-                reason_code,
-                detail,
-            });
-        }
-        self.complete(id);
+        self.waiters.refuse(id, seq, reason_code, detail);
     }
 
     fn complete(&mut self, id: u64) {
-        let finished = match self.waiters.get_mut(&id) {
-            Some(w) => {
-                w.remaining -= 1;
-                w.remaining == 0
-            }
-            // The batch failed earlier; its other messages still complete here.
-            None => false,
-        };
-        if finished {
-            if let Some(w) = self.waiters.remove(&id) {
-                let _ = w.done.send(Ok(w.refused));
-            }
-        }
+        self.waiters.complete(id);
     }
 
     fn fail(&mut self, id: u64, error: PublishError) {
@@ -652,42 +661,37 @@ impl PublisherTask {
             // Its batch failed for another reason; the suspect stays a suspect.
             self.isolated = None;
         }
-        if let Some(w) = self.waiters.remove(&id) {
-            let _ = w.done.send(Err(error));
-        }
+        self.waiters.fail(id, error);
     }
 
     /// On a failed connection: a message published alone gets a strike; otherwise every QoS 1/2 message
     /// still waiting for the broker becomes a suspect (QoS 0 ones completed when written).
     fn note_suspects(&mut self) {
         if let Some((id, seq)) = self.isolated.take() {
-            if let Some(w) = self.waiters.get(&id) {
+            if let Some(w) = self.waiters.get(id) {
                 let strikes = self.suspects.strike(&w.site, seq);
                 warn!(site = %w.site, seq, strikes, "the cloud broker connection failed while this message was published alone");
             }
             return;
         }
-        let in_flight = self.inflight.values().map(|&(id, seq, _)| (id, seq)).chain(
+        let in_flight = self.inflight.values().copied().chain(
             self.unsent
                 .iter()
                 .filter(|u| u.1 != QoS::AtMostOnce)
                 .map(|u| (u.0, u.2)),
         );
         for (id, seq) in in_flight {
-            if let Some(w) = self.waiters.get(&id) {
+            if let Some(w) = self.waiters.get(id) {
                 self.suspects.suspect(&w.site, seq);
             }
         }
     }
 
     fn fail_all(&mut self, error: &PublishError) {
-        for (_, w) in self.waiters.drain() {
-            let _ = w.done.send(Err(error.clone()));
-        }
+        self.waiters.fail_all(error);
         self.backlog.clear();
         self.unsent.clear();
         self.inflight.clear();
-        self.handed_bytes = 0;
         self.isolated = None;
     }
 }
@@ -747,11 +751,6 @@ impl Suspects {
             }
         }
     }
-}
-
-/// A message's size as rumqttd counts it in its log (topic, payload and 4 bytes).
-fn message_size(m: &OutMessage) -> usize {
-    4 + m.topic.len() + m.payload.len()
 }
 
 /// MQTT 5 reason codes the hub gives refusals it decides itself.

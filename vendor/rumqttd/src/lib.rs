@@ -24,7 +24,7 @@ pub use link::alerts;
 pub use link::local;
 pub use link::meters;
 pub use router::{
-    Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router, SubscriberPressure,
+    Ack, Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router, SubscriberPressure,
 };
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};

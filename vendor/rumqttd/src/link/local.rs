@@ -203,9 +203,21 @@ impl LinkTx {
         Ok(len)
     }
 
-    pub(crate) async fn notify(&mut self) -> Result<(), LinkError> {
+    /// meshbridge patch: public, so that a caller can push many packets into `buffer()` and wake
+    /// the router once for all of them (the hub's publisher, `cloud-hub/src/publisher/local.rs`).
+    pub async fn notify(&mut self) -> Result<(), LinkError> {
         self.router_tx
             .send_async((self.connection_id, Event::DeviceData))
+            .await?;
+
+        Ok(())
+    }
+
+    /// meshbridge patch: ends this link's connection in the router (as a client's DISCONNECT
+    /// does). Upstream had no way to close a local link.
+    pub async fn disconnect(&mut self) -> Result<(), LinkError> {
+        self.router_tx
+            .send_async((self.connection_id, Event::Disconnect))
             .await?;
 
         Ok(())

@@ -191,6 +191,20 @@ impl Publish {
         }
     }
 
+    /// meshbridge patch: a PUBLISH with a QoS and packet id, for a local link that wants the router's
+    /// PUBACK/PUBREC for each message, as a network client gets (the hub's publisher,
+    /// `cloud-hub/src/publisher/local.rs`). Upstream's fields are crate-private.
+    pub fn with_qos(topic: Bytes, payload: Bytes, qos: QoS, pkid: u16, retain: bool) -> Publish {
+        Publish {
+            dup: false,
+            qos,
+            pkid,
+            retain,
+            topic,
+            payload,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         false
     }
