@@ -386,7 +386,8 @@ impl Router {
     }
 
     fn events(&mut self, id: ConnectionId, data: Event) {
-        let span = tracing::error_span!("[>] incoming", connection_id = id);
+        // meshbridge patch: debug, not error, spans on the per-event and per-publish paths (see PATCHED.md).
+        let span = tracing::debug_span!("[>] incoming", connection_id = id);
         let _guard = span.enter();
 
         match data {
@@ -696,7 +697,7 @@ impl Router {
         };
 
         let client_id = incoming.client_id.clone();
-        let span = tracing::error_span!("incoming_payload", client_id);
+        let span = tracing::debug_span!("incoming_payload", client_id);
         let _guard = span.enter();
 
         // Instead of exchanging, we should just append new incoming packets inside cache
@@ -712,7 +713,7 @@ impl Router {
         for packet in packets.drain(0..) {
             match packet {
                 Packet::Publish(publish, properties) => {
-                    let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
+                    let span = tracing::debug_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
                     let _guard = span.enter();
 
                     let qos = publish.qos;
@@ -779,7 +780,7 @@ impl Router {
                         Err(e) => {
                             // Disconnect on bad publishes
                             error!(
-                                reason = ?e, "Failed to append to commitlog"
+                                reason = ?e, client_id, topic = ?publish.topic, pkid = publish.pkid, "Failed to append to commitlog"
                             );
                             self.router_meters.failed_publishes += 1;
                             disconnect = true;
@@ -1414,10 +1415,19 @@ fn append_to_commitlog(
     };
 
     let mut o = (0, 0);
-    for filter_idx in filter_idxs {
+    // meshbridge patch: the last (usually the only) filter takes the publish and its properties
+    // instead of a clone; cloning the properties cost a Vec and two Strings per user property.
+    let last = filter_idxs.len().saturating_sub(1);
+    let mut owned = Some((publish, properties));
+    for (i, filter_idx) in filter_idxs.into_iter().enumerate() {
         let data = datalog.native.get_mut(filter_idx).unwrap();
         let segment_before = data.log._head_and_tail().1;
-        let publish_data = (publish.clone(), properties.clone());
+        let publish_data = if i == last {
+            owned.take().unwrap()
+        } else {
+            let (publish, properties) = owned.as_ref().unwrap();
+            (publish.clone(), properties.clone())
+        };
         let (offset, filter) = data.append(publish_data.into(), notifications);
         debug!(
             pkid,
