@@ -67,8 +67,8 @@ pub(super) struct LocalTask {
     tx: Option<LinkTx>,
     connected_tx: watch::Sender<bool>,
     consecutive_failures: u32,
-    /// Messages of accepted batches not yet handed to the router.
-    backlog: VecDeque<(u64, OutMessage)>,
+    /// Messages of accepted batches not yet handed to the router, in the router's form.
+    backlog: VecDeque<(u64, Ready)>,
     /// Handed-over QoS 1/2 publishes by packet id: (batch id, seq, size in the log).
     inflight: HashMap<u16, (u64, u64, usize)>,
     last_pkid: u16,
@@ -210,7 +210,7 @@ impl LocalTask {
             .waiters
             .add(batch.site, batch.messages.len(), batch.done);
         self.backlog
-            .extend(batch.messages.into_iter().map(|m| (id, m)));
+            .extend(batch.messages.into_iter().map(|m| (id, Ready::from(m))));
     }
 
     /// Whether the embedded broker asks the publisher to hold; logs each change.
@@ -244,7 +244,7 @@ impl LocalTask {
                 let Some((_, m)) = self.backlog.front() else {
                     break;
                 };
-                let size = message_size(m);
+                let size = m.size;
                 if self.handed_bytes + size > self.handed_budget && !self.inflight.is_empty() {
                     break;
                 }
@@ -255,16 +255,16 @@ impl LocalTask {
                     // The batch already failed; do not publish the rest of it.
                     continue;
                 }
-                if m.topic.contains(['+', '#']) {
+                if m.topic.iter().any(|&b| b == b'+' || b == b'#') {
                     self.waiters.refuse(
                         id,
                         m.seq,
                         REASON_TOPIC_NAME_INVALID,
-                        format!("wildcard in topic {:?}", m.topic),
+                        format!("wildcard in topic {:?}", String::from_utf8_lossy(&m.topic)),
                     );
                     continue;
                 }
-                let pkid = if m.qos == QoS::AtMostOnce {
+                let pkid = if m.qos == RouterQoS::AtMostOnce {
                     self.qos0_done.push(id);
                     0
                 } else {
@@ -273,7 +273,7 @@ impl LocalTask {
                     self.handed_bytes += size;
                     pkid
                 };
-                self.out.push(to_packet(m, pkid));
+                self.out.push(m.into_packet(pkid));
             }
         }
         if !self.flush().await {
@@ -424,47 +424,69 @@ async fn next(
     }
 }
 
-/// The router's form of a message: the topic's `String` becomes the `Bytes` without a copy, the properties
-/// move over without the two the router would disconnect for, and the payload is copied.
+/// A message in the router's form, and what it will cost in the router's log.
 ///
-/// Why copy the payload: it is a slice of the agent's frame buffer, and rumqttd keeps what it is given
-/// in its log until the log's segment is dropped, long after the message was delivered. A slice keeps
-/// its whole buffer alive, so the log held every agent frame (up to 1 MiB each, with the envelopes
-/// around the payloads) that still had one message in it: with 10 publishers, 40 MiB of the hub's peak
-/// (heaptrack, `agent_conn::read_frame`). Over loopback TCP rumqttd copied it out of its own read buffer;
-/// this copy is the same one, a `memcpy` of the payload per message.
-fn to_packet(m: OutMessage, pkid: u16) -> Packet {
-    let qos = match m.qos {
-        QoS::AtMostOnce => RouterQoS::AtMostOnce,
-        QoS::AtLeastOnce => RouterQoS::AtLeastOnce,
-        QoS::ExactlyOnce => RouterQoS::ExactlyOnce,
-    };
-    let p = m.properties;
-    let properties = RouterProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        topic_alias: None,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user_properties: p.user_properties,
-        subscription_identifiers: Vec::new(),
-        content_type: p.content_type,
-    };
-    Packet::Publish(
-        Publish::with_qos(
-            Bytes::from(m.topic),
-            Bytes::copy_from_slice(&m.payload),
-            qos,
-            pkid,
-            m.retain,
-        ),
-        Some(properties),
-    )
+/// The topic's `String` becomes `Bytes` without a copy, the properties move over without the two the
+/// router would disconnect for, and the payload is copied. Why copy the payload: it is a slice of the
+/// agent's frame buffer, and rumqttd keeps what it is given in its log until the log's segment is
+/// dropped, long after the message was delivered. A slice keeps its whole buffer alive, so the log held
+/// every agent frame (up to 1 MiB each, with the envelopes around the payloads) that still had one
+/// message in it: with 10 publishers, 40 MiB of the hub's peak (heaptrack, `agent_conn::read_frame`).
+/// Over loopback TCP rumqttd copied it out of its own read buffer; this copy is the same one.
+struct Ready {
+    seq: u64,
+    qos: RouterQoS,
+    retain: bool,
+    topic: Bytes,
+    payload: Bytes,
+    properties: RouterProperties,
+    /// What the log counts for it (`rumqttd::log_entry_size`), for the handed-over budget.
+    size: usize,
 }
 
-/// A message's size as rumqttd counts it in its log (topic, payload and 4 bytes).
-fn message_size(m: &OutMessage) -> usize {
-    4 + m.topic.len() + m.payload.len()
+impl From<OutMessage> for Ready {
+    fn from(m: OutMessage) -> Self {
+        let qos = match m.qos {
+            QoS::AtMostOnce => RouterQoS::AtMostOnce,
+            QoS::AtLeastOnce => RouterQoS::AtLeastOnce,
+            QoS::ExactlyOnce => RouterQoS::ExactlyOnce,
+        };
+        let p = m.properties;
+        let properties = RouterProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            topic_alias: None,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type,
+        };
+        let topic = Bytes::from(m.topic);
+        let payload = Bytes::copy_from_slice(&m.payload);
+        let size = rumqttd::log_entry_size(
+            &Publish::with_qos(topic.clone(), payload.clone(), qos, 0, m.retain),
+            Some(&properties),
+        );
+        Self {
+            seq: m.seq,
+            qos,
+            retain: m.retain,
+            topic,
+            payload,
+            properties,
+            size,
+        }
+    }
+}
+
+impl Ready {
+    fn into_packet(self, pkid: u16) -> Packet {
+        Packet::Publish(
+            Publish::with_qos(self.topic, self.payload, self.qos, pkid, self.retain),
+            Some(self.properties),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -569,6 +591,39 @@ mod tests {
         );
         assert!(publisher.wait_connected(WAIT).await, "link opened");
         (broker, publisher, stop, tracker)
+    }
+
+    /// The handed-over budget and the log's limit count the same thing: what an entry costs in
+    /// memory (the entry, its properties' strings, an allocation each), not only topic and payload,
+    /// which was 2.4 times less than what the log held (`vendor/rumqttd/PATCHED.md`).
+    #[test]
+    fn a_message_costs_the_log_its_entry_and_properties_not_only_topic_and_payload() {
+        let mut bare = message("acme/line1/a", QoS::AtLeastOnce, 1);
+        bare.properties = PublishProperties::default();
+        let bare = Ready::from(bare);
+        let topic_and_payload = "acme/line1/a".len() + "payload 1".len();
+        assert!(
+            bare.size > topic_and_payload + 200,
+            "an entry is more than its bytes: {}",
+            bare.size
+        );
+        let with_id = Ready::from(message("acme/line1/a", QoS::AtLeastOnce, 1));
+        assert!(
+            with_id.size >= bare.size + "meshbridge-id".len() + "line1/1".len() + 48,
+            "a user property costs its strings and their allocations: {} vs {}",
+            with_id.size,
+            bare.size
+        );
+        // The payload is the router's own copy, not a slice of the agent's frame.
+        let frame = Bytes::from(vec![7u8; 4096]);
+        let mut m = message("acme/line1/a", QoS::AtLeastOnce, 1);
+        m.payload = frame.slice(100..300);
+        let ready = Ready::from(m);
+        assert_eq!(ready.payload.len(), 200);
+        assert!(
+            !frame.as_ptr_range().contains(&ready.payload.as_ptr()),
+            "the payload still points into the frame"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,7 +73,8 @@ pub struct EmbeddedBroker {
     pub max_connections: u32,
     /// Memory the broker keeps per subscription filter. The embedded broker (rumqttd) holds everything
     /// published to a filter that has subscribers in one in-memory log, delivered or not, and trims only
-    /// the oldest part of it; this bounds that log. At the edge, a subscriber (or an offline persistent
+    /// the oldest part of it; this bounds that log, counting each message as what it costs in memory
+    /// (the entry and its properties, about 300 bytes beyond topic and payload), not only its bytes. At the edge, a subscriber (or an offline persistent
     /// session) more than this far behind loses the oldest messages, as Mosquitto drops beyond
     /// `max_queued_messages`. At the hub, a connected QoS 1/2 subscriber that falls this far behind holds
     /// the hub's publishing instead (the agents' queues take the wait), unless it reads nothing for 5 s.

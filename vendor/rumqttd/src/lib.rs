@@ -23,6 +23,8 @@ use tracing_subscriber::{
 pub use link::alerts;
 pub use link::local;
 pub use link::meters;
+/// meshbridge patch: see `router/logs.rs`.
+pub use router::logs::log_entry_size;
 pub use router::{
     Ack, Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router, SubscriberPressure,
 };

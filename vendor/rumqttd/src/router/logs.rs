@@ -36,11 +36,41 @@ impl From<PubWithProp> for PublishData {
 
 // TODO: remove this from here
 impl Storage for PublishData {
-    // TODO: calculate size of publish properties as well!
     fn size(&self) -> usize {
-        let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len()
+        log_entry_size(&self.publish, self.properties.as_ref())
     }
+}
+
+/// meshbridge patch: what one message costs in a filter's log, in memory, as the log's segment size
+/// limit counts it. Upstream counted the topic and payload only (its TODO: "calculate size of publish
+/// properties as well"), while an entry also holds the entry itself (about 300 bytes), its properties'
+/// strings and one heap allocation for each: with 200-byte payloads and two user properties the hub's
+/// log took 2.4 times the memory its limit named (heaptrack), so `broker.max_log_per_filter` did not
+/// bound what it says it bounds. Public so that a publisher that must stay within a share of the log
+/// counts what the log counts (`cloud-hub/src/publisher/local.rs`).
+pub fn log_entry_size(publish: &Publish, properties: Option<&PublishProperties>) -> usize {
+    /// Roughly what the allocator adds to each allocation.
+    const ALLOCATION: usize = 16;
+    let string = |s: &Option<String>| s.as_ref().map_or(0, |s| s.len() + ALLOCATION);
+    let mut size = std::mem::size_of::<PublishData>()
+        + publish.topic.len()
+        + publish.payload.len()
+        + 2 * ALLOCATION;
+    if let Some(p) = properties {
+        size += string(&p.response_topic)
+            + string(&p.content_type)
+            + p.correlation_data.as_ref().map_or(0, |c| c.len() + ALLOCATION)
+            + p.subscription_identifiers.len() * std::mem::size_of::<usize>();
+        if !p.user_properties.is_empty() {
+            size += ALLOCATION
+                + p.user_properties.len() * std::mem::size_of::<(String, String)>()
+                + p.user_properties
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 2 * ALLOCATION)
+                    .sum::<usize>();
+        }
+    }
+    size
 }
 
 /// Stores 'device' data and 'actions' data in native commitlog

@@ -19,7 +19,7 @@ mod alertlog;
 mod connection;
 mod graveyard;
 pub mod iobufs;
-mod logs;
+pub(crate) mod logs;
 mod routing;
 mod scheduler;
 pub(crate) mod shared_subs;

@@ -154,16 +154,24 @@ where
             // Read absolute_offset before applying memory retention, in case there is only 1
             // segment allowed.
             let absolute_offset = self.active_segment().next_offset();
+            // meshbridge patch: the new segment gets the room the full one needed, so it never grows
+            // by doubling (which left up to half of every segment's Vec unused, and copied it on each
+            // growth); when the oldest segment is dropped its Vec is reused instead.
+            let room = self.active_segment().len() as usize;
+            let mut recycled = None;
             // If active segment is full and segments are full, apply retention policy.
             if self.memory_segments_count() >= self.max_mem_segments {
-                self.segments.pop_front();
+                recycled = self.segments.pop_front();
                 self.head += 1;
             }
 
             // Pushing a new segment into segments and updating the tail automatically changes
             // the active segment to a new empty one.
-            self.segments
-                .push_back(Segment::with_offset(absolute_offset));
+            let next = match recycled {
+                Some(segment) => segment.recycle(absolute_offset, room),
+                None => Segment::with_offset_and_room(absolute_offset, room),
+            };
+            self.segments.push_back(next);
             self.tail += 1;
         }
     }

@@ -34,6 +34,25 @@ where
             total_size: 0,
         }
     }
+    /// meshbridge patch: an empty segment with room for `room` entries (see `CommitLog::apply_retention`).
+    pub(crate) fn with_offset_and_room(absolute_offset: u64, room: usize) -> Self {
+        Self {
+            data: Vec::with_capacity(room.max(1024)),
+            absolute_offset,
+            total_size: 0,
+        }
+    }
+
+    /// meshbridge patch: this segment's entries dropped and its Vec reused for the segment starting at
+    /// `absolute_offset`, with room for `room` entries.
+    pub(crate) fn recycle(mut self, absolute_offset: u64, room: usize) -> Self {
+        self.data.clear();
+        self.data.reserve_exact(room);
+        self.absolute_offset = absolute_offset;
+        self.total_size = 0;
+        self
+    }
+
     pub(crate) fn new() -> Self {
         Self {
             data: Vec::with_capacity(1024),
