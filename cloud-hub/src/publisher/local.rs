@@ -161,12 +161,14 @@ impl LocalTask {
                 }
             }
         }
+        // Taken before `lost`, which forgets the link.
+        let tx = self.tx.take();
         self.lost(&PublishError::Stopped);
         batches.close();
         while let Ok(batch) = batches.try_recv() {
             let _ = batch.done.send(Err(PublishError::Stopped));
         }
-        if let Some(mut tx) = self.tx.take() {
+        if let Some(mut tx) = tx {
             // Bounded: the router's channel may be full or the router gone.
             let _ = tokio::time::timeout(DISCONNECT_WAIT, tx.disconnect()).await;
         }
