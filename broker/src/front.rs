@@ -60,6 +60,21 @@
 //! honoured: the will waits, and is dropped if the same client id connects again meanwhile. A will is
 //! not committed when the agent itself shuts down. Wills over the path's limits are logged and dropped.
 //!
+//! Unsubscribed topics ([`FrontOptions::answer_unsubscribed`], the edge agent's set-up): a QoS 0 or 1
+//! PUBLISH that is not retained and that no subscription held in rumqttd could match is not handed to
+//! rumqttd at all. The front answers it itself: the PUBACK of a captured message waits for its commit
+//! like a broker's ack would, and one nobody captured is answered at once. At a factory line most
+//! topics go to the hub and no local client reads them; the hand-off cost a socket round trip and a
+//! wake-up of rumqttd's router per message. Which filters rumqttd holds is known here because every
+//! subscription reaches it through the front (the agent's own internal connections only publish), and
+//! a persistent session's are served by the front, not rumqttd; a filter is counted before its
+//! SUBSCRIBE is forwarded and dropped at UNSUBSCRIBE or when its connection ends
+//! (`shared::topic::SubscribedFilters`). Acks stay in PUBLISH order: a PUBLISH is answered by the front
+//! only while every PUBLISH the connection forwarded earlier has its broker ack back
+//! (`ForwardedAcks`), so no front-made PUBACK can overtake a broker's. Since rumqttd may then see no
+//! packet of a busy publisher for a long time, the front enforces the client's keep-alive itself (1.5 ×
+//! the interval, MQTT 3.1.1 §3.1.2.10, 5.0 §3.1.2.11) and gives rumqttd the longest one.
+//!
 //! Closing: either side closing closes the other; a gone commit pipeline (agent shutting down) or the
 //! `shutdown` token closes every connection. Held acks are then dropped unsent, so clients retransmit.
 
@@ -67,7 +82,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,6 +92,7 @@ use shared::mqtt::{
     self, Ack, AckKind, AliasError, Connect, DecodeError, FixedHeader, PacketType, ProtocolVersion,
     Publish, QoS, TopicAliases, Will, CONNACK_UNACCEPTABLE_PROTOCOL, REASON_QUOTA_EXCEEDED,
 };
+use shared::topic::SubscribedFilters;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -149,6 +165,11 @@ pub struct FrontOptions {
     /// subscribed and gets 0x87 (5.0) / 0x80 (3.1.1) in the SUBACK; a will whose topic the ACL denies
     /// refuses the CONNECT.
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// Answer QoS 0/1 PUBLISHes that no subscription in rumqttd could match in the front, without
+    /// handing them to rumqttd (module docs, "Unsubscribed topics"). Only with `sessions` set, which makes
+    /// every subscription rumqttd holds one that ends with its connection; ignored without. Not for a
+    /// broker with other subscribers on its internal listeners (the hub's downlink subscriber).
+    pub answer_unsubscribed: bool,
 }
 
 impl Default for FrontOptions {
@@ -162,6 +183,7 @@ impl Default for FrontOptions {
             sessions: None,
             reserved_client_ids: Vec::new(),
             auth: None,
+            answer_unsubscribed: false,
         }
     }
 }
@@ -218,6 +240,13 @@ pub enum FrontError {
         /// The I/O error.
         #[source]
         source: io::Error,
+    },
+    /// The client sent nothing for 1.5 times its keep-alive (enforced by the front when it answers
+    /// unsubscribed topics itself, see [`FrontOptions::answer_unsubscribed`]).
+    #[error("the client sent nothing for {after:?} (1.5 × its keep-alive)")]
+    KeepAliveExpired {
+        /// How long the client was silent.
+        after: Duration,
     },
     /// The broker's internal listener could not be reached.
     #[error("cannot connect to the broker at {addr}")]
@@ -374,6 +403,21 @@ struct Shared {
     pending_wills: std::sync::Mutex<HashMap<String, (u64, CancellationToken)>>,
     /// Numbers the waits in `pending_wills`.
     will_waits: AtomicU64,
+    /// The filters rumqttd's subscribers hold, when the front answers unsubscribed topics itself
+    /// ([`FrontOptions::answer_unsubscribed`] with sessions); `None` hands every PUBLISH to rumqttd.
+    subscribed: Option<std::sync::Mutex<SubscribedFilters>>,
+}
+
+impl Shared {
+    /// Whether a subscription rumqttd holds could match `topic` (always when the front does not keep
+    /// count).
+    fn subscribed(&self, topic: &str) -> bool {
+        self.subscribed.as_ref().is_none_or(|set| {
+            set.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .matches(topic)
+        })
+    }
 }
 
 /// Accepts MQTT clients on `listener` and relays each to the broker listener of its protocol, capturing
@@ -437,9 +481,11 @@ pub async fn serve_listeners(
         upstreams,
         select,
         commits,
-        options,
         pending_wills: std::sync::Mutex::new(HashMap::new()),
         will_waits: AtomicU64::new(0),
+        subscribed: (options.answer_unsubscribed && options.sessions.is_some())
+            .then(|| std::sync::Mutex::new(SubscribedFilters::new())),
+        options,
     });
     let connections = shutdown.child_token();
     let tracker = TaskTracker::new();
@@ -559,6 +605,7 @@ fn log_connection_end(error: &FrontError) {
         FrontError::ReservedClientId { .. } | FrontError::WillDenied { .. } => {
             warn!(cause = %error, "connection refused");
         }
+        FrontError::KeepAliveExpired { .. } => info!(cause = %error, "closing connection"),
         FrontError::SecondConnect
         | FrontError::EmptyTopic
         | FrontError::InvalidTopicFilter { .. } => {
@@ -742,11 +789,16 @@ async fn connection<S: ClientStream>(
             reserved: reserved.clone(),
         });
     }
-    if connect.keep_alive == 0 {
+    // When the front answers PUBLISHes itself rumqttd may not hear from a busy client for long, so the
+    // front watches the keep-alive and rumqttd gets the longest one.
+    let watch_keep_alive = shared.subscribed.is_some();
+    if connect.keep_alive == 0 || watch_keep_alive {
         // Fixed header, protocol name (2-byte length + name), level, flags, then the keep-alive.
         let at = header.header_len + 2 + connect.protocol_name.len() + 2;
         from_client[at..at + 2].copy_from_slice(&KEEP_ALIVE_INSTEAD_OF_ZERO.to_be_bytes());
     }
+    let keep_alive = (watch_keep_alive && connect.keep_alive > 0)
+        .then(|| Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5));
     // The broker's listeners take only the internal login; the client's own was checked above.
     let login = &shared.upstreams.login;
     let rest = from_client.split_off(connect_len);
@@ -794,6 +846,12 @@ async fn connection<S: ClientStream>(
     let (upstream_rd, upstream_wr) = upstream.into_split();
     let (registrations_tx, registrations_rx) = mpsc::unbounded_channel();
     let disconnected = AtomicBool::new(false);
+    let forwarded = Arc::new(ForwardedAcks::default());
+    // A session rumqttd keeps after the connection (only an MQTT 5 client without a client id and with a
+    // session expiry: the front's store cannot name it) keeps its filters counted for good.
+    let session_outlives = connect.client_id.is_empty()
+        && version == ProtocolVersion::V5
+        && connect.session_expiry > 0;
     // A persistent connection: the front serves its session (see `sessions.rs`).
     let mut persistent = None;
     let mut outbox = None;
@@ -849,9 +907,17 @@ async fn connection<S: ClientStream>(
         connect_relayed: false,
         unknown_aliases: HashSet::new(),
         persistent: persistent.as_ref(),
+        pending: Vec::new(),
+        forwarded: Arc::clone(&forwarded),
+        filters: HeldFilters {
+            set: shared.subscribed.as_ref(),
+            held: Vec::new(),
+            keep: session_outlives,
+        },
+        keep_alive,
     }
     .run(client_rd, upstream_wr, from_client);
-    let down = BrokerToClient::new(version, max, session_present).run(
+    let down = BrokerToClient::new(version, max, session_present, forwarded).run(
         upstream_rd,
         client_wr,
         registrations_rx,
@@ -1123,16 +1189,26 @@ fn frames(chunk: &Bytes) -> impl Iterator<Item = (usize, FixedHeader, Bytes)> + 
     })
 }
 
-/// What the client→broker half tells the broker→client half, in client packet order.
-enum Registration {
-    /// The packet ids of one commit batch whose broker acks must wait for `done`.
-    Commit {
-        waits: Vec<u16>,
-        done: oneshot::Receiver<Result<(), CommitRejected>>,
-    },
+/// What the client→broker half tells the broker→client half about one chunk of client packets. Sent
+/// before the chunk's bytes reach the broker, so no broker answer to them can overtake it.
+struct Registration {
+    /// The chunk's commit batch: the packet ids whose broker acks must wait for `done`, if any.
+    commit: Option<(Vec<u16>, CommitDone)>,
+    /// The front's own answers and SUBACK edits, in client packet order.
+    items: Vec<Item>,
+}
+
+/// Answered by the commit pipeline once a batch is on disk, or refused.
+type CommitDone = oneshot::Receiver<Result<(), CommitRejected>>;
+
+/// One entry of a [`Registration`].
+enum Item {
     /// A packet the front answers itself (a refused PUBLISH's ack, or the PUBCOMP that ends a refused
     /// 3.1.1 QoS 2 exchange): sent after the acks already held.
     Answer { ack: Option<Ack>, frame: Bytes },
+    /// The PUBACK of a QoS 1 PUBLISH the front kept from rumqttd (module docs, "Unsubscribed topics"):
+    /// sent after the acks already held and, with `commit`, once the chunk's commit succeeded.
+    Own { packet_id: u16, commit: bool },
     /// The broker's SUBACK for `packet_id` covers only the filters the ACL allowed: `denied` (positions
     /// in the client's SUBSCRIBE, ascending) get `code` inserted.
     Suback {
@@ -1140,6 +1216,84 @@ enum Registration {
         denied: Vec<usize>,
         code: u8,
     },
+}
+
+/// How many QoS 1/2 PUBLISHes a connection handed to rumqttd still wait for rumqttd's PUBACK/PUBREC.
+/// The front answers a QoS 1 PUBLISH itself only at zero: its PUBACK then follows every broker ack of an
+/// earlier PUBLISH, which the broker→client half has already sorted (MQTT 3.1.1 §4.6, 5.0 §4.6).
+#[derive(Debug, Default)]
+struct ForwardedAcks(AtomicUsize);
+
+impl ForwardedAcks {
+    /// A QoS 1/2 PUBLISH is about to be written to the broker (before its bytes are).
+    fn sent(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The broker's PUBACK/PUBREC was read and sorted. Never below zero: an ack the front did not count
+    /// (none is expected) leaves the count where it is.
+    fn acked(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Whether every PUBLISH forwarded so far has its broker ack sorted.
+    fn none(&self) -> bool {
+        self.0.load(Ordering::Acquire) == 0
+    }
+}
+
+/// The filters one connection's subscriptions in rumqttd hold, counted in the front's
+/// [`SubscribedFilters`] while they last: removed at UNSUBSCRIBE and, unless rumqttd keeps the session
+/// (`keep`), when the connection ends.
+struct HeldFilters<'a> {
+    set: Option<&'a std::sync::Mutex<SubscribedFilters>>,
+    held: Vec<String>,
+    keep: bool,
+}
+
+impl HeldFilters<'_> {
+    fn with_set(&self, f: impl FnOnce(&mut SubscribedFilters)) {
+        if let Some(set) = self.set {
+            f(&mut set
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner));
+        }
+    }
+
+    /// Counts `filters` (a SUBSCRIBE's, as forwarded); one the connection already holds is replaced in
+    /// rumqttd, not added, so it is counted once.
+    fn subscribe<'f>(&mut self, filters: impl Iterator<Item = &'f str>) {
+        if self.set.is_none() {
+            return;
+        }
+        let new: Vec<&str> = filters
+            .filter(|f| !self.held.iter().any(|h| h == f))
+            .collect();
+        self.with_set(|set| new.iter().for_each(|f| set.add(f)));
+        self.held.extend(new.into_iter().map(str::to_owned));
+    }
+
+    /// Stops counting `filters` (an UNSUBSCRIBE's) that this connection holds.
+    fn unsubscribe<'f>(&mut self, filters: impl Iterator<Item = &'f str>) {
+        let mut gone = Vec::new();
+        for f in filters {
+            if let Some(at) = self.held.iter().position(|h| h == f) {
+                gone.push(self.held.swap_remove(at));
+            }
+        }
+        self.with_set(|set| gone.iter().for_each(|f| set.remove(f)));
+    }
+}
+
+impl Drop for HeldFilters<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            let held = std::mem::take(&mut self.held);
+            self.with_set(|set| held.iter().for_each(|f| set.remove(f)));
+        }
+    }
 }
 
 /// The client→broker half: relays bytes, captures selected PUBLISHes, sends commit batches.
@@ -1170,6 +1324,14 @@ struct ClientToBroker<'a> {
     /// next forwarded PUBLISH that only names the alias is rewritten to carry the topic (and define the
     /// alias for the broker).
     unknown_aliases: HashSet<u16>,
+    /// The current chunk's registration items, sent before its bytes go to the broker.
+    pending: Vec<Item>,
+    /// QoS 1/2 PUBLISHes forwarded whose broker ack is still to come.
+    forwarded: Arc<ForwardedAcks>,
+    /// This connection's subscription filters in rumqttd, counted for the whole front.
+    filters: HeldFilters<'a>,
+    /// When the front watches the client's keep-alive: how long the client may stay silent.
+    keep_alive: Option<Duration>,
 }
 
 impl ClientToBroker<'_> {
@@ -1195,10 +1357,14 @@ impl ClientToBroker<'_> {
             if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                 buf.reserve(READ_CHUNK);
             }
-            let n = client
-                .read_buf(&mut buf)
-                .await
-                .map_err(|source| FrontError::ClientIo { source })?;
+            let read = client.read_buf(&mut buf);
+            let n = match self.keep_alive {
+                None => read.await,
+                Some(after) => tokio::time::timeout(after, read)
+                    .await
+                    .map_err(|_| FrontError::KeepAliveExpired { after })?,
+            }
+            .map_err(|source| FrontError::ClientIo { source })?;
             if n == 0 {
                 // Half-close towards the broker so it sees the end of the stream after the last packet.
                 let _ = upstream.shutdown().await;
@@ -1215,6 +1381,8 @@ impl ClientToBroker<'_> {
     ) -> Result<(), FrontError> {
         let mut messages = Vec::new();
         let mut waits = Vec::new();
+        // Packet ids of QoS 1 PUBLISHes the front answers itself (`Item::Own`).
+        let mut answered: Vec<u16> = Vec::new();
         // Forwarded PUBLISHes, for the persistent sessions' subscriptions.
         let mut routed: Vec<(Publish, Arc<Sessions>)> = Vec::new();
         // Packets not forwarded as they are: dropped (`None`, the front answers them itself) or
@@ -1262,7 +1430,18 @@ impl ClientToBroker<'_> {
                     edits.push((start..start + frame.len(), None));
                     self.session_filters(p, header.packet_type, filters, &denied)
                         .await?;
+                } else if header.packet_type == PacketType::Unsubscribe {
+                    self.filters
+                        .unsubscribe(filters.filters.iter().map(String::as_str));
                 } else if !denied.is_empty() {
+                    self.filters.subscribe(
+                        filters
+                            .filters
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| !denied.contains(i))
+                            .map(|(_, f)| f.as_str()),
+                    );
                     let range = start..start + frame.len();
                     let code = self.denied_code();
                     let keep: Vec<bool> = (0..filters.filters.len())
@@ -1273,7 +1452,7 @@ impl ClientToBroker<'_> {
                     {
                         Some(kept) => {
                             // Registered before the bytes reach the broker: its SUBACK cannot overtake.
-                            let _ = self.registrations.send(Registration::Suback {
+                            self.pending.push(Item::Suback {
                                 packet_id: filters.packet_id,
                                 denied,
                                 code,
@@ -1290,6 +1469,9 @@ impl ClientToBroker<'_> {
                             edits.push((range, None));
                         }
                     }
+                } else {
+                    self.filters
+                        .subscribe(filters.filters.iter().map(String::as_str));
                 }
                 continue;
             }
@@ -1356,20 +1538,53 @@ impl ClientToBroker<'_> {
                     continue;
                 }
             }
-            if let Some(alias) = alias.filter(|a| self.unknown_aliases.remove(a)) {
-                if names_alias_only {
-                    edits.push((range, Some(self.with_topic(&publish, alias)?)));
+            // Kept from rumqttd when no subscriber of its could want it (module docs, "Unsubscribed
+            // topics"); a QoS 1 one only while no broker ack of this connection is outstanding.
+            let answer_here = self.shared.subscribed.is_some()
+                && !publish.retain
+                && match publish.qos {
+                    QoS::AtMostOnce => true,
+                    QoS::AtLeastOnce => self.forwarded.none(),
+                    QoS::ExactlyOnce => false,
+                }
+                && !self.shared.subscribed(&publish.topic);
+            if answer_here {
+                edits.push((range, None));
+                if let (Some(alias), false) = (alias, names_alias_only) {
+                    // The broker never learns this alias; a later forwarded PUBLISH that only names it
+                    // is rewritten with its topic.
+                    self.unknown_aliases.insert(alias);
+                }
+            } else {
+                if let Some(alias) = alias.filter(|a| self.unknown_aliases.remove(a)) {
+                    if names_alias_only {
+                        edits.push((range, Some(self.with_topic(&publish, alias)?)));
+                    }
+                }
+                if publish.qos != QoS::AtMostOnce {
+                    self.forwarded.sent();
                 }
             }
             if let Some(sessions) = self.shared.options.sessions.as_ref().filter(|s| s.active()) {
                 routed.push((publish.clone(), Arc::clone(sessions)));
             }
             let keep_retained = publish.retain && self.shared.options.capture_retained;
-            if !(selected || keep_retained) {
+            let captured = selected || keep_retained;
+            if let (true, QoS::AtLeastOnce, Some(id)) =
+                (answer_here, publish.qos, publish.packet_id)
+            {
+                // Waits for the commit when captured, or for a persistent session's (below).
+                self.pending.push(Item::Own {
+                    packet_id: id,
+                    commit: captured,
+                });
+                answered.push(id);
+            }
+            if !captured {
                 continue;
             }
-            if let (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) =
-                (publish.qos, publish.packet_id)
+            if let (false, QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) =
+                (answer_here, publish.qos, publish.packet_id)
             {
                 waits.push(id);
             }
@@ -1386,7 +1601,13 @@ impl ClientToBroker<'_> {
                 let (stored, done) = sessions.route(&batch);
                 for index in stored {
                     if let Some(id) = routed[index].0.packet_id {
-                        if !waits.contains(&id) {
+                        if answered.contains(&id) {
+                            for item in &mut self.pending {
+                                if let Item::Own { packet_id, commit } = item {
+                                    *commit |= *packet_id == id;
+                                }
+                            }
+                        } else if !waits.contains(&id) {
                             waits.push(id);
                         }
                     }
@@ -1404,12 +1625,18 @@ impl ClientToBroker<'_> {
             (Some(a), Some(b)) => Some(both(a, b)),
             (a, b) => a.or(b),
         };
-        if let (false, Some(done)) = (waits.is_empty(), all_done) {
+        let own_waits = self
+            .pending
+            .iter()
+            .any(|item| matches!(item, Item::Own { commit: true, .. }));
+        let commit = all_done.filter(|_| !waits.is_empty() || own_waits);
+        if commit.is_some() || !self.pending.is_empty() {
             // Registered before the bytes reach the broker: its ack cannot overtake this.
             // A send error means the broker half ended; the connection is closing anyway.
-            let _ = self
-                .registrations
-                .send(Registration::Commit { waits, done });
+            let _ = self.registrations.send(Registration {
+                commit: commit.map(|done| (waits, done)),
+                items: std::mem::take(&mut self.pending),
+            });
         }
         let forward = if edits.is_empty() {
             chunk
@@ -1652,9 +1879,9 @@ impl ClientToBroker<'_> {
         Ok(out.freeze())
     }
 
-    fn answer(&self, ack: Option<Ack>, frame: Bytes) {
-        // A send error means the broker half ended; the connection is closing anyway.
-        let _ = self.registrations.send(Registration::Answer { ack, frame });
+    /// Queues a packet of the front's own for the client, registered with the current chunk.
+    fn answer(&mut self, ack: Option<Ack>, frame: Bytes) {
+        self.pending.push(Item::Answer { ack, frame });
     }
 }
 
@@ -1705,11 +1932,19 @@ struct BrokerToClient {
     session_present: Option<bool>,
     /// SUBACKs to complete with the codes of filters the ACL denied: packet id → (positions, code).
     suback_edits: HashMap<u16, (Vec<usize>, u8)>,
+    /// Counted down for every broker PUBACK/PUBREC sorted (see [`ForwardedAcks`]).
+    forwarded: Arc<ForwardedAcks>,
 }
 
 impl BrokerToClient {
-    fn new(version: ProtocolVersion, max: usize, session_present: Option<bool>) -> Self {
+    fn new(
+        version: ProtocolVersion,
+        max: usize,
+        session_present: Option<bool>,
+        forwarded: Arc<ForwardedAcks>,
+    ) -> Self {
         Self {
+            forwarded,
             version,
             max,
             session_present,
@@ -1811,44 +2046,60 @@ impl BrokerToClient {
     }
 
     fn register(&mut self, registration: Registration) {
-        let (waits, done) = match registration {
-            Registration::Commit { waits, done } => (waits, done),
-            Registration::Suback {
-                packet_id,
-                denied,
-                code,
-            } => {
-                self.suback_edits.insert(packet_id, (denied, code));
-                return;
-            }
-            Registration::Answer { ack, frame } => {
-                if self.held.is_empty() {
-                    self.out.extend_from_slice(&frame);
-                } else {
-                    self.held.push_back(HeldAck {
-                        batch: None,
-                        ack,
-                        frame,
-                    });
+        let Registration { commit, items } = registration;
+        let batch = commit.map(|(waits, done)| {
+            let id = self.next_batch;
+            self.next_batch += 1;
+            let own = items
+                .iter()
+                .filter(|item| matches!(item, Item::Own { commit: true, .. }))
+                .count();
+            let batch = Batch {
+                done,
+                outcome: None,
+                refs: waits.len() + own,
+            };
+            self.batches.insert(id, batch);
+            for &packet_id in &waits {
+                if let Some(older) = self.waiting.insert(packet_id, id) {
+                    // The client reused a packet id before its ack (possibly within this batch): the
+                    // newest registration covers it, the older one no longer expects that ack.
+                    self.unref(older);
                 }
-                return;
             }
-        };
-        let id = self.next_batch;
-        self.next_batch += 1;
-        let refs = waits.len();
-        let batch = Batch {
-            done,
-            outcome: None,
-            refs,
-        };
-        self.batches.insert(id, batch);
-        for &packet_id in &waits {
-            if let Some(older) = self.waiting.insert(packet_id, id) {
-                // The client reused a packet id before its ack (possibly within this batch): the
-                // newest registration covers it, the older one no longer expects that ack.
-                self.unref(older);
+            id
+        });
+        for item in items {
+            match item {
+                Item::Suback {
+                    packet_id,
+                    denied,
+                    code,
+                } => {
+                    self.suback_edits.insert(packet_id, (denied, code));
+                }
+                Item::Answer { ack, frame } => self.hold(None, ack, frame),
+                Item::Own { packet_id, commit } => {
+                    let ack = Ack {
+                        kind: AckKind::Puback,
+                        packet_id,
+                        reason: 0,
+                    };
+                    let mut frame = BytesMut::with_capacity(4);
+                    mqtt::encode_ack(ack.kind, packet_id, 0, self.version, &mut frame);
+                    self.hold(batch.filter(|_| commit), Some(ack), frame.freeze());
+                }
             }
+        }
+    }
+
+    /// Queues a packet of the front's own behind the acks already held; one that waits on no batch
+    /// goes out at once when nothing is held.
+    fn hold(&mut self, batch: Option<u64>, ack: Option<Ack>, frame: Bytes) {
+        if batch.is_none() && self.held.is_empty() {
+            self.out.extend_from_slice(&frame);
+        } else {
+            self.held.push_back(HeldAck { batch, ack, frame });
         }
     }
 
@@ -1880,6 +2131,8 @@ impl BrokerToClient {
             if is_ack {
                 let ack = Ack::decode(&frame, self.version)
                     .map_err(|source| FrontError::UpstreamDecode { source })?;
+                // Sorted below, before any registration read after this chunk.
+                self.forwarded.acked();
                 let batch = self.waiting.remove(&ack.packet_id);
                 if batch.is_some() || !self.held.is_empty() {
                     if !held_any {

@@ -456,7 +456,8 @@ impl Mesh {
         Self::start_with(false).await
     }
 
-    /// The edge agent's set-up: the front serves persistent sessions from a store on disk.
+    /// The edge agent's set-up: the front serves persistent sessions from a store on disk and answers
+    /// PUBLISHes no subscriber of rumqttd's could match itself.
     pub async fn start_agent() -> Result<Self> {
         Self::start_with(true).await
     }
@@ -495,6 +496,7 @@ impl Mesh {
             select,
             commits_tx,
             FrontOptions {
+                answer_unsubscribed: sessions.is_some(),
                 sessions,
                 ..FrontOptions::default()
             },

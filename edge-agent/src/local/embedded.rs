@@ -112,6 +112,8 @@ pub(crate) async fn run(
             .iter()
             .map(|what| format!("meshbridge-{}-{what}", ingest.site))
             .collect(),
+        // Those own connections only publish, so every subscriber of rumqttd comes through the front.
+        answer_unsubscribed: true,
         ..FrontOptions::default()
     };
     if let Some(store) = &ingest.retained {

@@ -18,6 +18,7 @@
 //! back, in a way that a site can never name a topic outside its own prefix.
 
 mod namespace;
+mod subscribed;
 mod template;
 
 use std::borrow::Borrow;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use thiserror::Error;
 
 pub use namespace::{validate_site_name, Namespace, SITE_PLACEHOLDER};
+pub use subscribed::SubscribedFilters;
 pub use template::{Placeholder, TemplateError, TemplateVars, TopicTemplate};
 
 /// Largest topic (name or filter) in bytes: MQTT carries topic lengths as a `u16`.
