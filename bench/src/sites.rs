@@ -311,6 +311,8 @@ async fn connect(
         config_version: 0,
         lane: 0,
         agent_version: "bench".to_owned(),
+        // The agent's default uplink window, so the hub acknowledges as it does for a real agent.
+        window: 8,
     };
     let mut out = BytesMut::new();
     hello.encode(&mut out)?;

@@ -87,6 +87,12 @@ pub struct ServerTransport {
     /// Largest ACK delay the hub asks each agent to use (QUIC ACK-frequency extension); it is part of the
     /// hub's probe timeout for its acks and config pushes. See the agent's `ClientTransport` for why 5 ms.
     pub max_ack_delay: Duration,
+    /// How many ack-eliciting packets the agent may receive before it must acknowledge at once (QUIC
+    /// ACK-frequency extension; QUIC's default is 1, an ACK for every second packet). At a factory line's
+    /// rate each packet carries one message, and every ACK wakes both programs; a higher threshold lets
+    /// `max_ack_delay` gather them. A gap in packet numbers is still acknowledged at once (quinn's
+    /// reordering threshold is left at its default), so loss recovery does not wait for it.
+    pub ack_eliciting_threshold: u32,
 }
 
 impl Default for ServerTransport {
@@ -100,6 +106,7 @@ impl Default for ServerTransport {
             max_concurrent_bidi_streams: 16,
             max_concurrent_uni_streams: 16,
             max_ack_delay: Duration::from_millis(5),
+            ack_eliciting_threshold: 8,
         }
     }
 }
@@ -120,7 +127,8 @@ impl ServerTransport {
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(self.max_concurrent_uni_streams));
         let mut ack = quinn::AckFrequencyConfig::default();
-        ack.max_ack_delay(Some(self.max_ack_delay));
+        ack.max_ack_delay(Some(self.max_ack_delay))
+            .ack_eliciting_threshold(VarInt::from_u32(self.ack_eliciting_threshold));
         t.ack_frequency_config(Some(ack));
         Ok(t)
     }

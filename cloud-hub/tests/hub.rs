@@ -244,6 +244,7 @@ impl FakeAgent {
             config_version: 0,
             lane: 0,
             agent_version: String::new(),
+            window: 0,
         })
         .await?;
         self.next().await
@@ -702,6 +703,7 @@ async fn site_not_configured_is_refused() -> anyhow::Result<()> {
                 config_version: 0,
                 lane: 0,
                 agent_version: String::new(),
+                window: 0,
             })
             .await?;
         let reason = agent.expect_go_away(GoAwayCode::Unauthorized).await?;
@@ -730,6 +732,7 @@ async fn incompatible_version_is_refused() -> anyhow::Result<()> {
                 config_version: 0,
                 lane: 0,
                 agent_version: String::new(),
+                window: 0,
             })
             .await?;
         let reason = agent
@@ -782,6 +785,7 @@ async fn hub_without_its_cloud_broker_refuses_before_welcome_with_a_retry_after(
             config_version: 0,
             lane: 0,
             agent_version: String::new(),
+            window: 0,
         })
         .await?;
         // Raw bytes: exactly `u16 code, str16 reason`, nothing after it.

@@ -66,6 +66,12 @@ pub struct ClientTransport {
     /// `tests/tests/fault_suite.rs`). Peers clamp it to at most the RTT (or 25 ms), so on a long link
     /// this changes nothing; the cost is an ACK for nearly every packet from the hub.
     pub max_ack_delay: Duration,
+    /// How many ack-eliciting packets the hub may receive before it must acknowledge at once (QUIC
+    /// ACK-frequency extension; QUIC's default is 1, an ACK for every second packet). At a factory line's
+    /// rate each packet carries one message, and every ACK wakes both programs; a higher threshold lets
+    /// `max_ack_delay` gather them. A gap in packet numbers is still acknowledged at once (quinn's
+    /// reordering threshold is left at its default), so loss recovery does not wait for it.
+    pub ack_eliciting_threshold: u32,
 }
 
 impl Default for ClientTransport {
@@ -78,6 +84,7 @@ impl Default for ClientTransport {
             send_window: 16 << 20,
             initial_rtt: Duration::from_millis(100),
             max_ack_delay: Duration::from_millis(5),
+            ack_eliciting_threshold: 8,
         }
     }
 }
@@ -97,7 +104,8 @@ impl ClientTransport {
             .send_window(self.send_window)
             .initial_rtt(self.initial_rtt);
         let mut ack = quinn::AckFrequencyConfig::default();
-        ack.max_ack_delay(Some(self.max_ack_delay));
+        ack.max_ack_delay(Some(self.max_ack_delay))
+            .ack_eliciting_threshold(VarInt::from_u32(self.ack_eliciting_threshold));
         t.ack_frequency_config(Some(ack));
         Ok(t)
     }

@@ -238,6 +238,7 @@ impl AgentLink {
             config_version: self.config_version,
             lane: self.cfg.lane,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            window: u32::try_from(self.cfg.window).unwrap_or(u32::MAX),
         });
         self.conn = Some(Conn {
             id,

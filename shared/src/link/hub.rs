@@ -44,6 +44,12 @@ pub struct HubConfig {
     /// `DownlinkAck` before the connection ends with [`HubEnd::Stalled`] (the agent reconnects and the
     /// frames are sent again). `None`: never.
     pub downlink_ack_timeout: Option<Duration>,
+    /// How long a committed batch's `Ack` may wait for later batches to share it, while fewer than half
+    /// of the agent's window wait for acknowledgement (`Hello`'s `window`). At a factory line's rate
+    /// each batch holds one message, and an `Ack` per batch cost a packet and a wake-up of both
+    /// programs per message. Zero, or an agent that did not state its window, acknowledges every batch
+    /// at once.
+    pub ack_delay: Duration,
 }
 
 /// What the client certificate says, decided by the shell when the connection is accepted.
@@ -225,6 +231,7 @@ struct Hello {
     capabilities: Capabilities,
     incarnation: u64,
     config_version: u64,
+    window: u32,
 }
 
 #[derive(Debug)]
@@ -233,6 +240,11 @@ struct Open {
     hub_high_water: u64,
     /// Last seq of every batch received and not yet committed, oldest first.
     uncommitted: VecDeque<u64>,
+    /// The agent's uplink window (0: not stated, every batch acknowledged at once).
+    window: u32,
+    /// The last seq committed and not acknowledged yet, the number of batches it covers, and when its
+    /// `Ack` is due at the latest (see [`HubConfig::ack_delay`]).
+    ack_held: Option<(u64, usize, Instant)>,
     draining: Option<(GoAwayCode, String)>,
     config: Option<ConfigOffer>,
     config_rejected: Option<u64>,
@@ -288,6 +300,7 @@ impl HubConn {
             config_version,
             lane,
             agent_version,
+            window,
         } = frame
         else {
             return Err(HubEnd::Protocol(ProtocolViolation::Unexpected {
@@ -320,6 +333,7 @@ impl HubConn {
             capabilities,
             incarnation,
             config_version,
+            window,
         });
         self.events.push_back(HubEvent::Hello {
             agent_name,
@@ -385,6 +399,8 @@ impl HubConn {
             capabilities,
             hub_high_water,
             uncommitted: VecDeque::new(),
+            window: hello.window,
+            ack_held: None,
             draining: None,
             config: None,
             config_rejected: resume.config_rejected,
@@ -483,14 +499,27 @@ impl HubConn {
 
     /// The oldest batch not committed yet, ending at `upto` (the last seq of its
     /// [`HubEvent::PublishBatch`]), is published and its mark durable; `refusals` are its entries that will
-    /// never be published. Queues their `Refused` frames, then the `Ack`. A report that is not about that
+    /// never be published. Queues their `Refused` frames, then the `Ack`, which may wait up to
+    /// [`HubConfig::ack_delay`] to cover later batches too (see there). A report that is not about that
     /// batch is ignored.
-    pub fn committed(&mut self, upto: u64, mut refusals: Vec<Refusal>) {
+    pub fn committed(&mut self, upto: u64, mut refusals: Vec<Refusal>, now: Instant) {
+        let ack_delay = self.cfg.ack_delay;
         let Some(open) = self.open_mut() else { return };
         if open.uncommitted.front() != Some(&upto) {
             return;
         }
         open.uncommitted.pop_front();
+        let (batches, due) = match open.ack_held {
+            Some((_, batches, due)) => (batches + 1, due),
+            None => (1, now + ack_delay),
+        };
+        open.ack_held = Some((upto, batches, due));
+        // Batches the agent still counts in flight: committed but not acknowledged, and not committed.
+        let waiting = batches + open.uncommitted.len();
+        let half_window = usize::try_from(open.window / 2)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let hold = !ack_delay.is_zero() && open.window > 0 && waiting < half_window;
         refusals.sort_by_key(|r| r.seq);
         for r in refusals {
             self.transmits.push_back(Frame::Refused {
@@ -499,8 +528,24 @@ impl HubConn {
                 detail: r.detail,
             });
         }
-        self.transmits.push_back(Frame::Ack { upto });
+        if !hold {
+            self.send_held_ack();
+        }
         self.drained_check();
+    }
+
+    /// Queues the `Ack` held back for later batches, if any.
+    fn send_held_ack(&mut self) {
+        if let Some(open) = self.open_mut() {
+            if let Some((upto, _, _)) = open.ack_held.take() {
+                self.transmits.push_back(Frame::Ack { upto });
+            }
+        }
+    }
+
+    /// Whether an `Ack` is held back for later batches (it is due by [`poll_timeout`](Self::poll_timeout)).
+    pub fn ack_held(&self) -> bool {
+        self.open().is_some_and(|o| o.ack_held.is_some())
     }
 
     /// The site should run this config: pushed now if the agent negotiated `CONFIG_PUSH` and does not run
@@ -590,6 +635,13 @@ impl HubConn {
 
     /// Time passed; call at (or after) [`poll_timeout`](Self::poll_timeout).
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self
+            .open()
+            .and_then(|o| o.ack_held)
+            .is_some_and(|(_, _, due)| now >= due)
+        {
+            self.send_held_ack();
+        }
         let end = match &mut self.phase {
             Phase::AwaitHello { deadline } if now >= *deadline => Some(HubEnd::HelloTimeout),
             Phase::Open(open) => match open.liveness.on_timeout(now) {
@@ -634,10 +686,11 @@ impl HubConn {
                     .downlink_ack_timeout
                     .filter(|_| !open.downlink_inflight.is_empty())
                     .map(|t| open.downlink_progress_at + t);
-                match (open.liveness.deadline(), stall) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
+                let ack = open.ack_held.map(|(_, _, due)| due);
+                [open.liveness.deadline(), stall, ack]
+                    .into_iter()
+                    .flatten()
+                    .min()
             }
             _ => None,
         }
@@ -705,6 +758,8 @@ impl HubConn {
     }
 
     fn go_away(&mut self, code: GoAwayCode, reason: String, retry_after_ms: Option<u32>) {
+        // What is committed is acknowledged before the connection ends, so the agent does not resend it.
+        self.send_held_ack();
         self.transmits.push_back(Frame::GoAway {
             code,
             reason,

@@ -118,6 +118,7 @@ fn agent_hello_carries_the_queue_and_config() {
             config_version: 3,
             lane: 0,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            window: 2,
         }]
     );
     assert_eq!(a.conn(), Some(c));
@@ -591,6 +592,7 @@ fn hub_cfg(capabilities: Capabilities) -> HubConfig {
         keepalive: None,
         downlink_window: 2,
         downlink_ack_timeout: None,
+        ack_delay: Duration::from_millis(5),
     }
 }
 
@@ -604,6 +606,8 @@ fn hello(capabilities: Capabilities, incarnation: u64, config_version: u64) -> F
         config_version,
         lane: 0,
         agent_version: String::new(),
+        // An agent that states no window: every batch is acknowledged at once.
+        window: 0,
     }
 }
 
@@ -689,6 +693,7 @@ fn hub_refuses_unknown_sites_and_versions() {
             config_version: 0,
             lane: 0,
             agent_version: String::new(),
+            window: 0,
         },
         now,
     );
@@ -807,6 +812,77 @@ fn hub_welcome_applies_the_incarnation_rule() {
 }
 
 #[test]
+fn hub_holds_acks_back_while_less_than_half_the_agents_window_waits() {
+    let now = Instant::now();
+    let delay = Duration::from_millis(5);
+    let mut h = HubConn::new(now, hub_cfg(Capabilities::EMPTY), site());
+    let mut hello = hello(Capabilities::EMPTY, 7, 0);
+    if let Frame::Hello { window, .. } = &mut hello {
+        *window = 8;
+    }
+    h.handle_frame(hello, now);
+    events(&mut h);
+    h.welcome(now, 90, Resume::default());
+    transmits_h(&mut h);
+    events(&mut h);
+    let send = |h: &mut HubConn, seq: u64| {
+        h.handle_frame(
+            Frame::Batch {
+                entries: batch(&[seq]),
+            },
+            now,
+        );
+    };
+    // Three batches committed one by one: fewer than 4 (half of 8) wait, so the Ack is held, due 5 ms
+    // after the first commit.
+    for seq in 1..=3 {
+        send(&mut h, seq);
+        h.committed(seq, vec![], now + Duration::from_millis(seq));
+        assert!(transmits_h(&mut h).is_empty(), "Ack {seq} held");
+    }
+    assert!(h.ack_held());
+    assert_eq!(
+        h.poll_timeout(),
+        Some(now + Duration::from_millis(1) + delay)
+    );
+    // The fourth makes half the window: one Ack for all four, at once.
+    send(&mut h, 4);
+    h.committed(4, vec![], now + Duration::from_millis(4));
+    assert_eq!(transmits_h(&mut h), [Frame::Ack { upto: 4 }]);
+    assert!(!h.ack_held() && h.poll_timeout().is_none());
+    // A lone batch: acknowledged when its delay is over, not before; refusals are not held.
+    send(&mut h, 5);
+    let refusal = Refusal {
+        seq: 5,
+        reason_code: 0x90,
+        detail: "topic".into(),
+    };
+    h.committed(5, vec![refusal], now);
+    assert!(matches!(
+        transmits_h(&mut h)[..],
+        [Frame::Refused { seq: 5, .. }]
+    ));
+    h.handle_timeout(now + delay - Duration::from_millis(1));
+    assert!(transmits_h(&mut h).is_empty());
+    h.handle_timeout(now + delay);
+    assert_eq!(transmits_h(&mut h), [Frame::Ack { upto: 5 }]);
+    // A batch received but not committed counts as waiting too: with three uncommitted behind it, the
+    // first commit is acknowledged at once.
+    for seq in 6..=9 {
+        send(&mut h, seq);
+    }
+    h.committed(6, vec![], now);
+    assert_eq!(transmits_h(&mut h), [Frame::Ack { upto: 6 }]);
+    // Ending the connection sends the held Ack before the GoAway.
+    h.committed(7, vec![], now);
+    assert!(transmits_h(&mut h).is_empty());
+    h.close(GoAwayCode::ShuttingDown, "bye".into());
+    let out = transmits_h(&mut h);
+    assert_eq!(out[0], Frame::Ack { upto: 7 });
+    assert!(matches!(out[1], Frame::GoAway { .. }));
+}
+
+#[test]
 fn hub_acks_only_what_was_committed_with_refusals_first() {
     let now = Instant::now();
     let resume = Resume {
@@ -848,7 +924,7 @@ fn hub_acks_only_what_was_committed_with_refusals_first() {
         reason_code: 0x90,
         detail: "topic".into(),
     };
-    h.committed(5, vec![refusal(5), refusal(4)]);
+    h.committed(5, vec![refusal(5), refusal(4)], now);
     assert_eq!(
         transmits_h(&mut h),
         [
@@ -866,10 +942,10 @@ fn hub_acks_only_what_was_committed_with_refusals_first() {
         ]
     );
     // Out of range or repeated: ignored.
-    h.committed(5, vec![]);
-    h.committed(9, vec![]);
+    h.committed(5, vec![], now);
+    h.committed(9, vec![], now);
     assert!(transmits_h(&mut h).is_empty());
-    h.committed(7, vec![]);
+    h.committed(7, vec![], now);
     assert_eq!(transmits_h(&mut h), [Frame::Ack { upto: 7 }]);
     assert_eq!(h.uncommitted_batches(), 0);
 }
@@ -903,8 +979,8 @@ fn hub_acks_replays_and_refuses_disordered_batches() {
     );
     assert_eq!(events(&mut h).len(), 2);
     assert_eq!(h.uncommitted_batches(), 2);
-    h.committed(4, vec![]);
-    h.committed(4, vec![]);
+    h.committed(4, vec![], now);
+    h.committed(4, vec![], now);
     assert_eq!(
         transmits_h(&mut h),
         [Frame::Ack { upto: 4 }, Frame::Ack { upto: 4 }]
@@ -1002,7 +1078,7 @@ fn hub_drains_before_goaway_and_closes_at_once_when_told() {
         now,
     );
     assert!(events(&mut h).is_empty());
-    h.committed(2, vec![]);
+    h.committed(2, vec![], now);
     assert_eq!(
         transmits_h(&mut h),
         [
@@ -1029,7 +1105,7 @@ fn hub_drains_before_goaway_and_closes_at_once_when_told() {
         now,
     );
     h.close(GoAwayCode::Overloaded, "cloud broker".into());
-    h.committed(1, vec![]);
+    h.committed(1, vec![], now);
     assert_eq!(
         transmits_h(&mut h),
         [Frame::GoAway {

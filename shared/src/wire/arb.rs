@@ -138,6 +138,7 @@ pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
                         config_version,
                         lane,
                         agent_version: format!("0.{incarnation}.0"),
+                        window: u32::from(lane),
                     }
                 }
             ),

@@ -81,6 +81,11 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
             } else {
                 r.str16("Hello agent_version")?
             };
+            let window = if r.remaining() == 0 {
+                0
+            } else {
+                r.u32("Hello window")?
+            };
             // Hello may grow at the end in later versions: trailing bytes are ignored, not an error.
             return Ok(Frame::Hello {
                 versions,
@@ -91,6 +96,7 @@ pub fn parse(contents: Bytes) -> Result<Frame, DecodeError> {
                 config_version,
                 lane,
                 agent_version,
+                window,
             });
         }
         FrameType::Welcome => {
@@ -254,6 +260,7 @@ impl Frame {
                 config_version,
                 lane,
                 agent_version,
+                window,
             } => {
                 buf.put_u16(versions.min);
                 buf.put_u16(versions.max);
@@ -264,6 +271,7 @@ impl Frame {
                 put_bytes16(buf, "Hello agent_name", agent_name.as_bytes())?;
                 buf.put_u8(*lane);
                 put_bytes16(buf, "Hello agent_version", agent_version.as_bytes())?;
+                buf.put_u32(*window);
             }
             Self::Welcome {
                 version,
@@ -737,6 +745,7 @@ mod tests {
             config_version: 4,
             lane: 7,
             agent_version: "0.9.0".into(),
+            window: 8,
         };
         let mut buf = encoded(&hello);
         buf.extend_from_slice(b"future fields");
@@ -756,10 +765,11 @@ mod tests {
             config_version: 0,
             lane: 0,
             agent_version: String::new(),
+            window: 0,
         };
         let mut buf = encoded(&hello);
-        // An older agent's Hello ends at the name: drop the lane byte and the (empty) version.
-        buf.truncate(buf.len() - 3);
+        // An older agent's Hello ends at the name: drop the lane byte, the (empty) version and the window.
+        buf.truncate(buf.len() - 7);
         let len = u32::try_from(buf.len() - LEN_PREFIX).expect("small");
         buf[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
         assert_eq!(decode(&mut buf, 1024), Ok(Some(hello)));
@@ -935,12 +945,17 @@ mod tests {
                 if len > LEN_PREFIX {
                     let cut = parse(full.slice(LEN_PREFIX..len));
                     if let Frame::Hello { agent_version, .. } = &frame {
-                        // Cut before the version (2 + its bytes from the end), or before the lane too.
-                        let version_at = full.len() - 2 - agent_version.len();
-                        if len == version_at || len == version_at - 1 {
+                        // Cut before the window (4 bytes from the end), before the version (2 + its
+                        // bytes before the window) too, or before the lane too.
+                        let window_at = full.len() - 4;
+                        let version_at = window_at - 2 - agent_version.len();
+                        if [window_at, version_at, version_at - 1].contains(&len) {
                             let mut without = frame.clone();
-                            if let Frame::Hello { lane, agent_version, .. } = &mut without {
-                                agent_version.clear();
+                            if let Frame::Hello { lane, agent_version, window, .. } = &mut without {
+                                *window = 0;
+                                if len <= version_at {
+                                    agent_version.clear();
+                                }
                                 if len == version_at - 1 {
                                     *lane = 0;
                                 }

@@ -7,7 +7,7 @@
 //!
 //! | type | frame         | body |
 //! |------|---------------|------|
-//! | 0x01 | `Hello`       | `u16 min` `u16 max` `u64 capabilities` `u64 incarnation` `u64 last_acked` `u64 config_version` `str16 agent_name` [`u8 lane`, absent = 0] [`str16 agent_version`, absent = empty] (then bytes a later version may add, ignored) |
+//! | 0x01 | `Hello`       | `u16 min` `u16 max` `u64 capabilities` `u64 incarnation` `u64 last_acked` `u64 config_version` `str16 agent_name` [`u8 lane`, absent = 0] [`str16 agent_version`, absent = empty] [`u32 window`, absent = 0] (then bytes a later version may add, ignored) |
 //! | 0x02 | `Welcome`     | `u16 version` `u64 capabilities` `u32 max_frame_size` `u64 hub_high_water` `u64 config_version` `u32 max_message_size` `u16 max_topic_len` (the last two since version 2) `str16 hub_version` (since version 3) |
 //! | 0x03 | `Batch`       | `u32 count`, then `count` × (`u64 seq` `u32 body_len` body) |
 //! | 0x04 | `Ack`         | `u64 upto` |
@@ -104,6 +104,11 @@ pub enum Frame {
         /// The agent's software version (for the hub's status topic); empty when an older agent sent
         /// none. After `lane` in the frozen layout.
         agent_version: String,
+        /// Batches the agent keeps in flight (its uplink window); 0 when an older agent did not say.
+        /// The hub may hold its `Ack`s back briefly while fewer than half of them wait (one `Ack` then
+        /// covers several batches); an agent that states nothing is acknowledged batch by batch. After
+        /// `agent_version` in the frozen layout.
+        window: u32,
     },
     /// Hub → agent, accepts a `Hello`.
     Welcome {

@@ -192,7 +192,8 @@ fn agent_cfg() -> AgentConfig {
         capabilities: Capabilities::RETRY_AFTER
             | Capabilities::CONFIG_PUSH
             | Capabilities::DOWNLINK,
-        window: 2,
+        // Four, so the hub holds some `Ack`s back (it may while fewer than half the window wait).
+        window: 4,
         handshake_timeout: Duration::from_secs(10),
         versions: shared::wire::SUPPORTED,
         keepalive: Some(Keepalive {
@@ -217,6 +218,7 @@ fn hub_cfg() -> HubConfig {
         }),
         downlink_window: 2,
         downlink_ack_timeout: None,
+        ack_delay: Duration::from_millis(5),
     }
 }
 
@@ -506,7 +508,8 @@ impl World {
                 detail: "not authorized".into(),
             })
             .collect();
-        self.links[p.link].hub.committed(upto, refusals);
+        let now = self.now;
+        self.links[p.link].hub.committed(upto, refusals, now);
     }
 
     fn agent_shell(&mut self) {
