@@ -8,76 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
-use meshbridge_broker::front::{self, CommitRejected, CommitRequest, FrontError, FrontOptions};
+use meshbridge_broker::embedded::EmbeddedBroker;
+use meshbridge_broker::front::{CommitRejected, FrontOptions};
 use shared::limits::{PathLimits, SharedLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
-/// Upper bound for any single wait in these tests.
-const WAIT: Duration = Duration::from_secs(10);
+mod front_harness;
+use front_harness::{Harness, WAIT};
+
 /// How long "no ack yet" is observed while the commit is held.
 const HOLD: Duration = Duration::from_millis(300);
-
-struct Harness {
-    broker: EmbeddedBroker,
-    front_addr: SocketAddr,
-    commits: mpsc::Receiver<CommitRequest>,
-    shutdown: CancellationToken,
-    front: JoinHandle<Result<(), FrontError>>,
-}
-
-impl Harness {
-    /// Broker + front selecting topics under `sel/`.
-    async fn start() -> Result<Self> {
-        Self::start_with(FrontOptions::default()).await
-    }
-
-    /// As [`start`](Self::start), with `options`.
-    async fn start_with(options: FrontOptions) -> Result<Self> {
-        let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let front_addr = listener.local_addr()?;
-        let (commits_tx, commits) = mpsc::channel(64);
-        let shutdown = CancellationToken::new();
-        let select: front::Select = Arc::new(|topic: &str| topic.starts_with("sel/"));
-        let front = tokio::spawn(front::serve(
-            listener,
-            broker.upstreams(),
-            select,
-            commits_tx,
-            options,
-            shutdown.clone(),
-        ));
-        Ok(Self {
-            broker,
-            front_addr,
-            commits,
-            shutdown,
-            front,
-        })
-    }
-
-    async fn next_commit(&mut self) -> Result<CommitRequest> {
-        timeout(WAIT, self.commits.recv())
-            .await
-            .context("no commit request in time")?
-            .context("commit channel closed")
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        timeout(WAIT, self.front)
-            .await
-            .context("front did not stop")???;
-        self.broker.stop().await;
-        Ok(())
-    }
-}
 
 /// A v4 client whose event loop runs in a task, forwarding events.
 fn v4_client(

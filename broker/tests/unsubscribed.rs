@@ -5,127 +5,23 @@
 //! A spy subscribes to `#` on rumqttd's internal listener, behind the front, where the front does not
 //! count it: what the spy receives is exactly what the front handed to rumqttd.
 
+mod front_harness;
 mod raw;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use meshbridge_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
-use meshbridge_broker::front::{self, CommitRequest, FrontError, FrontOptions};
-use meshbridge_broker::sessions::Sessions;
 use shared::mqtt::PacketType;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
+use front_harness::Harness;
 use raw::{publish, Client, Conn, Pkt, QUIET, V4, V5, WAIT};
 
 /// How long "no ack yet" is observed while a commit is held.
 const HOLD: Duration = Duration::from_millis(300);
 /// Upper bound for a whole test.
 const TEST: Duration = Duration::from_secs(40);
-
-struct Harness {
-    broker: EmbeddedBroker,
-    front_addr: std::net::SocketAddr,
-    commits: mpsc::Receiver<CommitRequest>,
-    shutdown: CancellationToken,
-    front: JoinHandle<Result<(), FrontError>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness {
-    /// Broker + front selecting topics under `sel/`, serving persistent sessions and answering
-    /// unsubscribed topics itself.
-    async fn start() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let store = shared::queue::SessionStore::open(
-            dir.path().join("sessions.redb"),
-            shared::queue::SessionLimits::default(),
-        )?;
-        let sessions = Sessions::open(Arc::new(store), None)?;
-        let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let front_addr = listener.local_addr()?;
-        let (commits_tx, commits) = mpsc::channel(64);
-        let shutdown = CancellationToken::new();
-        let select: front::Select = Arc::new(|topic: &str| topic.starts_with("sel/"));
-        let front = tokio::spawn(front::serve(
-            listener,
-            broker.upstreams(),
-            select,
-            commits_tx,
-            FrontOptions {
-                sessions: Some(sessions),
-                answer_unsubscribed: true,
-                ..FrontOptions::default()
-            },
-            shutdown.clone(),
-        ));
-        Ok(Self {
-            broker,
-            front_addr,
-            commits,
-            shutdown,
-            front,
-            _dir: dir,
-        })
-    }
-
-    async fn next_commit(&mut self) -> Result<CommitRequest> {
-        timeout(WAIT, self.commits.recv())
-            .await
-            .context("no commit request in time")?
-            .context("commit channel closed")
-    }
-
-    /// A subscriber to `#` on the broker's internal v4 listener; returns the topics it receives.
-    async fn spy(&self) -> Result<(mpsc::UnboundedReceiver<String>, JoinHandle<()>)> {
-        let addr = self.broker.v4_addr;
-        let mut options = rumqttc::MqttOptions::new("spy", addr.ip().to_string(), addr.port());
-        let login = self.broker.login();
-        options
-            .set_credentials(login.user(), login.secret())
-            .set_keep_alive(Duration::from_secs(30));
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            let _client = client.clone();
-            let _ = client.subscribe("#", rumqttc::QoS::AtLeastOnce).await;
-            let mut subscribed_tx = Some(subscribed_tx);
-            while let Ok(event) = eventloop.poll().await {
-                match event {
-                    rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
-                        if let Some(tx) = subscribed_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
-                        let _ = tx.send(p.topic);
-                    }
-                    _ => {}
-                }
-            }
-        });
-        timeout(WAIT, subscribed)
-            .await
-            .context("spy not subscribed in time")??;
-        Ok((rx, task))
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        timeout(WAIT, self.front)
-            .await
-            .context("front did not stop")???;
-        self.broker.stop().await;
-        Ok(())
-    }
-}
 
 /// The next topic the spy receives within `within`, if any.
 async fn spied(spy: &mut mpsc::UnboundedReceiver<String>, within: Duration) -> Option<String> {
@@ -151,7 +47,7 @@ async fn pubacks(client: &mut Client, n: usize) -> Result<Vec<u16>> {
 async fn unsubscribed_topics_are_answered_by_the_front_after_their_commit() -> Result<()> {
     timeout(TEST, async {
         for version in [V4, V5] {
-            let mut h = Harness::start().await?;
+            let mut h = Harness::start_as_edge().await?;
             let (mut spy, spy_task) = h.spy().await?;
             let (mut publisher, _) =
                 Client::connected(h.front_addr, &Conn::new(version, "publisher")).await?;
@@ -249,7 +145,7 @@ async fn unsubscribed_topics_are_answered_by_the_front_after_their_commit() -> R
 async fn acks_stay_in_publish_order_across_front_and_broker() -> Result<()> {
     timeout(TEST, async {
         for version in [V4, V5] {
-            let mut h = Harness::start().await?;
+            let mut h = Harness::start_as_edge().await?;
             let (mut spy, spy_task) = h.spy().await?;
             let (mut reader, _) =
                 Client::connected(h.front_addr, &Conn::new(version, "reader")).await?;
@@ -301,7 +197,7 @@ async fn acks_stay_in_publish_order_across_front_and_broker() -> Result<()> {
 #[tokio::test]
 async fn the_front_keeps_the_keep_alive() -> Result<()> {
     timeout(TEST, async {
-        let h = Harness::start().await?;
+        let h = Harness::start_as_edge().await?;
         let (mut spy, spy_task) = h.spy().await?;
         for version in [V4, V5] {
             let mut conn = Conn::new(version, "talker");
