@@ -88,10 +88,7 @@ pub struct ServerTransport {
     /// hub's probe timeout for its acks and config pushes. See the agent's `ClientTransport` for why 5 ms.
     pub max_ack_delay: Duration,
     /// How many ack-eliciting packets the agent may receive before it must acknowledge at once (QUIC
-    /// ACK-frequency extension; QUIC's default is 1, an ACK for every second packet). At a factory line's
-    /// rate each packet carries one message, and every ACK wakes both programs; a higher threshold lets
-    /// `max_ack_delay` gather them. A gap in packet numbers is still acknowledged at once (quinn's
-    /// reordering threshold is left at its default), so loss recovery does not wait for it.
+    /// ACK-frequency extension). See the agent's `ClientTransport` for why 8.
     pub ack_eliciting_threshold: u32,
 }
 
