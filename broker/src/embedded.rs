@@ -3,9 +3,10 @@
 //! rumqttd's `Broker::start` spawns one OS thread and runtime per listener, blocks, has no stop API and
 //! returns `Ok` even when a listener failed to bind. So we use its lower-level parts instead: the router
 //! (`Router::new(..).spawn()`, one OS thread) and one `Server` task per listener on *our* tokio runtime,
-//! which we can abort. Both listeners are internal, on ephemeral `127.0.0.1` ports: clients reach them
-//! through the front ([`super::front`]), which needs one listener per protocol (rumqttd picks the
-//! protocol per listener, not per connection).
+//! which we can abort. Both listeners are internal, on ephemeral `127.0.0.1` ports, and one per protocol
+//! (rumqttd picks the protocol per listener, not per connection). Clients reach them through the front
+//! ([`super::front`]), which hands each connection to the listener of its protocol inside the process
+//! (`Server::in_process`, see [`Upstreams`]); the ports themselves serve the program's own MQTT clients.
 //!
 //! A loopback port is open to every local process, and the front's passwords, ACLs and reserved client
 //! ids mean nothing to a client that connects there directly. So each start draws a fresh random
@@ -41,7 +42,9 @@ use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::Protocol;
 /// The router's word on its subscribers (see [`EmbeddedBroker::pressure`]).
 pub use rumqttd::SubscriberPressure;
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use rumqttd::{
+    ConnectionSettings, InProcessAcceptor, LinkType, Router, RouterConfig, Server, ServerSettings,
+};
 use shared::mqtt::{self, ProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -203,6 +206,8 @@ pub struct EmbeddedBroker {
     listeners: Vec<JoinHandle<()>>,
     pressure: Arc<SubscriberPressure>,
     links: LocalLinks,
+    /// The listeners' in-process entrances (the front's way in, see [`Upstreams`]).
+    entrances: (InProcessAcceptor, InProcessAcceptor),
 }
 
 /// Opens in-process connections to the embedded broker's router: rumqttd's local links, which hand
@@ -282,10 +287,10 @@ impl EmbeddedBroker {
         // rumqttd does not export the router handle's type, so each listener gets a constructor closure.
         let v4 = |s| Server::new(s, router_tx.clone(), V4);
         let v5 = |s| Server::new(s, router_tx.clone(), V5);
-        let (v4_addr, v4_task) =
+        let (v4_addr, v4_task, v4_in_process) =
             start_listener(v4, ProtocolVersion::V3_1_1, settings, &login).await?;
         listeners.push(v4_task);
-        let (v5_addr, v5_task) =
+        let (v5_addr, v5_task, v5_in_process) =
             match start_listener(v5, ProtocolVersion::V5, settings, &login).await {
                 Ok(started) => started,
                 Err(e) => {
@@ -301,6 +306,7 @@ impl EmbeddedBroker {
             listeners,
             pressure,
             links,
+            entrances: (v4_in_process, v5_in_process),
         })
     }
 
@@ -320,12 +326,12 @@ impl EmbeddedBroker {
         self.links.clone()
     }
 
-    /// The listener addresses and login in the form the front takes.
+    /// The listeners' in-process entrances and login, in the form the front takes.
     #[must_use]
     pub fn upstreams(&self) -> Upstreams {
         Upstreams {
-            v4: self.v4_addr,
-            v5: self.v5_addr,
+            v4: self.entrances.0.clone(),
+            v5: self.entrances.1.clone(),
             login: Arc::clone(&self.login),
         }
     }
@@ -392,7 +398,7 @@ async fn start_listener<P>(
     version: ProtocolVersion,
     settings: &EmbeddedSettings,
     login: &InternalLogin,
-) -> Result<(SocketAddr, JoinHandle<()>), EmbeddedError>
+) -> Result<(SocketAddr, JoinHandle<()>, InProcessAcceptor), EmbeddedError>
 where
     P: Protocol + Clone + Send + Sync + 'static,
 {
@@ -400,6 +406,7 @@ where
         let addr = reserve_port()?;
         let name = format!("meshbridge-internal-{}", version.level());
         let mut server = new_server(server_settings(name, addr, settings, login));
+        let in_process = server.in_process();
         let task = tokio::spawn(async move {
             if let Err(error) = server.start(LinkType::Remote).await {
                 warn!(?error, %addr, "embedded broker listener ended");
@@ -408,7 +415,7 @@ where
         match probe(addr, version, login, &task).await {
             Ok(()) => {
                 debug!(%addr, ?version, "embedded broker listener ready");
-                return Ok((addr, task));
+                return Ok((addr, task, in_process));
             }
             Err(error) => {
                 warn!(%error, %addr, attempt, ?version, "embedded broker listener not ready; retrying");

@@ -5,10 +5,10 @@
 //! died between that ack and our queue commit, an acknowledged message would be lost. So clients
 //! connect here instead, and per connection the front:
 //!
-//! 1. reads the CONNECT and opens a connection to the internal listener of the client's protocol
-//!    (3.1.1 or 5.0); MQTT 3.1 and unknown levels are refused with CONNACK code 1, because rumqttd does
-//!    not speak them. A keep-alive of 0 (allowed by MQTT, rejected by rumqttd) is rewritten to 65,535 s,
-//!    the longest MQTT can express;
+//! 1. reads the CONNECT and opens a connection to the broker's entrance for the client's protocol
+//!    (3.1.1 or 5.0; an in-process pipe, see [`Upstreams`]); MQTT 3.1 and unknown levels are refused
+//!    with CONNACK code 1, because rumqttd does not speak them. A keep-alive of 0 (allowed by MQTT,
+//!    rejected by rumqttd) is rewritten to 65,535 s, the longest MQTT can express;
 //! 2. relays client→broker bytes at once (the broker gets no extra latency), splitting them into
 //!    packets on the way. Every PUBLISH whose (alias-resolved) topic the `select` predicate accepts is
 //!    captured; the captures of one read form ONE [`CommitRequest`] (natural batching: a busy client
@@ -80,7 +80,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -93,7 +92,9 @@ use shared::mqtt::{
     Publish, QoS, TopicAliases, Will, CONNACK_UNACCEPTABLE_PROTOCOL, REASON_QUOTA_EXCEEDED,
 };
 use shared::topic::SubscribedFilters;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -118,16 +119,45 @@ const CONNACK_V5_SERVER_UNAVAILABLE: u8 = 0x88;
 /// Keep-alive written instead of 0, which rumqttd rejects.
 const KEEP_ALIVE_INSTEAD_OF_ZERO: u16 = u16::MAX;
 
-/// The embedded broker's internal listeners, one per protocol version, and the login they require.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The embedded broker's entrances, one per protocol version (rumqttd picks the protocol per listener, not
+/// per connection), and the login they require.
+///
+/// The front reaches rumqttd inside the process: each client connection becomes an in-memory pipe that
+/// rumqttd serves exactly like an accepted socket of its internal listener, with the same settings and
+/// the same login check (`Server::in_process`, a patch of the vendored rumqttd: `vendor/rumqttd/PATCHED.md`).
+/// Over loopback TCP, as before issue 10, every packet between the front and rumqttd was a `write`, a
+/// readiness event and a `read`, and the readiness often woke the other runtime worker from `epoll_wait`,
+/// which on this project's machine costs more CPU than the relaying itself (`README.md`, Performance).
+/// Through the pipe, the front's write wakes rumqttd's connection task on the same worker, with no system
+/// call. The loopback listeners stay for the program's own MQTT clients.
+#[derive(Debug, Clone)]
 pub struct Upstreams {
-    /// MQTT 3.1.1 listener.
-    pub v4: SocketAddr,
-    /// MQTT 5.0 listener.
-    pub v5: SocketAddr,
+    /// The MQTT 3.1.1 listener's entrance.
+    pub v4: rumqttd::InProcessAcceptor,
+    /// The MQTT 5.0 listener's entrance.
+    pub v5: rumqttd::InProcessAcceptor,
     /// Written into every CONNECT the front forwards, in place of the client's own login, which the
     /// front has checked itself (see `broker/src/embedded.rs`).
     pub login: Arc<crate::embedded::InternalLogin>,
+}
+
+/// Bytes the pipe to rumqttd holds in each direction before a writer waits: a large batch of small
+/// packets in one write, as a loopback socket's buffer would take it.
+const UPSTREAM_PIPE: usize = 256 * 1024;
+
+/// Opens the connection to the embedded broker for a client of `version` (3.1.1 or 5.0).
+fn connect_upstream(
+    upstreams: &Upstreams,
+    version: ProtocolVersion,
+) -> (ReadHalf<DuplexStream>, WriteHalf<DuplexStream>) {
+    let entrance = if version == ProtocolVersion::V5 {
+        &upstreams.v5
+    } else {
+        &upstreams.v4
+    };
+    let (ours, theirs) = tokio::io::duplex(UPSTREAM_PIPE);
+    entrance.accept(theirs);
+    tokio::io::split(ours)
 }
 
 /// Limits of the front.
@@ -247,15 +277,6 @@ pub enum FrontError {
     KeepAliveExpired {
         /// How long the client was silent.
         after: Duration,
-    },
-    /// The broker's internal listener could not be reached.
-    #[error("cannot connect to the broker at {addr}")]
-    UpstreamConnect {
-        /// The internal listener.
-        addr: SocketAddr,
-        /// The connect error.
-        #[source]
-        source: io::Error,
     },
     /// Reading from or writing to the broker failed.
     #[error("broker connection failed")]
@@ -611,9 +632,7 @@ fn log_connection_end(error: &FrontError) {
         | FrontError::InvalidTopicFilter { .. } => {
             warn!(cause = %error, "closing connection: protocol violation by the client");
         }
-        FrontError::UpstreamConnect { .. }
-        | FrontError::UpstreamDecode { .. }
-        | FrontError::Reencode { .. } => {
+        FrontError::UpstreamDecode { .. } | FrontError::Reencode { .. } => {
             tracing::error!(cause = %error, "closing connection: broker side failed");
         }
         FrontError::CommitPipelineClosed => info!("closing connection: commit pipeline closed"),
@@ -718,9 +737,8 @@ async fn connection<S: ClientStream>(
             .version()
             .is_some_and(|version| will_is_forwarded(shared, w, version))
     });
-    let (version, upstream_addr) = match connect.version() {
-        Some(ProtocolVersion::V3_1_1) => (ProtocolVersion::V3_1_1, shared.upstreams.v4),
-        Some(ProtocolVersion::V5) => (ProtocolVersion::V5, shared.upstreams.v5),
+    let version = match connect.version() {
+        Some(v @ (ProtocolVersion::V3_1_1 | ProtocolVersion::V5)) => v,
         Some(ProtocolVersion::V3_1) | None => {
             let mut refusal = BytesMut::with_capacity(4);
             mqtt::encode_connack_refusal(
@@ -830,20 +848,12 @@ async fn connection<S: ClientStream>(
         }
         None => None,
     };
-    let upstream =
-        TcpStream::connect(upstream_addr)
-            .await
-            .map_err(|source| FrontError::UpstreamConnect {
-                addr: upstream_addr,
-                source,
-            })?;
-    // Both are best effort: MQTT packets are small and latency matters more than segment count.
-    let _ = upstream.set_nodelay(true);
+    let (upstream_rd, upstream_wr) = connect_upstream(&shared.upstreams, version);
+    debug!(?version, "relaying");
+    // Best effort: MQTT packets are small and latency matters more than segment count.
     client.no_delay();
-    debug!(?version, upstream = %upstream_addr, "relaying");
 
     let (client_rd, client_wr) = client.into_halves();
-    let (upstream_rd, upstream_wr) = upstream.into_split();
     let (registrations_tx, registrations_rx) = mpsc::unbounded_channel();
     let disconnected = AtomicBool::new(false);
     let forwarded = Arc::new(ForwardedAcks::default());

@@ -135,3 +135,70 @@ async fn a_disconnecting_client_never_drops_the_next_one() -> Result<()> {
     broker.stop().await;
     Ok(())
 }
+
+/// The in-process entrances (`front::Upstreams`, the front's way into rumqttd since issue 10) serve
+/// a connection as the listeners do: the per-start login is checked the same way, and a client that came
+/// in-process exchanges messages with one on the loopback listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_entrances_check_the_login_and_route_like_the_listeners() -> Result<()> {
+    let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
+    let local = broker.upstreams();
+    let login = broker.login();
+    let (user, secret) = (login.user(), login.secret());
+    for (acceptor, level) in [(&local.v4, 4), (&local.v5, 5)] {
+        for (given, expected) in [
+            (None, false),
+            (Some((user, "guess")), false),
+            (Some((user, secret)), true),
+        ] {
+            let (mut ours, theirs) = tokio::io::duplex(4096);
+            acceptor.accept(theirs);
+            ours.write_all(&connect_packet(level, "in-process", given))
+                .await?;
+            let mut connack = [0u8; 4];
+            let accepted = matches!(
+                timeout(WAIT, ours.read_exact(&mut connack)).await,
+                Ok(Ok(_)) if connack[0] == 0x20 && connack[3] == 0
+            );
+            ensure!(
+                accepted == expected,
+                "MQTT level {level}, login {:?}: accepted {accepted}, expected {expected}",
+                given.map(|(u, p)| (u, p == secret))
+            );
+        }
+    }
+
+    // An in-process subscriber gets what a loopback client publishes.
+    let (mut subscriber, theirs) = tokio::io::duplex(4096);
+    local.v4.accept(theirs);
+    subscriber
+        .write_all(&connect_packet(4, "in-process-sub", Some((user, secret))))
+        .await?;
+    let mut connack = [0u8; 4];
+    timeout(WAIT, subscriber.read_exact(&mut connack)).await??;
+    ensure!(connack[3] == 0, "subscriber accepted: {connack:?}");
+    // SUBSCRIBE packet id 1, "a/b" at QoS 0.
+    subscriber
+        .write_all(&[0x82, 8, 0, 1, 0, 3, b'a', b'/', b'b', 0])
+        .await?;
+    let mut suback = [0u8; 5];
+    timeout(WAIT, subscriber.read_exact(&mut suback)).await??;
+    ensure!(
+        suback == [0x90, 3, 0, 1, 0],
+        "SUBACK granted QoS 0: {suback:?}"
+    );
+    let mut publisher = connect(&broker, "loopback-pub").await?;
+    // PUBLISH QoS 0 "a/b" "hi".
+    let publish = [0x30, 7, 0, 3, b'a', b'/', b'b', b'h', b'i'];
+    publisher.write_all(&publish).await?;
+    let mut delivered = [0u8; 9];
+    timeout(WAIT, subscriber.read_exact(&mut delivered))
+        .await
+        .context("delivery to the in-process subscriber in time")??;
+    ensure!(
+        delivered == publish,
+        "delivered as published: {delivered:?}"
+    );
+    broker.stop().await;
+    Ok(())
+}

@@ -29,7 +29,7 @@ pub use router::{
     Ack, Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router, SubscriberPressure,
 };
 use segments::Storage;
-pub use server::{Broker, LinkType, Server};
+pub use server::{Broker, InProcessAcceptor, LinkType, Server};
 
 pub use self::router::shared_subs::Strategy;
 

@@ -379,6 +379,38 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         Ok((Box::new(stream), None))
     }
 
+    /// meshbridge patch: a handle that serves connections handed over inside the process (any byte
+    /// stream, such as one end of `tokio::io::duplex`) exactly as this server serves an accepted TCP
+    /// connection: same settings, login check, router and will handling, no socket. See `PATCHED.md`.
+    pub fn in_process(&self) -> InProcessAcceptor
+    where
+        P: Sync,
+    {
+        let config = Arc::new(self.config.connections.clone());
+        let router_tx = self.router_tx.clone();
+        let protocol = self.protocol.clone();
+        let will_handlers = self.awaiting_will_handler.clone();
+        InProcessAcceptor {
+            accept: Arc::new(move |stream: Box<dyn N>| {
+                task::spawn(
+                    remote(
+                        config.clone(),
+                        None,
+                        router_tx.clone(),
+                        stream,
+                        protocol.clone(),
+                        will_handlers.clone(),
+                    )
+                    .instrument(tracing::debug_span!(
+                        "in_process_link",
+                        client_id = field::Empty,
+                        connection_id = field::Empty,
+                    )),
+                );
+            }),
+        }
+    }
+
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
         let listener = TcpListener::bind(&self.config.listen).await?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
@@ -463,6 +495,29 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
 
             time::sleep(delay).await;
         }
+    }
+}
+
+/// meshbridge patch: hands in-process connections to a [`Server`] (see [`Server::in_process`]).
+#[derive(Clone)]
+pub struct InProcessAcceptor {
+    accept: Arc<dyn Fn(Box<dyn N>) + Send + Sync>,
+}
+
+impl InProcessAcceptor {
+    /// Serves `stream` as a new client connection, on a task of the current tokio runtime (it must be
+    /// called inside one). The connection ends when the stream reaches its end or fails.
+    pub fn accept<S>(&self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        (self.accept)(Box::new(stream));
+    }
+}
+
+impl std::fmt::Debug for InProcessAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessAcceptor").finish_non_exhaustive()
     }
 }
 
