@@ -146,15 +146,19 @@ async fn in_process_entrances_check_the_login_and_route_like_the_listeners() -> 
     let login = broker.login();
     let (user, secret) = (login.user(), login.secret());
     for (acceptor, level) in [(&local.v4, 4), (&local.v5, 5)] {
-        for (given, expected) in [
+        for (attempt, (given, expected)) in [
             (None, false),
             (Some((user, "guess")), false),
             (Some((user, secret)), true),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let (mut ours, theirs) = tokio::io::duplex(4096);
             acceptor.accept(theirs);
-            ours.write_all(&connect_packet(level, "in-process", given))
-                .await?;
+            // A client id of its own per attempt: the router may still be ending an earlier one.
+            let id = format!("in-process-{level}-{attempt}");
+            ours.write_all(&connect_packet(level, &id, given)).await?;
             let mut connack = [0u8; 4];
             let accepted = matches!(
                 timeout(WAIT, ours.read_exact(&mut connack)).await,
