@@ -149,7 +149,7 @@ async fn both_programs_notify_systemd_and_the_agent_survives_sighup() {
         &config,
         text.replacen(
             "log = ",
-            "log = \"debug\"\nworker_threads = 1\n# was: log = ",
+            "log = \"debug\"\nworker_threads = 2\n# was: log = ",
             1,
         ),
     )
