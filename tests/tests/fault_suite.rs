@@ -200,29 +200,40 @@ async fn acks_lost_then_healed() {
 /// at 30 % loss both ways QUIC's probe timeout doubles with every probe round lost (about one in three
 /// there), and about one run in fifteen strings enough of them together to pass 2 s (session 24: 5 of 76
 /// runs over two builds, 2.0-3.25 s, the same with and without that session's ack changes). What issue 7
-/// mended (the link stopping until the idle timeout, 16.4 s) still fails both runs. Loss, duplicates and
-/// the rate get no second chance: every run checks them.
+/// mended (the link stopping until the idle timeout, 16.4 s) still fails both runs. Loss and duplicates
+/// get no second chance: every run checks them. The rate is checked in every run without such a stall;
+/// a stalled run's rate falls with its stall (session 25, CI: a 3.8 s stall with a reconnect, 112 of the
+/// 150 msg/s required), so there the second run must meet both.
 async fn random_loss(name: &str, p_loss: f64, min_rate_share: f64) {
-    let stall = random_loss_run(name, p_loss, min_rate_share).await;
+    let min_rate = f64::from(RATE) * min_rate_share;
+    let (stall, rate) = random_loss_run(name, p_loss).await;
     if stall < STALL_BOUND {
+        assert!(
+            rate >= min_rate,
+            "{name}: {rate:.0} msg/s delivered of {RATE} offered (at least {min_rate:.0} expected)"
+        );
         return;
     }
     eprintln!(
-        "{name}: deliveries stopped for {stall:?} (bound {STALL_BOUND:?}); running again with a fresh seed"
+        "{name}: deliveries stopped for {stall:?} (bound {STALL_BOUND:?}), {rate:.0} msg/s; running again \
+         with a fresh seed"
     );
     let again = format!("{name}_again");
-    let stall_again = random_loss_run(&again, p_loss, min_rate_share).await;
+    let (stall_again, rate_again) = random_loss_run(&again, p_loss).await;
     assert!(
         stall_again < STALL_BOUND,
         "{name}: deliveries stopped for {stall:?}, then for {stall_again:?} in a second run, under random \
          loss (bound {STALL_BOUND:?})"
     );
+    assert!(
+        rate_again >= min_rate,
+        "{again}: {rate_again:.0} msg/s delivered of {RATE} offered (at least {min_rate:.0} expected)"
+    );
 }
 
-/// One run of [`random_loss`]; returns the longest stall of deliveries.
-/// `min_rate_share`: the share of the offered rate that must be delivered over the run (publishing and
-/// draining), i.e. the rate is sustained.
-async fn random_loss_run(name: &str, p_loss: f64, min_rate_share: f64) -> Duration {
+/// One run of [`random_loss`]; returns the longest stall of deliveries and the rate delivered over the
+/// run (publishing and draining), which [`random_loss`] holds to a share of the offered rate.
+async fn random_loss_run(name: &str, p_loss: f64) -> (Duration, f64) {
     let started = Instant::now();
     let p = proxied(name).await;
     p.proxy.set_both(Faults::loss(p_loss));
@@ -261,15 +272,10 @@ async fn random_loss_run(name: &str, p_loss: f64, min_rate_share: f64) -> Durati
     // 16.4 s at 30 %). Stalls over 2 s had two causes, both mended in the transports
     // (`edge-agent/src/tls.rs`, `cloud-hub/src/tls.rs`): probe timeouts built on QUIC's 25 ms ACK delay,
     // and the agent's 2 s idle timeout firing while its own probes backed off (then a handshake through
-    // the same loss). The caller bounds the stall; here the offered rate is sustained.
+    // the same loss). The caller bounds both the stall and the delivered rate.
     let rate = delivered as f64 / elapsed.as_secs_f64();
-    assert!(
-        rate >= f64::from(RATE) * min_rate_share,
-        "{name}: {rate:.0} msg/s delivered of {RATE} offered (at least {:.0} expected)",
-        f64::from(RATE) * min_rate_share
-    );
     drop(p.agent);
-    stall
+    (stall, rate)
 }
 
 /// Longest stall of deliveries tolerated under random loss: issue 7's target for hole 12. Measured
