@@ -206,8 +206,8 @@ pub struct EmbeddedBroker {
     listeners: Vec<JoinHandle<()>>,
     pressure: Arc<SubscriberPressure>,
     links: LocalLinks,
-    /// The listeners' in-process entrances (the front's way in, see [`Upstreams`]).
-    entrances: (InProcessAcceptor, InProcessAcceptor),
+    /// The listeners' in-process entrances and login: the front's way in.
+    upstreams: Upstreams,
 }
 
 /// Opens in-process connections to the embedded broker's router: rumqttd's local links, which hand
@@ -299,6 +299,11 @@ impl EmbeddedBroker {
                 }
             };
         listeners.push(v5_task);
+        let upstreams = Upstreams {
+            v4: v4_in_process,
+            v5: v5_in_process,
+            login: Arc::clone(&login),
+        };
         Ok(Self {
             v4_addr,
             v5_addr,
@@ -306,7 +311,7 @@ impl EmbeddedBroker {
             listeners,
             pressure,
             links,
-            entrances: (v4_in_process, v5_in_process),
+            upstreams,
         })
     }
 
@@ -329,11 +334,7 @@ impl EmbeddedBroker {
     /// The listeners' in-process entrances and login, in the form the front takes.
     #[must_use]
     pub fn upstreams(&self) -> Upstreams {
-        Upstreams {
-            v4: self.entrances.0.clone(),
-            v5: self.entrances.1.clone(),
-            login: Arc::clone(&self.login),
-        }
+        self.upstreams.clone()
     }
 
     /// The login the program's own clients present on the internal listeners.
