@@ -102,8 +102,14 @@ impl Lanes {
     }
 
     fn open_lane_blocking(&self, l: u8) -> Result<Arc<Lane>, AgentError> {
-        let queue = RedbQueue::open(Self::path(&self.data_dir, l), self.limits)
-            .map_err(AgentError::OpenQueue)?;
+        // Logged: each append is made durable in a small append log beside the file, not by a redb
+        // commit of its own (`shared/src/queue/log.rs` says why).
+        let queue = RedbQueue::open_logged(
+            Self::path(&self.data_dir, l),
+            self.limits,
+            shared::queue::DEFAULT_LOG_BYTES,
+        )
+        .map_err(AgentError::OpenQueue)?;
         let stats = queue.stats();
         info!(
             lane = l,

@@ -56,11 +56,18 @@ fn kind(e: &QueueError) -> &'static str {
     }
 }
 
-fn run(ops: Vec<Op>, limits: QueueLimits) -> Result<(), TestCaseError> {
+/// Runs `ops` on the model and on a redb queue; with `log` (a size), a logged one (the agent's). A small
+/// log fills every few appends, so replay on reopen, the log starting over and batches too big for it
+/// (written to redb directly) all come up.
+fn run(ops: Vec<Op>, limits: QueueLimits, log: Option<u64>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
     let path = dir.path().join("q.redb");
+    let open = |path: &std::path::Path| match log {
+        Some(size) => RedbQueue::open_logged(path, limits, size),
+        None => RedbQueue::open(path, limits),
+    };
     let model = MemQueue::new(limits);
-    let mut real = Some(RedbQueue::open(&path, limits).expect("open"));
+    let mut real = Some(open(&path).expect("open"));
     let mut incarnation = real.as_ref().map(RedbQueue::incarnation);
     let mut now = 1_000u64;
     for (step, op) in ops.into_iter().enumerate() {
@@ -119,7 +126,7 @@ fn run(ops: Vec<Op>, limits: QueueLimits) -> Result<(), TestCaseError> {
             }
             Op::Reopen => {
                 drop(real.take());
-                let q = RedbQueue::open(&path, limits).expect("reopen");
+                let q = open(&path).expect("reopen");
                 prop_assert!(!q.repaired_on_open(), "a clean close needs no repair");
                 prop_assert_eq!(Some(q.incarnation()), incarnation, "incarnation is stable");
                 real = Some(q);
@@ -170,12 +177,22 @@ proptest! {
 
     #[test]
     fn redb_queue_matches_model_block(ops in prop::collection::vec(op(), 1..60)) {
-        run(ops, limits(FullPolicy::Block))?;
+        run(ops, limits(FullPolicy::Block), None)?;
+    }
+
+    #[test]
+    fn logged_queue_matches_model_block(ops in prop::collection::vec(op(), 1..60)) {
+        run(ops, limits(FullPolicy::Block), Some(1_500))?;
+    }
+
+    #[test]
+    fn logged_queue_matches_model_drop_oldest(ops in prop::collection::vec(op(), 1..60)) {
+        run(ops, limits(FullPolicy::DropOldest), Some(1_500))?;
     }
 
     #[test]
     fn redb_queue_matches_model_drop_oldest(ops in prop::collection::vec(op(), 1..60)) {
-        run(ops, limits(FullPolicy::DropOldest))?;
+        run(ops, limits(FullPolicy::DropOldest), None)?;
     }
 }
 

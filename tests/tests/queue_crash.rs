@@ -9,12 +9,24 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use meshbridge_tests::crash_body;
-use shared::queue::{Queue, QueueLimits, RedbQueue};
+use shared::queue::{Queue, QueueLimits, RedbQueue, DEFAULT_LOG_BYTES};
 
 const KILLS: usize = 20;
 
 #[test]
 fn every_acknowledged_append_survives_sigkill() {
+    sigkill_rounds(false);
+}
+
+/// The same with the queue opened as the agent opens it: appends durable in its append log, moved into
+/// redb later. Every other round the checker opens it without the log option, which must replay the log
+/// just the same.
+#[test]
+fn every_acknowledged_append_to_a_logged_queue_survives_sigkill() {
+    sigkill_rounds(true);
+}
+
+fn sigkill_rounds(logged: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("crash.redb");
     let mut seed = 0x9e37_79b9_7f4a_7c15u64
@@ -24,6 +36,7 @@ fn every_acknowledged_append_survives_sigkill() {
     let mut max_appended = 0u64;
     let mut max_acked = 0u64;
     let mut recoveries = 0;
+    let mut replayed = 0;
     for round in 0..KILLS {
         seed = seed
             .wrapping_mul(6364136223846793005)
@@ -31,6 +44,7 @@ fn every_acknowledged_append_survives_sigkill() {
         let mut child = Command::new(env!("CARGO_BIN_EXE_queue-writer"))
             .arg(&path)
             .arg((seed >> 1).to_string())
+            .args(logged.then_some("logged"))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -72,8 +86,14 @@ fn every_acknowledged_append_survives_sigkill() {
             }
         }
 
-        let q = RedbQueue::open(&path, QueueLimits::default()).expect("queue opens after SIGKILL");
+        let q = if logged && round % 2 == 0 {
+            RedbQueue::open_logged(&path, QueueLimits::default(), DEFAULT_LOG_BYTES)
+        } else {
+            RedbQueue::open(&path, QueueLimits::default())
+        }
+        .expect("queue opens after SIGKILL");
         recoveries += usize::from(q.repaired_on_open());
+        replayed += q.replayed_on_open();
         let s = q.stats();
         assert!(
             s.next_seq > max_appended,
@@ -110,4 +130,8 @@ fn every_acknowledged_append_survives_sigkill() {
     // Most kills land mid-loop, so the file was open: recovery must have run at least once, which shows
     // the test exercised crashed files rather than only clean ones.
     assert!(recoveries > 0, "no kill left the file needing recovery");
+    if logged {
+        // Killed mid-loop, the writer leaves appends that only its log holds: replay must have run.
+        assert!(replayed > 0, "no kill left appends in the log to replay");
+    }
 }

@@ -6,7 +6,7 @@
 
 use meshbridge_tests::prereq;
 use meshbridge_tests::tmpfs::{fill, Tmpfs};
-use shared::queue::{Queue, QueueError, QueueLimits, RedbQueue};
+use shared::queue::{Queue, QueueError, QueueLimits, RedbQueue, DEFAULT_LOG_BYTES};
 
 fn body(seq: u64) -> Vec<u8> {
     let mut b = seq.to_le_bytes().to_vec();
@@ -30,9 +30,34 @@ fn disk_full_is_a_typed_error_and_loses_nothing() {
     ) {
         return;
     }
+    disk_full_run(false);
+}
+
+/// The same for a queue opened as the agent opens it. Its append log is preallocated, so appends go on
+/// while the log has room and fail, with the same typed error, when moving the log into the full file
+/// does; reads still work (they write nothing), and everything comes back once space is freed.
+#[test]
+fn disk_full_on_a_logged_queue_is_a_typed_error_and_loses_nothing() {
+    if prereq::needs_root(
+        "disk_full_on_a_logged_queue_is_a_typed_error_and_loses_nothing",
+        "mount a tmpfs",
+    ) {
+        return;
+    }
+    disk_full_run(true);
+}
+
+fn disk_full_run(logged: bool) {
     let fs = Tmpfs::mount("16m").expect("mount tmpfs as root");
     let path = fs.dir.join("queue.redb");
-    let q = RedbQueue::open(&path, QueueLimits::default()).expect("open");
+    let open = || {
+        if logged {
+            RedbQueue::open_logged(&path, QueueLimits::default(), DEFAULT_LOG_BYTES)
+        } else {
+            RedbQueue::open(&path, QueueLimits::default())
+        }
+    };
+    let q = open().expect("open");
 
     // Leave ~3 MiB free, then append until the disk is full.
     let free_target = 3 << 20;
@@ -104,6 +129,6 @@ fn disk_full_is_a_typed_error_and_loses_nothing() {
     assert_eq!(read_all(&q), committed);
 
     drop(q);
-    let q = RedbQueue::open(&path, QueueLimits::default()).expect("reopen");
+    let q = open().expect("reopen");
     assert_eq!(read_all(&q), committed, "everything survives reopen");
 }

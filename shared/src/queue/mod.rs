@@ -29,6 +29,7 @@
 //!   against (as raft-rs's `MemStorage` and Vector's disk-buffer model).
 
 mod dead;
+mod log;
 mod mem;
 mod redb;
 mod retained;
@@ -41,6 +42,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use self::dead::{DeadLetter, DeadLetterLimits, DeadLetters, NewDeadLetter};
+pub use self::log::DEFAULT_LOG_BYTES;
 pub use self::mem::MemQueue;
 pub use self::redb::{Mark, RedbQueue};
 pub use self::retained::{RetainedChange, RetainedLimits, RetainedStore};

@@ -1,12 +1,13 @@
 //! Crash-test driver for the durable queue: appends batches forever and prints `A <last_seq>` after each
 //! append returned (so the parent knows it was acknowledged as durable), and now and then acknowledges
 //! an older prefix, printing `K <seq>` after the ack returned. The parent kills it with SIGKILL at a random
-//! moment and checks the file. Usage: `queue-writer PATH SEED`.
+//! moment and checks the file. Usage: `queue-writer PATH SEED [logged]`; with `logged` the queue is opened
+//! as the agent opens it, with its append log.
 
 use std::io::Write;
 
 use meshbridge_tests::crash_body;
-use shared::queue::{Queue, QueueLimits, RedbQueue};
+use shared::queue::{Queue, QueueLimits, RedbQueue, DEFAULT_LOG_BYTES};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -21,7 +22,12 @@ fn main() {
         rng ^= rng << 17;
         rng
     };
-    let q = match RedbQueue::open(&path, QueueLimits::default()) {
+    let opened = if args.next().as_deref() == Some("logged") {
+        RedbQueue::open_logged(&path, QueueLimits::default(), DEFAULT_LOG_BYTES)
+    } else {
+        RedbQueue::open(&path, QueueLimits::default())
+    };
+    let q = match opened {
         Ok(q) => q,
         Err(e) => {
             eprintln!("open {path}: {e}");
