@@ -21,7 +21,9 @@
 //! - limits: `bytes` never exceeds `max_bytes` after an append returns Ok.
 //!
 //! # Implementations
-//! - [`RedbQueue`]: the real one, on redb, one write transaction per appended batch (group commit).
+//! - [`RedbQueue`]: the real one, on redb: one write transaction per appended batch (group commit), or,
+//!   opened with [`RedbQueue::open_logged`], one frame of an append log per batch, moved into redb many at a
+//!   time (`log.rs` says why).
 //! - [`DeadLetters`]: not a queue but its companion: messages refused for good, with their reason, for an
 //!   operator to list and replay.
 //! - [`RetainedStore`]: not a queue either: the embedded edge broker's retained messages, one per topic.
