@@ -129,6 +129,11 @@ pub struct EmbeddedSettings {
     /// Number of segments kept per topic, the one being written included; the oldest is dropped beyond
     /// it, read or not (see [`EmbeddedBroker::pressure`]).
     pub max_segment_count: usize,
+    /// Runs rumqttd's router as a task on the runtime that serves the connections instead of on a thread
+    /// of its own (`Router::spawn_task`, a vendored patch): no futex wake of the router and no
+    /// cross-thread wake of the subscriber's connection per message. For a broker every message crosses
+    /// (the hub's cloud broker); off by default.
+    pub router_task: bool,
 }
 
 impl Default for EmbeddedSettings {
@@ -140,6 +145,7 @@ impl Default for EmbeddedSettings {
             connect_timeout: Duration::from_secs(30),
             max_segment_size: DEFAULT_LOG_PER_FILTER / LOG_SEGMENTS,
             max_segment_count: LOG_SEGMENTS,
+            router_task: false,
         }
     }
 }
@@ -269,7 +275,11 @@ impl EmbeddedBroker {
         // The router id is only meaningful in rumqttd's (unfinished) cluster mode.
         let router = Router::new(0, router_config);
         let pressure = router.pressure();
-        let router_tx = router.spawn();
+        let router_tx = if settings.router_task {
+            router.spawn_task()
+        } else {
+            router.spawn()
+        };
         let links = {
             let router_tx = router_tx.clone();
             LocalLinks {

@@ -113,7 +113,42 @@ async fn internal_listeners_take_only_the_per_start_login() -> Result<()> {
 /// connected right after a disconnecting one still answers PINGREQ.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnecting_client_never_drops_the_next_one() -> Result<()> {
-    let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
+    disconnecting_rounds(&EmbeddedSettings::default()).await
+}
+
+/// The hub runs rumqttd's router as a task on its runtime (`EmbeddedSettings::router_task`). On one
+/// worker, anything that blocked the thread waiting for the router (a CONNECT, a DISCONNECT, a full
+/// channel) would wait forever; connecting, disconnecting and routing must all still work.
+/// The runtime runs on a thread of its own and the test waits for it with a deadline: a blocked worker
+/// cannot run a tokio timeout, so a deadlock must be caught from outside.
+#[test]
+fn with_the_router_as_a_task_on_one_worker_clients_connect_and_route() -> Result<()> {
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(async {
+                    let settings = EmbeddedSettings {
+                        router_task: true,
+                        ..EmbeddedSettings::default()
+                    };
+                    disconnecting_rounds(&settings).await?;
+                    in_process_routing(&settings).await
+                })
+            });
+        let _ = done_tx.send(result);
+    });
+    done.recv_timeout(Duration::from_secs(60)).context(
+        "the broker deadlocked: something blocked the only worker waiting for the router",
+    )?
+}
+
+async fn disconnecting_rounds(settings: &EmbeddedSettings) -> Result<()> {
+    let broker = EmbeddedBroker::start(settings).await?;
     for round in 0..200 {
         let mut first = connect(&broker, &format!("first-{round}")).await?;
         first.write_all(&[0xe0, 0x00]).await?; // DISCONNECT
@@ -141,7 +176,11 @@ async fn a_disconnecting_client_never_drops_the_next_one() -> Result<()> {
 /// in-process exchanges messages with one on the loopback listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_entrances_check_the_login_and_route_like_the_listeners() -> Result<()> {
-    let broker = EmbeddedBroker::start(&EmbeddedSettings::default()).await?;
+    in_process_routing(&EmbeddedSettings::default()).await
+}
+
+async fn in_process_routing(settings: &EmbeddedSettings) -> Result<()> {
+    let broker = EmbeddedBroker::start(settings).await?;
     let local = broker.upstreams();
     let login = broker.login();
     let (user, secret) = (login.user(), login.secret());

@@ -54,6 +54,8 @@ impl RunningEmbedded {
         let settings = EmbeddedSettings {
             max_packet_size,
             max_connections: usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
+            // Every message the hub delivers crosses the router: as a task it costs no thread wakes.
+            router_task: true,
             ..EmbeddedSettings::default()
         }
         .with_log_per_filter(cfg.max_log_per_filter.as_usize());

@@ -313,6 +313,54 @@ impl Router {
         link
     }
 
+    /// meshbridge patch: runs the router as a task on the current tokio runtime instead of a thread of its
+    /// own. Every message crosses the router, so with a thread each one costs a futex wake of the router
+    /// and a cross-thread wake of the subscriber's connection task; as a task on the runtime that serves
+    /// the connections, both are wakes of tasks on the same worker. Everything that talks to the router
+    /// from an async worker must then await, never block (`LinkBuilder::build_async`, `LinkTx::send`).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn spawn_task(mut self) -> Sender<(ConnectionId, Event)> {
+        let link = self.link();
+        tokio::spawn(async move {
+            let e = self.run_async().await;
+            error!(reason=?e, "Router done!");
+        });
+        link
+    }
+
+    /// [`Router::run_inner`] as a task: awaits events instead of blocking, and yields after every turn
+    /// that found work waiting, so a busy router never holds its worker from the connections.
+    async fn run_async(&mut self) -> Result<(), RouterError> {
+        loop {
+            if self.consume().is_none() {
+                if self.pressure.held.load(std::sync::atomic::Ordering::Relaxed) {
+                    match tokio::time::timeout(
+                        PRESSURE_CHECK_INTERVAL * 20,
+                        self.router_rx.recv_async(),
+                    )
+                    .await
+                    {
+                        Ok(Ok((id, data))) => self.events_then_pressure(id, data),
+                        Ok(Err(_)) => return Err(RouterError::Disconnected),
+                        Err(_elapsed) => {}
+                    }
+                } else {
+                    let (id, data) = self
+                        .router_rx
+                        .recv_async()
+                        .await
+                        .map_err(|_| RouterError::Disconnected)?;
+                    self.events_then_pressure(id, data);
+                }
+            } else {
+                tokio::task::yield_now().await;
+            }
+            self.drain_and_consume()?;
+        }
+    }
+
     /// Waits on incoming events when ready queue is empty.
     /// After pulling 1 event, tries to pull 500 more events
     /// before polling ready queue 100 times (connections)
@@ -351,7 +399,12 @@ impl Router {
                 self.events_then_pressure(id, data);
             }
         }
+        self.drain_and_consume()
+    }
 
+    /// The part of a router turn after the first event: more events without waiting, then the ready
+    /// connections.
+    fn drain_and_consume(&mut self) -> Result<(), RouterError> {
         // Try reading more from connections in a non-blocking
         // fashion to accumulate data and handle subscriptions.
         // Accumulating more data lets requests retrieve bigger
