@@ -362,7 +362,7 @@ impl RedbQueue {
         log: Option<(Box<dyn redb::StorageBackend>, u64, bool)>,
     ) -> Result<Self, QueueError> {
         let (ledger, incarnation) = load(&path, &db)?;
-        let queue = Self {
+        let mut queue = Self {
             acked: AtomicU64::new(ledger.acked),
             ack_requested: AtomicU64::new(ledger.acked),
             tail: Mutex::new(Tail::empty(ledger.next_seq)),
@@ -390,7 +390,6 @@ impl RedbQueue {
             replayed_on_open: 0,
             reopenable,
         };
-        let mut queue = queue;
         let replayed = queue.replay(&mut queue.lock())?;
         queue.replayed_on_open = replayed;
         Ok(queue)
