@@ -253,28 +253,19 @@ impl RedbQueue {
         if start < tail.records.front().map_or(tail.end, |r| r.first) {
             return None;
         }
-        let mut out = Vec::new();
+        let mut c = Collect::new(max_messages, max_bytes);
         if max_messages == 0 {
-            return Some(out);
+            return Some(c.out);
         }
-        let mut bytes = 0;
         for r in tail.records.iter().filter(|r| r.last >= start) {
-            match decode_record(
-                r.first,
-                r.record.clone(),
-                start,
-                &mut out,
-                &mut bytes,
-                max_messages,
-                max_bytes,
-            ) {
+            match c.record(r.first, r.record.clone(), start) {
                 Ok(true) => {}
                 Ok(false) => break,
                 // Only a bug could make a record this queue encoded fail to decode; the file decides.
                 Err(_) => return None,
             }
         }
-        Some(out)
+        Some(c.out)
     }
 
     /// Opens the queue at `path`, creating it if it does not exist; every append is its own durable redb
@@ -1054,48 +1045,61 @@ fn encode_record<B: AsRef<[u8]>>(out: &mut Vec<u8>, bodies: &[B], now_ms: u64) {
     }
 }
 
-/// Appends the messages of one record with seq >= `start` to `out`, within the limits. Returns false once a
-/// limit is reached. A record that does not parse means the file is corrupt: redb checksums its pages, so
-/// this only happens if a bug wrote it.
-fn decode_record(
-    first: u64,
-    record: Bytes,
-    start: u64,
-    out: &mut Vec<Entry>,
-    bytes: &mut usize,
+/// What a read collects: the entries so far and the limits they stop at.
+struct Collect {
+    out: Vec<Entry>,
+    bytes: usize,
     max_messages: usize,
     max_bytes: usize,
-) -> Result<bool, &'static str> {
-    if record.len() < BATCH_HEADER_LEN || u64::from(record[0]) != FORMAT {
-        return Err("batch record header");
-    }
-    let count = u32::from_le_bytes(record[9..13].try_into().map_err(|_| "count")?);
-    let mut pos = BATCH_HEADER_LEN;
-    for i in 0..u64::from(count) {
-        let len_end = pos + ENTRY_HEADER_LEN;
-        let len = record
-            .get(pos..len_end)
-            .and_then(|s| s.try_into().ok())
-            .map(u32::from_le_bytes)
-            .ok_or("entry length")? as usize;
-        let end = len_end.checked_add(len).ok_or("entry length")?;
-        if end > record.len() {
-            return Err("entry body");
+}
+
+impl Collect {
+    fn new(max_messages: usize, max_bytes: usize) -> Self {
+        Self {
+            out: Vec::new(),
+            bytes: 0,
+            max_messages,
+            max_bytes,
         }
-        let seq = first + i;
-        if seq >= start {
-            if out.len() >= max_messages || (!out.is_empty() && *bytes + len > max_bytes) {
-                return Ok(false);
+    }
+
+    /// Takes the messages of one record (its first seq `first`) with seq >= `start`, within the limits.
+    /// Returns false once a limit is reached. A record that does not parse means the file is corrupt: redb
+    /// checksums its pages, and the log its frames, so this only happens if a bug wrote it.
+    fn record(&mut self, first: u64, record: Bytes, start: u64) -> Result<bool, &'static str> {
+        if record.len() < BATCH_HEADER_LEN || u64::from(record[0]) != FORMAT {
+            return Err("batch record header");
+        }
+        let count = u32::from_le_bytes(record[9..13].try_into().map_err(|_| "count")?);
+        let mut pos = BATCH_HEADER_LEN;
+        for i in 0..u64::from(count) {
+            let len_end = pos + ENTRY_HEADER_LEN;
+            let len = record
+                .get(pos..len_end)
+                .and_then(|s| s.try_into().ok())
+                .map(u32::from_le_bytes)
+                .ok_or("entry length")? as usize;
+            let end = len_end.checked_add(len).ok_or("entry length")?;
+            if end > record.len() {
+                return Err("entry body");
             }
-            *bytes += len;
-            out.push(Entry {
-                seq,
-                body: record.slice(len_end..end),
-            });
+            let seq = first + i;
+            if seq >= start {
+                if self.out.len() >= self.max_messages
+                    || (!self.out.is_empty() && self.bytes + len > self.max_bytes)
+                {
+                    return Ok(false);
+                }
+                self.bytes += len;
+                self.out.push(Entry {
+                    seq,
+                    body: record.slice(len_end..end),
+                });
+            }
+            pos = end;
         }
-        pos = end;
+        Ok(true)
     }
-    Ok(true)
 }
 
 impl Queue for RedbQueue {
@@ -1113,9 +1117,8 @@ impl Queue for RedbQueue {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<Vec<Entry>, QueueError> {
-        let mut out = Vec::new();
         if max_messages == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
         if self.poisoned.load(Ordering::Acquire) {
             let mut w = self.lock();
@@ -1148,54 +1151,32 @@ impl Queue for RedbQueue {
             Some(row) => row.map_err(|e| err(e.into()))?.0.value(),
             None => start,
         };
-        let mut bytes = 0;
+        let corrupt = |detail| QueueError::Format {
+            path: self.path.display().to_string(),
+            detail,
+        };
+        let mut c = Collect::new(max_messages, max_bytes);
         for row in batches
             .range(first_key..logged_from)
             .map_err(|e| err(e.into()))?
         {
             let (k, v) = row.map_err(|e| err(e.into()))?;
             let record = Bytes::copy_from_slice(v.value());
-            let more = decode_record(
-                k.value(),
-                record,
-                start,
-                &mut out,
-                &mut bytes,
-                max_messages,
-                max_bytes,
-            )
-            .map_err(|detail| QueueError::Format {
-                path: self.path.display().to_string(),
-                detail,
-            })?;
-            if !more {
-                return Ok(out);
+            if !c.record(k.value(), record, start).map_err(corrupt)? {
+                return Ok(c.out);
             }
         }
-        if logged_from != u64::MAX && out.len() < max_messages {
-            let next = out.last().map_or(start, |e| e.seq + 1).max(logged_from);
+        if logged_from != u64::MAX && c.out.len() < max_messages {
+            let next = c.out.last().map_or(start, |e| e.seq + 1).max(logged_from);
             let tail = self.tail();
             for r in tail.records.iter().filter(|r| r.last >= next) {
-                let more = decode_record(
-                    r.first,
-                    r.record.clone(),
-                    next,
-                    &mut out,
-                    &mut bytes,
-                    max_messages,
-                    max_bytes,
-                )
-                .map_err(|detail| QueueError::Format {
-                    path: self.path.display().to_string(),
-                    detail,
-                })?;
-                if !more {
+                if !c.record(r.first, r.record.clone(), next).map_err(corrupt)? {
                     break;
                 }
             }
         }
         drop(w);
-        Ok(out)
+        Ok(c.out)
     }
 
     /// Moves the watermark in memory only, without waiting for the writer (see the module docs): never
