@@ -31,7 +31,7 @@ use std::path::Path;
 
 use crate::hash::stable_hash;
 
-use super::{BATCH_HEADER_LEN, ENTRY_HEADER_LEN};
+use super::BATCH_HEADER_LEN;
 
 /// First four bytes of every frame ("MBWL" little-endian).
 const MAGIC: u32 = u32::from_le_bytes(*b"MBWL");
@@ -44,15 +44,11 @@ const PAYLOAD_HEADER_LEN: usize = 36;
 /// line's message size, and little enough that replaying a full log on open takes milliseconds.
 pub const DEFAULT_LOG_BYTES: u64 = 1 << 20;
 
-/// The bytes a frame for this batch takes in the log.
-pub(super) fn frame_len<B: AsRef<[u8]>>(bodies: &[B], marks: &[super::Mark<'_>]) -> u64 {
-    let record = BATCH_HEADER_LEN
-        + bodies
-            .iter()
-            .map(|b| ENTRY_HEADER_LEN + b.as_ref().len())
-            .sum::<usize>();
+/// The bytes a frame takes in the log for a batch record of `record_len` bytes (its
+/// [`super::batch_cost`]) and these marks.
+pub(super) fn frame_len(record_len: u64, marks: &[super::Mark<'_>]) -> u64 {
     let marks: usize = marks.iter().map(|m| 12 + m.key.len()).sum();
-    (FRAME_HEADER_LEN + PAYLOAD_HEADER_LEN + marks + record) as u64
+    (FRAME_HEADER_LEN + PAYLOAD_HEADER_LEN + marks) as u64 + record_len
 }
 
 /// What a frame says besides the record.
@@ -176,16 +172,32 @@ fn parse_at<'a>(log: &'a [u8], pos: &mut usize) -> Option<Frame<'a>> {
     })
 }
 
+/// Makes `file` at least `capacity` bytes long with written zeros, durably. Not a sparse file: writing
+/// into a hole allocates blocks, which every `fdatasync` would then also have to write.
+pub(super) fn preallocate(file: &dyn redb::StorageBackend, capacity: u64) -> io::Result<()> {
+    let len = file.len()?;
+    if len >= capacity {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 64 << 10];
+    let mut at = len;
+    while at < capacity {
+        let n = (capacity - at).min(zeros.len() as u64) as usize;
+        file.write(at, &zeros[..n])?;
+        at += n as u64;
+    }
+    file.sync_data()
+}
+
 /// The log file as a [`redb::StorageBackend`], the same interface the power-cut test models the disk
 /// with, so one model covers both files.
 #[derive(Debug)]
 pub(super) struct LogFile(File);
 
 impl LogFile {
-    /// Opens the log at `path`, creating it if needed, and makes sure it is at least `capacity` bytes of
-    /// written zeros (not a sparse file: writing into a hole allocates blocks, which `fdatasync` must then
-    /// also write). A file created here is made durable with its directory entry before it is used.
-    pub(super) fn open(path: &Path, capacity: u64) -> io::Result<Self> {
+    /// Opens the log at `path`, creating it if needed; a file created here has its directory entry made
+    /// durable before it is used ([`preallocate`] makes its length and zeros durable).
+    pub(super) fn open(path: &Path) -> io::Result<Self> {
         let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
@@ -193,17 +205,6 @@ impl LogFile {
             .create(true)
             .truncate(false)
             .open(path)?;
-        let len = file.metadata()?.len();
-        if len < capacity {
-            let zeros = vec![0u8; 64 << 10];
-            let mut at = len;
-            while at < capacity {
-                let n = (capacity - at).min(zeros.len() as u64) as usize;
-                file.write_all_at(&zeros[..n], at)?;
-                at += n as u64;
-            }
-            file.sync_all()?;
-        }
         if !existed {
             if let Some(dir) = path.parent() {
                 File::open(if dir.as_os_str().is_empty() {
@@ -280,7 +281,7 @@ mod tests {
         let f1 = frame(head, &marks, &r1);
         assert_eq!(
             f1.len() as u64,
-            frame_len(&[b"a".as_slice(), b"bc"], &marks)
+            frame_len(crate::queue::batch_cost(&[b"a".as_slice(), b"bc"]), &marks)
         );
         let r2 = record(6, &[b"d"]);
         let f2 = frame(

@@ -113,6 +113,7 @@ pub struct RedbQueue {
     reopenable: bool,
 }
 
+#[derive(Debug)]
 struct Writer {
     ledger: Ledger,
     /// The append log, for a queue opened with [`RedbQueue::open_logged`].
@@ -126,21 +127,8 @@ struct Writer {
     dirty: bool,
 }
 
-impl std::fmt::Debug for Writer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Writer")
-            .field("ledger", &self.ledger)
-            .field("pending", &self.pending.len())
-            .field("dirty", &self.dirty)
-            .field(
-                "logged",
-                &self.log.as_ref().map(|l| (l.pos, l.unapplied.len())),
-            )
-            .finish_non_exhaustive()
-    }
-}
-
 /// The append log of a logged queue (see `super::log`) and the batches it holds that redb does not.
+#[derive(Debug)]
 struct Log {
     file: Box<dyn redb::StorageBackend>,
     capacity: u64,
@@ -157,6 +145,7 @@ struct Log {
     unapplied: Vec<Unapplied>,
 }
 
+#[derive(Debug)]
 struct Unapplied {
     meta: BatchMeta,
     record: Bytes,
@@ -274,7 +263,7 @@ impl RedbQueue {
         Self::open_file(path.as_ref(), limits, None)
     }
 
-    /// Opens the queue at `path` with an append log of `log_bytes` beside it ([`RedbQueue::log_path`];
+    /// Opens the queue at `path` with an append log of `log_bytes` beside it ([`RedbQueue::log_path_of`];
     /// see the module docs), creating either if missing and replaying the log. Appends whose log frame
     /// does not fit in `log_bytes` commit to redb directly.
     pub fn open_logged(
@@ -294,20 +283,19 @@ impl RedbQueue {
         let (db, repaired) = open_db(&path, None::<redb::backends::InMemoryBackend>)?;
         let log_path = Self::log_path_of(&path);
         let log = match log_bytes {
-            Some(capacity) => Some((LogFile::open(&log_path, capacity), capacity, true)),
+            Some(capacity) => Some((capacity, true)),
             // A log left by a logged open still holds appends redb may not have: replay it.
-            None if log_path.exists() => Some((LogFile::open(&log_path, 0), 0, false)),
+            None if log_path.exists() => Some((0, false)),
             None => None,
         };
-        let log = match log {
-            Some((Ok(file), capacity, keep)) => Some((
-                Box::new(file) as Box<dyn redb::StorageBackend>,
-                capacity,
-                keep,
-            )),
-            Some((Err(e), _, _)) => return Err(storage_error(&log_path, redb::Error::Io(e))),
-            None => None,
-        };
+        let log = log
+            .map(|(capacity, appends)| {
+                let file: Box<dyn redb::StorageBackend> = Box::new(LogFile::open(&log_path)?);
+                log::preallocate(file.as_ref(), capacity)?;
+                Ok((file, capacity, appends))
+            })
+            .transpose()
+            .map_err(|e: io::Error| storage_error(&log_path, e.into()))?;
         Self::with_db(path, db, repaired, limits, true, log)
     }
 
@@ -323,19 +311,13 @@ impl RedbQueue {
     ) -> Result<Self, QueueError> {
         let path = label.as_ref().to_path_buf();
         let (db, repaired) = open_db(&path, Some(backend))?;
-        let log = match log {
-            Some((file, capacity)) => {
-                let len = file.len().map_err(|e| storage_error(&path, e.into()))?;
-                if len < capacity {
-                    // Written zeros, as `LogFile::open` does for a real file.
-                    file.write(len, &vec![0; (capacity - len) as usize])
-                        .and_then(|()| file.sync_data())
-                        .map_err(|e| storage_error(&path, e.into()))?;
-                }
-                Some((file, capacity, true))
-            }
-            None => None,
-        };
+        let log = log
+            .map(|(file, capacity)| {
+                log::preallocate(file.as_ref(), capacity)?;
+                Ok((file, capacity, true))
+            })
+            .transpose()
+            .map_err(|e: io::Error| storage_error(&path, e.into()))?;
         Self::with_db(path, db, repaired, limits, false, log)
     }
 
@@ -619,7 +601,8 @@ impl RedbQueue {
         if bodies.is_empty() {
             return Ok(w.ledger.empty_append());
         }
-        let frame_len = log::frame_len(bodies, marks);
+        let cost = batch_cost(bodies);
+        let frame_len = log::frame_len(cost, marks);
         let logged = match &w.log {
             Some(log) if log.appends && frame_len <= log.capacity => {
                 Some(log.pos + frame_len > log.capacity)
@@ -630,11 +613,11 @@ impl RedbQueue {
             // The log is full: move what it holds into redb, durably, and start it over.
             self.write(&mut w, Durability::Immediate, false, |_, _| Ok(()))?;
         }
-        let cost = batch_cost(bodies);
         let removal = w.ledger.make_room(cost, &self.limits)?;
         let meta = w.ledger.push(bodies.len() as u64, cost, now_ms);
+        let dropped = removal.passed;
         let record = if logged.is_some() {
-            self.append_logged(&mut w, removal.removed.clone(), meta, bodies, marks, now_ms)?
+            self.append_logged(&mut w, removal.removed, meta, bodies, marks, now_ms)?
         } else {
             self.write(
                 &mut w,
@@ -667,7 +650,7 @@ impl RedbQueue {
         Ok(AppendOutcome {
             first_seq: meta.first,
             last_seq: meta.last,
-            dropped: removal.passed,
+            dropped,
         })
     }
 

@@ -102,47 +102,21 @@ impl<'a> LinkBuilder<'a> {
     /// worker: with the router running as a task on the same runtime (`Router::spawn_task`), a blocking
     /// wait for its CONNACK there could wait for a task that cannot run.
     pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
-        // Connect to router
-        // Local connections to the router shall have access to all subscriptions
-        let mut connection = Connection::new(
-            self.tenant_id,
-            self.client_id.to_owned(),
-            self.clean_session,
-            self.dynamic_filters,
-        );
-
-        connection
-            .last_will(self.last_will, self.last_will_properties)
-            .topic_alias_max(self.topic_alias_max);
-        let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
-        let outgoing_data_buffer = outgoing.buffer();
-        let incoming_data_buffer = incoming.buffer();
-
-        let event = Event::Connect {
-            connection,
-            incoming,
-            outgoing,
-        };
-
-        self.router_tx.send_async((0, event)).await?;
-
-        link_rx.recv_async().await?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
-
-        // Right now link identifies failure with dropped rx in router,
-        // which is probably ok. We need this here to get id assigned by router
-        let id = match notification {
-            Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
-            _message => return Err(LinkError::NotConnectionAck),
-        };
-
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
-        Ok((tx, rx, notification))
+        let (event, connecting) = self.connect_event();
+        connecting.router_tx.send_async((0, event)).await?;
+        connecting.link_rx.recv_async().await?;
+        connecting.finish()
     }
 
     pub fn build(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (event, connecting) = self.connect_event();
+        connecting.router_tx.send((0, event))?;
+        connecting.link_rx.recv()?;
+        connecting.finish()
+    }
+
+    /// meshbridge patch: the part of `build` before the router is asked (shared by `build_async`).
+    fn connect_event(self) -> (Event, Connecting) {
         // Connect to router
         // Local connections to the router shall have access to all subscriptions
         let mut connection = Connection::new(
@@ -157,19 +131,33 @@ impl<'a> LinkBuilder<'a> {
             .topic_alias_max(self.topic_alias_max);
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
-        let outgoing_data_buffer = outgoing.buffer();
-        let incoming_data_buffer = incoming.buffer();
-
+        let connecting = Connecting {
+            router_tx: self.router_tx,
+            link_rx,
+            outgoing_data_buffer: outgoing.buffer(),
+            incoming_data_buffer: incoming.buffer(),
+        };
         let event = Event::Connect {
             connection,
             incoming,
             outgoing,
         };
+        (event, connecting)
+    }
+}
 
-        self.router_tx.send((0, event))?;
+/// meshbridge patch: what `build` keeps while the router handles the Connect event.
+struct Connecting {
+    router_tx: Sender<(ConnectionId, Event)>,
+    link_rx: Receiver<()>,
+    outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+    incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
+}
 
-        link_rx.recv()?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
+impl Connecting {
+    /// The part of `build` after the router answered.
+    fn finish(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let notification = self.outgoing_data_buffer.lock().pop_front().unwrap();
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
@@ -178,8 +166,13 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let tx = LinkTx::new(id, self.router_tx.clone(), self.incoming_data_buffer);
+        let rx = LinkRx::new(
+            id,
+            self.router_tx,
+            self.link_rx,
+            self.outgoing_data_buffer,
+        );
         Ok((tx, rx, notification))
     }
 }
