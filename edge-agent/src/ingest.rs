@@ -7,8 +7,9 @@
 //! are the messages acknowledged upstream (the front releases PUBACKs, the external client sends them), and
 //! the uplink is woken.
 //!
-//! The queue is synchronous (redb), so an append never runs on an async worker: the embedded mode commits on
-//! a thread of its own ([`Ingest::run_front_commits`]), the external mode on the blocking pool.
+//! The queue is synchronous (a log `pwrite` + `fdatasync`, redb behind it). The embedded mode commits on the
+//! async worker itself, in a task that blocks it for the commit ([`Ingest::run_front_commits`] says why);
+//! the external mode on the blocking pool.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -115,14 +116,13 @@ impl Ingest {
     /// Appends the group's bodies, one queue batch per priority lane, highest lane first, then wakes each
     /// lane's uplink. A lane's part is emptied once it is committed; on failure the parts not committed
     /// stay in the group (a retry does not commit the others twice). Runs the commit on the blocking pool
-    /// (the external mode's path; the embedded mode commits on a thread of its own,
-    /// [`Self::run_front_commits`]).
+    /// (the external mode's path; the embedded mode commits on the worker, [`Self::run_front_commits`]).
     pub(crate) async fn commit(&self, group: &mut Group) -> Result<(), CommitError> {
+        let lanes = self.lanes_of(group).await?;
         let this = self.clone();
-        let handle = tokio::runtime::Handle::current();
         let mut owned = std::mem::replace(group, Group::unallocated(&self.site));
         let (result, owned) = tokio::task::spawn_blocking(move || {
-            let result = this.commit_blocking(&mut owned, &handle);
+            let result = this.commit_blocking(&mut owned, &lanes);
             (result, owned)
         })
         .await
@@ -131,12 +131,36 @@ impl Ingest {
         result
     }
 
-    /// [`Self::commit`] on the calling thread, which may block (never an async worker). `handle` opens a
-    /// priority lane's queue the first time the lane is used.
+    /// The queue of every lane `group` holds messages for, opened if this is the lane's first message
+    /// (opening is async and may wait for the blocking pool, which a commit on the worker cannot do).
+    async fn lanes_of(&self, group: &Group) -> Result<GroupLanes, CommitError> {
+        let mut lanes = GroupLanes::default();
+        for l in 0..=MAX_LANE {
+            if group.lanes[usize::from(l)].ends.is_empty() {
+                continue;
+            }
+            let lane = match self.lanes.get(l) {
+                Some(lane) => lane,
+                None => self
+                    .lanes
+                    .ensure(l)
+                    .await
+                    .map_err(|source| CommitError::Lane {
+                        lane: l,
+                        source: Box::new(source),
+                    })?,
+            };
+            lanes[usize::from(l)] = Some(lane);
+        }
+        Ok(lanes)
+    }
+
+    /// [`Self::commit`] on the calling thread, which blocks for the commit. `lanes` comes from
+    /// [`Self::lanes_of`] for this group: a part whose lane it does not hold stays in the group.
     pub(crate) fn commit_blocking(
         &self,
         group: &mut Group,
-        handle: &tokio::runtime::Handle,
+        lanes: &GroupLanes,
     ) -> Result<(), CommitError> {
         let commit_start = std::time::SystemTime::now();
         if let (false, Some(store)) = (group.retained.is_empty(), &self.retained) {
@@ -146,19 +170,9 @@ impl Ingest {
         }
         for l in (0..=MAX_LANE).rev() {
             let part = &mut group.lanes[usize::from(l)];
-            if part.ends.is_empty() {
+            let (false, Some(lane)) = (part.ends.is_empty(), &lanes[usize::from(l)]) else {
                 continue;
-            }
-            let lane =
-                match self.lanes.get(l) {
-                    Some(lane) => lane,
-                    None => handle.block_on(self.lanes.ensure(l)).map_err(|source| {
-                        CommitError::Lane {
-                            lane: l,
-                            source: Box::new(source),
-                        }
-                    })?,
-                };
+            };
             let outcome = commit_part(&lane.queue, part)?;
             crate::events::Committed {
                 lane: l,
@@ -180,6 +194,9 @@ impl Ingest {
         Ok(())
     }
 }
+
+/// The lanes of one group commit, indexed by lane (see [`Ingest::lanes_of`]).
+pub(crate) type GroupLanes = [Option<Arc<crate::lanes::Lane>>; MAX_LANE as usize + 1];
 
 /// Appends one lane's part of a group as one queue batch, on the calling thread. The part is emptied on
 /// success and kept as it was on failure.
@@ -211,23 +228,29 @@ fn commit_part(queue: &RedbQueue, group: &mut LaneGroup) -> Result<AppendOutcome
 }
 
 impl Ingest {
-    /// The embedded mode's commit loop, on a thread of its own (it blocks): takes the front's
-    /// [`CommitRequest`]s, groups whatever is waiting, commits, answers every request. Ends when every
-    /// sender is gone (the front stopped), after the requests already taken are answered.
+    /// The embedded mode's commit loop: takes the front's [`CommitRequest`]s, groups whatever is waiting,
+    /// commits, answers every request. Ends when every sender is gone (the front stopped), after the
+    /// requests already taken are answered.
     ///
-    /// Why a thread and not a task that hands each group to the blocking pool: at a factory line's rate
-    /// every message is a group of its own, and each hand-off between threads is a wake-up that costs more
-    /// CPU than the rest of the message's path at the edge (`README.md`, Performance). Here a request wakes
-    /// this thread once; the commit runs where it is, and the answer goes straight to the front's task.
-    pub(crate) fn run_front_commits(
-        self,
-        mut requests: mpsc::Receiver<CommitRequest>,
-        handle: &tokio::runtime::Handle,
-    ) {
+    /// It runs as a task on the agent's async worker and blocks that worker for each commit (the log's
+    /// `pwrite` and `fdatasync`, `shared/src/queue/log.rs`), the way an event-loop broker writes to disk
+    /// inside its loop. Why not a thread of its own, as before: at a factory line's rate every message is
+    /// a group of its own, and the hand-off to a commit thread and its answer cost a wake-up each way (a
+    /// futex wake, then an `eventfd` write and an `epoll_wait` return on the worker), which on this
+    /// project's VM cost more CPU than the commit (`README.md`, Performance, eighth step). Grouping is
+    /// kept: while a commit blocks the worker, the clients' bytes wait in their sockets; once it returns,
+    /// the front's tasks read them and queue their requests, and the [`tokio::task::yield_now`] below lets
+    /// every task that is ready run before the next group is taken. What it costs: the worker does nothing
+    /// else during a commit, so the uplink sends and the front parses between commits rather than during
+    /// them (measured: throughput held, see the README), and a disk that stalls stalls the agent's
+    /// network side with it (nothing is lost: the hub sees a silent link, the publishers unanswered
+    /// PUBLISHes). With `worker_threads` above 1 the other workers carry on meanwhile.
+    pub(crate) async fn run_front_commits(self, mut requests: mpsc::Receiver<CommitRequest>) {
         let mut group = Group::new(&self.site);
         let mut waiting = Vec::new();
-        while let Some(first) = requests.blocking_recv() {
+        while let Some(first) = requests.recv().await {
             waiting.push(first);
+            tokio::task::yield_now().await;
             while group_has_room(&waiting, self.max_group_bytes) {
                 match requests.try_recv() {
                     Ok(next) => waiting.push(next),
@@ -303,7 +326,7 @@ impl Ingest {
             let answer = if group.is_empty() {
                 Ok(())
             } else {
-                match self.commit_blocking(&mut group, handle) {
+                match self.commit_front_group(&mut group).await {
                     Ok(_) => Ok(()),
                     Err(e) => {
                         log_commit_error(&e);
@@ -317,6 +340,15 @@ impl Ingest {
                 let _ = done.send(answer);
             }
         }
+    }
+}
+
+impl Ingest {
+    /// Commits one group of the front's on the calling worker: [`Self::lanes_of`] (async), then the
+    /// blocking commit (see [`Self::run_front_commits`]).
+    async fn commit_front_group(&self, group: &mut Group) -> Result<(), CommitError> {
+        let lanes = self.lanes_of(group).await?;
+        self.commit_blocking(group, &lanes)
     }
 }
 

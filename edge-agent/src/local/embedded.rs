@@ -134,10 +134,9 @@ pub(crate) async fn run(
             credentials: Some(internal_credentials(broker.login())),
             transport: None,
         }));
-    // Ends by itself once the front (the only sender) is gone, after answering every request it took.
-    let handle = tokio::runtime::Handle::current();
-    let commits =
-        tokio::task::spawn_blocking(move || ingest.run_front_commits(commits_rx, &handle));
+    // Ends by itself once the front (the only sender) is gone, after answering every request it took. A
+    // task on the worker that blocks it for each commit (`Ingest::run_front_commits` says why).
+    let commits = tokio::spawn(ingest.run_front_commits(commits_rx));
     // The internal addresses are logged for diagnosis; they take only the per-start internal login.
     info!(%listen, ports = opened.addrs.len(), internal_v4 = %broker.v4_addr, internal_v5 = %broker.v5_addr, %site, mode = "embedded", "ready");
     meshbridge_metrics::systemd::ready(&format!("site {site}: serving MQTT on {listen}"));

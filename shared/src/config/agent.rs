@@ -40,10 +40,12 @@ pub struct AgentConfig {
     /// `text` (default) or `json` (one object per line).
     #[serde(default)]
     pub log_format: super::LogFormat,
-    /// Threads of the agent's async runtime; 0: one per core. The default is 1: queue commits run on a
-    /// thread of their own either way, and a second worker mostly woke up to find nothing to steal. On
-    /// this project's 2-core test machine, 1 instead of one per core cut the agent's CPU by 12 % at
-    /// 1,000 msg/s and 22 % in fan-in, with the same throughput (README, "Performance").
+    /// Threads of the agent's async runtime; 0: one per core. The default is 1: a second worker mostly
+    /// woke up to find nothing to steal, and on this project's 2-core test machine one worker instead of
+    /// one per core cut the agent's CPU by 12 % at 1,000 msg/s and 22 % in fan-in, with the same
+    /// throughput (README, "Performance"). The embedded broker's queue commits run on a worker and block
+    /// it while they write; with more than one, the others go on serving the uplink and clients during a
+    /// slow disk write.
     #[serde(default = "default_worker_threads")]
     pub worker_threads: u16,
     /// The site broker the agent wraps or joins.
