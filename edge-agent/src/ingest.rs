@@ -139,17 +139,14 @@ impl Ingest {
             if group.lanes[usize::from(l)].ends.is_empty() {
                 continue;
             }
-            let lane = match self.lanes.get(l) {
-                Some(lane) => lane,
-                None => self
-                    .lanes
-                    .ensure(l)
-                    .await
-                    .map_err(|source| CommitError::Lane {
-                        lane: l,
-                        source: Box::new(source),
-                    })?,
-            };
+            let lane = self
+                .lanes
+                .ensure(l)
+                .await
+                .map_err(|source| CommitError::Lane {
+                    lane: l,
+                    source: Box::new(source),
+                })?;
             lanes[usize::from(l)] = Some(lane);
         }
         Ok(lanes)
@@ -341,9 +338,7 @@ impl Ingest {
             }
         }
     }
-}
 
-impl Ingest {
     /// Commits one group of the front's on the calling worker: [`Self::lanes_of`] (async), then the
     /// blocking commit (see [`Self::run_front_commits`]).
     async fn commit_front_group(&self, group: &mut Group) -> Result<(), CommitError> {
