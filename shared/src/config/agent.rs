@@ -43,9 +43,10 @@ pub struct AgentConfig {
     /// Threads of the agent's async runtime; 0: one per core. The default is 1: a second worker mostly
     /// woke up to find nothing to steal, and on this project's 2-core test machine one worker instead of
     /// one per core cut the agent's CPU by 12 % at 1,000 msg/s and 22 % in fan-in, with the same
-    /// throughput (README, "Performance"). The embedded broker's queue commits run on a worker and block
-    /// it while they write; with more than one, the others go on serving the uplink and clients during a
-    /// slow disk write.
+    /// throughput (README, "Performance"); one worker is tokio's current-thread scheduler, which cost
+    /// 5–8 % less again than a multi-thread scheduler with one worker. The embedded broker's queue
+    /// commits run on a worker and block it while they write; with more than one, the others go on
+    /// serving the uplink and clients during a slow disk write.
     #[serde(default = "default_worker_threads")]
     pub worker_threads: u16,
     /// The site broker the agent wraps or joins.
