@@ -80,24 +80,42 @@ async fn a_refused_message_is_dead_lettered_and_the_rest_flows() {
     assert!(arrived, "messages behind a refused one: {report}");
     report.assert_no_loss();
 
-    // The refused one is a dead letter with its reason, logged by the agent, and was not delivered.
-    let (ok, listing) = dead_letters(&config, &["list"]);
-    assert!(ok, "{listing}");
+    // The refused one is a dead letter with its reason, logged by the agent, and was not delivered. The
+    // hub's refusal and its deliveries of the later messages travel separately (the agent files the letter
+    // when the refusal reaches it, on the blocking pool), so the later messages can be in the cloud before
+    // the letter is on disk: wait for it, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let listing = loop {
+        let (ok, listing) = dead_letters(&config, &["list"]);
+        assert!(ok, "{listing}");
+        if !listing.contains("0 dead letter(s)") {
+            break listing;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused message was never filed:\n{listing}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         listing.contains("1 dead letter(s)") && listing.contains("reason=0x95"),
         "one letter, packet too large:\n{listing}"
     );
     assert!(listing.contains("big/image"), "{listing}");
-    // Counted with its reason, where the log line is written (edge-agent/src/events.rs).
-    let body = meshbridge_tests::metrics::scrape(spec.metrics.expect("set")).await;
-    assert_eq!(
-        meshbridge_tests::metrics::sample(
-            &body,
-            "meshbridge_messages_dead_lettered_total{lane=\"0\",reason=\"0x95\"}"
-        ),
-        Some(1),
-        "{body}"
-    );
+    // Counted with its reason, where the log line is written (edge-agent/src/events.rs), right after the
+    // filing returned.
+    let metrics = spec.metrics.expect("set");
+    let dead_lettered = "meshbridge_messages_dead_lettered_total{lane=\"0\",reason=\"0x95\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let body = meshbridge_tests::metrics::scrape(metrics).await;
+        let counted = meshbridge_tests::metrics::sample(&body, dead_lettered);
+        if counted.is_some() || std::time::Instant::now() >= deadline {
+            assert_eq!(counted, Some(1), "{body}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         agent
             .current_log()
