@@ -40,6 +40,25 @@ fn dead_letters(config: &Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Runs `edge-agent dead-letters list` until `done(succeeded, listing)` holds, for up to 20 s (the agent
+/// files letters on its blocking pool when the hub's refusal reaches it, which may be after the messages
+/// behind it were delivered); returns the last listing and whether the command succeeded.
+async fn wait_for_listing(
+    config: &Path,
+    what: &str,
+    done: impl Fn(bool, &str) -> bool,
+) -> (bool, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, listing) = dead_letters(config, &["list"]);
+        if done(ok, &listing) {
+            return (ok, listing);
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}:\n{listing}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_message_is_dead_lettered_and_the_rest_flows() {
     if mosquitto::skip("a_refused_message_is_dead_lettered_and_the_rest_flows") {
@@ -81,22 +100,14 @@ async fn a_refused_message_is_dead_lettered_and_the_rest_flows() {
     report.assert_no_loss();
 
     // The refused one is a dead letter with its reason, logged by the agent, and was not delivered. The
-    // hub's refusal and its deliveries of the later messages travel separately (the agent files the letter
-    // when the refusal reaches it, on the blocking pool), so the later messages can be in the cloud before
-    // the letter is on disk: wait for it, bounded.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let listing = loop {
-        let (ok, listing) = dead_letters(&config, &["list"]);
-        assert!(ok, "{listing}");
-        if !listing.contains("0 dead letter(s)") {
-            break listing;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the refused message was never filed:\n{listing}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // hub's refusal and its deliveries of the later messages travel separately, so the later messages can
+    // be in the cloud before the letter is on disk.
+    let (ok, listing) =
+        wait_for_listing(&config, "the refused message was never filed", |ok, l| {
+            !ok || !l.contains("0 dead letter(s)")
+        })
+        .await;
+    assert!(ok, "{listing}");
     assert!(
         listing.contains("1 dead letter(s)") && listing.contains("reason=0x95"),
         "one letter, packet too large:\n{listing}"
@@ -143,18 +154,12 @@ async fn a_refused_message_is_dead_lettered_and_the_rest_flows() {
             .eq(&false),
         "still refused"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, listing) = dead_letters(&config, &["list"]);
-        if listing.contains("1 dead letter(s)") && listing.contains("reason=0x95") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replayed message was refused and filed again:\n{listing}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_listing(
+        &config,
+        "the replayed message was refused and filed again",
+        |_, l| l.contains("1 dead letter(s)") && l.contains("reason=0x95"),
+    )
+    .await;
 
     // The operator lifts the limit (a broker restart on the same port); the replay now reaches the cloud
     // and empties the store.
@@ -247,27 +252,20 @@ async fn a_message_the_broker_hangs_up_on_is_dead_lettered_as_poison() {
     );
     report.assert_no_loss();
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (ok, listing) = dead_letters(&config, &["list"]);
-        assert!(ok, "{listing}");
-        if listing.contains("1 dead letter(s)") {
-            // Mosquitto sends PUBACK 0x87 and then closes the connection. When the hub's client reads the
-            // PUBACK before it sees the close, the refusal is final at once (0x87, as for any refusing
-            // broker); when the close wins, the poison isolation finds the message (0x80). Both are right;
-            // which one happens is a race inside the broker's socket writes.
-            assert!(listing.contains("secret/door"), "{listing}");
-            if listing.contains("reason=0x80") {
-                assert!(hub.log_text().contains("refused as poison"));
-            } else {
-                assert!(listing.contains("reason=0x87"), "{listing}");
-            }
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the poison message was dead-lettered:\n{listing}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let (ok, listing) =
+        wait_for_listing(&config, "the poison message was dead-lettered", |ok, l| {
+            !ok || l.contains("1 dead letter(s)")
+        })
+        .await;
+    assert!(ok, "{listing}");
+    // Mosquitto sends PUBACK 0x87 and then closes the connection. When the hub's client reads the PUBACK
+    // before it sees the close, the refusal is final at once (0x87, as for any refusing broker); when the
+    // close wins, the poison isolation finds the message (0x80). Both are right; which one happens is a
+    // race inside the broker's socket writes.
+    assert!(listing.contains("secret/door"), "{listing}");
+    if listing.contains("reason=0x80") {
+        assert!(hub.log_text().contains("refused as poison"));
+    } else {
+        assert!(listing.contains("reason=0x87"), "{listing}");
     }
 }
