@@ -86,6 +86,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use meshbridge_metrics::timer::Deadline;
 use shared::limits::{Refusal, SharedLimits};
 use shared::mqtt::{
     self, Ack, AckKind, AliasError, Connect, DecodeError, FixedHeader, PacketType, ProtocolVersion,
@@ -1357,6 +1358,9 @@ impl ClientToBroker<'_> {
         W: AsyncWrite + Unpin,
     {
         let max = self.shared.options.max_packet_size;
+        // One timer for the connection, moved forward cheaply on every read (a `timeout` per read would
+        // register and drop a timer entry per packet of a busy publisher).
+        let mut keep_alive = self.keep_alive.map(|after| (after, Deadline::new()));
         loop {
             let complete =
                 complete_prefix(&buf, max).map_err(|source| FrontError::ClientDecode { source })?;
@@ -1368,11 +1372,18 @@ impl ClientToBroker<'_> {
                 buf.reserve(READ_CHUNK);
             }
             let read = client.read_buf(&mut buf);
-            let n = match self.keep_alive {
+            let n = match &mut keep_alive {
                 None => read.await,
-                Some(after) => tokio::time::timeout(after, read)
-                    .await
-                    .map_err(|_| FrontError::KeepAliveExpired { after })?,
+                Some((after, deadline)) => {
+                    deadline.set(Some(tokio::time::Instant::now() + *after));
+                    tokio::select! {
+                        biased;
+                        read = read => read,
+                        () = deadline.expired() => {
+                            return Err(FrontError::KeepAliveExpired { after: *after });
+                        }
+                    }
+                }
             }
             .map_err(|source| FrontError::ClientIo { source })?;
             if n == 0 {

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use meshbridge_metrics::timer::Deadline;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS as MqttQoS;
@@ -962,6 +963,15 @@ impl Session<'_> {
         // Until then, a higher lane with a backlog and no connection yet holds this one back too: an
         // agent's lanes connect independently (see `LANE_GRACE`).
         let mut grace_until = Some(tokio::time::Instant::now() + LANE_GRACE);
+        // Built once, not per turn of the loop: a future built inside `select!` registers with its token
+        // or timer on every turn and unregisters when dropped, two or three turns per message.
+        let mut shutdown = std::pin::pin!(self.stops.shutdown.cancelled());
+        let mut hard_stop = std::pin::pin!(self.stops.hard.cancelled());
+        let mut revoked = std::pin::pin!(self.revoked.cancelled());
+        let mut removed = std::pin::pin!(self.site.removed.cancelled());
+        let mut replaced = std::pin::pin!(self.replaced.cancelled());
+        let mut publish_timer = Deadline::new();
+        let mut link_timer = Deadline::new();
         loop {
             while let Some(event) = link.poll_event() {
                 match event {
@@ -1047,23 +1057,24 @@ impl Session<'_> {
             }
             let reading =
                 end.is_none() && !link.is_draining() && pending.len() < MAX_PENDING_BATCHES;
-            let timeout = link.poll_timeout().map(tokio::time::Instant::from_std);
+            publish_timer.set(head_deadline);
+            link_timer.set(link.poll_timeout().map(tokio::time::Instant::from_std));
             tokio::select! {
                 biased;
-                () = self.stops.shutdown.cancelled(), if !link.is_draining() => {
+                () = shutdown.as_mut(), if !link.is_draining() => {
                     link.drain(GoAwayCode::ShuttingDown, "the hub is shutting down".into());
                 }
-                () = self.revoked.cancelled(), if !link.is_closed() => {
+                () = revoked.as_mut(), if !link.is_closed() => {
                     // No drain: a revoked site sends nothing more. What it had in flight stays in its
                     // queue (unacknowledged), and the dedup state drops it should it come back re-issued.
                     warn!("the site's certificate was revoked; closing its link");
                     link.close(GoAwayCode::Unauthorized, "certificate revoked".into());
                 }
-                () = self.site.removed.cancelled(), if !link.is_draining() => {
+                () = removed.as_mut(), if !link.is_draining() => {
                     warn!("the site was removed from the hub's config; closing its link");
                     link.drain(GoAwayCode::Unauthorized, "site removed from the hub's config".into());
                 }
-                () = self.replaced.cancelled(), if !link.is_draining() => {
+                () = replaced.as_mut(), if !link.is_draining() => {
                     link.drain(GoAwayCode::Replaced, "another connection for this site took over".into());
                 }
                 changed = lease.changed(), if !self.serves_downlink && !link.is_draining() => {
@@ -1074,7 +1085,7 @@ impl Session<'_> {
                         link.drain(GoAwayCode::Normal, "the site's downlink is free: reconnect to serve it".into());
                     }
                 }
-                () = self.stops.hard.cancelled(), if !pending.is_empty() => {
+                () = hard_stop.as_mut(), if !pending.is_empty() => {
                     end = Some(End::PublishTimeout);
                     link.close(GoAwayCode::Overloaded, "cloud broker did not acknowledge in time".into());
                 }
@@ -1121,11 +1132,11 @@ impl Session<'_> {
                         }
                     }
                 }
-                () = sleep_until(head_deadline), if head_deadline.is_some() => {
+                () = publish_timer.expired(), if publish_timer.is_set() => {
                     end = Some(End::PublishTimeout);
                     link.close(GoAwayCode::Overloaded, "cloud broker did not acknowledge in time".into());
                 }
-                () = sleep_until(timeout), if timeout.is_some() => link.handle_timeout(now()),
+                () = link_timer.expired(), if link_timer.is_set() => link.handle_timeout(now()),
                 changed = routes.changed() => {
                     if changed.is_ok() {
                         let table = Arc::clone(&routes.borrow_and_update());

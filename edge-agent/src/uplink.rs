@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use meshbridge_metrics::timer::Deadline;
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use shared::config::UplinkConfig;
 use shared::limits::SharedLimits;
@@ -667,6 +668,12 @@ impl Session<'_> {
         let mut higher = self.uplink.busy.subscribe();
         // Until then, a higher lane with a backlog that is still connecting holds this one back too.
         let mut grace_until: Option<Instant> = None;
+        // Built once, not per turn of the loop: a future built inside `select!` registers with its token,
+        // `Notify` or timer on every turn and unregisters when dropped, a turn or two per commit.
+        let mut stop = std::pin::pin!(shutdown.cancelled());
+        let appended = Arc::clone(&self.uplink.appended);
+        let mut appended_wait = std::pin::pin!(appended.notified());
+        let mut link_timer = Deadline::new();
 
         loop {
             while let Some(action) = link.poll_action() {
@@ -813,9 +820,9 @@ impl Session<'_> {
             flush(link, &mut out, &mut send).await?;
             busy.set(self.welcomed && queue.depth() > 0);
 
-            let timeout = link.poll_timeout().map(Instant::from_std);
+            link_timer.set(link.poll_timeout().map(Instant::from_std));
             tokio::select! {
-                () = shutdown.cancelled(), if !stopping => {
+                () = stop.as_mut(), if !stopping => {
                     if !link.is_open() {
                         // Still in the handshake: nothing in flight to wait for.
                         return Ok(());
@@ -825,8 +832,9 @@ impl Session<'_> {
                     let at = now();
                     link.shutdown(at, at + cfg.shutdown_timeout);
                 }
-                () = sleep_until(timeout), if timeout.is_some() => link.handle_timeout(now()),
-                () = self.uplink.appended.notified(), if link.wants_data() => {
+                () = link_timer.expired(), if link_timer.is_set() => link.handle_timeout(now()),
+                () = appended_wait.as_mut(), if link.wants_data() => {
+                    appended_wait.set(appended.notified());
                     // Read to find out how much: cheaper than asking the queue for its stats.
                     link.queue_written(u64::MAX);
                 }

@@ -16,6 +16,7 @@
 pub mod logging;
 pub mod otel;
 pub mod systemd;
+pub mod timer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

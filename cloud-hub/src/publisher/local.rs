@@ -120,11 +120,14 @@ impl LocalTask {
     pub(super) async fn run(mut self, mut batches: mpsc::Receiver<PublishBatch>) {
         let mut rx: Option<LinkRx> = None;
         let mut retry_at = Instant::now();
+        // Built once: one built inside `select!` registers with the token on every turn, two per message.
+        let stop = self.stop.clone();
+        let mut stopped = std::pin::pin!(stop.cancelled());
         loop {
             let waiting_out_pressure = self.held && !self.backlog.is_empty();
             tokio::select! {
                 biased;
-                () = self.stop.cancelled() => break,
+                () = stopped.as_mut() => break,
                 () = tokio::time::sleep_until(retry_at), if rx.is_none() => {
                     rx = self.connect().await;
                     if rx.is_none() {
