@@ -143,6 +143,7 @@ async fn main() -> Result<()> {
                     kind.label(),
                     cli.runs
                 );
+                procs::settle().await;
                 // One failed run (a system that did not start, say) is reported and left out of the
                 // medians instead of losing every table of the invocation.
                 match scenarios::run(scenario, kind, &programs, &settings).await {
@@ -178,6 +179,7 @@ async fn run_sites(programs: &Programs, cli: &Cli) -> Result<()> {
         let mut runs = Vec::with_capacity(cli.runs);
         for run in 1..=cli.runs {
             eprintln!("sites · N = {n} · run {run}/{}", cli.runs);
+            procs::settle().await;
             match sites::run(programs, n, &settings).await {
                 Ok(rows) => runs.push(rows),
                 Err(error) => eprintln!("  run failed, left out of the medians: {error:#}"),
