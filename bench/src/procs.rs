@@ -5,7 +5,7 @@
 //! `/proc/PID/status`, read while the process is still alive: a process that is stopped and restarted
 //! during a scenario has its instances summed (CPU) or maxed (peak RSS).
 
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -73,14 +73,15 @@ pub(crate) fn own_usage() -> Usage {
     usage(std::process::id()).unwrap_or_default()
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released; the small race is acceptable on a bench machine).
+/// A free TCP port on 127.0.0.1, drawn below the kernel's ephemeral range like the tests' (their
+/// `net` module says why: a port taken from that range can go to another program's `bind(0)` meanwhile).
 pub(crate) fn free_tcp() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    Ok(meshbridge_tests::net::free_tcp())
 }
 
-/// A free UDP port on 127.0.0.1.
+/// A free UDP port on 127.0.0.1 (see [`free_tcp`]).
 pub(crate) fn free_udp() -> Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+    Ok(meshbridge_tests::net::free_udp())
 }
 
 /// How to start one program; kept so that it can be restarted identically.
@@ -177,6 +178,22 @@ impl Proc {
                 .ready_udp
                 .is_none_or(|addr| UdpSocket::bind(addr).is_err());
             if tcp && udp {
+                // A port someone else holds looks ready too: the child must still be running.
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .map(Child::try_wait)
+                    .transpose()?
+                    .flatten()
+                {
+                    bail!(
+                        "{} exited during startup ({status}) although its ports answer (taken by \
+                         another process?); see {}:\n{}",
+                        self.spec.name,
+                        self.spec.log.display(),
+                        tail(&self.spec.log)
+                    );
+                }
                 return Ok(());
             }
             if Instant::now() > deadline {
