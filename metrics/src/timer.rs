@@ -98,6 +98,13 @@ mod tests {
     /// Generous: these tests check order and "not before", not how punctual this machine's timers are.
     const SLACK: Duration = Duration::from_secs(2);
 
+    /// Waits for `deadline` to expire, failing the test with `why` after [`SLACK`].
+    async fn expires(deadline: &mut Deadline, why: &str) {
+        tokio::time::timeout(SLACK, deadline.expired())
+            .await
+            .unwrap_or_else(|_| panic!("{why}"));
+    }
+
     #[tokio::test]
     async fn fires_at_the_deadline_set_last_even_after_it_moved_later() {
         let start = Instant::now();
@@ -105,9 +112,7 @@ mod tests {
         deadline.set(Some(start + Duration::from_millis(10)));
         // Armed for 10 ms; moved later: it fires early inside, re-arms, and completes after 60 ms.
         deadline.set(Some(start + Duration::from_millis(60)));
-        tokio::time::timeout(SLACK, deadline.expired())
-            .await
-            .expect("the deadline passed long ago");
+        expires(&mut deadline, "the deadline passed long ago").await;
         assert!(
             start.elapsed() >= Duration::from_millis(60),
             "{:?}",
@@ -121,19 +126,17 @@ mod tests {
         let mut deadline = Deadline::new();
         deadline.set(Some(start + Duration::from_secs(3600)));
         deadline.set(Some(start + Duration::from_millis(5)));
-        tokio::time::timeout(SLACK, deadline.expired())
-            .await
-            .expect("the earlier deadline was not armed");
+        expires(&mut deadline, "the earlier deadline was not armed").await;
         assert!(start.elapsed() >= Duration::from_millis(5));
         // Left as it is, it stays expired; set again, it waits again.
-        tokio::time::timeout(SLACK, deadline.expired())
-            .await
-            .expect("an expired deadline left as it is completes at once");
+        expires(
+            &mut deadline,
+            "an expired deadline left as it is completes at once",
+        )
+        .await;
         let again = Instant::now() + Duration::from_millis(30);
         deadline.set(Some(again));
-        tokio::time::timeout(SLACK, deadline.expired())
-            .await
-            .expect("the new deadline passed long ago");
+        expires(&mut deadline, "the new deadline passed long ago").await;
         assert!(Instant::now() >= again);
     }
 
