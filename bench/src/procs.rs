@@ -73,17 +73,6 @@ pub(crate) fn own_usage() -> Usage {
     usage(std::process::id()).unwrap_or_default()
 }
 
-/// A free TCP port on 127.0.0.1, drawn below the kernel's ephemeral range like the tests' (their
-/// `net` module says why: a port taken from that range can go to another program's `bind(0)` meanwhile).
-pub(crate) fn free_tcp() -> Result<SocketAddr> {
-    Ok(meshbridge_tests::net::free_tcp())
-}
-
-/// A free UDP port on 127.0.0.1 (see [`free_tcp`]).
-pub(crate) fn free_udp() -> Result<SocketAddr> {
-    Ok(meshbridge_tests::net::free_udp())
-}
-
 /// How to start one program; kept so that it can be restarted identically.
 #[derive(Debug, Clone)]
 pub(crate) struct Spec {

@@ -19,13 +19,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+// Ports below the kernel's ephemeral range (tests/src/net.rs says why).
 use bytes::{Bytes, BytesMut};
+use meshbridge_tests::net::{free_tcp, free_udp};
 use shared::envelope::{Envelope, Properties, QoS};
 use shared::wire::{self, Capabilities, Frame};
 use tokio::sync::Semaphore;
 
 use crate::load::{encode, now_ns, Subscriber};
-use crate::procs::{free_tcp, free_udp, rss, Proc, Spec};
+use crate::procs::{rss, Proc, Spec};
 use crate::stats::{Fmt, Rows};
 use crate::systems::Programs;
 
@@ -90,8 +92,8 @@ pub(crate) async fn run(programs: &Programs, n: usize, s: &SitesSettings) -> Res
         "  {n} site certificates in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let quic = free_udp()?;
-    let cloud_mqtt = free_tcp()?;
+    let quic = free_udp();
+    let cloud_mqtt = free_tcp();
     write_hub_config(root, n, quic, cloud_mqtt)?;
     let mut hub = Proc::start(Spec {
         name: "cloud-hub",

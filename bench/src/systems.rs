@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+// Ports below the kernel's ephemeral range (tests/src/net.rs says why).
+use meshbridge_tests::net::{free_tcp, free_udp};
 
-use crate::procs::{free_tcp, free_udp, Proc, Spec, Usage};
+use crate::procs::{Proc, Spec, Usage};
 
 /// Namespace the cloud side publishes the edge's `telemetry/...` under (meshbridge site namespace, Mosquitto
 /// bridge remote prefix).
@@ -121,7 +123,7 @@ impl Deployment {
             }
             Kind::MosquittoBridge => start_mosquitto_bridge(dir, programs).await,
             Kind::Ceiling => {
-                let port = free_tcp()?;
+                let port = free_tcp();
                 let spec = mosquitto_spec(dir.path(), programs, "mosquitto", port, None)?;
                 let edge = Proc::start(spec).await?;
                 Ok(Self {
@@ -222,9 +224,9 @@ async fn start_meshbridge(
     cloud_hub::pki::init(&pki, &[]).context("creating the bench CA")?;
     let site = cloud_hub::pki::issue_site(&pki, SITE, Duration::from_secs(24 * 3600))
         .context("issuing the site certificate")?;
-    let quic = free_udp()?;
-    let cloud_mqtt = free_tcp()?;
-    let edge_mqtt = free_tcp()?;
+    let quic = free_udp();
+    let cloud_mqtt = free_tcp();
+    let edge_mqtt = free_tcp();
     let hub_toml = root.join("hub.toml");
     write(
         &hub_toml,
@@ -308,8 +310,8 @@ filter = "telemetry/#"
 
 async fn start_mosquitto_bridge(dir: tempfile::TempDir, programs: &Programs) -> Result<Deployment> {
     let root = dir.path();
-    let cloud_mqtt = free_tcp()?;
-    let edge_mqtt = free_tcp()?;
+    let cloud_mqtt = free_tcp();
+    let edge_mqtt = free_tcp();
     let bridge = format!(
         "
 connection cloud

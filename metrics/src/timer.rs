@@ -67,7 +67,7 @@ impl Deadline {
     }
 
     /// [`Deadline::expired`] as a poll function.
-    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let Some(wanted) = self.wanted else {
                 return Poll::Pending;
